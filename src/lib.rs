@@ -1,0 +1,1 @@
+//! Workspace root package: hosts examples/ and tests/.
