@@ -1,1 +1,3 @@
-pub fn _x() {}
+//! Mamba-2 ops for Candle.
+mod error;
+pub use error::{OpError, Result};

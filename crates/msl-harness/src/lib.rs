@@ -1,0 +1,1 @@
+//! MSL-on-CPU harness (see issue 4).
