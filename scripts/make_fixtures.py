@@ -47,6 +47,15 @@ from transformers.models.mamba2 import modeling_mamba2
 torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
 
+# HF picks mamba_ssm / causal_conv1d kernels whenever they import; the reference must be HF's
+# plain-torch path (mamba2_chunk_scan, mamba2_selective_state_update, causal_conv1d_fn/update).
+for _pkg in ("mamba_ssm", "causal_conv1d", "kernels"):
+    try:
+        __import__(_pkg)
+    except ImportError:
+        continue
+    sys.exit(f"{_pkg} is installed: uninstall it (or use a clean venv) so HF runs its torch reference path")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 INF = float("inf")
@@ -353,6 +362,19 @@ def cache_states(model, cache):
     return conv, ssm
 
 
+def same_safetensors(a: bytes, b: bytes) -> bool:
+    """Same tensors (bitwise) and the same metadata, whatever the header order."""
+    ta, tb = safetensors.torch.load(a), safetensors.torch.load(b)
+    if ta.keys() != tb.keys() or any(ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k]) for k in ta):
+        return False
+
+    def meta(raw):
+        n = int.from_bytes(raw[:8], "little")
+        return json.loads(raw[8 : 8 + n]).get("__metadata__")
+
+    return meta(a) == meta(b)
+
+
 def max_abs(a, b):
     return (a.float() - b.float()).abs().max().item()
 
@@ -538,8 +560,16 @@ def build_case(case: Case) -> dict:
         assert conv[i].shape == (case.batch, case.conv_dim, case.d_conv), conv[i].shape
         assert ssm[i].shape == (case.batch, case.nheads, case.headdim, case.d_state), ssm[i].shape
 
+    # Split prefill (HF feeds the second chunk through the chunked scan with initial_states and
+    # the cached conv columns): not stored, but it must agree too.
+    split_cache = model(input_ids=ids[:, : case.prefill_len], use_cache=True).cache
+    split_logits = model(input_ids=ids[:, case.prefill_len :], cache=split_cache, use_cache=True).logits
+    dsplit = max_abs(split_logits, logits_prefill[:, case.prefill_len :]) if case.prefill_len < case.seq else 0.0
+    assert dsplit < 1e-4, f"{case.name}: HF split prefill != prefill ({dsplit:.3g})"
+
     info = {
         "f32_decode_vs_prefill": d32,
+        "f32_split_prefill_vs_prefill": dsplit,
         "prefill_vs_decode_final_ssm_state": dstate,
         "prefill_vs_decode_final_conv_state": dconv,
         "logit_abs_max": logits_prefill.abs().max().item(),
@@ -578,6 +608,9 @@ def build_case(case: Case) -> dict:
 
     # Write
     root = FIXTURES / case.name
+    previous_reference = None
+    if (root / "reference.safetensors").exists():
+        previous_reference = (root / "reference.safetensors").read_bytes()
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -617,7 +650,12 @@ def build_case(case: Case) -> dict:
         "generator": "scripts/make_fixtures.py",
         "decode_dt_clamp_patched": str(tuple(case.limit) != DEFAULT_LIMIT).lower(),
     }
-    safetensors.torch.save_file(tensors, root / "reference.safetensors", metadata=metadata)
+    ref_path = root / "reference.safetensors"
+    safetensors.torch.save_file(tensors, ref_path, metadata=metadata)
+    if previous_reference is not None and same_safetensors(previous_reference, ref_path.read_bytes()):
+        # safetensors orders the header's metadata by hash: keep the old bytes so that a rerun
+        # with the same results leaves git clean.
+        ref_path.write_bytes(previous_reference)
     info["hf_files"] = hf_files
     info["ssm_files"] = ssm_files
     info["bytes"] = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
