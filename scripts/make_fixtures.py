@@ -5,7 +5,7 @@ Run by hand (not by CI), from the repository root:
 
     pip install -r scripts/requirements.txt
     python3 scripts/make_fixtures.py            # all cases
-    python3 scripts/make_fixtures.py g2_nh6_limit  # only the named case(s)
+    python3 scripts/make_fixtures.py g2_ds16_seq3_b2   # only the named case(s)
 
 For every case it builds a tiny random Mamba-2 model on CPU in float32, overwrites every
 parameter with random values (so no weight is the trivial 0/1 that HF's init leaves), and writes:
@@ -18,11 +18,11 @@ parameter with random values (so no weight is the trivial 0/1 that HF's init lea
 
 The file format and the HF semantics the fixtures rely on are documented in tests/fixtures/README.md.
 
-Two monkeypatches are applied to the installed transformers before any forward (see README):
-  * the single-token step clamps dt to time_step_limit, as the chunked path does, so that both
-    paths compute the same function (stock HF only clamps in the chunked path);
-  * nothing else: MambaRMSNormGated already normalises per group in the versions this was written
-    against; the script checks that instead of assuming it.
+One monkeypatch is applied to the installed transformers before any forward (see README): the
+single-token step clamps dt to time_step_limit, as the chunked path does, so that both paths
+compute the same function (stock HF only clamps in the chunked path). MambaRMSNormGated needs no
+patch: it already normalises per group in transformers 5.24; the script checks that instead of
+assuming it.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors
@@ -103,7 +102,6 @@ class Case:
     ssm_minimal_cfg: bool = False  # omit ssm_cfg keys equal to mamba_ssm defaults
     ssm_explicit_default_limit: bool = False  # write dt_limit [0.0, Infinity] into ssm_cfg
     ssm_tied_lm_head_key: bool = False  # store lm_head.weight (sharing the embedding) although tied
-    notes: list = field(default_factory=list)
 
     @property
     def d_inner(self) -> int:
