@@ -1,0 +1,389 @@
+//! Compiling rewritten `.metal` sources with clang, with an on-disk cache
+//! keyed by content hash and an in-process cache of loaded libraries.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use crate::ffi;
+use crate::Error;
+
+const SHIM_H: &str = include_str!("../shim/msl_shim.h");
+const ABI_H: &str = include_str!("../shim/msl_abi.h");
+const RUNTIME_CPP: &str = include_str!("../shim/msl_runtime.cpp");
+/// Headers a `.metal` file may include; all resolve to the shim.
+const METAL_HEADERS: &[&str] = &[
+    "metal_stdlib",
+    "metal_simdgroup",
+    "metal_simdgroup_matrix",
+    "metal_atomic",
+    "metal_math",
+    "metal_compute",
+];
+
+/// Which build of a kernel file.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Flavor {
+    /// Plain build, used by `InOrder` / `Shuffled`.
+    Fast,
+    /// `-fsanitize=thread` build whose hooks are the harness checker.
+    Checked,
+}
+
+/// A kernel library loaded in this process (never unloaded).
+pub struct Loaded {
+    pub path: PathBuf,
+    pub dispatch: ffi::DispatchFn,
+    pub kernels: HashMap<String, unsafe extern "C" fn()>,
+}
+
+/// 64-bit FNV-1a, enough to key a build cache.
+pub fn fnv(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for p in parts {
+        for &b in *p {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+struct Toolchain {
+    clang: PathBuf,
+    version: String,
+    cache: PathBuf,
+    shim_dir: PathBuf,
+    runtime_obj: PathBuf,
+}
+
+fn find_clang() -> Result<(PathBuf, String), Error> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(c) = std::env::var_os("MSL_HARNESS_CLANG") {
+        candidates.push(c.into());
+    }
+    for v in (17..=25).rev() {
+        candidates.push(format!("clang++-{v}").into());
+    }
+    candidates.push("clang++".into());
+    let mut seen = Vec::new();
+    for c in candidates {
+        let Ok(out) = Command::new(&c).arg("--version").output() else {
+            continue;
+        };
+        if !out.status.success() {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let first = text.lines().next().unwrap_or("").to_string();
+        let major = first
+            .split("version ")
+            .nth(1)
+            .and_then(|v| v.split('.').next())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0);
+        if major >= 17 {
+            return Ok((c, first));
+        }
+        seen.push(format!("{} ({first})", c.display()));
+    }
+    Err(Error::NoCompiler(format!(
+        "need clang >= 17 for _Float16/__bf16 arithmetic on x86-64 (Debian bookworm: `apt-get install clang-19`, or set MSL_HARNESS_CLANG); found: [{}]",
+        seen.join(", ")
+    )))
+}
+
+fn cache_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("MSL_HARNESS_CACHE_DIR") {
+        return d.into();
+    }
+    // <target>/<profile>/deps/<test exe>  ->  <target>/msl-harness-cache
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(t) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
+            return t.join("msl-harness-cache");
+        }
+    }
+    std::env::temp_dir().join("msl-harness-cache")
+}
+
+/// Writes `bytes` to `path` atomically (other test processes may race us).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = tmp_name(path);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn tmp_name(path: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".tmp{}-{n}", std::process::id()));
+    s.into()
+}
+
+fn run_clang(cmd: &mut Command, file: &str, strict: bool) -> Result<(), Error> {
+    let out = cmd.output().map_err(|e| Error::io(Path::new("clang"), e))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    Err(if strict {
+        Error::AddressSpace {
+            file: file.into(),
+            log,
+        }
+    } else {
+        Error::Compile {
+            file: file.into(),
+            log,
+        }
+    })
+}
+
+fn toolchain() -> Result<&'static Toolchain, Error> {
+    static TC: OnceLock<Result<Toolchain, String>> = OnceLock::new();
+    let r = TC.get_or_init(|| {
+        let build = || -> Result<Toolchain, Error> {
+            let (clang, version) = find_clang()?;
+            let cache = cache_root();
+            std::fs::create_dir_all(&cache).map_err(|e| Error::io(&cache, e))?;
+            let shim_hash = fnv(&[SHIM_H.as_bytes(), ABI_H.as_bytes(), version.as_bytes()]);
+            let shim_dir = cache.join(format!("shim-{shim_hash:016x}"));
+            if !shim_dir.join("msl_shim.h").exists() {
+                std::fs::create_dir_all(&shim_dir).map_err(|e| Error::io(&shim_dir, e))?;
+                write_atomic(&shim_dir.join("msl_abi.h"), ABI_H.as_bytes())?;
+                for h in METAL_HEADERS {
+                    write_atomic(
+                        &shim_dir.join(h),
+                        b"#pragma once\n#include \"msl_shim.h\"\n",
+                    )?;
+                }
+                write_atomic(&shim_dir.join("msl_shim.h"), SHIM_H.as_bytes())?;
+            }
+            let rt_hash = fnv(&[RUNTIME_CPP.as_bytes(), ABI_H.as_bytes(), version.as_bytes()]);
+            let runtime_obj = cache.join(format!("runtime-{rt_hash:016x}.o"));
+            if !runtime_obj.exists() {
+                let src = cache.join(format!("runtime-{rt_hash:016x}.cpp"));
+                write_atomic(&src, RUNTIME_CPP.as_bytes())?;
+                let tmp = tmp_name(&runtime_obj);
+                run_clang(
+                    Command::new(&clang)
+                        .args([
+                            "-std=c++17",
+                            "-O2",
+                            "-g",
+                            "-fPIC",
+                            "-fvisibility=hidden",
+                            "-fno-exceptions",
+                        ])
+                        .args(["-fno-rtti", "-c", "-I"])
+                        .arg(&shim_dir)
+                        .arg(&src)
+                        .arg("-o")
+                        .arg(&tmp),
+                    "msl_runtime.cpp",
+                    false,
+                )?;
+                std::fs::rename(&tmp, &runtime_obj).map_err(|e| Error::io(&runtime_obj, e))?;
+            }
+            Ok(Toolchain {
+                clang,
+                version,
+                cache,
+                shim_dir,
+                runtime_obj,
+            })
+        };
+        build().map_err(|e| e.to_string())
+    });
+    r.as_ref().map_err(|e| Error::NoCompiler(e.clone()))
+}
+
+fn common_args(tc: &Toolchain, cmd: &mut Command) {
+    cmd.args([
+        "-std=c++17",
+        "-O1",
+        "-g",
+        "-fPIC",
+        "-fno-exceptions",
+        "-fno-rtti",
+    ])
+    // call sites are identified by return addresses: no tail calls
+    .args([
+        "-fno-optimize-sibling-calls",
+        "-fno-strict-aliasing",
+        "-ffp-contract=off",
+    ])
+    // half / bfloat round after every operation, like the GPU
+    .args([
+        "-Xclang",
+        "-ffloat16-excess-precision=none",
+        "-Xclang",
+        "-fbfloat16-excess-precision=none",
+    ])
+    .args([
+        "-Wno-unknown-attributes",
+        "-Wno-ignored-attributes",
+        "-Wno-unused-command-line-argument",
+    ])
+    .arg("-I")
+    .arg(&tc.shim_dir)
+    .args(["-include", "msl_shim.h", "-x", "c++"]);
+}
+
+/// Content hash of a rewritten source under the current toolchain.
+pub fn source_key(rewritten: &str) -> Result<u64, Error> {
+    let tc = toolchain()?;
+    Ok(fnv(&[
+        rewritten.as_bytes(),
+        SHIM_H.as_bytes(),
+        ABI_H.as_bytes(),
+        RUNTIME_CPP.as_bytes(),
+        tc.version.as_bytes(),
+    ]))
+}
+
+fn artifact(stem: &str, key: u64, suffix: &str) -> Result<PathBuf, Error> {
+    Ok(toolchain()?
+        .cache
+        .join(format!("{stem}-{key:016x}{suffix}")))
+}
+
+fn write_source(stem: &str, key: u64, rewritten: &str) -> Result<PathBuf, Error> {
+    let p = artifact(stem, key, ".cpp")?;
+    if !p.exists() {
+        write_atomic(&p, rewritten.as_bytes())?;
+    }
+    Ok(p)
+}
+
+/// Syntax-only pass with real address spaces (cached as a marker file).
+pub fn strict_pass(file: &str, stem: &str, key: u64, rewritten: &str) -> Result<(), Error> {
+    let marker = artifact(stem, key, ".strict-ok")?;
+    if marker.exists() {
+        return Ok(());
+    }
+    let tc = toolchain()?;
+    let src = write_source(stem, key, rewritten)?;
+    let mut cmd = Command::new(&tc.clang);
+    common_args(tc, &mut cmd);
+    cmd.args(["-fsyntax-only", "-DMSL_STRICT"]).arg(&src);
+    run_clang(&mut cmd, file, true)?;
+    write_atomic(&marker, b"ok\n")
+}
+
+/// Builds (or finds in the cache) and loads one flavour of a kernel file.
+pub fn build(
+    file: &str,
+    stem: &str,
+    key: u64,
+    rewritten: &str,
+    flavor: Flavor,
+) -> Result<&'static Loaded, Error> {
+    let suffix = match flavor {
+        Flavor::Fast => "-fast.so",
+        Flavor::Checked => "-checked.so",
+    };
+    let so = artifact(stem, key, suffix)?;
+    if !so.exists() {
+        let tc = toolchain()?;
+        let src = write_source(stem, key, rewritten)?;
+        let tmp = tmp_name(&so);
+        let mut cmd = Command::new(&tc.clang);
+        common_args(tc, &mut cmd);
+        if flavor == Flavor::Checked {
+            cmd.args(["-fsanitize=thread", "-fno-sanitize-link-runtime"]);
+        }
+        cmd.arg(&src).args(["-x", "none"]).arg(&tc.runtime_obj);
+        cmd.args(["-shared", "-Wl,-Bsymbolic", "-o"]).arg(&tmp);
+        run_clang(&mut cmd, file, false)?;
+        std::fs::rename(&tmp, &so).map_err(|e| Error::io(&so, e))?;
+    }
+    load(&so)
+}
+
+fn load(so: &Path) -> Result<&'static Loaded, Error> {
+    static LOADED: OnceLock<Mutex<HashMap<PathBuf, &'static Loaded>>> = OnceLock::new();
+    let mut map = LOADED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(l) = map.get(so) {
+        return Ok(l);
+    }
+    let load_err = |msg: String| Error::Load {
+        path: so.display().to_string(),
+        message: msg,
+    };
+    let c = CString::new(so.as_os_str().as_encoded_bytes()).map_err(|e| load_err(e.to_string()))?;
+    // SAFETY: plain dlopen/dlsym on a library we just built; the symbols have
+    // the types declared in msl_abi.h.
+    unsafe {
+        let h = ffi::dlopen(c.as_ptr(), ffi::RTLD_NOW);
+        if h.is_null() {
+            let e = ffi::dlerror();
+            let msg = if e.is_null() {
+                "dlopen failed".into()
+            } else {
+                CStr::from_ptr(e).to_string_lossy().into()
+            };
+            return Err(load_err(msg));
+        }
+        let d = ffi::dlsym(h, c"msl_dispatch".as_ptr());
+        let t = ffi::dlsym(h, c"msl_kernels".as_ptr()) as *const ffi::KernelEntry;
+        if d.is_null() || t.is_null() {
+            return Err(load_err("missing msl_dispatch / msl_kernels".into()));
+        }
+        let dispatch: ffi::DispatchFn =
+            std::mem::transmute::<*mut std::ffi::c_void, ffi::DispatchFn>(d);
+        let mut kernels = HashMap::new();
+        let mut e = t;
+        while !(*e).name.is_null() {
+            if let Some(f) = (*e).func {
+                kernels.insert(CStr::from_ptr((*e).name).to_string_lossy().into_owned(), f);
+            }
+            e = e.add(1);
+        }
+        let l: &'static Loaded = Box::leak(Box::new(Loaded {
+            path: so.to_path_buf(),
+            dispatch,
+            kernels,
+        }));
+        map.insert(so.to_path_buf(), l);
+        Ok(l)
+    }
+}
+
+/// `file:line` of a code offset inside a kernel library, preferring the
+/// innermost frame that lies in a `.metal` file (not in the shim).
+pub fn symbolize(so: &Path, offset: u64) -> Option<String> {
+    if offset == 0 {
+        return None;
+    }
+    let out = Command::new("addr2line")
+        .arg("-e")
+        .arg(so)
+        .arg("-i")
+        .arg(format!("{:#x}", offset - 1))
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let frames: Vec<&str> = text.lines().filter(|l| !l.starts_with("??")).collect();
+    let pick = frames
+        .iter()
+        .find(|l| {
+            !l.contains("msl_shim.h") && !l.contains("msl_runtime") && !l.contains("<msl-harness")
+        })
+        .or(frames.first())?;
+    Some(
+        pick.split(" (discriminator")
+            .next()
+            .unwrap_or(pick)
+            .trim()
+            .to_string(),
+    )
+}

@@ -1,0 +1,626 @@
+//! Source rewriter: turns a `.metal` file into C++ that the shim header can
+//! compile, without parsing C++ types.
+//!
+//! * every kernel parameter attribute (`[[buffer(i)]]`, `[[threadgroup(i)]]`,
+//!   builtins such as `[[thread_position_in_grid]]`) becomes a default
+//!   argument that reads the current emulated thread's binding, so a kernel
+//!   is then called with no arguments;
+//! * `threadgroup` variable declarations inside kernels become references
+//!   into the per-dispatch threadgroup arena (poisoned, budgeted);
+//! * explicit template instantiations carrying `[[host_name("…")]]` are
+//!   registered under that name;
+//! * a table `msl_kernels` of `{name, entry}` is appended.
+//!
+//! Line numbers are preserved (`#line` + no added newlines) so compiler
+//! diagnostics and the checker's reports point into the `.metal` file.
+//! Usable from `build.rs` (no dependencies).
+
+use std::fmt;
+
+/// Builtin kernel attributes the harness can bind.
+pub const BUILTINS: &[&str] = &[
+    "thread_position_in_grid",
+    "threadgroup_position_in_grid",
+    "thread_position_in_threadgroup",
+    "threads_per_threadgroup",
+    "threadgroups_per_grid",
+    "threads_per_grid",
+    "dispatch_threads_per_threadgroup",
+    "grid_origin",
+    "grid_size",
+    "thread_index_in_threadgroup",
+    "thread_index_in_simdgroup",
+    "simdgroup_index_in_threadgroup",
+    "threads_per_simdgroup",
+    "simdgroups_per_threadgroup",
+    "dispatch_simdgroups_per_threadgroup",
+    "thread_execution_width",
+    "thread_index_in_quadgroup",
+    "quadgroup_index_in_threadgroup",
+    "quadgroups_per_threadgroup",
+];
+
+/// A kernel the rewritten source registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelInfo {
+    /// Name used to look the kernel up (its `host_name`, or the function name).
+    pub name: String,
+    /// C++ expression called once per emulated thread, e.g. `scan<float>`.
+    pub call: String,
+    /// 1-based line in the `.metal` file.
+    pub line: usize,
+}
+
+/// Result of [`rewrite`].
+#[derive(Debug, Clone)]
+pub struct Rewritten {
+    /// C++ source, to be compiled with the shim header force-included.
+    pub source: String,
+    /// Registered kernels, in source order.
+    pub kernels: Vec<KernelInfo>,
+}
+
+/// A construct the rewriter does not support, with its location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewriteError {
+    /// File label given to [`rewrite`].
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for RewriteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.file, self.line, self.message)
+    }
+}
+
+impl std::error::Error for RewriteError {}
+
+struct Edit {
+    start: usize,
+    end: usize,
+    text: String,
+}
+
+struct Ctx<'a> {
+    src: &'a str,
+    m: Vec<u8>, // masked source: comments and literals blanked
+    file: &'a str,
+    edits: Vec<Edit>,
+}
+
+/// Rewrites one `.metal` source. `file` is the path recorded in `#line`
+/// directives (and so in diagnostics and checker reports).
+pub fn rewrite(src: &str, file: &str) -> Result<Rewritten, RewriteError> {
+    let mut cx = Ctx {
+        src,
+        m: mask(src),
+        file,
+        edits: Vec::new(),
+    };
+    let mut kernels = Vec::new();
+    cx.kernels(&mut kernels)?;
+    cx.threadgroup_decls()?;
+    cx.edits.sort_by_key(|e| e.start);
+    let mut out = String::with_capacity(src.len() + 4096);
+    out.push_str(&format!("#line 1 \"{}\"\n", file.replace('\\', "/")));
+    let mut pos = 0;
+    for e in &cx.edits {
+        if e.start < pos {
+            return Err(cx.err(e.start, "overlapping rewrites (unsupported construct)"));
+        }
+        out.push_str(&src[pos..e.start]);
+        out.push_str(&e.text);
+        pos = e.end;
+    }
+    out.push_str(&src[pos..]);
+    out.push_str("\n#line 1 \"<msl-harness registration>\"\n");
+    out.push_str("extern \"C\" __attribute__((visibility(\"default\"))) const msl_kernel_entry msl_kernels[] = {\n");
+    for k in &kernels {
+        out.push_str(&format!(
+            "  {{\"{}\", []() {{ {}(); }}}},\n",
+            k.name, k.call
+        ));
+    }
+    out.push_str("  {nullptr, nullptr}};\n");
+    Ok(Rewritten {
+        source: out,
+        kernels,
+    })
+}
+
+/// Blanks comments, string and character literals (keeping newlines and
+/// byte offsets) so that searches never match inside them.
+fn mask(src: &str) -> Vec<u8> {
+    let b = src.as_bytes();
+    let mut m = b.to_vec();
+    let mut i = 0;
+    let blank = |m: &mut Vec<u8>, from: usize, to: usize| {
+        for c in m.iter_mut().take(to).skip(from) {
+            if *c != b'\n' {
+                *c = b' ';
+            }
+        }
+    };
+    while i < b.len() {
+        if b[i] == b'/' && i + 1 < b.len() && b[i + 1] == b'/' {
+            let end = b[i..]
+                .iter()
+                .position(|&c| c == b'\n')
+                .map_or(b.len(), |p| i + p);
+            blank(&mut m, i, end);
+            i = end;
+        } else if b[i] == b'/' && i + 1 < b.len() && b[i + 1] == b'*' {
+            let end = src[i + 2..].find("*/").map_or(b.len(), |p| i + 2 + p + 2);
+            blank(&mut m, i, end);
+            i = end;
+        } else if b[i] == b'"' || b[i] == b'\'' {
+            let q = b[i];
+            let mut j = i + 1;
+            while j < b.len() && b[j] != q {
+                if b[j] == b'\\' {
+                    j += 1;
+                }
+                j += 1;
+            }
+            blank(&mut m, i + 1, j.min(b.len()));
+            i = j + 1;
+        } else if b[i] == b'#'
+            && (i == 0
+                || b[..i]
+                    .iter()
+                    .rev()
+                    .take_while(|&&c| c != b'\n')
+                    .all(|c| c.is_ascii_whitespace()))
+        {
+            // preprocessor line (with continuations): not C++ to rewrite
+            let mut j = i;
+            while j < b.len() && b[j] != b'\n' {
+                if b[j] == b'\\' && j + 1 < b.len() && b[j + 1] == b'\n' {
+                    j += 1;
+                }
+                j += 1;
+            }
+            blank(&mut m, i, j);
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    m
+}
+
+fn is_ident(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_'
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, pos: usize) -> usize {
+        self.src.as_bytes()[..pos.min(self.src.len())]
+            .iter()
+            .filter(|&&c| c == b'\n')
+            .count()
+            + 1
+    }
+
+    fn err(&self, pos: usize, msg: impl Into<String>) -> RewriteError {
+        RewriteError {
+            file: self.file.to_string(),
+            line: self.line_of(pos),
+            message: msg.into(),
+        }
+    }
+
+    /// Positions of the whole word `w` in the masked source.
+    fn words(&self, w: &str) -> Vec<usize> {
+        let wb = w.as_bytes();
+        let m = &self.m;
+        let mut v = Vec::new();
+        let mut i = 0;
+        while i + wb.len() <= m.len() {
+            if &m[i..i + wb.len()] == wb
+                && (i == 0 || !is_ident(m[i - 1]))
+                && (i + wb.len() == m.len() || !is_ident(m[i + wb.len()]))
+            {
+                v.push(i);
+                i += wb.len();
+            } else {
+                i += 1;
+            }
+        }
+        v
+    }
+
+    /// Index of the bracket matching the opening one at `open`.
+    fn matching(&self, open: usize) -> Option<usize> {
+        let (o, c) = match self.m[open] {
+            b'(' => (b'(', b')'),
+            b'[' => (b'[', b']'),
+            b'{' => (b'{', b'}'),
+            b'<' => (b'<', b'>'),
+            _ => return None,
+        };
+        let mut depth = 0usize;
+        for (i, &ch) in self.m.iter().enumerate().skip(open) {
+            if ch == o {
+                depth += 1;
+            } else if ch == c {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+
+    /// Replacement keeping the number of newlines of the replaced range.
+    fn replace(&mut self, start: usize, end: usize, text: &str) {
+        let nl = self.src[start..end].matches('\n').count();
+        let mut t = text.to_string();
+        t.push_str(&"\n".repeat(nl));
+        self.edits.push(Edit {
+            start,
+            end,
+            text: t,
+        });
+    }
+
+    fn blank(&mut self, start: usize, end: usize) {
+        let t: String = self.src[start..end]
+            .chars()
+            .map(|c| if c == '\n' { '\n' } else { ' ' })
+            .collect();
+        self.edits.push(Edit {
+            start,
+            end,
+            text: t,
+        });
+    }
+
+    /// Attributes `[[...]]` in `[from, to)`: (start, end_exclusive, inner text).
+    fn attributes(&self, from: usize, to: usize) -> Vec<(usize, usize, String)> {
+        let mut v = Vec::new();
+        let mut i = from;
+        while i + 1 < to {
+            if self.m[i] == b'[' && self.m[i + 1] == b'[' {
+                if let Some(close) = self.matching(i) {
+                    // `[[ x ]]`: matching of the outer '[' is the last ']'
+                    let inner = &self.src[i + 2..close - 1];
+                    v.push((i, close + 1, inner.trim().to_string()));
+                    i = close + 1;
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        v
+    }
+
+    fn kernels(&mut self, out: &mut Vec<KernelInfo>) -> Result<(), RewriteError> {
+        let mut starts = self.words("kernel");
+        // `[[kernel]]` attribute form counts as the keyword too
+        starts.retain(|&p| !(p >= 2 && &self.m[p - 2..p] == b"[["));
+        for a in self.attributes(0, self.m.len()) {
+            if a.2 == "kernel" {
+                self.blank(a.0, a.1);
+                starts.push(a.0);
+            }
+        }
+        starts.sort_unstable();
+        for p in starts {
+            self.kernel_at(p, out)?;
+        }
+        Ok(())
+    }
+
+    fn statement_start(&self, p: usize) -> usize {
+        let mut depth = 0i32;
+        let mut i = p;
+        while i > 0 {
+            let c = self.m[i - 1];
+            match c {
+                b')' | b']' => depth += 1,
+                b'(' | b'[' => depth -= 1,
+                b';' | b'{' | b'}' if depth <= 0 => return i,
+                _ => {}
+            }
+            i -= 1;
+        }
+        0
+    }
+
+    fn kernel_at(&mut self, p: usize, out: &mut Vec<KernelInfo>) -> Result<(), RewriteError> {
+        // find the end of the declaration: '{' (definition) or ';'
+        let mut i = p;
+        let mut depth = 0i32;
+        let end = loop {
+            if i >= self.m.len() {
+                return Err(self.err(p, "kernel declaration does not end"));
+            }
+            match self.m[i] {
+                b'(' | b'[' => depth += 1,
+                b')' | b']' => depth -= 1,
+                b'{' | b';' if depth == 0 => break i,
+                _ => {}
+            }
+            i += 1;
+        };
+        let stmt = self.statement_start(p);
+        let attrs = self.attributes(stmt, end);
+        let host = attrs.iter().find_map(|a| host_name(&a.2));
+        if self.m[end] == b';' {
+            // explicit instantiation (or plain declaration): register, then drop
+            if let Some(host) = host {
+                let head_end = (p..end).find(|&k| self.m[k] == b'(').unwrap_or(end);
+                let call = self.template_id(p, head_end).ok_or_else(|| {
+                    self.err(p, "cannot find the template-id (`name<args>`) of this host_name instantiation")
+                })?;
+                out.push(KernelInfo {
+                    name: host,
+                    call,
+                    line: self.line_of(p),
+                });
+            }
+            self.blank(stmt, end + 1);
+            return Ok(());
+        }
+        // definition
+        let open = (p..end)
+            .find(|&k| self.m[k] == b'(')
+            .ok_or_else(|| self.err(p, "kernel without parameter list"))?;
+        let close = self
+            .matching(open)
+            .ok_or_else(|| self.err(open, "unbalanced parentheses"))?;
+        let name = ident_before(&self.m, open)
+            .ok_or_else(|| self.err(p, "cannot find the kernel name"))?;
+        let name = self.src[name.0..name.1].to_string();
+        for a in &attrs {
+            if a.1 <= open {
+                self.blank(a.0, a.1);
+            }
+        }
+        self.params(open, close, &name)?;
+        if !self.is_template(stmt, p) {
+            out.push(KernelInfo {
+                name: host.unwrap_or_else(|| name.clone()),
+                call: name,
+                line: self.line_of(p),
+            });
+        }
+        Ok(())
+    }
+
+    fn is_template(&self, stmt: usize, p: usize) -> bool {
+        let head = String::from_utf8_lossy(&self.m[stmt..p]);
+        head.split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .any(|w| w == "template")
+    }
+
+    /// Last `ident<...>` in `[from, to)`, e.g. `scan<float, 64>`.
+    fn template_id(&self, from: usize, to: usize) -> Option<String> {
+        let mut found = None;
+        let mut i = from;
+        while i < to {
+            if self.m[i] == b'<' {
+                if let Some((s, _)) = ident_before(&self.m, i) {
+                    let w = &self.src[s..i].trim_end();
+                    if *w != "template" {
+                        if let Some(c) = self.matching(i) {
+                            if c < to {
+                                found = Some(self.src[s..=c].to_string());
+                                i = c;
+                            }
+                        }
+                    }
+                }
+            }
+            i += 1;
+        }
+        found
+    }
+
+    fn params(&mut self, open: usize, close: usize, kernel: &str) -> Result<(), RewriteError> {
+        // split on top-level commas
+        let mut parts = Vec::new();
+        let mut depth = 0i32;
+        let mut s = open + 1;
+        for k in open + 1..close {
+            match self.m[k] {
+                b'(' | b'[' | b'<' | b'{' => depth += 1,
+                b')' | b']' | b'>' | b'}' => depth -= 1,
+                b',' if depth == 0 => {
+                    parts.push((s, k));
+                    s = k + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push((s, close));
+        for (a, b) in parts {
+            let text = self.src[a..b].trim();
+            if text.is_empty() || text == "void" {
+                continue;
+            }
+            let attrs = self.attributes(a, b);
+            let Some((as_, ae, inner)) = attrs.first().cloned() else {
+                return Err(self.err(
+                    a,
+                    format!(
+                        "parameter `{text}` of kernel `{kernel}` has no attribute: every kernel parameter needs an explicit [[buffer(i)]], [[threadgroup(i)]] or builtin attribute"
+                    ),
+                ));
+            };
+            let repl = if let Some(i) = call_arg(&inner, "buffer") {
+                format!("= MSL_BUFFER({i})")
+            } else if let Some(i) = call_arg(&inner, "threadgroup") {
+                format!("= MSL_TG_ARG({i})")
+            } else if BUILTINS.contains(&inner.as_str()) {
+                format!("= MSL_BUILTIN({inner})")
+            } else {
+                return Err(self.err(
+                    as_,
+                    format!("kernel `{kernel}`: unsupported parameter attribute [[{inner}]]"),
+                ));
+            };
+            self.replace(as_, ae, &repl);
+            for extra in attrs.iter().skip(1) {
+                self.blank(extra.0, extra.1);
+            }
+        }
+        Ok(())
+    }
+
+    /// `threadgroup T name[dims];` inside function bodies.
+    fn threadgroup_decls(&mut self) -> Result<(), RewriteError> {
+        // brace depth at each position
+        let mut depth = vec![0i32; self.m.len() + 1];
+        let mut paren = vec![0i32; self.m.len() + 1];
+        let (mut d, mut pd) = (0i32, 0i32);
+        for (i, &c) in self.m.iter().enumerate() {
+            depth[i] = d;
+            paren[i] = pd;
+            match c {
+                b'{' => d += 1,
+                b'}' => d -= 1,
+                b'(' => pd += 1,
+                b')' => pd -= 1,
+                _ => {}
+            }
+        }
+        let mut slot = 0u32;
+        for p in self.words("threadgroup") {
+            if depth[p] <= 0 || paren[p] != 0 {
+                continue;
+            }
+            let prev = self.m[..p]
+                .iter()
+                .rev()
+                .find(|c| !c.is_ascii_whitespace())
+                .copied();
+            if !matches!(prev, Some(b'{') | Some(b';') | Some(b'}') | Some(b':')) {
+                continue;
+            }
+            let Some(semi) = (p..self.m.len()).find(|&k| self.m[k] == b';') else {
+                continue;
+            };
+            let body = &self.src[p + "threadgroup".len()..semi];
+            if body.contains(['*', '&', '(', '=']) {
+                continue; // a pointer/reference variable, not threadgroup storage
+            }
+            if body.contains(',') && !body.contains('<') {
+                return Err(self.err(p, "declare one threadgroup variable per statement"));
+            }
+            let (ty, name, dims) = split_decl(body)
+                .ok_or_else(|| self.err(p, "cannot parse threadgroup declaration"))?;
+            let text = format!(
+                "threadgroup {ty} (&{name}){dims} = *(threadgroup {ty} (*){dims})::msl::detail::tg_static({slot}, sizeof({ty}{dims}), alignof({ty}));"
+            );
+            slot += 1;
+            self.replace(p, semi + 1, &text);
+        }
+        Ok(())
+    }
+}
+
+fn host_name(attr: &str) -> Option<String> {
+    let rest = attr
+        .strip_prefix("host_name")?
+        .trim_start()
+        .strip_prefix('(')?;
+    let q1 = rest.find('"')?;
+    let q2 = rest[q1 + 1..].find('"')? + q1 + 1;
+    Some(rest[q1 + 1..q2].to_string())
+}
+
+fn call_arg(attr: &str, f: &str) -> Option<String> {
+    let rest = attr.strip_prefix(f)?.trim_start().strip_prefix('(')?;
+    let inner = rest.strip_suffix(')')?.trim();
+    (!inner.is_empty()).then(|| inner.to_string())
+}
+
+/// Identifier ending right before `pos` (skipping whitespace): (start, end).
+fn ident_before(m: &[u8], pos: usize) -> Option<(usize, usize)> {
+    let mut e = pos;
+    while e > 0 && m[e - 1].is_ascii_whitespace() {
+        e -= 1;
+    }
+    let mut s = e;
+    while s > 0 && is_ident(m[s - 1]) {
+        s -= 1;
+    }
+    (s < e).then_some((s, e))
+}
+
+/// `" float4 buf[2][64] "` -> ("float4", "buf", "[2][64]").
+fn split_decl(body: &str) -> Option<(String, String, String)> {
+    let b = body.trim();
+    let (head, dims) = match b.find('[') {
+        Some(k) => (&b[..k], &b[k..]),
+        None => (b, ""),
+    };
+    let head = head.trim_end();
+    let ns = head.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))? + 1;
+    let (ty, name) = (head[..ns].trim(), &head[ns..]);
+    if ty.is_empty() || name.is_empty() {
+        return None;
+    }
+    Some((ty.to_string(), name.to_string(), dims.trim().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_attributes_and_registers() {
+        let src = "kernel void add(device float* x [[buffer(0)]],\n constant P& p [[buffer(1)]],\n uint3 gid [[thread_position_in_grid]]) {\n  threadgroup float buf[64];\n  threadgroup float* q = buf; // threadgroup float bogus[2];\n  x[gid.x] = (threadgroup float*)q == nullptr;\n}\n";
+        let r = rewrite(src, "t.metal").unwrap();
+        assert!(
+            r.source.contains("device float* x = MSL_BUFFER(0)"),
+            "{}",
+            r.source
+        );
+        assert!(r
+            .source
+            .contains("uint3 gid = MSL_BUILTIN(thread_position_in_grid)"));
+        assert!(r.source.contains("tg_static(0, sizeof(float[64])"));
+        assert!(
+            !r.source.contains("tg_static(1"),
+            "pointer variable or comment rewritten: {}",
+            r.source
+        );
+        assert_eq!(
+            r.kernels,
+            vec![KernelInfo {
+                name: "add".into(),
+                call: "add".into(),
+                line: 1
+            }]
+        );
+        // line count preserved: original lines + #line header + registration
+        assert_eq!(
+            r.source.lines().position(|l| l.contains("x[gid.x]")),
+            Some(6)
+        );
+    }
+
+    #[test]
+    fn template_instantiations() {
+        let src = "template <typename T>\nkernel void k(device T* x [[buffer(0)]]) { }\ntemplate [[host_name(\"k_f32\")]] kernel void k<float>(device float* x [[buffer(0)]]);\n";
+        let r = rewrite(src, "t.metal").unwrap();
+        assert_eq!(r.kernels.len(), 1);
+        assert_eq!(r.kernels[0].name, "k_f32");
+        assert_eq!(r.kernels[0].call, "k<float>");
+        assert!(!r.source.contains("host_name"));
+    }
+
+    #[test]
+    fn missing_attribute_is_an_error() {
+        let e = rewrite("kernel void k(device float* x) {}", "t.metal").unwrap_err();
+        assert!(e.message.contains("no attribute"), "{e}");
+    }
+}
