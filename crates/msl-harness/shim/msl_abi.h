@@ -86,12 +86,20 @@ typedef struct msl_kernel_entry {
   void (*fn)(void);
 } msl_kernel_entry;
 
-void msl_rt_barrier(uint32_t flags, const void* site);
-void msl_rt_simd(const void* in, void* out, int64_t param, msl_simd_fn fn, uint32_t kind,
+// Never merged, hoisted or sunk across branches by the optimiser: each call
+// site is a distinct barrier / SIMD-group operation.
+#if defined(__clang__)
+#define MSL_SYNC_CALL __attribute__((nomerge, convergent))
+#else
+#define MSL_SYNC_CALL
+#endif
+MSL_SYNC_CALL void msl_rt_barrier(uint32_t flags, const void* site);
+MSL_SYNC_CALL void msl_rt_simd(const void* in, void* out, int64_t param, msl_simd_fn fn, uint32_t kind,
                  const void* site);
-void* msl_rt_buffer(uint32_t index, uint64_t min_bytes, uint64_t align, const void* site);
+// elem_size: sizeof(T) for a `T*` parameter (0 for references); min_bytes: sizeof(T) for `T&`.
+void* msl_rt_buffer(uint32_t index, uint64_t min_bytes, uint64_t align, uint64_t elem_size, const void* site);
 void* msl_rt_tg_arg(uint32_t index, uint64_t align, const void* site);
-void* msl_rt_tg_static(uint32_t slot, uint64_t size, uint64_t align, const void* site);
+void* msl_rt_tg_static(uint32_t slot, uint64_t size, uint64_t align, const char* name, const void* site);
 const msl_thread_info* msl_rt_thread(void);
 void msl_rt_atomic_access(const void* addr, uint32_t size, uint32_t is_write, const void* site);
 void msl_rt_fail(int32_t code, const char* message, const void* site);

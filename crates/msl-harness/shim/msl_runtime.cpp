@@ -132,6 +132,7 @@ struct Region {
 
 struct TgAlloc {
   bool used;
+  const char* name;
   size_t offset;
   size_t size;
 };
@@ -348,7 +349,7 @@ void describe_addr(char* buf, size_t n, const Region* r, const char* a) {
     }
   for (uint32_t s = 0; s < kMaxTgSlots; ++s)
     if (D.tg_static[s].used && off >= D.tg_static[s].offset && off < D.tg_static[s].offset + D.tg_static[s].size + kRedzone) {
-      snprintf(buf, n, "threadgroup array #%u byte offset %lld (array is %zu bytes)", s,
+      snprintf(buf, n, "threadgroup array `%s` byte offset %lld (array is %zu bytes)", D.tg_static[s].name,
                (long long)(off - D.tg_static[s].offset), D.tg_static[s].size);
       return;
     }
@@ -473,7 +474,8 @@ void segv_handler(int sig, siginfo_t* si, void* uctx) {
   size_t ps = page_size();
   const void* pc = nullptr;
 #if defined(__x86_64__)
-  pc = (const void*)((ucontext_t*)uctx)->uc_mcontext.gregs[REG_RIP];
+  // +1: symbolisation treats pcs as return addresses and looks at pc - 1
+  pc = (const void*)(((ucontext_t*)uctx)->uc_mcontext.gregs[REG_RIP] + 1);
 #endif
   if (D.active && D.args->fault == MSL_OK) {
     for (int i = 0; i < MSL_MAX_BUFFERS; ++i) {
@@ -529,7 +531,10 @@ bool stage_buffers(msl_dispatch_args* a) {
     msl_buffer_binding& b = a->buffers[i];
     if (!b.bound) continue;
     size_t len = b.len;
-    size_t data_pages = round_up(round_up(len, 16) + kRedzone, ps);
+    // Fast mode: the data ends at the guard page. Checked mode: a red zone
+    // between them so that small overruns get a precise report.
+    size_t data_pages = round_up(round_up(len, 16) + (a->checked ? kRedzone : 0), ps);
+    if (data_pages == 0) data_pages = ps;
     size_t map_len = data_pages + ps;
     char* m = (char*)mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) return false;
@@ -790,7 +795,8 @@ EXPORT NOINLINE void msl_rt_simd(const void* in, void* out, int64_t param, msl_s
 
 EXPORT NOINLINE const msl_thread_info* msl_rt_thread(void) { return &g_cur->info; }
 
-EXPORT NOINLINE void* msl_rt_buffer(uint32_t index, uint64_t min_bytes, uint64_t align, const void*) {
+EXPORT NOINLINE void* msl_rt_buffer(uint32_t index, uint64_t min_bytes, uint64_t align, uint64_t elem_size,
+                                    const void*) {
   const void* pc = SITE();
   if (index >= MSL_MAX_BUFFERS) fail_here(MSL_FAULT_BINDING, pc, "buffer index %u out of range", index);
   msl_buffer_binding& b = D.args->buffers[index];
@@ -799,6 +805,10 @@ EXPORT NOINLINE void* msl_rt_buffer(uint32_t index, uint64_t min_bytes, uint64_t
   if (align && ((uintptr_t)b.ptr % align) != 0)
     fail_here(MSL_FAULT_BINDING, pc, "buffer(%u) is not aligned to %llu bytes as its parameter type requires", index,
               (unsigned long long)align);
+  if (elem_size > 1 && s.len % elem_size != 0)
+    fail_here(MSL_FAULT_BINDING, pc,
+              "buffer(%u) is %zu bytes, not a whole number of %llu-byte elements of its parameter type", index, s.len,
+              (unsigned long long)elem_size);
   if (min_bytes > s.len)
     fail_here(MSL_FAULT_BINDING, pc,
               "buffer(%u) is bound with %zu bytes but the kernel parameter type needs %llu (a `constant Params&` "
@@ -815,7 +825,7 @@ EXPORT NOINLINE void* msl_rt_tg_arg(uint32_t index, uint64_t align, const void*)
   return D.arena + D.tg_arg_off[index];
 }
 
-EXPORT NOINLINE void* msl_rt_tg_static(uint32_t slot, uint64_t size, uint64_t align, const void*) {
+EXPORT NOINLINE void* msl_rt_tg_static(uint32_t slot, uint64_t size, uint64_t align, const char* name, const void*) {
   const void* pc = SITE();
   if (slot >= kMaxTgSlots) fail_here(MSL_FAULT_TG_MEMORY, pc, "too many threadgroup declarations");
   TgAlloc& t = D.tg_static[slot];
@@ -830,6 +840,7 @@ EXPORT NOINLINE void* msl_rt_tg_static(uint32_t slot, uint64_t size, uint64_t al
     t.offset = arena_alloc(size, align);
     t.size = size;
     t.used = true;
+    t.name = name;
     D.tg_total += size;
     memset(D.arena + t.offset, 0xff, size);
     if (D.args->checked) mark_valid(t.offset, size);
@@ -837,8 +848,8 @@ EXPORT NOINLINE void* msl_rt_tg_static(uint32_t slot, uint64_t size, uint64_t al
   return D.arena + t.offset;
 }
 
-EXPORT NOINLINE void msl_rt_atomic_access(const void* addr, uint32_t size, uint32_t is_write, const void*) {
-  const void* pc = SITE();
+EXPORT NOINLINE void msl_rt_atomic_access(const void* addr, uint32_t size, uint32_t is_write, const void* site) {
+  const void* pc = site ? site : SITE();
   Fiber* f = g_cur;
   if (f && ++f->atomics_since_yield > kSpinLimit)
     fail_here(MSL_FAULT_HANG, pc,

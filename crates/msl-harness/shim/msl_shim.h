@@ -96,7 +96,7 @@ template <class A> constexpr int count_elems() { return vec_n<A>; }
 // Vector constructors: float4(x), float4(a, b, c, d), float4(float2, z, w),
 // float4(half4). Conversions go element by element (never a bit cast).
 template <class T, int N, class... A>
-MSL_INLINE typename make_vec_t<T, N>::type make_vec(const A&... a) {
+MSL_INLINE typename make_vec_t<T, N>::type make_vec(A... a) {  // by value: drops address spaces
   typedef typename make_vec_t<T, N>::type V;
   if constexpr (sizeof...(A) == 0) {
     return V(0);
@@ -187,14 +187,14 @@ struct BufferArg {
     static_assert(msl_is_buffer_space((T*)nullptr),
                   "[[buffer(i)]] pointer parameters must point to device or constant memory");
 #endif
-    return (T*)msl_rt_buffer(index, 0, alignof(T), MSL_SITE());
+    return (T*)msl_rt_buffer(index, 0, alignof(T), sizeof(T), MSL_SITE());
   }
   template <class T> MSL_INLINE operator T&() const {
 #ifdef MSL_STRICT
     static_assert(msl_is_buffer_space((T*)nullptr),
                   "[[buffer(i)]] reference parameters must refer to device or constant memory");
 #endif
-    return *(T*)msl_rt_buffer(index, sizeof(T), alignof(T), MSL_SITE());
+    return *(T*)msl_rt_buffer(index, sizeof(T), alignof(T), 0, MSL_SITE());
   }
 };
 struct TgArg {
@@ -207,8 +207,8 @@ struct TgArg {
     return (T*)msl_rt_tg_arg(index, alignof(T), MSL_SITE());
   }
 };
-MSL_INLINE void* tg_static(uint32_t slot, uint64_t size, uint64_t align) {
-  return msl_rt_tg_static(slot, size, align, MSL_SITE());
+MSL_INLINE void* tg_static(uint32_t slot, uint64_t size, uint64_t align, const char* name) {
+  return msl_rt_tg_static(slot, size, align, name, MSL_SITE());
 }
 } }
 #define MSL_BUILTIN(name) ::msl::detail::BuiltinArg{msl_rt_thread()->name}
@@ -611,11 +611,15 @@ typedef atomic<float> atomic_float;
 typedef atomic<bool> atomic_bool;
 
 // Fibres never preempt each other, so a plain read-modify-write is atomic;
-// the explicit hook tells the race checker these accesses are atomic.
+// the explicit hook tells the race checker these accesses are atomic. Not
+// inlined, so that the sanitizer does not instrument the plain access; the
+// return address locates the call in the kernel.
+#define MSL_ATOMIC_FN __attribute__((no_sanitize("thread"), noinline))
+#define MSL_CALLER() __builtin_return_address(0)
 #define MSL_ATOMIC_RMW(name, expr)                                                     \
   template <class A, class V>                                                         \
-  __attribute__((no_sanitize("thread"))) MSL_INLINE auto name(A* obj, V val, memory_order) { \
-    msl_rt_atomic_access((const void*)&obj->__v, sizeof(obj->__v), 1, MSL_SITE());   \
+  MSL_ATOMIC_FN auto name(A* obj, V val, memory_order) {                              \
+    msl_rt_atomic_access((const void*)&obj->__v, sizeof(obj->__v), 1, MSL_CALLER());  \
     auto old = obj->__v;                                                              \
     obj->__v = (expr);                                                                \
     return old;                                                                       \
@@ -630,19 +634,19 @@ MSL_ATOMIC_RMW(atomic_fetch_min_explicit, old < val ? old : val)
 MSL_ATOMIC_RMW(atomic_exchange_explicit, val)
 #undef MSL_ATOMIC_RMW
 template <class A>
-__attribute__((no_sanitize("thread"))) MSL_INLINE auto atomic_load_explicit(A* obj, memory_order) {
-  msl_rt_atomic_access((const void*)&obj->__v, sizeof(obj->__v), 0, MSL_SITE());
+MSL_ATOMIC_FN auto atomic_load_explicit(A* obj, memory_order) {
+  msl_rt_atomic_access((const void*)&obj->__v, sizeof(obj->__v), 0, MSL_CALLER());
   return obj->__v;
 }
 template <class A, class V>
-__attribute__((no_sanitize("thread"))) MSL_INLINE void atomic_store_explicit(A* obj, V val, memory_order) {
-  msl_rt_atomic_access((const void*)&obj->__v, sizeof(obj->__v), 1, MSL_SITE());
+MSL_ATOMIC_FN void atomic_store_explicit(A* obj, V val, memory_order) {
+  msl_rt_atomic_access((const void*)&obj->__v, sizeof(obj->__v), 1, MSL_CALLER());
   obj->__v = val;
 }
 template <class A, class E, class V>
-__attribute__((no_sanitize("thread"))) MSL_INLINE bool atomic_compare_exchange_weak_explicit(
-    A* obj, E* expected, V desired, memory_order, memory_order) {
-  msl_rt_atomic_access((const void*)&obj->__v, sizeof(obj->__v), 1, MSL_SITE());
+MSL_ATOMIC_FN bool atomic_compare_exchange_weak_explicit(A* obj, E* expected, V desired, memory_order,
+                                                      memory_order) {
+  msl_rt_atomic_access((const void*)&obj->__v, sizeof(obj->__v), 1, MSL_CALLER());
   if (obj->__v == *expected) { obj->__v = desired; return true; }
   *expected = obj->__v;
   return false;

@@ -517,7 +517,7 @@ impl Ctx<'_> {
             let (ty, name, dims) = split_decl(body)
                 .ok_or_else(|| self.err(p, "cannot parse threadgroup declaration"))?;
             let text = format!(
-                "threadgroup {ty} (&{name}){dims} = *(threadgroup {ty} (*){dims})::msl::detail::tg_static({slot}, sizeof({ty}{dims}), alignof({ty}));"
+                "threadgroup {ty} (&{name}){dims} = *(threadgroup {ty} (*){dims})::msl::detail::tg_static({slot}, sizeof({ty}{dims}), alignof({ty}), \"{name}\");"
             );
             slot += 1;
             self.replace(p, semi + 1, &text);
