@@ -301,6 +301,8 @@ fn binding_validation() {
         "{f}"
     );
     // misaligned float buffer, and a length that is not whole floats
+    // heap storage: 16-byte aligned, so `raw[1..]` is certainly misaligned for f32
+    #[allow(clippy::useless_vec)]
     let mut raw = vec![0u8; 68];
     let f = expect_fault(
         k().buffer(0, &mut raw[1..65]).bytes(1, &p).dispatch(),
