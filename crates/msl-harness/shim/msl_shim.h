@@ -154,6 +154,30 @@ MSL_INLINE typename make_vec_t<T, N>::type make_vec(A... a) {  // by value: drop
 #define bool3(...) ::msl::detail::make_vec<bool, 3>(__VA_ARGS__)
 #define bool4(...) ::msl::detail::make_vec<bool, 4>(__VA_ARGS__)
 
+// ---------------------------------------------------------------- constants
+#define INFINITY __builtin_huge_valf()
+#define NAN __builtin_nanf("")
+#define HUGE_VALF __builtin_huge_valf()
+#define MAXFLOAT 3.40282347e38f
+#define FLT_MAX 3.40282347e38f
+#define FLT_MIN 1.17549435e-38f
+#define FLT_EPSILON 1.1920929e-7f
+#define HALF_MAX ((half)65504.0f)
+#define HALF_MIN ((half)6.10351562e-05f)
+#define M_E_F 2.71828183f
+#define M_LOG2E_F 1.44269504f
+#define M_LOG10E_F 0.434294482f
+#define M_LN2_F 0.693147181f
+#define M_LN10_F 2.30258509f
+#define M_PI_F 3.14159265f
+#define M_PI_2_F 1.57079633f
+#define M_PI_4_F 0.785398163f
+#define M_1_PI_F 0.318309886f
+#define M_2_PI_F 0.636619772f
+#define M_2_SQRTPI_F 1.12837917f
+#define M_SQRT2_F 1.41421356f
+#define M_SQRT1_2_F 0.707106781f
+
 // ---------------------------------------------------------------- builtins & binding
 namespace msl { namespace detail {
 struct BuiltinArg {
@@ -317,7 +341,49 @@ template <class T> MSL_INLINE T fma(T a, msl_same<T> b, msl_same<T> c) {
   }
 }
 template <class T> MSL_INLINE T mix(T a, msl_same<T> b, msl_same<T> t) { return a + (b - a) * t; }
-template <class T> MSL_INLINE T select(T a, msl_same<T> b, bool c) { return c ? b : a; }
+template <class T, class C> MSL_INLINE T select(T a, msl_same<T> b, C c) {
+  if constexpr (::msl::detail::is_vec<C>) {
+    T r;
+    for (int i = 0; i < ::msl::detail::vec_n<T>; ++i) r[i] = c[i] ? b[i] : a[i];
+    return r;
+  } else {
+    return c ? b : a;
+  }
+}
+
+template <class T> struct numeric_limits;
+template <> struct numeric_limits<float> {
+  static constexpr float max() { return 3.40282347e38f; }
+  static constexpr float min() { return 1.17549435e-38f; }
+  static constexpr float lowest() { return -3.40282347e38f; }
+  static constexpr float epsilon() { return 1.1920929e-7f; }
+  static constexpr float infinity() { return __builtin_huge_valf(); }
+  static constexpr float quiet_NaN() { return __builtin_nanf(""); }
+};
+template <> struct numeric_limits<half> {
+  static constexpr half max() { return (half)65504.0f; }
+  static constexpr half min() { return (half)6.10351562e-05f; }
+  static constexpr half lowest() { return (half)-65504.0f; }
+  static constexpr half epsilon() { return (half)0.000976562f; }
+  static constexpr half infinity() { return (half)__builtin_huge_valf(); }
+  static constexpr half quiet_NaN() { return (half)__builtin_nanf(""); }
+};
+template <> struct numeric_limits<bfloat> {
+  static constexpr bfloat max() { return (bfloat)3.38953139e38f; }
+  static constexpr bfloat lowest() { return (bfloat)-3.38953139e38f; }
+  static constexpr bfloat infinity() { return (bfloat)__builtin_huge_valf(); }
+  static constexpr bfloat quiet_NaN() { return (bfloat)__builtin_nanf(""); }
+};
+template <> struct numeric_limits<int> {
+  static constexpr int max() { return 2147483647; }
+  static constexpr int min() { return -2147483647 - 1; }
+  static constexpr int lowest() { return -2147483647 - 1; }
+};
+template <> struct numeric_limits<uint> {
+  static constexpr uint max() { return 4294967295u; }
+  static constexpr uint min() { return 0; }
+  static constexpr uint lowest() { return 0; }
+};
 template <class T> MSL_INLINE msl_e<T> dot(T a, msl_same<T> b) {
   msl_e<T> s = 0;
   for (int i = 0; i < ::msl::detail::vec_n<T>; ++i) s += a[i] * b[i];

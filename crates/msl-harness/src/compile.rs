@@ -264,6 +264,8 @@ fn write_source(stem: &str, key: u64, rewritten: &str) -> Result<PathBuf, Error>
 /// Syntax-only pass with real address spaces (cached as a marker file).
 pub fn strict_pass(file: &str, stem: &str, key: u64, rewritten: &str) -> Result<(), Error> {
     let marker = artifact(stem, key, ".strict-ok")?;
+    static STRICT: Mutex<()> = Mutex::new(());
+    let _guard = STRICT.lock().unwrap_or_else(|p| p.into_inner());
     if marker.exists() {
         return Ok(());
     }
@@ -289,6 +291,10 @@ pub fn build(
         Flavor::Checked => "-checked.so",
     };
     let so = artifact(stem, key, suffix)?;
+    // One build at a time per process: tests compiling the same file from
+    // several threads then share the result instead of racing clang.
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _guard = BUILD.lock().unwrap_or_else(|p| p.into_inner());
     if !so.exists() {
         let tc = toolchain()?;
         let src = write_source(stem, key, rewritten)?;

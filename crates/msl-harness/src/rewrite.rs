@@ -104,6 +104,7 @@ pub fn rewrite(src: &str, file: &str) -> Result<Rewritten, RewriteError> {
     let mut kernels = Vec::new();
     cx.kernels(&mut kernels)?;
     cx.threadgroup_decls()?;
+    cx.half_literals();
     cx.edits.sort_by_key(|e| e.start);
     let mut out = String::with_capacity(src.len() + 4096);
     out.push_str(&format!("#line 1 \"{}\"\n", file.replace('\\', "/")));
@@ -474,6 +475,47 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// MSL half literals (`1.0h`, `2h`) become `((half)1.0f)`.
+    fn half_literals(&mut self) {
+        let m = &self.m;
+        let mut lits = Vec::new();
+        let mut i = 0;
+        while i < m.len() {
+            let starts_number = m[i].is_ascii_digit()
+                || (m[i] == b'.' && i + 1 < m.len() && m[i + 1].is_ascii_digit());
+            if starts_number && (i == 0 || !is_ident(m[i - 1])) {
+                let s = i;
+                while i < m.len()
+                    && (is_ident(m[i])
+                        || m[i] == b'.'
+                        || ((m[i] == b'+' || m[i] == b'-') && matches!(m[i - 1], b'e' | b'E')))
+                {
+                    i += 1;
+                }
+                let tok = &self.src[s..i];
+                let hex = tok.starts_with("0x") || tok.starts_with("0X");
+                if !hex && (tok.ends_with('h') || tok.ends_with('H')) {
+                    let body = &tok[..tok.len() - 1];
+                    if body.bytes().all(|c| {
+                        c.is_ascii_digit() || matches!(c, b'.' | b'e' | b'E' | b'+' | b'-')
+                    }) {
+                        let f = if body.contains(['.', 'e', 'E']) {
+                            format!("{body}f")
+                        } else {
+                            format!("{body}.0f")
+                        };
+                        lits.push((s, i, format!("((half){f})")));
+                    }
+                }
+            } else {
+                i += 1;
+            }
+        }
+        for (s, e, t) in lits {
+            self.replace(s, e, &t);
+        }
+    }
+
     /// `threadgroup T name[dims];` inside function bodies.
     fn threadgroup_decls(&mut self) -> Result<(), RewriteError> {
         // brace depth at each position
@@ -616,6 +658,20 @@ mod tests {
         assert_eq!(r.kernels[0].name, "k_f32");
         assert_eq!(r.kernels[0].call, "k<float>");
         assert!(!r.source.contains("host_name"));
+    }
+
+    #[test]
+    fn half_literals() {
+        let r = rewrite(
+            "kernel void k(device half* x [[buffer(0)]]) { x[0] = 1.5h + 2h * x[1e2]; }",
+            "t",
+        )
+        .unwrap();
+        assert!(
+            r.source.contains("((half)1.5f) + ((half)2.0f) * x[1e2]"),
+            "{}",
+            r.source
+        );
     }
 
     #[test]

@@ -1,0 +1,37 @@
+// Harness self-test kernels: observe execution order, MSL constants and
+// literals. Not product code.
+#include <metal_stdlib>
+using namespace metal;
+
+// Records which thread ran n-th (atomic ticket), before and after a barrier.
+kernel void execution_order(
+    device atomic_uint* ticket [[buffer(0)]],
+    device uint* order [[buffer(1)]],
+    uint gid [[thread_position_in_grid]],
+    uint threads [[threads_per_grid]]) {
+    uint t = atomic_fetch_add_explicit(ticket, 1u, memory_order_relaxed);
+    order[t] = gid;
+    threadgroup_barrier(mem_flags::mem_device);
+    uint t2 = atomic_fetch_add_explicit(ticket, 1u, memory_order_relaxed);
+    order[t2] = gid + threads;
+}
+
+// max over a row with -INFINITY start, a half literal and select().
+kernel void scaled_row_max_f16(
+    device const half* x [[buffer(0)]],
+    device half* out [[buffer(1)]],
+    constant uint& n [[buffer(2)]],
+    uint lane [[thread_index_in_simdgroup]]) {
+    float m = -INFINITY;
+    for (uint i = lane; i < n; i += 32) {
+        m = max(m, float(x[i]));
+    }
+    m = simd_max(m);
+    half r = half(m) * 0.5h;
+    bool2 keep = bool2(r > 0.0h, true);
+    float2 v = select(float2(0.0f), float2(float(r), 1.0f), keep);
+    if (lane == 0) {
+        out[0] = half(v.x + v.y - 1.0f);
+        out[1] = numeric_limits<half>::max();
+    }
+}
