@@ -9,10 +9,10 @@
 //! uninitialised-read checker). See the crate README for the conventions
 //! kernels follow and what passing does not prove.
 //!
-//! ```no_run
+//! ```
 //! use msl_harness::{Library, Mode};
 //! # fn main() -> Result<(), msl_harness::Error> {
-//! let lib = Library::compile(&["crates/msl-harness/tests/kernels/reduce.metal"])?;
+//! let lib = Library::compile(&[concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kernels/reduce.metal")])?;
 //! let input: Vec<f32> = (0..256).map(|i| i as f32).collect();
 //! let mut out = vec![f32::NAN; 1];
 //! let n = 256u32;
