@@ -330,6 +330,8 @@ MSL_BINARY(copysign, __builtin_copysignf((float)a, (float)b))
 MSL_BINARY(step, (float)b < (float)a ? 0.0f : 1.0f)
 #undef MSL_BINARY
 
+template <class T> MSL_INLINE T divide(T a, msl_same<T> b) { return a / b; }
+template <class T, int N> using vec = typename ::msl::detail::make_vec_t<T, N>::type;
 template <class T> MSL_INLINE T clamp(T x, msl_same<T> lo, msl_same<T> hi) { return min(max(x, lo), hi); }
 template <class T> MSL_INLINE T fma(T a, msl_same<T> b, msl_same<T> c) {
   if constexpr (::msl::detail::is_vec<T>) {

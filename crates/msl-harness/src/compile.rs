@@ -101,11 +101,19 @@ fn cache_root() -> PathBuf {
     if let Some(d) = std::env::var_os("MSL_HARNESS_CACHE_DIR") {
         return d.into();
     }
-    // <target>/<profile>/deps/<test exe>  ->  <target>/msl-harness-cache
+    // Test binaries live under the target dir, whose root cargo marks with
+    // CACHEDIR.TAG (doc tests run from a temporary dir: fall back).
     if let Ok(exe) = std::env::current_exe() {
-        if let Some(t) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
+        if let Some(t) = exe
+            .ancestors()
+            .skip(1)
+            .find(|d| d.join("CACHEDIR.TAG").is_file())
+        {
             return t.join("msl-harness-cache");
         }
+    }
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(t).join("msl-harness-cache");
     }
     std::env::temp_dir().join("msl-harness-cache")
 }

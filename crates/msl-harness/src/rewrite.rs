@@ -105,6 +105,7 @@ pub fn rewrite(src: &str, file: &str) -> Result<Rewritten, RewriteError> {
     cx.kernels(&mut kernels)?;
     cx.threadgroup_decls()?;
     cx.half_literals();
+    cx.vec_constructors();
     cx.edits.sort_by_key(|e| e.start);
     let mut out = String::with_capacity(src.len() + 4096);
     out.push_str(&format!("#line 1 \"{}\"\n", file.replace('\\', "/")));
@@ -307,8 +308,7 @@ impl Ctx<'_> {
         starts.retain(|&p| !(p >= 2 && &self.m[p - 2..p] == b"[["));
         for a in self.attributes(0, self.m.len()) {
             if a.2 == "kernel" {
-                self.blank(a.0, a.1);
-                starts.push(a.0);
+                starts.push(a.0); // blanked with the kernel's other attributes
             }
         }
         starts.sort_unstable();
@@ -473,6 +473,41 @@ impl Ctx<'_> {
             }
         }
         Ok(())
+    }
+
+    /// `vec<T, N>(args)` is a converting constructor in MSL but a bit cast
+    /// for clang vectors: route it to the shim's constructor.
+    fn vec_constructors(&mut self) {
+        let mut hits = Vec::new();
+        for p in self.words("vec") {
+            let Some(lt) = (p + 3..self.m.len()).find(|&k| !self.m[k].is_ascii_whitespace()) else {
+                continue;
+            };
+            if self.m[lt] != b'<' {
+                continue;
+            }
+            let Some(gt) = self.matching(lt) else {
+                continue;
+            };
+            let next = (gt + 1..self.m.len()).find(|&k| !self.m[k].is_ascii_whitespace());
+            if next.map(|k| self.m[k]) != Some(b'(') {
+                continue;
+            }
+            let mut start = p;
+            let before = String::from_utf8_lossy(&self.m[p.saturating_sub(16)..p])
+                .trim_end()
+                .to_string();
+            if let Some(q) = before.strip_suffix("::") {
+                if q.trim_end().ends_with("metal") {
+                    let drop = before.len() - (q.trim_end().len() - "metal".len());
+                    start = p - drop;
+                }
+            }
+            hits.push((start, p + 3));
+        }
+        for (s, e) in hits {
+            self.replace(s, e, "::msl::detail::make_vec");
+        }
     }
 
     /// MSL half literals (`1.0h`, `2h`) become `((half)1.0f)`.
@@ -658,6 +693,39 @@ mod tests {
         assert_eq!(r.kernels[0].name, "k_f32");
         assert_eq!(r.kernels[0].call, "k<float>");
         assert!(!r.source.contains("host_name"));
+    }
+
+    #[test]
+    fn attribute_form_and_typedef_instantiation() {
+        let src = "[[kernel]] void a(device float* x [[buffer(0)]]) {}\n\
+template <typename T> kernel void b(device T* x [[buffer(0)]], ushort l [[thread_index_in_simdgroup]]) {}\n\
+typedef decltype(b<half>) b_t;\n\
+template [[host_name(\"b_f16\")]] kernel b_t b<half>;\n";
+        let r = rewrite(src, "t.metal").unwrap();
+        let names: Vec<_> = r
+            .kernels
+            .iter()
+            .map(|k| (k.name.as_str(), k.call.as_str()))
+            .collect();
+        assert_eq!(names, [("a", "a"), ("b_f16", "b<half>")]);
+        assert!(
+            r.source
+                .contains("ushort l = MSL_BUILTIN(thread_index_in_simdgroup)"),
+            "{}",
+            r.source
+        );
+        assert!(!r.source.contains("[[kernel]]"));
+    }
+
+    #[test]
+    fn vec_constructor_calls() {
+        let src = "kernel void k(device half* x [[buffer(0)]]) { *(device vec<half, 4>*)x = vec<half, 4>(metal::vec<float, 4>(1.0f)); }";
+        let r = rewrite(src, "t").unwrap();
+        assert!(
+            r.source.contains("*(device vec<half, 4>*)x = ::msl::detail::make_vec<half, 4>(::msl::detail::make_vec<float, 4>(1.0f))"),
+            "{}",
+            r.source
+        );
     }
 
     #[test]
