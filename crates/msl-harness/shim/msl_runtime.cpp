@@ -686,18 +686,23 @@ bool run_group(uint32_t* order) {
       uint32_t pending = 0;
       for (uint32_t l = lo; l < hi; ++l)
         if (fs[l]->state == kAtSimd) pending |= 1u << (l - lo);
-      while (pending) {
+      // One site per simdgroup and round: the one lowest in the code, which
+      // approximates program order. Lanes waiting at a later site (e.g. after
+      // the end of a divergent branch) wait for the others to catch up, like
+      // SIMT reconvergence, instead of running the later op with fewer lanes.
+      if (pending) {
         any_simd = true;
         uint32_t first = __builtin_ctz(pending);
+        for (uint32_t l = first + 1; l < MSL_SIMD_WIDTH; ++l)
+          if ((pending >> l & 1) && (uintptr_t)fs[lo + l]->site < (uintptr_t)fs[lo + first]->site) first = l;
         const void* site = fs[lo + first]->site;
         uint32_t mask = 0;
         const void* in[MSL_SIMD_WIDTH] = {};
-        for (uint32_t l = first; l < MSL_SIMD_WIDTH; ++l)
+        for (uint32_t l = 0; l < MSL_SIMD_WIDTH; ++l)
           if ((pending >> l & 1) && fs[lo + l]->site == site) {
             mask |= 1u << l;
             in[l] = fs[lo + l]->in;
           }
-        pending &= ~mask;
         Fiber* f0 = fs[lo + first];
         if (f0->kind == MSL_SIMD_UNIFORM && (hi - lo != MSL_SIMD_WIDTH || mask != 0xffffffffu)) {
           record_fault(MSL_FAULT_SIMD, site, nullptr,

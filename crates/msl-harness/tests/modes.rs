@@ -83,3 +83,31 @@ fn msl_constants_literals_and_select() {
     assert_eq!(out[0].to_f32(), 39.0 * 0.25 * 0.5);
     assert_eq!(out[1], f16::MAX);
 }
+
+#[test]
+fn simd_ops_reconverge_after_divergence() {
+    let lib = Library::compile(&[format!(
+        "{}/tests/kernels/modes.metal",
+        env!("CARGO_MANIFEST_DIR")
+    )])
+    .unwrap();
+    for mode in [Mode::InOrder, Mode::Shuffled { seed: 8 }, Mode::Checked] {
+        let mut out = vec![f32::NAN; 32];
+        lib.kernel("reconverge")
+            .unwrap()
+            .buffer(0, &mut out)
+            .grid([1, 1, 1])
+            .threadgroup([32, 1, 1])
+            .mode(mode)
+            .dispatch()
+            .unwrap();
+        for (lane, &v) in out.iter().enumerate() {
+            let want = if lane < 8 {
+                800.0 + 32.0 + (32.0 + 8.0) * 1000.0
+            } else {
+                32.0 + 32.0 * 1000.0
+            };
+            assert_eq!(v, want, "{mode:?} lane {lane}");
+        }
+    }
+}

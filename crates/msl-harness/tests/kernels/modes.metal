@@ -35,3 +35,19 @@ kernel void scaled_row_max_f16(
         out[1] = numeric_limits<half>::max();
     }
 }
+
+// SIMD-group ops after a divergent branch run with the reconverged lanes.
+kernel void reconverge(
+    device float* out [[buffer(0)]],
+    uint lane [[thread_index_in_simdgroup]]) {
+    float a = 0.0f;
+    if (lane < 8) {
+        a = simd_sum(1.0f); // 8 active lanes
+    }
+    float b = simd_sum(1.0f); // all 32 again
+    float c = 0.0f;
+    for (uint i = lane; i < 40; i += 32) {
+        c += simd_sum(1.0f); // lanes 0..7 iterate twice
+    }
+    out[lane] = a * 100.0f + b + c * 1000.0f;
+}
