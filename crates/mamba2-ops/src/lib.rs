@@ -1,3 +1,51 @@
 //! Mamba-2 ops for Candle.
+//!
+//! Every op has a plain-tensor reference, named `*_slow` as in `candle-nn`, that reads like the
+//! paper and is the spec for the fast paths. The public entry points (`causal_conv1d`,
+//! `ssd_chunk_scan`, ...) dispatch on the device of their input: a fast path when one is compiled
+//! in and its preconditions hold, the reference otherwise.
+//!
+//! Conventions shared by all ops:
+//! - activations are `(batch, seqlen, ...)` and may be f32, f16 or bf16;
+//! - recurrent state (conv state and SSM state) is always f32, and so is all accumulation;
+//! - `a` is the per-head decay `A = -exp(A_log)`, in f32.
+//!
+//! ```
+//! use candle_core::{Device, DType, Tensor};
+//! use mamba2_ops::{gated_rms_norm, GatedRmsNormArgs};
+//! let dev = Device::Cpu;
+//! let y = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev)?; // (batch, seqlen, d_inner)
+//! let z = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev)?;
+//! let w = Tensor::ones(8, DType::F32, &dev)?;
+//! let out = gated_rms_norm(&GatedRmsNormArgs { x: &y, z: Some(&z), weight: &w, eps: 1e-5, group_size: 4, norm_before_gate: false })?;
+//! assert_eq!(out.dims(), &[2, 5, 8]);
+//! # Ok::<(), mamba2_ops::OpError>(())
+//! ```
+
+mod check;
+pub mod conv1d;
 mod error;
+pub mod rms_norm;
+pub mod ssd;
+pub mod state_update;
+
+pub use conv1d::{
+    causal_conv1d, causal_conv1d_slow, causal_conv1d_update, causal_conv1d_update_slow,
+    conv_states_varlen, conv_states_varlen_slow, Conv1dArgs,
+};
 pub use error::{OpError, Result};
+pub use rms_norm::{
+    gated_rms_norm, gated_rms_norm_slow, rms_norm_residual, rms_norm_residual_slow,
+    GatedRmsNormArgs,
+};
+pub use ssd::{ssd_chunk_scan, ssd_chunk_scan_slow, SsdArgs, SsdParams};
+pub use state_update::{selective_state_update, selective_state_update_slow, StateUpdateArgs};
+
+/// Which implementation the dispatcher should use. `Auto` picks the fast path for the device
+/// when its preconditions hold; `Reference` forces the plain-tensor reference (tests, debugging).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    #[default]
+    Auto,
+    Reference,
+}
