@@ -243,16 +243,77 @@ fn common_args(tc: &Toolchain, cmd: &mut Command) {
     .args(["-include", "msl_shim.h", "-x", "c++"]);
 }
 
-/// Content hash of a rewritten source under the current toolchain.
-pub fn source_key(rewritten: &str) -> Result<u64, Error> {
-    let tc = toolchain()?;
-    Ok(fnv(&[
-        rewritten.as_bytes(),
-        SHIM_H.as_bytes(),
-        ABI_H.as_bytes(),
-        RUNTIME_CPP.as_bytes(),
-        tc.version.as_bytes(),
-    ]))
+/// A rewritten `.metal` file ready to compile.
+pub struct Source {
+    /// Path label used in diagnostics.
+    pub file: String,
+    /// File-name stem used for cache entries.
+    pub stem: String,
+    /// Content hash (see [`Source::new`]).
+    pub key: u64,
+    /// Rewritten C++ text.
+    pub text: String,
+    /// Directory searched for `#include "…"`.
+    pub include_dir: Option<PathBuf>,
+}
+
+impl Source {
+    /// The key covers the rewritten text, the headers next to the `.metal`
+    /// file (it may `#include "…"` them), the shim, the runtime and clang.
+    pub fn new(file: &str, text: String, include_dir: Option<PathBuf>) -> Result<Source, Error> {
+        let tc = toolchain()?;
+        let mut headers = Vec::new();
+        if let Some(dir) = &include_dir {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    matches!(
+                        p.extension().and_then(|e| e.to_str()),
+                        Some("h" | "hpp" | "inc")
+                    )
+                })
+                .collect();
+            files.sort();
+            for f in files {
+                headers.extend_from_slice(f.as_os_str().as_encoded_bytes());
+                headers.extend(std::fs::read(&f).map_err(|e| Error::io(&f, e))?);
+            }
+        }
+        let key = fnv(&[
+            text.as_bytes(),
+            &headers,
+            SHIM_H.as_bytes(),
+            ABI_H.as_bytes(),
+            RUNTIME_CPP.as_bytes(),
+            tc.version.as_bytes(),
+        ]);
+        let stem: String = Path::new(file)
+            .file_stem()
+            .map(|s| {
+                s.to_string_lossy()
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect()
+            })
+            .unwrap_or_else(|| "kernel".into());
+        Ok(Source {
+            file: file.to_string(),
+            stem,
+            key,
+            text,
+            include_dir,
+        })
+    }
+
+    fn command(&self, tc: &Toolchain) -> Command {
+        let mut cmd = Command::new(&tc.clang);
+        common_args(tc, &mut cmd);
+        if let Some(d) = &self.include_dir {
+            cmd.arg("-iquote").arg(d);
+        }
+        cmd
+    }
 }
 
 fn artifact(stem: &str, key: u64, suffix: &str) -> Result<PathBuf, Error> {
@@ -270,51 +331,43 @@ fn write_source(stem: &str, key: u64, rewritten: &str) -> Result<PathBuf, Error>
 }
 
 /// Syntax-only pass with real address spaces (cached as a marker file).
-pub fn strict_pass(file: &str, stem: &str, key: u64, rewritten: &str) -> Result<(), Error> {
-    let marker = artifact(stem, key, ".strict-ok")?;
+pub fn strict_pass(src: &Source) -> Result<(), Error> {
+    let marker = artifact(&src.stem, src.key, ".strict-ok")?;
     static STRICT: Mutex<()> = Mutex::new(());
     let _guard = STRICT.lock().unwrap_or_else(|p| p.into_inner());
     if marker.exists() {
         return Ok(());
     }
     let tc = toolchain()?;
-    let src = write_source(stem, key, rewritten)?;
-    let mut cmd = Command::new(&tc.clang);
-    common_args(tc, &mut cmd);
-    cmd.args(["-fsyntax-only", "-DMSL_STRICT"]).arg(&src);
-    run_clang(&mut cmd, file, true)?;
+    let cpp = write_source(&src.stem, src.key, &src.text)?;
+    let mut cmd = src.command(tc);
+    cmd.args(["-fsyntax-only", "-DMSL_STRICT"]).arg(&cpp);
+    run_clang(&mut cmd, &src.file, true)?;
     write_atomic(&marker, b"ok\n")
 }
 
 /// Builds (or finds in the cache) and loads one flavour of a kernel file.
-pub fn build(
-    file: &str,
-    stem: &str,
-    key: u64,
-    rewritten: &str,
-    flavor: Flavor,
-) -> Result<&'static Loaded, Error> {
+pub fn build(src: &Source, flavor: Flavor) -> Result<&'static Loaded, Error> {
     let suffix = match flavor {
         Flavor::Fast => "-fast.so",
         Flavor::Checked => "-checked.so",
     };
-    let so = artifact(stem, key, suffix)?;
+    let so = artifact(&src.stem, src.key, suffix)?;
     // One build at a time per process: tests compiling the same file from
     // several threads then share the result instead of racing clang.
     static BUILD: Mutex<()> = Mutex::new(());
     let _guard = BUILD.lock().unwrap_or_else(|p| p.into_inner());
     if !so.exists() {
         let tc = toolchain()?;
-        let src = write_source(stem, key, rewritten)?;
+        let cpp = write_source(&src.stem, src.key, &src.text)?;
         let tmp = tmp_name(&so);
-        let mut cmd = Command::new(&tc.clang);
-        common_args(tc, &mut cmd);
+        let mut cmd = src.command(tc);
         if flavor == Flavor::Checked {
             cmd.args(["-fsanitize=thread", "-fno-sanitize-link-runtime"]);
         }
-        cmd.arg(&src).args(["-x", "none"]).arg(&tc.runtime_obj);
+        cmd.arg(&cpp).args(["-x", "none"]).arg(&tc.runtime_obj);
         cmd.args(["-shared", "-Wl,-Bsymbolic", "-o"]).arg(&tmp);
-        run_clang(&mut cmd, file, false)?;
+        run_clang(&mut cmd, &src.file, false)?;
         std::fs::rename(&tmp, &so).map_err(|e| Error::io(&so, e))?;
     }
     load(&so)

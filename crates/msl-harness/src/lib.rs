@@ -232,10 +232,7 @@ pod!(
 unsafe impl<T: Pod, const N: usize> Pod for [T; N] {}
 
 struct Unit {
-    file: String,
-    stem: String,
-    key: u64,
-    source: String,
+    source: compile::Source,
     kernels: Vec<KernelInfo>,
     fast: &'static compile::Loaded,
     checked: OnceLock<&'static compile::Loaded>,
@@ -256,39 +253,41 @@ impl Library {
         for f in files {
             let path = f.as_ref();
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            let label = path.display().to_string();
-            units.push(Self::unit(&label, &text)?);
+            let dir = path.parent().map(|d| {
+                if d.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    d
+                }
+            });
+            units.push(Self::unit(
+                &path.display().to_string(),
+                &text,
+                dir.map(Path::to_path_buf),
+            )?);
         }
         Ok(Library { units })
     }
 
     /// Like [`Library::compile`] for a source held in memory; `label` names
-    /// it in diagnostics.
+    /// it in diagnostics. It cannot `#include "…"` local headers.
     pub fn from_source(label: &str, source: &str) -> Result<Library, Error> {
         Ok(Library {
-            units: vec![Self::unit(label, source)?],
+            units: vec![Self::unit(label, source, None)?],
         })
     }
 
-    fn unit(label: &str, text: &str) -> Result<Unit, Error> {
+    fn unit(
+        label: &str,
+        text: &str,
+        include_dir: Option<std::path::PathBuf>,
+    ) -> Result<Unit, Error> {
         let rw = rewrite::rewrite(text, label)?;
-        let key = compile::source_key(&rw.source)?;
-        let stem: String = Path::new(label)
-            .file_stem()
-            .map(|s| {
-                s.to_string_lossy()
-                    .chars()
-                    .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect()
-            })
-            .unwrap_or_else(|| "kernel".into());
-        compile::strict_pass(label, &stem, key, &rw.source)?;
-        let fast = compile::build(label, &stem, key, &rw.source, compile::Flavor::Fast)?;
+        let source = compile::Source::new(label, rw.source, include_dir)?;
+        compile::strict_pass(&source)?;
+        let fast = compile::build(&source, compile::Flavor::Fast)?;
         Ok(Unit {
-            file: label.to_string(),
-            stem,
-            key,
-            source: rw.source,
+            source,
             kernels: rw.kernels,
             fast,
             checked: OnceLock::new(),
@@ -496,13 +495,7 @@ impl<'b> Dispatch<'_, 'b> {
             match unit.checked.get() {
                 Some(l) => *l,
                 None => {
-                    let l = compile::build(
-                        &unit.file,
-                        &unit.stem,
-                        unit.key,
-                        &unit.source,
-                        compile::Flavor::Checked,
-                    )?;
+                    let l = compile::build(&unit.source, compile::Flavor::Checked)?;
                     *unit.checked.get_or_init(|| l)
                 }
             }

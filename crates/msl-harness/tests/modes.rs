@@ -111,3 +111,21 @@ fn simd_ops_reconverge_after_divergence() {
         }
     }
 }
+
+#[test]
+fn local_headers_are_found() {
+    let lib = Library::compile(&[format!(
+        "{}/tests/kernels/inc/uses_header.metal",
+        env!("CARGO_MANIFEST_DIR")
+    )])
+    .unwrap();
+    let mut out = vec![0f32; 8];
+    lib.kernel("uses_header")
+        .unwrap()
+        .buffer(0, &mut out)
+        .grid([1, 1, 1])
+        .threadgroup([8, 1, 1])
+        .dispatch()
+        .unwrap();
+    assert_eq!(out, (0..8).map(|i| 2.0 * i as f32).collect::<Vec<_>>());
+}
