@@ -96,9 +96,12 @@ pub fn causal_conv1d(args: &Conv1dArgs) -> Result<(Tensor, Tensor)> {
 /// [`causal_conv1d`] with an explicit backend choice.
 pub fn causal_conv1d_with(args: &Conv1dArgs, backend: Backend) -> Result<(Tensor, Tensor)> {
     validate(args)?;
-    match backend {
-        Backend::Auto | Backend::Reference => causal_conv1d_slow(args),
-    }
+    crate::dispatch!(
+        backend,
+        args.x.device(),
+        causal_conv1d(args),
+        causal_conv1d_slow(args)
+    )
 }
 
 /// Plain-tensor reference of [`causal_conv1d`].
@@ -205,8 +208,25 @@ pub fn causal_conv1d_update(
     bias: Option<&Tensor>,
     silu: bool,
 ) -> Result<Tensor> {
+    causal_conv1d_update_with(x, conv_state, weight, bias, silu, Backend::Auto)
+}
+
+/// [`causal_conv1d_update`] with an explicit backend choice.
+pub fn causal_conv1d_update_with(
+    x: &Tensor,
+    conv_state: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    silu: bool,
+    backend: Backend,
+) -> Result<Tensor> {
     validate_update(x, conv_state, weight, bias)?;
-    causal_conv1d_update_slow(x, conv_state, weight, bias, silu)
+    crate::dispatch!(
+        backend,
+        x.device(),
+        causal_conv1d_update(x, conv_state, weight, bias, silu),
+        causal_conv1d_update_slow(x, conv_state, weight, bias, silu)
+    )
 }
 
 fn validate_update(
@@ -271,8 +291,23 @@ pub fn causal_conv1d_update_slow(
 /// for each sequence its last `d_conv` inputs, zero-padded on the left for short sequences (never
 /// reading into the previous sequence).
 pub fn conv_states_varlen(x: &Tensor, cu_seqlens: &[usize], d_conv: usize) -> Result<Tensor> {
+    conv_states_varlen_with(x, cu_seqlens, d_conv, Backend::Auto)
+}
+
+/// [`conv_states_varlen`] with an explicit backend choice.
+pub fn conv_states_varlen_with(
+    x: &Tensor,
+    cu_seqlens: &[usize],
+    d_conv: usize,
+    backend: Backend,
+) -> Result<Tensor> {
     validate_varlen(x, cu_seqlens, d_conv)?;
-    conv_states_varlen_slow(x, cu_seqlens, d_conv)
+    crate::dispatch!(
+        backend,
+        x.device(),
+        conv_states_varlen(x, cu_seqlens, d_conv),
+        conv_states_varlen_slow(x, cu_seqlens, d_conv)
+    )
 }
 
 fn validate_varlen(x: &Tensor, cu_seqlens: &[usize], d_conv: usize) -> Result<usize> {

@@ -24,22 +24,31 @@
 
 mod check;
 pub mod conv1d;
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod error;
+#[cfg(feature = "metal")]
+mod metal;
 pub mod rms_norm;
 pub mod ssd;
 pub mod state_update;
 
 pub use conv1d::{
     causal_conv1d, causal_conv1d_slow, causal_conv1d_update, causal_conv1d_update_slow,
-    conv_states_varlen, conv_states_varlen_slow, Conv1dArgs,
+    causal_conv1d_update_with, causal_conv1d_with, conv_states_varlen, conv_states_varlen_slow,
+    conv_states_varlen_with, Conv1dArgs,
 };
 pub use error::{OpError, Result};
 pub use rms_norm::{
-    gated_rms_norm, gated_rms_norm_slow, rms_norm_residual, rms_norm_residual_slow,
-    GatedRmsNormArgs,
+    gated_rms_norm, gated_rms_norm_slow, gated_rms_norm_with, rms_norm_residual,
+    rms_norm_residual_slow, rms_norm_residual_with, GatedRmsNormArgs,
 };
-pub use ssd::{ssd_chunk_scan, ssd_chunk_scan_slow, SsdArgs, SsdParams};
-pub use state_update::{selective_state_update, selective_state_update_slow, StateUpdateArgs};
+pub use ssd::{ssd_chunk_scan, ssd_chunk_scan_slow, ssd_chunk_scan_with, SsdArgs, SsdParams};
+pub use state_update::{
+    selective_state_update, selective_state_update_slow, selective_state_update_with,
+    StateUpdateArgs,
+};
 
 /// Which implementation the dispatcher should use. `Auto` picks the fast path for the device
 /// when its preconditions hold; `Reference` forces the plain-tensor reference (tests, debugging).
@@ -49,3 +58,25 @@ pub enum Backend {
     Auto,
     Reference,
 }
+
+/// Calls the fast path of the input's device when `backend` allows it and the fast path accepts
+/// the arguments (`Some`), the reference otherwise.
+macro_rules! dispatch {
+    ($backend:expr, $device:expr, $name:ident ( $($arg:expr),* ), $slow:expr) => {{
+        let fast = match ($backend, $device) {
+            ($crate::Backend::Reference, _) => None,
+            (_, candle_core::Device::Cpu) => $crate::cpu::$name($($arg),*)?,
+            #[cfg(feature = "cuda")]
+            (_, candle_core::Device::Cuda(_)) => $crate::cuda::$name($($arg),*)?,
+            #[cfg(feature = "metal")]
+            (_, candle_core::Device::Metal(_)) => $crate::metal::$name($($arg),*)?,
+            #[allow(unreachable_patterns)]
+            _ => None,
+        };
+        match fast {
+            Some(out) => Ok(out),
+            None => $slow,
+        }
+    }};
+}
+pub(crate) use dispatch;

@@ -2,7 +2,7 @@
 //! front of each block.
 
 use crate::check;
-use crate::{OpError, Result};
+use crate::{Backend, OpError, Result};
 use candle_core::{DType, Tensor, D};
 
 const OP: &str = "gated_rms_norm";
@@ -48,8 +48,18 @@ fn validate(args: &GatedRmsNormArgs) -> Result<usize> {
 
 /// Grouped gated RMSNorm. Output has the dtype of `x`; computed in f32.
 pub fn gated_rms_norm(args: &GatedRmsNormArgs) -> Result<Tensor> {
+    gated_rms_norm_with(args, Backend::Auto)
+}
+
+/// [`gated_rms_norm`] with an explicit backend choice.
+pub fn gated_rms_norm_with(args: &GatedRmsNormArgs, backend: Backend) -> Result<Tensor> {
     validate(args)?;
-    gated_rms_norm_slow(args)
+    crate::dispatch!(
+        backend,
+        args.x.device(),
+        gated_rms_norm(args),
+        gated_rms_norm_slow(args)
+    )
 }
 
 /// Plain-tensor reference of [`gated_rms_norm`].
@@ -101,8 +111,25 @@ pub fn rms_norm_residual(
     eps: f64,
     residual_in_fp32: bool,
 ) -> Result<(Tensor, Tensor)> {
+    rms_norm_residual_with(x, residual, weight, eps, residual_in_fp32, Backend::Auto)
+}
+
+/// [`rms_norm_residual`] with an explicit backend choice.
+pub fn rms_norm_residual_with(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    weight: &Tensor,
+    eps: f64,
+    residual_in_fp32: bool,
+    backend: Backend,
+) -> Result<(Tensor, Tensor)> {
     validate_residual(x, residual, weight)?;
-    rms_norm_residual_slow(x, residual, weight, eps, residual_in_fp32)
+    crate::dispatch!(
+        backend,
+        x.device(),
+        rms_norm_residual(x, residual, weight, eps, residual_in_fp32),
+        rms_norm_residual_slow(x, residual, weight, eps, residual_in_fp32)
+    )
 }
 
 /// Plain-tensor reference of [`rms_norm_residual`].

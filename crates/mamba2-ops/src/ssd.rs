@@ -159,9 +159,12 @@ pub fn ssd_chunk_scan_with(
     backend: Backend,
 ) -> Result<(Tensor, Tensor)> {
     validate(args, params)?;
-    match backend {
-        Backend::Auto | Backend::Reference => ssd_chunk_scan_slow(args, params),
-    }
+    crate::dispatch!(
+        backend,
+        args.x.device(),
+        ssd_chunk_scan(args, params),
+        ssd_chunk_scan_slow(args, params)
+    )
 }
 
 /// `dt -> clamp(softplus(dt + dt_bias), lo, hi)` in f32; shared by prefill and decode so both

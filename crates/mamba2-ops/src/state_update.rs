@@ -87,9 +87,12 @@ pub fn selective_state_update_with(
     backend: Backend,
 ) -> Result<Tensor> {
     validate(args, params)?;
-    match backend {
-        Backend::Auto | Backend::Reference => selective_state_update_slow(args, params),
-    }
+    crate::dispatch!(
+        backend,
+        args.x.device(),
+        selective_state_update(args, params),
+        selective_state_update_slow(args, params)
+    )
 }
 
 /// Plain-tensor reference of [`selective_state_update`].
