@@ -10,9 +10,17 @@ use std::sync::{Mutex, OnceLock};
 use crate::ffi;
 use crate::Error;
 
-const SHIM_H: &str = include_str!("../shim/msl_shim.h");
-const ABI_H: &str = include_str!("../shim/msl_abi.h");
-const RUNTIME_CPP: &str = include_str!("../shim/msl_runtime.cpp");
+/// Shim and runtime sources, written to one cache directory per content hash.
+const SHIM_FILES: &[(&str, &str)] = &[
+    ("msl_abi.h", include_str!("../shim/msl_abi.h")),
+    ("msl_shim.h", include_str!("../shim/msl_shim.h")),
+    ("msl_runtime.cpp", include_str!("../shim/msl_runtime.cpp")),
+    ("msl_rt_core.inc", include_str!("../shim/msl_rt_core.inc")),
+    (
+        "msl_rt_memory.inc",
+        include_str!("../shim/msl_rt_memory.inc"),
+    ),
+];
 /// Headers a `.metal` file may include; all resolve to the shim.
 const METAL_HEADERS: &[&str] = &[
     "metal_stdlib",
@@ -55,7 +63,8 @@ pub fn fnv(parts: &[&[u8]]) -> u64 {
 
 struct Toolchain {
     clang: PathBuf,
-    version: String,
+    /// Hash of the clang version and every shim/runtime source.
+    shim_hash: u64,
     cache: PathBuf,
     shim_dir: PathBuf,
     runtime_obj: PathBuf,
@@ -159,48 +168,46 @@ fn toolchain() -> Result<&'static Toolchain, Error> {
             let (clang, version) = find_clang()?;
             let cache = cache_root();
             std::fs::create_dir_all(&cache).map_err(|e| Error::io(&cache, e))?;
-            let shim_hash = fnv(&[SHIM_H.as_bytes(), ABI_H.as_bytes(), version.as_bytes()]);
+            let mut parts: Vec<&[u8]> = vec![version.as_bytes()];
+            for (name, text) in SHIM_FILES {
+                parts.push(name.as_bytes());
+                parts.push(text.as_bytes());
+            }
+            let shim_hash = fnv(&parts);
             let shim_dir = cache.join(format!("shim-{shim_hash:016x}"));
-            if !shim_dir.join("msl_shim.h").exists() {
+            let runtime_obj = shim_dir.join("msl_runtime.o");
+            if !runtime_obj.exists() {
                 std::fs::create_dir_all(&shim_dir).map_err(|e| Error::io(&shim_dir, e))?;
-                write_atomic(&shim_dir.join("msl_abi.h"), ABI_H.as_bytes())?;
+                for (name, text) in SHIM_FILES {
+                    write_atomic(&shim_dir.join(name), text.as_bytes())?;
+                }
                 for h in METAL_HEADERS {
                     write_atomic(
                         &shim_dir.join(h),
                         b"#pragma once\n#include \"msl_shim.h\"\n",
                     )?;
                 }
-                write_atomic(&shim_dir.join("msl_shim.h"), SHIM_H.as_bytes())?;
-            }
-            let rt_hash = fnv(&[RUNTIME_CPP.as_bytes(), ABI_H.as_bytes(), version.as_bytes()]);
-            let runtime_obj = cache.join(format!("runtime-{rt_hash:016x}.o"));
-            if !runtime_obj.exists() {
-                let src = cache.join(format!("runtime-{rt_hash:016x}.cpp"));
-                write_atomic(&src, RUNTIME_CPP.as_bytes())?;
                 let tmp = tmp_name(&runtime_obj);
-                run_clang(
-                    Command::new(&clang)
-                        .args([
-                            "-std=c++17",
-                            "-O2",
-                            "-g",
-                            "-fPIC",
-                            "-fvisibility=hidden",
-                            "-fno-exceptions",
-                        ])
-                        .args(["-fno-rtti", "-c", "-I"])
-                        .arg(&shim_dir)
-                        .arg(&src)
-                        .arg("-o")
-                        .arg(&tmp),
-                    "msl_runtime.cpp",
-                    false,
-                )?;
+                let mut cmd = Command::new(&clang);
+                cmd.args([
+                    "-std=c++17",
+                    "-O2",
+                    "-g",
+                    "-fPIC",
+                    "-fvisibility=hidden",
+                    "-fno-exceptions",
+                    "-fno-rtti",
+                ])
+                .arg("-c")
+                .arg(shim_dir.join("msl_runtime.cpp"))
+                .arg("-o")
+                .arg(&tmp);
+                run_clang(&mut cmd, "msl_runtime.cpp", false)?;
                 std::fs::rename(&tmp, &runtime_obj).map_err(|e| Error::io(&runtime_obj, e))?;
             }
             Ok(Toolchain {
                 clang,
-                version,
+                shim_hash,
                 cache,
                 shim_dir,
                 runtime_obj,
@@ -280,14 +287,7 @@ impl Source {
                 headers.extend(std::fs::read(&f).map_err(|e| Error::io(&f, e))?);
             }
         }
-        let key = fnv(&[
-            text.as_bytes(),
-            &headers,
-            SHIM_H.as_bytes(),
-            ABI_H.as_bytes(),
-            RUNTIME_CPP.as_bytes(),
-            tc.version.as_bytes(),
-        ]);
+        let key = fnv(&[text.as_bytes(), &headers, &tc.shim_hash.to_le_bytes()]);
         let stem: String = Path::new(file)
             .file_stem()
             .map(|s| {
