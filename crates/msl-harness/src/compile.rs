@@ -14,6 +14,8 @@ use crate::Error;
 const SHIM_FILES: &[(&str, &str)] = &[
     ("msl_abi.h", include_str!("../shim/msl_abi.h")),
     ("msl_shim.h", include_str!("../shim/msl_shim.h")),
+    ("msl_math.h", include_str!("../shim/msl_math.h")),
+    ("msl_sync.h", include_str!("../shim/msl_sync.h")),
     ("msl_runtime.cpp", include_str!("../shim/msl_runtime.cpp")),
     ("msl_rt_core.inc", include_str!("../shim/msl_rt_core.inc")),
     (
