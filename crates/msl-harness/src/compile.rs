@@ -442,10 +442,14 @@ pub fn symbolize(so: &Path, offset: u64) -> Option<String> {
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let frames: Vec<&str> = text.lines().filter(|l| !l.starts_with("??")).collect();
+    // innermost frame in a .metal file, else the innermost outside the shim
     let pick = frames
         .iter()
-        .find(|l| {
-            !l.contains("msl_shim.h") && !l.contains("msl_runtime") && !l.contains("<msl-harness")
+        .find(|l| l.contains(".metal:"))
+        .or_else(|| {
+            frames
+                .iter()
+                .find(|l| !l.contains("/shim-") && !l.contains("<msl-harness"))
         })
         .or(frames.first())?;
     Some(
