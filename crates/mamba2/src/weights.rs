@@ -1,1 +1,585 @@
-//! TODO(owner): see lib.rs
+//! Checkpoint tensors: memory-mapped safetensors (one file or shards listed by
+//! `model.safetensors.index.json`) or `pytorch_model.bin` (Candle's pickle reader), looked up by
+//! canonical HF-transformers names whatever layout the checkpoint uses.
+//!
+//! Every tensor is checked for its exact shape and a float dtype before it is converted, so a
+//! checkpoint that does not match its config fails with an error naming the tensor, not with a
+//! wrong answer later.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+/// The weight files a folder may hold, in the order [`Weights::from_dir`] tries them.
+pub const WEIGHT_FILE_CANDIDATES: [&str; 4] = [
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+];
+
+/// On-disk format of a weight file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// safetensors, memory-mapped.
+    Safetensors,
+    /// A PyTorch zip checkpoint (`torch.save`), read with Candle's pickle reader.
+    Pickle,
+}
+
+/// One opened weight file.
+enum Source {
+    Safetensors {
+        path: PathBuf,
+        mmap: Mmap,
+        /// Byte offset of the data section (8-byte length + header).
+        data_start: usize,
+        metadata: safetensors::tensor::Metadata,
+    },
+    Pickle {
+        path: PathBuf,
+        pth: candle_core::pickle::PthTensors,
+    },
+}
+
+impl Source {
+    fn path(&self) -> &Path {
+        match self {
+            Source::Safetensors { path, .. } | Source::Pickle { path, .. } => path,
+        }
+    }
+}
+
+/// Where a tensor lives and what the file says about it.
+#[derive(Debug, Clone)]
+struct Entry {
+    source: usize,
+    stored_name: String,
+    /// `Ok` for dtypes Candle can hold; `Err(name)` otherwise (reported if the tensor is asked for).
+    dtype: std::result::Result<DType, String>,
+    shape: Vec<usize>,
+}
+
+/// The tensors of a checkpoint, loaded lazily and converted on request.
+///
+/// Canonical names are the HF-transformers ones: `backbone.embeddings.weight`,
+/// `backbone.layers.{i}.norm.weight`, `backbone.layers.{i}.mixer.{in_proj.weight, in_proj.bias,
+/// conv1d.weight, conv1d.bias, dt_bias, A_log, D, norm.weight, out_proj.weight, out_proj.bias}`,
+/// `backbone.norm_f.weight`, `lm_head.weight`. mamba_ssm's `backbone.embedding.weight` and
+/// checkpoints saved without the `backbone.` prefix are mapped transparently.
+///
+/// ```no_run
+/// use candle_core::{DType, Device};
+/// use mamba2::weights::Weights;
+/// let w = Weights::from_dir(std::path::Path::new("mamba2-130m"), &Device::Cpu)?;
+/// // The embedding may have more rows than the config's vocab_size (padding).
+/// let shape = w.shape("backbone.embeddings.weight").expect("embedding");
+/// let emb = w.tensor("backbone.embeddings.weight", &shape, DType::F32)?;
+/// let tied = !w.contains("lm_head.weight");
+/// # Ok::<(), mamba2::Error>(())
+/// ```
+pub struct Weights {
+    sources: Vec<Source>,
+    /// Canonical name -> entry.
+    entries: HashMap<String, Entry>,
+    device: Device,
+    check_finite: bool,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field("files", &self.files())
+            .field("tensors", &self.entries.len())
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+impl Weights {
+    /// Opens one or more `.safetensors` files (memory-mapped) and/or PyTorch zip checkpoints
+    /// (`pytorch_model.bin`). An `*.index.json` shard index is expanded into its shards, which
+    /// are checked against it. Tensors are created on `device` when asked for.
+    pub fn from_files(paths: &[PathBuf], device: &Device) -> Result<Self> {
+        if paths.is_empty() {
+            return Err(Error::InvalidInput("no weight files given".into()));
+        }
+        let mut files = Vec::new();
+        let mut indexes = Vec::new();
+        for p in paths {
+            if p.extension().is_some_and(|e| e == "json") {
+                let index = ShardIndex::read(p)?;
+                files.extend(index.shard_paths()?);
+                indexes.push(index);
+            } else {
+                files.push(p.clone());
+            }
+        }
+        files.dedup();
+        let weights = Self::open(&files, device)?;
+        for index in &indexes {
+            weights.check_index(index)?;
+        }
+        Ok(weights)
+    }
+
+    /// Opens the weights of a checkpoint folder: the first of [`WEIGHT_FILE_CANDIDATES`] present
+    /// (`model.safetensors.index.json` shards, `model.safetensors`,
+    /// `pytorch_model.bin.index.json` shards, `pytorch_model.bin`).
+    pub fn from_dir(dir: &Path, device: &Device) -> Result<Self> {
+        let name = find_weight_file(dir)?;
+        Self::from_files(&[dir.join(name)], device)
+    }
+
+    /// Also check every tensor returned by [`Weights::tensor`] for NaN/infinity
+    /// ([`Error::NonFinite`]); off by default (it reads each tensor once more).
+    pub fn with_finite_check(mut self, on: bool) -> Self {
+        self.check_finite = on;
+        self
+    }
+
+    /// The device tensors are created on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weight files, in load order.
+    pub fn files(&self) -> Vec<&Path> {
+        self.sources.iter().map(Source::path).collect()
+    }
+
+    /// Format of the (first) weight file.
+    pub fn format(&self) -> WeightFormat {
+        match self.sources.first() {
+            Some(Source::Pickle { .. }) => WeightFormat::Pickle,
+            _ => WeightFormat::Safetensors,
+        }
+    }
+
+    /// Stored shape of a tensor, by canonical name.
+    pub fn shape(&self, canonical: &str) -> Option<Vec<usize>> {
+        self.entries.get(canonical).map(|e| e.shape.clone())
+    }
+
+    /// Stored dtype of a tensor, by canonical name (`None` if absent or not a Candle dtype).
+    pub fn stored_dtype(&self, canonical: &str) -> Option<DType> {
+        self.entries
+            .get(canonical)
+            .and_then(|e| e.dtype.clone().ok())
+    }
+
+    /// Whether the checkpoint holds this tensor (false for an absent, tied `lm_head.weight`).
+    pub fn contains(&self, canonical: &str) -> bool {
+        self.entries.contains_key(canonical)
+    }
+
+    /// Canonical names of all tensors, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.entries.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Loads a tensor by canonical name, checking that it has exactly `shape` and a float dtype
+    /// (f16, bf16, f32, f64), converted to `dtype` on this `Weights`' device.
+    pub fn tensor(&self, canonical: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let entry = self
+            .entries
+            .get(canonical)
+            .ok_or_else(|| Error::MissingTensor {
+                name: canonical.to_string(),
+                source_desc: self.describe_files(),
+            })?;
+        if entry.shape != shape {
+            return Err(Error::TensorShape {
+                name: entry.stored_name.clone(),
+                expected: shape.to_vec(),
+                got: entry.shape.clone(),
+            });
+        }
+        let stored = match &entry.dtype {
+            Ok(dt @ (DType::F16 | DType::BF16 | DType::F32 | DType::F64)) => *dt,
+            Ok(other) => return Err(dtype_error(&entry.stored_name, format!("{other:?}"))),
+            Err(name) => return Err(dtype_error(&entry.stored_name, name.clone())),
+        };
+        let source = &self.sources[entry.source];
+        let load_err = |message: String| Error::WeightFile {
+            path: source.path().to_path_buf(),
+            message: format!("tensor `{}`: {message}", entry.stored_name),
+        };
+        // Metal has no f64: widen/narrow on the CPU first in that case.
+        let on_cpu_first = self.device.is_cpu() || stored == DType::F64;
+        let raw = match source {
+            Source::Safetensors {
+                mmap,
+                data_start,
+                metadata,
+                ..
+            } => {
+                let info = metadata
+                    .info(&entry.stored_name)
+                    .expect("entry comes from this metadata");
+                let (start, end) = info.data_offsets;
+                // Offsets were validated against the file length when it was opened.
+                let bytes = &mmap[data_start + start..data_start + end];
+                let dev = if on_cpu_first {
+                    &Device::Cpu
+                } else {
+                    &self.device
+                };
+                Tensor::from_raw_buffer(bytes, stored, shape, dev)
+                    .map_err(|e| load_err(e.to_string()))?
+            }
+            Source::Pickle { pth, .. } => {
+                let got = catch_panic(|| pth.get(&entry.stored_name)).map_err(load_err)?;
+                got.map_err(|e| load_err(e.to_string()))?
+                    .ok_or_else(|| load_err("listed but not readable".into()))?
+            }
+        };
+        let t = raw
+            .to_dtype(dtype)
+            .and_then(|t| t.to_device(&self.device))
+            .map_err(|e| load_err(e.to_string()))?;
+        if self.check_finite {
+            // x * 0 is 0 for finite x and NaN for NaN/inf, so the sum is NaN iff one is not finite.
+            let s = t
+                .to_dtype(DType::F32)
+                .and_then(|t| (t * 0.0)?.sum_all()?.to_scalar::<f32>())?;
+            if s.is_nan() {
+                return Err(Error::NonFinite {
+                    name: entry.stored_name.clone(),
+                });
+            }
+        }
+        Ok(t)
+    }
+
+    fn describe_files(&self) -> String {
+        let files: Vec<String> = self
+            .sources
+            .iter()
+            .map(|s| s.path().display().to_string())
+            .collect();
+        match files.as_slice() {
+            [one] => one.clone(),
+            many => format!("{} shards ({})", many.len(), many.join(", ")),
+        }
+    }
+
+    fn open(files: &[PathBuf], device: &Device) -> Result<Self> {
+        let mut sources = Vec::with_capacity(files.len());
+        // Stored name -> entry, to detect a tensor present in two files.
+        let mut stored: BTreeMap<String, Entry> = BTreeMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let source = open_source(path)?;
+            for (name, dtype, shape) in source_tensors(&source) {
+                let entry = Entry {
+                    source: i,
+                    stored_name: name.clone(),
+                    dtype,
+                    shape,
+                };
+                if let Some(prev) = stored.insert(name.clone(), entry) {
+                    return Err(Error::WeightFile {
+                        path: path.clone(),
+                        message: format!(
+                            "tensor `{name}` is also in {}",
+                            sources
+                                .get(prev.source)
+                                .map(|s: &Source| s.path().display().to_string())
+                                .unwrap_or_default()
+                        ),
+                    });
+                }
+            }
+            sources.push(source);
+        }
+        // An exactly canonical stored name wins over an alias mapping to the same canonical name.
+        let mut entries = HashMap::with_capacity(stored.len());
+        for (name, entry) in stored {
+            let canonical = canonical_name(&name);
+            let exact = canonical == name;
+            match entries.get(&canonical) {
+                Some(Entry { stored_name, .. }) if !exact && *stored_name == canonical => {}
+                _ => {
+                    entries.insert(canonical, entry);
+                }
+            }
+        }
+        Ok(Weights {
+            sources,
+            entries,
+            device: device.clone(),
+            check_finite: false,
+        })
+    }
+
+    /// Every tensor the index assigns to a shard must be in that shard.
+    fn check_index(&self, index: &ShardIndex) -> Result<()> {
+        let mut held: HashMap<&Path, std::collections::HashSet<String>> = HashMap::new();
+        for source in &self.sources {
+            held.insert(
+                source.path(),
+                source_tensors(source)
+                    .into_iter()
+                    .map(|(n, _, _)| n)
+                    .collect(),
+            );
+        }
+        for (tensor, shard) in &index.weight_map {
+            let shard_path = index.dir.join(shard);
+            if !held
+                .get(shard_path.as_path())
+                .is_some_and(|names| names.contains(tensor))
+            {
+                return Err(Error::WeightFile {
+                    path: shard_path,
+                    message: format!(
+                        "{} lists tensor `{tensor}` in this shard, but it is not there",
+                        index.path.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn dtype_error(name: &str, got: String) -> Error {
+    Error::TensorDtype {
+        name: name.to_string(),
+        expected: "a float type (f16, bf16, f32, f64)".into(),
+        got,
+    }
+}
+
+/// Runs `f`, turning a panic inside a third-party parser into an error message.
+fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        format!("malformed file (reader panicked: {msg})")
+    })
+}
+
+/// The first of [`WEIGHT_FILE_CANDIDATES`] present in `dir`.
+pub fn find_weight_file(dir: &Path) -> Result<&'static str> {
+    if !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+        ));
+    }
+    WEIGHT_FILE_CANDIDATES
+        .into_iter()
+        .find(|name| dir.join(name).is_file())
+        .ok_or_else(|| Error::WeightFile {
+            path: dir.to_path_buf(),
+            message: format!(
+                "no weights found (looked for {})",
+                WEIGHT_FILE_CANDIDATES.join(", ")
+            ),
+        })
+}
+
+/// A `*.index.json` shard index (`{"weight_map": {tensor: shard file}}`).
+#[derive(Debug, Clone)]
+pub struct ShardIndex {
+    /// The index file.
+    pub path: PathBuf,
+    /// Folder the shard names are relative to.
+    pub dir: PathBuf,
+    /// Tensor name -> shard file name.
+    pub weight_map: BTreeMap<String, String>,
+}
+
+impl ShardIndex {
+    /// Reads and checks an index file: shard names must be plain relative paths.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let bad = |message: String| Error::WeightFile {
+            path: path.to_path_buf(),
+            message,
+        };
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| bad(format!("invalid shard index JSON: {e}")))?;
+        let map = value
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad("no `weight_map` object".into()))?;
+        let mut weight_map = BTreeMap::new();
+        for (tensor, shard) in map {
+            let shard = shard
+                .as_str()
+                .ok_or_else(|| bad(format!("shard of `{tensor}` is not a string")))?;
+            let p = Path::new(shard);
+            let plain = p
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if shard.is_empty() || !plain {
+                return Err(bad(format!(
+                    "shard `{shard}` of `{tensor}` is not a file name inside the folder"
+                )));
+            }
+            weight_map.insert(tensor.clone(), shard.to_string());
+        }
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(ShardIndex {
+            path: path.to_path_buf(),
+            dir,
+            weight_map,
+        })
+    }
+
+    /// Distinct shard file names, sorted.
+    pub fn shard_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.weight_map.values().cloned().collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Shard paths, each checked to exist.
+    pub fn shard_paths(&self) -> Result<Vec<PathBuf>> {
+        self.shard_names()
+            .into_iter()
+            .map(|name| {
+                let p = self.dir.join(&name);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    let tensor = self
+                        .weight_map
+                        .iter()
+                        .find(|(_, s)| **s == name)
+                        .map(|(t, _)| t.as_str())
+                        .unwrap_or("");
+                    Err(Error::WeightFile {
+                        path: p,
+                        message: format!(
+                            "missing: {} lists it (tensor `{tensor}`)",
+                            self.path.display()
+                        ),
+                    })
+                }
+            })
+            .collect()
+    }
+}
+
+/// The canonical (HF-transformers) name of a stored tensor name.
+fn canonical_name(stored: &str) -> String {
+    let with_prefix = if ["embeddings.", "embedding.", "layers.", "norm_f."]
+        .iter()
+        .any(|p| stored.starts_with(p))
+    {
+        format!("backbone.{stored}")
+    } else {
+        stored.to_string()
+    };
+    match with_prefix.strip_prefix("backbone.embedding.") {
+        Some(rest) => format!("backbone.embeddings.{rest}"),
+        None => with_prefix,
+    }
+}
+
+fn open_source(path: &Path) -> Result<Source> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let bad = |message: String| Error::WeightFile {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut magic = [0u8; 4];
+    let n = std::io::Read::read(&mut &file, &mut magic).map_err(|e| Error::io(path, e))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let is_zip = n == 4 && magic == *b"PK\x03\x04";
+    if is_zip || matches!(ext, "bin" | "pt" | "pth") {
+        if !is_zip {
+            return Err(bad(
+                "not a PyTorch zip checkpoint (the legacy torch.save format and truncated or \
+                 non-checkpoint files are not supported)"
+                    .into(),
+            ));
+        }
+        let mut pth = catch_panic(|| candle_core::pickle::PthTensors::new(path, None))
+            .map_err(&bad)?
+            .map_err(|e| bad(format!("cannot read PyTorch checkpoint: {e}")))?;
+        // Some checkpoints wrap the state dict: {"state_dict": {...}} or {"model": {...}}.
+        for key in ["state_dict", "model"] {
+            if !pth.tensor_infos().is_empty() {
+                break;
+            }
+            if let Ok(Ok(p)) = catch_panic(|| candle_core::pickle::PthTensors::new(path, Some(key)))
+            {
+                pth = p;
+            }
+        }
+        return Ok(Source::Pickle {
+            path: path.to_path_buf(),
+            pth,
+        });
+    }
+    // SAFETY: the map is read-only; a file truncated by another process while mapped would fault,
+    // which is the usual contract of memory-mapped checkpoints (safetensors, candle, llama.cpp).
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+        use safetensors::SafeTensorError as E;
+        bad(match e {
+            E::HeaderTooSmall => "shorter than the 8-byte safetensors header length (empty or truncated)".into(),
+            E::InvalidHeaderLength => "safetensors header length exceeds the file size (truncated?)".into(),
+            E::MetadataIncompleteBuffer => {
+                "file size does not match the tensors in its safetensors header (truncated or padded?)".into()
+            }
+            e => format!("invalid safetensors file: {e}"),
+        })
+    })?;
+    Ok(Source::Safetensors {
+        path: path.to_path_buf(),
+        mmap,
+        data_start: 8 + header_len,
+        metadata,
+    })
+}
+
+/// (stored name, dtype, shape) of every tensor of a source.
+#[allow(clippy::type_complexity)]
+fn source_tensors(
+    source: &Source,
+) -> Vec<(String, std::result::Result<DType, String>, Vec<usize>)> {
+    match source {
+        Source::Safetensors { metadata, .. } => metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| (name, st_dtype(info.dtype), info.shape.clone()))
+            .collect(),
+        Source::Pickle { pth, .. } => pth
+            .tensor_infos()
+            .iter()
+            .map(|(name, info)| (name.clone(), Ok(info.dtype), info.layout.dims().to_vec()))
+            .collect(),
+    }
+}
+
+fn st_dtype(dtype: safetensors::Dtype) -> std::result::Result<DType, String> {
+    use safetensors::Dtype as S;
+    Ok(match dtype {
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::F32 => DType::F32,
+        S::F64 => DType::F64,
+        S::U8 => DType::U8,
+        S::U32 => DType::U32,
+        S::I16 => DType::I16,
+        S::I32 => DType::I32,
+        S::I64 => DType::I64,
+        other => return Err(format!("{other:?}")),
+    })
+}
