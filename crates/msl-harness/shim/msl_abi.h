@@ -69,6 +69,7 @@ typedef struct msl_dispatch_args {
   uint32_t checked;         // this library was built with -fsanitize=thread
   uint64_t seed;
   uint64_t tg_budget;       // bytes of threadgroup memory allowed
+  uint64_t timeout_ms;      // watchdog: the dispatch fails with MSL_FAULT_HANG after this (0 = none)
   msl_buffer_binding buffers[MSL_MAX_BUFFERS];
   uint64_t tg_lens[MSL_MAX_BUFFERS]; // dynamic [[threadgroup(i)]] lengths
   // results

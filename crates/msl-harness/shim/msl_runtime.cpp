@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -416,6 +418,31 @@ EXPORT int msl_dispatch(msl_dispatch_args* a) {
   sigemptyset(&sa.sa_mask);
   sigaction(SIGSEGV, &sa, &D.old_segv);
   sigaction(SIGBUS, &sa, &D.old_bus);
+  // Watchdog: a kernel that never reaches a yield point (an endless loop)
+  // cannot be preempted, so a per-thread timer signal aborts the dispatch.
+  bool have_timer = false;
+  timer_t timer;
+  struct sigaction wa, old_watchdog;
+  memset(&wa, 0, sizeof(wa));
+  wa.sa_sigaction = watchdog_handler;
+  wa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&wa.sa_mask);
+  if (a->timeout_ms) {
+    sigaction(watchdog_signal(), &wa, &old_watchdog);
+    struct sigevent sev;
+    memset(&sev, 0, sizeof(sev));
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = watchdog_signal();
+    sev._sigev_un._tid = (pid_t)syscall(SYS_gettid);
+    if (timer_create(CLOCK_MONOTONIC, &sev, &timer) == 0) {
+      struct itimerspec its;
+      memset(&its, 0, sizeof(its));
+      its.it_value.tv_sec = (time_t)(a->timeout_ms / 1000);
+      its.it_value.tv_nsec = (long)(a->timeout_ms % 1000) * 1000000L;
+      timer_settime(timer, 0, &its, nullptr);
+      have_timer = true;
+    }
+  }
   D.active = true;
   if (sigsetjmp(D.jmp, 1) == 0) {
     for (uint64_t gi = 0; gi < ngroups; ++gi) {
@@ -436,6 +463,8 @@ EXPORT int msl_dispatch(msl_dispatch_args* a) {
   }
   D.active = false;
   g_cur = nullptr;
+  if (have_timer) timer_delete(timer);
+  if (a->timeout_ms) sigaction(watchdog_signal(), &old_watchdog, nullptr);
   sigaction(SIGSEGV, &D.old_segv, nullptr);
   sigaction(SIGBUS, &D.old_bus, nullptr);
   free(gorder);

@@ -34,6 +34,7 @@ pub struct DispatchArgs {
     pub checked: u32,
     pub seed: u64,
     pub tg_budget: u64,
+    pub timeout_ms: u64,
     pub buffers: [BufferBinding; MAX_BUFFERS],
     pub tg_lens: [u64; MAX_BUFFERS],
     pub fault: i32,

@@ -86,7 +86,7 @@ pub enum FaultKind {
     SimdDivergence,
     /// Emulated thread overflowed its fibre stack.
     StackOverflow,
-    /// Spin-wait on an atomic.
+    /// Spin-wait on an atomic, or the dispatch ran past its timeout.
     Hang,
     /// Invalid dispatch configuration detected by the runtime.
     Config,
@@ -323,6 +323,7 @@ impl Library {
             tg: [1, 1, 1],
             mode: Mode::InOrder,
             budget: THREADGROUP_MEMORY_LIMIT,
+            timeout: default_timeout(),
             setup_error: None,
             _borrow: PhantomData,
         })
@@ -343,8 +344,17 @@ pub struct Dispatch<'l, 'b> {
     tg: [u32; 3],
     mode: Mode,
     budget: u64,
+    timeout: std::time::Duration,
     setup_error: Option<String>,
     _borrow: PhantomData<&'b mut [u8]>,
+}
+
+fn default_timeout() -> std::time::Duration {
+    let secs = std::env::var("MSL_HARNESS_TIMEOUT_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(120);
+    std::time::Duration::from_secs(secs)
 }
 
 fn serialize_dispatches() -> std::sync::MutexGuard<'static, ()> {
@@ -448,6 +458,13 @@ impl<'b> Dispatch<'_, 'b> {
         self
     }
 
+    /// Watchdog: a dispatch running longer than this fails with
+    /// [`FaultKind::Hang`] (default 120 s, or `$MSL_HARNESS_TIMEOUT_SECS`).
+    pub fn timeout(&mut self, limit: std::time::Duration) -> &mut Self {
+        self.timeout = limit;
+        self
+    }
+
     /// Runs the kernel over the grid. Faults come back as [`Error::Fault`].
     pub fn dispatch(&mut self) -> Result<(), Error> {
         if let Some(e) = &self.setup_error {
@@ -518,6 +535,7 @@ impl<'b> Dispatch<'_, 'b> {
             checked: checked as u32,
             seed,
             tg_budget: self.budget,
+            timeout_ms: self.timeout.as_millis().min(u64::MAX as u128) as u64,
             buffers: self.buffers,
             tg_lens: self.tg_lens,
             fault: 0,

@@ -368,6 +368,17 @@ fn atomics() {
         .threadgroup([1, 1, 1])
         .dispatch();
     expect_fault(r, FaultKind::Hang);
+    // a loop that never yields is stopped by the watchdog
+    let r = lib()
+        .kernel("endless_loop")
+        .unwrap()
+        .buffer(0, &mut flag[..])
+        .grid([1, 1, 1])
+        .threadgroup([4, 1, 1])
+        .timeout(std::time::Duration::from_millis(300))
+        .dispatch();
+    let f = expect_fault(r, FaultKind::Hang);
+    assert!(f.message.contains("timeout"), "{f}");
     let mut counter = vec![0u32; 1];
     lib()
         .kernel("atomic_count")

@@ -204,3 +204,10 @@ kernel void atomic_count(
     uint tid [[thread_position_in_grid]]) {
     atomic_fetch_add_explicit(counter, tid, memory_order_relaxed);
 }
+
+// Waits on a plain (non-atomic) flag nobody sets: never yields.
+kernel void endless_loop(
+    device volatile uint* flag [[buffer(0)]]) {
+    while (flag[0] == 0) { // BUG: endless
+    }
+}
