@@ -4,11 +4,21 @@
 //! HF-transformers layout), run prefill and decode through the ops of [`mamba2_ops`], and generate
 //! text with streaming and cancellation.
 
+pub mod cache;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod hub;
+pub mod model;
+pub mod pipeline;
+mod random;
 pub mod sampling;
+pub mod session;
+mod session_file;
 pub mod text_stream;
 pub mod weights;
 
+pub use cache::Mamba2Cache;
+pub use config::Mamba2Config;
 pub use error::{Error, Result};
+pub use model::Mamba2Model;

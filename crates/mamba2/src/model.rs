@@ -1,0 +1,461 @@
+//! The Mamba-2 language model: embeddings, a stack of Mamba-2 blocks, final norm and LM head,
+//! with a chunked-SSD prefill and a single-token step through a [`Mamba2Cache`].
+//!
+//! The model is written only against the op API of [`mamba2_ops`]; the backend (reference, fast
+//! CPU, CUDA, Metal) is chosen there from the device of the tensors.
+
+use crate::cache::Mamba2Cache;
+use crate::config::Mamba2Config;
+use crate::weights::Weights;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::Linear;
+use mamba2_ops::{
+    causal_conv1d, causal_conv1d_update, gated_rms_norm, rms_norm_residual, selective_state_update,
+    ssd_chunk_scan, Conv1dArgs, GatedRmsNormArgs, SsdArgs, SsdParams, StateUpdateArgs,
+};
+
+/// The mixer of one block: in_proj -> causal conv1d -> SSD -> gated RMSNorm -> out_proj.
+#[derive(Debug, Clone)]
+struct Mamba2Mixer {
+    in_proj: Linear,
+    conv_weight: Tensor, // (conv_dim, d_conv)
+    conv_bias: Option<Tensor>, // (conv_dim)
+    dt_bias: Tensor,     // (nheads) f32
+    a: Tensor,           // (nheads) f32, -exp(A_log)
+    d: Tensor,           // (nheads) f32
+    norm_weight: Tensor, // (d_inner)
+    out_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Mamba2Block {
+    norm_weight: Tensor, // (d_model)
+    mixer: Mamba2Mixer,
+}
+
+/// A loaded Mamba-2 causal language model. Immutable after loading: share it across threads
+/// with an `Arc` and give each sequence its own [`Mamba2Cache`].
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use mamba2::{config::Mamba2Config, model::Mamba2Model};
+/// let mut cfg = Mamba2Config::preset("130m")?;
+/// cfg.n_layer = 1; cfg.d_model = 64; cfg.d_inner = 128; cfg.nheads = 2; cfg.d_state = 16;
+/// cfg.vocab_size = 100; cfg.pad_vocab_size_multiple = 1;
+/// let model = Mamba2Model::random(&cfg, DType::F32, &Device::Cpu, 0)?;
+/// let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?;
+/// let mut cache = model.new_cache(1)?;
+/// let logits = model.forward(&ids, Some(&mut cache))?; // (batch, seqlen, vocab)
+/// let next = model.step(&Tensor::new(&[4u32], &Device::Cpu)?, &mut cache)?; // (batch, vocab)
+/// assert_eq!(logits.dims(), &[1, 3, 100]);
+/// assert_eq!(next.dims(), &[1, 100]);
+/// # Ok::<(), mamba2::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Mamba2Model {
+    config: Mamba2Config,
+    embeddings: Tensor, // (vocab_rows, d_model)
+    blocks: Vec<Mamba2Block>,
+    norm_f: Tensor, // (d_model)
+    lm_head: Tensor, // (vocab_rows, d_model)
+    tied: bool,
+    dtype: DType,
+    device: Device,
+    ssd_params: SsdParams,
+    max_prefill_tokens: usize,
+}
+
+fn layer_name(i: usize, rest: &str) -> String {
+    format!("backbone.layers.{i}.{rest}")
+}
+
+impl Mamba2Model {
+    /// Builds the model from checkpoint weights, converting matrices to `dtype` on the weights'
+    /// device. `A_log`, `D` and `dt_bias` are kept in f32 whatever `dtype` is.
+    pub fn from_weights(config: &Mamba2Config, weights: &Weights, dtype: DType) -> Result<Self> {
+        config.validate()?;
+        match dtype {
+            DType::F32 | DType::F16 | DType::BF16 => {}
+            other => return Err(Error::Dtype(format!("model dtype {other:?} is not supported; use f32, f16 or bf16"))),
+        }
+        let c = config;
+        let emb_name = "backbone.embeddings.weight";
+        let rows = match weights.shape(emb_name) {
+            Some(s) if s.len() == 2 => s[0],
+            Some(s) => return Err(Error::TensorShape { name: emb_name.into(), expected: vec![c.padded_vocab_size(), c.d_model], got: s }),
+            None => return Err(Error::MissingTensor { name: emb_name.into(), source_desc: source_desc(weights) }),
+        };
+        if rows < c.vocab_size {
+            return Err(Error::TensorShape { name: emb_name.into(), expected: vec![c.padded_vocab_size(), c.d_model], got: vec![rows, c.d_model] });
+        }
+        let embeddings = weights.tensor(emb_name, &[rows, c.d_model], dtype)?;
+        // Tied checkpoints may still carry an lm_head.weight equal to the embedding: read it only
+        // when untied, so tied models keep one copy.
+        let lm_head = if c.tie_embeddings {
+            None
+        } else if weights.contains("lm_head.weight") {
+            Some(weights.tensor("lm_head.weight", &[rows, c.d_model], dtype)?)
+        } else {
+            return Err(Error::MissingTensor { name: "lm_head.weight".into(), source_desc: source_desc(weights) });
+        };
+        let mut blocks = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let t = |rest: &str, shape: &[usize], dt: DType| weights.tensor(&layer_name(i, rest), shape, dt);
+            let opt = |rest: &str, shape: &[usize], dt: DType, present: bool| -> Result<Option<Tensor>> {
+                if present { t(rest, shape, dt).map(Some) } else { Ok(None) }
+            };
+            let (d_in_proj, conv_dim) = (c.d_in_proj(), c.conv_dim());
+            let in_proj = Linear::new(
+                t("mixer.in_proj.weight", &[d_in_proj, c.d_model], dtype)?,
+                opt("mixer.in_proj.bias", &[d_in_proj], dtype, c.bias)?,
+            );
+            let out_proj = Linear::new(
+                t("mixer.out_proj.weight", &[c.d_model, c.d_inner], dtype)?,
+                opt("mixer.out_proj.bias", &[c.d_model], dtype, c.bias)?,
+            );
+            let a_log = t("mixer.A_log", &[c.nheads], DType::F32)?;
+            let mixer = Mamba2Mixer {
+                in_proj,
+                conv_weight: t("mixer.conv1d.weight", &[conv_dim, 1, c.d_conv], dtype)?.reshape((conv_dim, c.d_conv))?,
+                conv_bias: opt("mixer.conv1d.bias", &[conv_dim], dtype, c.conv_bias)?,
+                dt_bias: t("mixer.dt_bias", &[c.nheads], DType::F32)?,
+                a: a_log.exp()?.neg()?,
+                d: t("mixer.D", &[c.nheads], DType::F32)?,
+                norm_weight: t("mixer.norm.weight", &[c.d_inner], dtype)?,
+                out_proj,
+            };
+            blocks.push(Mamba2Block { norm_weight: t("norm.weight", &[c.d_model], dtype)?, mixer });
+        }
+        let norm_f = weights.tensor("backbone.norm_f.weight", &[c.d_model], dtype)?;
+        Ok(Self::assemble(c.clone(), embeddings, blocks, norm_f, lm_head, dtype, weights.device().clone()))
+    }
+
+    fn assemble(
+        config: Mamba2Config,
+        embeddings: Tensor,
+        blocks: Vec<Mamba2Block>,
+        norm_f: Tensor,
+        lm_head: Option<Tensor>,
+        dtype: DType,
+        device: Device,
+    ) -> Self {
+        let tied = lm_head.is_none();
+        let lm_head = lm_head.unwrap_or_else(|| embeddings.clone());
+        let ssd_params = SsdParams { chunk_size: config.chunk_size, dt_softplus: true, dt_limit: config.dt_limit };
+        // Prompts are fed in pieces of this many tokens so that activations stay bounded.
+        let max_prefill_tokens = (config.chunk_size * 8).max(512);
+        Self { config, embeddings, blocks, norm_f, lm_head, tied, dtype, device, ssd_params, max_prefill_tokens }
+    }
+
+    /// A model with random weights of the shapes `config` implies (for benchmarks and tests).
+    /// Deterministic for a given `seed`.
+    pub fn random(config: &Mamba2Config, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let mut rng = crate::random::SplitMix64::new(seed);
+        let mut randn = |shape: &[usize], std: f32, mean: f32| -> Result<Tensor> {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| mean + std * rng.normal()).collect();
+            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)?)
+        };
+        let rows = c.padded_vocab_size();
+        let embeddings = randn(&[rows, c.d_model], 0.02, 0.0)?.to_dtype(dtype)?;
+        let mut blocks = Vec::with_capacity(c.n_layer);
+        for _ in 0..c.n_layer {
+            let (d_in_proj, conv_dim) = (c.d_in_proj(), c.conv_dim());
+            let in_std = (1.0 / c.d_model as f32).sqrt();
+            let out_std = (1.0 / c.d_inner as f32).sqrt() / (2.0 * c.n_layer as f32).sqrt();
+            let a_log = randn(&[c.nheads], 0.5, 1.5)?;
+            let mixer = Mamba2Mixer {
+                in_proj: Linear::new(randn(&[d_in_proj, c.d_model], in_std, 0.0)?.to_dtype(dtype)?, None),
+                conv_weight: randn(&[conv_dim, c.d_conv], 0.3, 0.0)?.to_dtype(dtype)?,
+                conv_bias: c.conv_bias.then(|| randn(&[conv_dim], 0.1, 0.0)).transpose()?.map(|t| t.to_dtype(dtype)).transpose()?,
+                dt_bias: randn(&[c.nheads], 0.5, -3.0)?,
+                a: a_log.exp()?.neg()?,
+                d: randn(&[c.nheads], 0.1, 1.0)?,
+                norm_weight: randn(&[c.d_inner], 0.05, 1.0)?.to_dtype(dtype)?,
+                out_proj: Linear::new(randn(&[c.d_model, c.d_inner], out_std, 0.0)?.to_dtype(dtype)?, None),
+            };
+            blocks.push(Mamba2Block { norm_weight: randn(&[c.d_model], 0.05, 1.0)?.to_dtype(dtype)?, mixer });
+        }
+        let norm_f = randn(&[c.d_model], 0.05, 1.0)?.to_dtype(dtype)?;
+        Ok(Self::assemble(c.clone(), embeddings, blocks, norm_f, None, dtype, device.clone()))
+    }
+
+    /// The validated config.
+    pub fn config(&self) -> &Mamba2Config {
+        &self.config
+    }
+
+    /// Activation and weight dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Rows of the output layer: the width of the logits (the padded vocabulary).
+    pub fn vocab_rows(&self) -> usize {
+        self.lm_head.dim(0).unwrap_or(0)
+    }
+
+    /// Number of parameters (tied matrices counted once).
+    pub fn num_parameters(&self) -> usize {
+        let tied = self.tied;
+        let mut n = self.embeddings.elem_count() + self.norm_f.elem_count();
+        if !tied {
+            n += self.lm_head.elem_count();
+        }
+        for b in &self.blocks {
+            let m = &b.mixer;
+            n += b.norm_weight.elem_count()
+                + m.in_proj.weight().elem_count()
+                + m.in_proj.bias().map_or(0, |t| t.elem_count())
+                + m.conv_weight.elem_count()
+                + m.conv_bias.as_ref().map_or(0, |t| t.elem_count())
+                + m.dt_bias.elem_count()
+                + m.a.elem_count()
+                + m.d.elem_count()
+                + m.norm_weight.elem_count()
+                + m.out_proj.weight().elem_count()
+                + m.out_proj.bias().map_or(0, |t| t.elem_count());
+        }
+        n
+    }
+
+    /// Bytes of weights read per decoded token (every matrix once; the embedding row is negligible).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        (self.num_parameters() - self.embeddings.elem_count() + self.lm_head.elem_count()) * self.dtype.size_in_bytes()
+    }
+
+    /// Sets how many prompt tokens [`Mamba2Model::prefill`] processes per forward (>= 1).
+    pub fn set_max_prefill_tokens(&mut self, n: usize) {
+        self.max_prefill_tokens = n.max(1);
+    }
+
+    /// A zeroed cache for `batch` sequences.
+    pub fn new_cache(&self, batch: usize) -> Result<Mamba2Cache> {
+        Mamba2Cache::new(&self.config, batch, &self.device)
+    }
+
+    /// Checks `(batch, seqlen)` ids: integer dtype, non-empty, every id a row of the embedding.
+    fn check_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        let ids = match ids.dtype() {
+            DType::U32 => ids.clone(),
+            DType::I64 | DType::U8 | DType::I32 | DType::I16 => {
+                let v = ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+                if let Some((pos, &id)) = v.iter().enumerate().find(|(_, &id)| id < 0 || id >= self.vocab_rows() as i64) {
+                    return Err(Error::TokenOutOfRange { id, position: pos, vocab: self.vocab_rows() });
+                }
+                ids.to_dtype(DType::U32)?
+            }
+            other => return Err(Error::InvalidInput(format!("token ids must be an integer tensor, got {other:?}"))),
+        };
+        if ids.elem_count() == 0 {
+            return Err(Error::EmptyPrompt);
+        }
+        let v = ids.flatten_all()?.to_vec1::<u32>()?;
+        if let Some((pos, &id)) = v.iter().enumerate().find(|(_, &id)| id as usize >= self.vocab_rows()) {
+            return Err(Error::TokenOutOfRange { id: id as i64, position: pos, vocab: self.vocab_rows() });
+        }
+        Ok(ids.to_device(&self.device)?)
+    }
+
+    fn check_cache(&self, cache: &Mamba2Cache, batch: usize) -> Result<()> {
+        if cache.batch() != batch || cache.n_layer() != self.blocks.len() {
+            return Err(Error::InvalidInput(format!(
+                "cache holds {} sequences x {} layers, input has batch {batch} for a {}-layer model",
+                cache.batch(),
+                cache.n_layer(),
+                self.blocks.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// One forward over `input_ids` `(batch, seqlen)`, returning f32 logits at every position,
+    /// `(batch, seqlen, vocab_rows)`. With a cache, the sequence continues from the cache's
+    /// state and the cache is left at the end of it (prefill, chunked prefill, multi-turn).
+    pub fn forward(&self, input_ids: &Tensor, cache: Option<&mut Mamba2Cache>) -> Result<Tensor> {
+        let hidden = self.backbone(input_ids, cache)?; // (batch, seqlen, d_model)
+        self.logits(&hidden)
+    }
+
+    /// Prefill that returns only the logits of the last position, `(batch, vocab_rows)` f32,
+    /// feeding the prompt in pieces of bounded size so memory does not grow with its length.
+    pub fn prefill(&self, input_ids: &Tensor, cache: &mut Mamba2Cache) -> Result<Tensor> {
+        let (_, seqlen) = input_ids.dims2().map_err(|_| Error::InvalidInput(format!("input_ids must be (batch, seqlen), got {:?}", input_ids.dims())))?;
+        if seqlen == 0 {
+            return Err(Error::EmptyPrompt);
+        }
+        let mut start = 0;
+        let mut last_hidden = None;
+        while start < seqlen {
+            let len = self.max_prefill_tokens.min(seqlen - start);
+            let piece = input_ids.narrow(1, start, len)?;
+            let hidden = self.backbone(&piece, Some(cache))?; // (batch, len, d_model)
+            last_hidden = Some(hidden.narrow(1, len - 1, 1)?);
+            start += len;
+        }
+        let last = last_hidden.expect("seqlen >= 1");
+        Ok(self.logits(&last)?.squeeze(1)?)
+    }
+
+    /// Embeddings, blocks and final norm over a sequence; `(batch, seqlen, d_model)` in the model dtype.
+    fn backbone(&self, input_ids: &Tensor, mut cache: Option<&mut Mamba2Cache>) -> Result<Tensor> {
+        let (batch, seqlen) = input_ids.dims2().map_err(|_| Error::InvalidInput(format!("input_ids must be (batch, seqlen), got {:?}", input_ids.dims())))?;
+        let ids = self.check_ids(input_ids)?;
+        if let Some(c) = cache.as_deref() {
+            self.check_cache(c, batch)?;
+        }
+        let mut hidden = self.embeddings.index_select(&ids.flatten_all()?, 0)?.reshape((batch, seqlen, self.config.d_model))?;
+        let mut residual: Option<Tensor> = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (normed, res) = rms_norm_residual(&hidden, residual.as_ref(), &block.norm_weight, self.config.norm_eps, self.config.residual_in_fp32)?;
+            residual = Some(res);
+            let layer_cache = cache.as_deref_mut().map(|c| c.layer_mut(i));
+            hidden = self.mixer_prefill(&block.mixer, &normed, layer_cache)?;
+        }
+        let (normed, _) = rms_norm_residual(&hidden, residual.as_ref(), &self.norm_f, self.config.norm_eps, self.config.residual_in_fp32)?;
+        if let Some(c) = cache {
+            c.advance(seqlen);
+        }
+        Ok(normed)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        // (.., d_model) x (vocab_rows, d_model)^T
+        let logits = hidden.broadcast_matmul(&self.lm_head.t()?)?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// Splits in_proj's output `(.., d_in_proj)` into `(z, xBC, dt)`.
+    fn split_projection(&self, zxbcdt: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.config;
+        let last = zxbcdt.rank() - 1;
+        let z = zxbcdt.narrow(last, 0, c.d_inner)?;
+        let xbc = zxbcdt.narrow(last, c.d_inner, c.conv_dim())?;
+        let dt = zxbcdt.narrow(last, c.d_inner + c.conv_dim(), c.nheads)?;
+        Ok((z, xbc.contiguous()?, dt.contiguous()?))
+    }
+
+    fn mixer_prefill(&self, m: &Mamba2Mixer, u: &Tensor, cache: Option<crate::cache::LayerCache<'_>>) -> Result<Tensor> {
+        let c = &self.config;
+        let (batch, seqlen, _) = u.dims3()?;
+        let zxbcdt = m.in_proj.forward(u)?; // (batch, seqlen, d_in_proj)
+        let (z, xbc, dt) = self.split_projection(&zxbcdt)?;
+        let (conv_state, ssm_state) = match &cache {
+            Some(lc) => (Some(lc.conv_state), Some(lc.ssm_state)),
+            None => (None, None),
+        };
+        let (xbc, new_conv) = causal_conv1d(&Conv1dArgs {
+            x: &xbc,
+            weight: &m.conv_weight,
+            bias: m.conv_bias.as_ref(),
+            initial_state: conv_state,
+            seq_idx: None,
+            silu: true,
+        })?; // (batch, seqlen, conv_dim)
+        let gn = c.ngroups * c.d_state;
+        let x = xbc.narrow(2, 0, c.d_inner)?.reshape((batch, seqlen, c.nheads, c.headdim))?;
+        let b = xbc.narrow(2, c.d_inner, gn)?.reshape((batch, seqlen, c.ngroups, c.d_state))?;
+        let cm = xbc.narrow(2, c.d_inner + gn, gn)?.reshape((batch, seqlen, c.ngroups, c.d_state))?;
+        let (y, new_ssm) = ssd_chunk_scan(
+            &SsdArgs {
+                x: &x,
+                dt: &dt,
+                a: &m.a,
+                b: &b,
+                c: &cm,
+                d: Some(&m.d),
+                z: None,
+                dt_bias: Some(&m.dt_bias),
+                initial_state: ssm_state,
+                seq_idx: None,
+            },
+            &self.ssd_params,
+        )?; // (batch, seqlen, nheads, headdim)
+        if let Some(lc) = cache {
+            lc.conv_state.slice_set(&new_conv, 0, 0)?;
+            lc.ssm_state.slice_set(&new_ssm, 0, 0)?;
+        }
+        let y = y.reshape((batch, seqlen, c.d_inner))?;
+        let y = gated_rms_norm(&GatedRmsNormArgs {
+            x: &y,
+            z: Some(&z.contiguous()?),
+            weight: &m.norm_weight,
+            eps: c.norm_eps,
+            group_size: c.d_inner / c.ngroups,
+            norm_before_gate: c.norm_before_gate,
+        })?; // (batch, seqlen, d_inner)
+        Ok(m.out_proj.forward(&y)?)
+    }
+
+    /// One decode step: `input_ids` `(batch)` → f32 logits `(batch, vocab_rows)`; the cache
+    /// advances by one token.
+    pub fn step(&self, input_ids: &Tensor, cache: &mut Mamba2Cache) -> Result<Tensor> {
+        let batch = input_ids.dims1().map_err(|_| Error::InvalidInput(format!("step input_ids must be (batch), got {:?}", input_ids.dims())))?;
+        let ids = self.check_ids(&input_ids.unsqueeze(1)?)?.squeeze(1)?;
+        self.check_cache(cache, batch)?;
+        let mut hidden = self.embeddings.index_select(&ids, 0)?; // (batch, d_model)
+        let mut residual: Option<Tensor> = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (normed, res) = rms_norm_residual(&hidden, residual.as_ref(), &block.norm_weight, self.config.norm_eps, self.config.residual_in_fp32)?;
+            residual = Some(res);
+            hidden = self.mixer_step(&block.mixer, &normed, cache.layer_mut(i))?;
+        }
+        let (normed, _) = rms_norm_residual(&hidden, residual.as_ref(), &self.norm_f, self.config.norm_eps, self.config.residual_in_fp32)?;
+        cache.advance(1);
+        self.logits(&normed)
+    }
+
+    fn mixer_step(&self, m: &Mamba2Mixer, u: &Tensor, cache: crate::cache::LayerCache<'_>) -> Result<Tensor> {
+        let c = &self.config;
+        let batch = u.dim(0)?;
+        let zxbcdt = m.in_proj.forward(u)?; // (batch, d_in_proj)
+        let (z, xbc, dt) = self.split_projection(&zxbcdt)?;
+        let xbc = causal_conv1d_update(&xbc, cache.conv_state, &m.conv_weight, m.conv_bias.as_ref(), true)?; // (batch, conv_dim)
+        let gn = c.ngroups * c.d_state;
+        let x = xbc.narrow(1, 0, c.d_inner)?.reshape((batch, c.nheads, c.headdim))?;
+        let b = xbc.narrow(1, c.d_inner, gn)?.reshape((batch, c.ngroups, c.d_state))?;
+        let cm = xbc.narrow(1, c.d_inner + gn, gn)?.reshape((batch, c.ngroups, c.d_state))?;
+        let y = selective_state_update(
+            &StateUpdateArgs {
+                state: cache.ssm_state,
+                x: &x,
+                dt: &dt,
+                a: &m.a,
+                b: &b,
+                c: &cm,
+                d: Some(&m.d),
+                z: None,
+                dt_bias: Some(&m.dt_bias),
+            },
+            &self.ssd_params,
+        )?; // (batch, nheads, headdim)
+        let y = gated_rms_norm(&GatedRmsNormArgs {
+            x: &y.reshape((batch, c.d_inner))?,
+            z: Some(&z.contiguous()?),
+            weight: &m.norm_weight,
+            eps: c.norm_eps,
+            group_size: c.d_inner / c.ngroups,
+            norm_before_gate: c.norm_before_gate,
+        })?; // (batch, d_inner)
+        Ok(m.out_proj.forward(&y)?)
+    }
+
+    /// Greedy argmax of f32 logits over the real vocabulary (padded rows excluded).
+    pub fn argmax(&self, logits: &Tensor) -> Result<Tensor> {
+        let v = self.config.vocab_size.min(logits.dim(D::Minus1)?);
+        Ok(logits.narrow(D::Minus1, 0, v)?.argmax(D::Minus1)?)
+    }
+}
+
+fn source_desc(weights: &Weights) -> String {
+    let files: Vec<String> = weights.files().iter().map(|p| p.display().to_string()).collect();
+    files.join(", ")
+}

@@ -1,0 +1,194 @@
+//! Text in, text out: a model with its tokenizer and EOS ids, loaded from a Hub id or a folder,
+//! generating into a [`Session`] with streamed, UTF-8-safe text and stop strings.
+
+use crate::config::{read_generation_eos, Mamba2Config};
+use crate::hub::{load_tokenizer, resolve_model, resolve_tokenizer, HubOptions, ModelFiles};
+use crate::model::Mamba2Model;
+use crate::sampling::SamplingParams;
+use crate::session::{CancelToken, GenerateOptions, GenerationSummary, Session, StopReason};
+use crate::text_stream::TextStream;
+use crate::weights::Weights;
+use crate::{Error, Result};
+use candle_core::{DType, Device};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokenizers::Tokenizer;
+
+/// The small Mamba-2 trained for this project and shipped in the repository
+/// (`models/`), used when no model is given.
+pub fn bundled_model_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/mamba2-tiny"))
+}
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Weight and activation dtype.
+    pub dtype: DType,
+    /// Device for weights and state.
+    pub device: Device,
+    /// Hub access (revision, cache, offline, progress bar).
+    pub hub: HubOptions,
+    /// Tokenizer override: a `tokenizer.json` path, a folder or a Hub repo id.
+    pub tokenizer: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32, device: Device::Cpu, hub: HubOptions::default(), tokenizer: None }
+    }
+}
+
+/// Loads config and weights from resolved files.
+pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Mamba2Model> {
+    let config = Mamba2Config::from_file(&files.config)?;
+    let weights = Weights::from_files(&files.weights, device)?;
+    Mamba2Model::from_weights(&config, &weights, dtype)
+}
+
+/// Text-level options.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops when the text contains one of these; the stop string is not emitted.
+    pub stop_strings: Vec<String>,
+    /// Keep generating past EOS tokens.
+    pub ignore_eos: bool,
+}
+
+impl Default for TextOptions {
+    fn default() -> Self {
+        Self { max_new_tokens: 128, sampling: SamplingParams::greedy(), stop_strings: Vec::new(), ignore_eos: false }
+    }
+}
+
+/// A model, its tokenizer and its EOS ids. Cheap to clone; `Send + Sync`.
+///
+/// ```no_run
+/// use mamba2::pipeline::{TextGenerator, LoadOptions, TextOptions};
+/// use mamba2::session::CancelToken;
+/// let gen = TextGenerator::load(&mamba2::pipeline::bundled_model_dir().to_string_lossy(), &LoadOptions::default())?;
+/// let mut session = gen.new_session()?;
+/// gen.generate(&mut session, "Once upon a time", &TextOptions::default(), &CancelToken::new(), |text| {
+///     print!("{text}");
+///     std::ops::ControlFlow::Continue(())
+/// })?;
+/// # Ok::<(), mamba2::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct TextGenerator {
+    model: Arc<Mamba2Model>,
+    tokenizer: Arc<Tokenizer>,
+    eos_token_ids: Vec<u32>,
+    bos_token_id: Option<u32>,
+}
+
+impl TextGenerator {
+    /// Resolves `model` (a folder or a Hub repo id), then loads config, weights, tokenizer and
+    /// EOS ids (generation_config.json, config.json, then the tokenizer's `<|endoftext|>`/`</s>`).
+    pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
+        let files = resolve_model(model, &opts.hub)?;
+        let m = load_model(&files, opts.dtype, &opts.device)?;
+        let tok_path = resolve_tokenizer(&files, opts.tokenizer.as_deref(), &opts.hub)?;
+        let tokenizer = load_tokenizer(&tok_path)?;
+        let mut eos = match &files.generation_config {
+            Some(p) => read_generation_eos(p)?,
+            None => Vec::new(),
+        };
+        if eos.is_empty() {
+            eos = m.config().eos_token_ids.clone();
+        }
+        if eos.is_empty() {
+            eos = ["<|endoftext|>", "</s>", "<eos>"].iter().filter_map(|t| tokenizer.token_to_id(t)).take(1).collect();
+        }
+        let bos = m.config().bos_token_id;
+        Ok(Self::new(Arc::new(m), Arc::new(tokenizer), eos, bos))
+    }
+
+    /// Assembles a generator from parts.
+    pub fn new(model: Arc<Mamba2Model>, tokenizer: Arc<Tokenizer>, eos_token_ids: Vec<u32>, bos_token_id: Option<u32>) -> Self {
+        Self { model, tokenizer, eos_token_ids, bos_token_id }
+    }
+
+    pub fn model(&self) -> &Arc<Mamba2Model> {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    /// The BOS id named by the config, if any (Mamba-2 checkpoints do not prepend it).
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.bos_token_id
+    }
+
+    /// Tokenizes `text` (no special tokens added).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// A new, empty session on the shared model.
+    pub fn new_session(&self) -> Result<Session> {
+        Session::new(self.model.clone())
+    }
+
+    /// Appends `prompt` to the session and generates, calling `on_text` with each new piece of
+    /// text (never a split UTF-8 character). An empty prompt is allowed only when the session
+    /// already holds tokens (continuing a conversation).
+    pub fn generate(
+        &self,
+        session: &mut Session,
+        prompt: &str,
+        opts: &TextOptions,
+        cancel: &CancelToken,
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<GenerationSummary> {
+        let ids = self.encode(prompt)?;
+        if ids.is_empty() && session.tokens().is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        session.feed(&ids)?;
+        let mut stream = TextStream::new(self.tokenizer.clone(), opts.stop_strings.clone());
+        let gen_opts = GenerateOptions {
+            max_new_tokens: opts.max_new_tokens,
+            sampling: opts.sampling.clone(),
+            eos_token_ids: if opts.ignore_eos { Vec::new() } else { self.eos_token_ids.clone() },
+        };
+        let mut failure = None;
+        let mut summary = session.generate(&gen_opts, cancel, |tok| match stream.push(tok) {
+            Ok(chunk) => {
+                let user = if chunk.text.is_empty() { ControlFlow::Continue(()) } else { on_text(&chunk.text) };
+                if chunk.stopped {
+                    ControlFlow::Break(())
+                } else {
+                    user
+                }
+            }
+            Err(e) => {
+                failure = Some(e);
+                ControlFlow::Break(())
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if !stream.stopped() {
+            let rest = stream.finish()?;
+            if !rest.is_empty() {
+                let _ = on_text(&rest);
+            }
+        }
+        if summary.stop_reason == StopReason::Callback && !stream.stopped() {
+            summary.stop_reason = StopReason::Callback;
+        }
+        Ok(summary)
+    }
+}
