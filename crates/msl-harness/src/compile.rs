@@ -25,6 +25,12 @@ const SHIM_FILES: &[(&str, &str)] = &[
 ];
 /// Headers a `.metal` file may include; all resolve to the shim.
 const METAL_HEADERS: &[&str] = &[
+    "metal_integer",
+    "metal_common",
+    "metal_geometric",
+    "metal_relational",
+    "metal_numeric",
+    "metal_types",
     "metal_stdlib",
     "metal_simdgroup",
     "metal_simdgroup_matrix",
@@ -178,6 +184,14 @@ fn toolchain() -> Result<&'static Toolchain, Error> {
             let shim_hash = fnv(&parts);
             let shim_dir = cache.join(format!("shim-{shim_hash:016x}"));
             let runtime_obj = shim_dir.join("msl_runtime.o");
+            // for the preprocessing pass: <metal_*> headers are empty there
+            let empty = shim_dir.join("empty");
+            if !empty.join(METAL_HEADERS[METAL_HEADERS.len() - 1]).exists() {
+                std::fs::create_dir_all(&empty).map_err(|e| Error::io(&empty, e))?;
+                for h in METAL_HEADERS {
+                    write_atomic(&empty.join(h), b"")?;
+                }
+            }
             if !runtime_obj.exists() {
                 std::fs::create_dir_all(&shim_dir).map_err(|e| Error::io(&shim_dir, e))?;
                 for (name, text) in SHIM_FILES {
@@ -252,6 +266,49 @@ fn common_args(tc: &Toolchain, cmd: &mut Command) {
     .args(["-include", "msl_shim.h", "-x", "c++"]);
 }
 
+/// Runs the preprocessor alone over a `.metal` source (user macros and
+/// local `#include "…"` expanded, `<metal_*>` headers empty, line markers
+/// kept) so that the rewriter sees kernels instantiated through macros.
+/// `__METAL_VERSION__` is 310 (Metal 3.1).
+pub fn preprocess(label: &str, text: &str, include_dir: Option<&Path>) -> Result<String, Error> {
+    use std::io::Write;
+    let tc = toolchain()?;
+    let mut cmd = Command::new(&tc.clang);
+    cmd.args([
+        "-E",
+        "-x",
+        "c++",
+        "-std=c++17",
+        "-D__METAL_VERSION__=310",
+        "-nostdinc",
+        "-I",
+    ])
+    .arg(tc.shim_dir.join("empty"));
+    if let Some(d) = include_dir {
+        cmd.arg("-iquote").arg(d);
+    }
+    cmd.arg("-").stdin(std::process::Stdio::piped());
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| Error::io(&tc.clang, e))?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let input = text.to_string();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::io(&tc.clang, e))?;
+    let _ = writer.join();
+    if !out.status.success() {
+        let log = String::from_utf8_lossy(&out.stderr).replace("<stdin>", label);
+        return Err(Error::Compile {
+            file: label.into(),
+            log,
+        });
+    }
+    let quoted = format!("\"{}\"", label.replace('\\', "/"));
+    Ok(String::from_utf8_lossy(&out.stdout).replace("\"<stdin>\"", &quoted))
+}
+
 /// A rewritten `.metal` file ready to compile.
 pub struct Source {
     /// Path label used in diagnostics.
@@ -262,34 +319,14 @@ pub struct Source {
     pub key: u64,
     /// Rewritten C++ text.
     pub text: String,
-    /// Directory searched for `#include "…"`.
-    pub include_dir: Option<PathBuf>,
 }
 
 impl Source {
-    /// The key covers the rewritten text, the headers next to the `.metal`
-    /// file (it may `#include "…"` them), the shim, the runtime and clang.
-    pub fn new(file: &str, text: String, include_dir: Option<PathBuf>) -> Result<Source, Error> {
+    /// `text` is the rewritten output of [`preprocess`]ed source, so the key
+    /// (text, shim, runtime, clang) covers every included header.
+    pub fn new(file: &str, text: String) -> Result<Source, Error> {
         let tc = toolchain()?;
-        let mut headers = Vec::new();
-        if let Some(dir) = &include_dir {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map_err(|e| Error::io(dir, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    matches!(
-                        p.extension().and_then(|e| e.to_str()),
-                        Some("h" | "hpp" | "inc")
-                    )
-                })
-                .collect();
-            files.sort();
-            for f in files {
-                headers.extend_from_slice(f.as_os_str().as_encoded_bytes());
-                headers.extend(std::fs::read(&f).map_err(|e| Error::io(&f, e))?);
-            }
-        }
-        let key = fnv(&[text.as_bytes(), &headers, &tc.shim_hash.to_le_bytes()]);
+        let key = fnv(&[text.as_bytes(), &tc.shim_hash.to_le_bytes()]);
         let stem: String = Path::new(file)
             .file_stem()
             .map(|s| {
@@ -304,16 +341,12 @@ impl Source {
             stem,
             key,
             text,
-            include_dir,
         })
     }
 
     fn command(&self, tc: &Toolchain) -> Command {
         let mut cmd = Command::new(&tc.clang);
         common_args(tc, &mut cmd);
-        if let Some(d) = &self.include_dir {
-            cmd.arg("-iquote").arg(d);
-        }
         cmd
     }
 }

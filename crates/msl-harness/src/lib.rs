@@ -260,11 +260,7 @@ impl Library {
                     d
                 }
             });
-            units.push(Self::unit(
-                &path.display().to_string(),
-                &text,
-                dir.map(Path::to_path_buf),
-            )?);
+            units.push(Self::unit(&path.display().to_string(), &text, dir)?);
         }
         Ok(Library { units })
     }
@@ -277,13 +273,10 @@ impl Library {
         })
     }
 
-    fn unit(
-        label: &str,
-        text: &str,
-        include_dir: Option<std::path::PathBuf>,
-    ) -> Result<Unit, Error> {
-        let rw = rewrite::rewrite(text, label)?;
-        let source = compile::Source::new(label, rw.source, include_dir)?;
+    fn unit(label: &str, text: &str, include_dir: Option<&Path>) -> Result<Unit, Error> {
+        let pre = compile::preprocess(label, text, include_dir)?;
+        let rw = rewrite::rewrite(&pre, label)?;
+        let source = compile::Source::new(label, rw.source)?;
         compile::strict_pass(&source)?;
         let fast = compile::build(&source, compile::Flavor::Fast)?;
         Ok(Unit {

@@ -200,18 +200,41 @@ fn is_ident(c: u8) -> bool {
 }
 
 impl Ctx<'_> {
+    /// File and line of `pos`, following preprocessor line markers
+    /// (`# 12 "file.metal"`) when the source went through `clang -E`.
+    fn location(&self, pos: usize) -> (String, usize) {
+        let before = &self.src[..pos.min(self.src.len())];
+        let mut file = self.file.to_string();
+        let mut line = 1;
+        let mut lines = before.split('\n').peekable();
+        while let Some(l) = lines.next() {
+            if lines.peek().is_none() {
+                break; // the line holding `pos`
+            }
+            line += 1;
+            let t = l.trim_start();
+            if let Some(rest) = t.strip_prefix("# ").or_else(|| t.strip_prefix("#line ")) {
+                let mut parts = rest.splitn(2, ' ');
+                if let Some(n) = parts.next().and_then(|n| n.parse::<usize>().ok()) {
+                    line = n;
+                    if let Some(f) = parts.next().and_then(|f| f.split('"').nth(1)) {
+                        file = f.to_string();
+                    }
+                }
+            }
+        }
+        (file, line)
+    }
+
     fn line_of(&self, pos: usize) -> usize {
-        self.src.as_bytes()[..pos.min(self.src.len())]
-            .iter()
-            .filter(|&&c| c == b'\n')
-            .count()
-            + 1
+        self.location(pos).1
     }
 
     fn err(&self, pos: usize, msg: impl Into<String>) -> RewriteError {
+        let (file, line) = self.location(pos);
         RewriteError {
-            file: self.file.to_string(),
-            line: self.line_of(pos),
+            file,
+            line,
             message: msg.into(),
         }
     }
@@ -746,5 +769,10 @@ template [[host_name(\"b_f16\")]] kernel b_t b<half>;\n";
     fn missing_attribute_is_an_error() {
         let e = rewrite("kernel void k(device float* x) {}", "t.metal").unwrap_err();
         assert!(e.message.contains("no attribute"), "{e}");
+        assert_eq!((e.file.as_str(), e.line), ("t.metal", 1));
+        // lines follow preprocessor markers
+        let src = "# 1 \"a.metal\"\n\n# 7 \"b.metal\"\nint x;\nkernel void k(float* x) {}";
+        let e = rewrite(src, "t").unwrap_err();
+        assert_eq!((e.file.as_str(), e.line), ("b.metal", 8));
     }
 }

@@ -129,3 +129,43 @@ fn local_headers_are_found() {
         .unwrap();
     assert_eq!(out, (0..8).map(|i| 2.0 * i as f32).collect::<Vec<_>>());
 }
+
+#[test]
+fn kernels_instantiated_by_macros() {
+    let lib = Library::compile(&[format!(
+        "{}/tests/kernels/modes.metal",
+        env!("CARGO_MANIFEST_DIR")
+    )])
+    .unwrap();
+    let s = 3.0f32;
+    let mut x = vec![1.5f32; 4];
+    lib.kernel("scale_by_f32")
+        .unwrap()
+        .buffer(0, &mut x)
+        .bytes(1, &s)
+        .threads([4, 1, 1])
+        .threadgroup([4, 1, 1])
+        .dispatch()
+        .unwrap();
+    assert_eq!(x, [4.5; 4]);
+    let mut h = vec![half::f16::from_f32(1.5); 4];
+    lib.kernel("scale_by_f16")
+        .unwrap()
+        .buffer(0, &mut h)
+        .bytes(1, &s)
+        .threads([4, 1, 1])
+        .threadgroup([4, 1, 1])
+        .dispatch()
+        .unwrap();
+    assert!(h.iter().all(|v| v.to_f32() == 4.5));
+    let mut b = vec![half::bf16::from_f32(1.5); 4];
+    lib.kernel("scale_by_bf16")
+        .unwrap()
+        .buffer(0, &mut b)
+        .bytes(1, &s)
+        .threads([4, 1, 1])
+        .threadgroup([4, 1, 1])
+        .dispatch()
+        .unwrap();
+    assert!(b.iter().all(|v| v.to_f32() == 4.5));
+}

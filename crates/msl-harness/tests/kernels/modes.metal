@@ -51,3 +51,23 @@ kernel void reconverge(
     }
     out[lane] = a * 100.0f + b + c * 1000.0f;
 }
+
+// Kernels instantiated through a macro (the harness preprocesses first).
+template <typename T>
+kernel void scale_by(
+    device T* x [[buffer(0)]],
+    constant float& s [[buffer(1)]],
+    uint i [[thread_position_in_grid]]) {
+    x[i] = T(float(x[i]) * s);
+}
+
+#define INSTANTIATE_SCALE(name, T)                                        \
+    template [[host_name(name)]] kernel void scale_by<T>(                \
+        device T* x [[buffer(0)]], constant float& s [[buffer(1)]],      \
+        uint i [[thread_position_in_grid]]);
+
+INSTANTIATE_SCALE("scale_by_f32", float)
+INSTANTIATE_SCALE("scale_by_f16", half)
+#if __METAL_VERSION__ >= 310
+INSTANTIATE_SCALE("scale_by_bf16", bfloat)
+#endif
