@@ -406,3 +406,49 @@ fn address_space_mistakes_fail_the_strict_pass() {
         }
     }
 }
+
+#[test]
+fn simdgroup_barrier_orders_only_its_simdgroup() {
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct ExchangeParams {
+        order: u32,
+        cross: u32,
+    }
+    unsafe impl msl_harness::Pod for ExchangeParams {}
+    let run = |order: u32, cross: u32, out: &mut [f32]| {
+        let p = ExchangeParams { order, cross };
+        lib()
+            .kernel("simdgroup_exchange")?
+            .buffer(0, out)
+            .bytes(1, &p)
+            .grid([1, 1, 1])
+            .threadgroup([64, 1, 1])
+            .mode(Mode::Checked)
+            .dispatch()
+    };
+    let mut out = vec![f32::NAN; 64];
+    run(0, 0, &mut out).unwrap();
+    assert!(
+        out.iter()
+            .enumerate()
+            .all(|(t, &v)| v == ((t & !31) + (t % 32 + 1) % 32) as f32),
+        "{out:?}"
+    );
+    // no synchronisation at all: the first lane reads before its neighbour wrote
+    expect_fault(run(1, 0, &mut out), FaultKind::UninitializedRead);
+    for (order, cross) in [(2, 0), (0, 1)] {
+        let f = expect_fault(run(order, cross, &mut out), FaultKind::Race);
+        assert!(
+            f.location
+                .as_deref()
+                .unwrap_or("")
+                .ends_with(&line_of("// exchange read"))
+                || f.other_location
+                    .as_deref()
+                    .unwrap_or("")
+                    .ends_with(&line_of("// exchange read")),
+            "{f}"
+        );
+    }
+}

@@ -211,3 +211,28 @@ kernel void endless_loop(
     while (flag[0] == 0) { // BUG: endless
     }
 }
+
+// Lanes exchange threadgroup values within their simdgroup. `order` selects
+// the synchronisation: 0 = simdgroup_barrier(mem_threadgroup) (correct),
+// 1 = none (race), 2 = simdgroup_barrier(mem_none) (race). `cross` reads
+// from the other simdgroup, which a simdgroup_barrier does not order.
+struct ExchangeParams {
+    uint order;
+    uint cross;
+};
+
+kernel void simdgroup_exchange(
+    device float* out [[buffer(0)]],
+    constant ExchangeParams& p [[buffer(1)]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
+    threadgroup float slots[64];
+    slots[tid] = float(tid);
+    if (p.order == 0) {
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+    } else if (p.order == 2) {
+        simdgroup_barrier(mem_flags::mem_none);
+    }
+    uint src = p.cross ? (tid + 32) % 64 : (tid & ~31u) + (lane + 1) % 32;
+    out[tid] = slots[src]; // exchange read
+}
