@@ -238,6 +238,21 @@ struct Unit {
     checked: OnceLock<&'static compile::Loaded>,
 }
 
+/// The workspace root (two levels above this crate).
+pub fn workspace_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn resolve(p: &Path) -> std::path::PathBuf {
+    if p.is_relative() && !p.exists() {
+        let w = workspace_root().join(p);
+        if w.exists() {
+            return w;
+        }
+    }
+    p.to_path_buf()
+}
+
 /// A set of compiled `.metal` files.
 pub struct Library {
     units: Vec<Unit>,
@@ -248,11 +263,17 @@ impl Library {
     /// content hash under `<target>/msl-harness-cache` or
     /// `$MSL_HARNESS_CACHE_DIR`; loaded once per process). The checked build
     /// is made on first use of a checked mode.
+    ///
+    /// A relative path that does not exist from the current directory (cargo
+    /// runs tests from the package directory) is looked up from the
+    /// workspace root, so `"kernels/metal/ssd.metal"` works from any crate's
+    /// tests; reports keep the path as written.
     pub fn compile<P: AsRef<Path>>(files: &[P]) -> Result<Library, Error> {
         let mut units = Vec::new();
         for f in files {
-            let path = f.as_ref();
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let given = f.as_ref();
+            let path = resolve(given);
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(given, e))?;
             let dir = path.parent().map(|d| {
                 if d.as_os_str().is_empty() {
                     Path::new(".")
@@ -260,7 +281,7 @@ impl Library {
                     d
                 }
             });
-            units.push(Self::unit(&path.display().to_string(), &text, dir)?);
+            units.push(Self::unit(&given.display().to_string(), &text, dir)?);
         }
         Ok(Library { units })
     }

@@ -169,3 +169,14 @@ fn kernels_instantiated_by_macros() {
         .unwrap();
     assert!(b.iter().all(|v| v.to_f32() == 4.5));
 }
+
+#[test]
+fn workspace_relative_paths() {
+    // cargo runs tests from crates/msl-harness; the path is relative to the workspace root
+    let lib = Library::compile(&["crates/msl-harness/tests/kernels/reduce.metal"]).unwrap();
+    assert_eq!(lib.kernel_names(), ["reduce_sum_f32"]);
+    let e = Library::compile(&["crates/msl-harness/tests/kernels/missing.metal"])
+        .err()
+        .unwrap();
+    assert!(matches!(e, msl_harness::Error::Io { .. }), "{e}");
+}
