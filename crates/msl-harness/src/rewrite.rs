@@ -752,6 +752,25 @@ template [[host_name(\"b_f16\")]] kernel b_t b<half>;\n";
     }
 
     #[test]
+    fn never_panics_on_truncated_or_odd_input() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kernels");
+        let mut sources: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "metal"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .collect();
+        sources.push("kernel void é(device float* x [[buffer(0)]]) { /* ü */ x[0] = 1'0; } [[".into());
+        for src in &sources {
+            let cuts: Vec<usize> = (0..src.len()).step_by(13).filter(|&i| src.is_char_boundary(i)).collect();
+            for i in cuts {
+                let _ = rewrite(&src[..i], "t.metal");
+                let _ = rewrite(&src[i..], "t.metal");
+            }
+        }
+    }
+
+    #[test]
     fn half_literals() {
         let r = rewrite(
             "kernel void k(device half* x [[buffer(0)]]) { x[0] = 1.5h + 2h * x[1e2]; }",
