@@ -470,7 +470,9 @@ impl Ctx<'_> {
                 continue;
             }
             let attrs = self.attributes(a, b);
-            let Some((as_, ae, inner)) = attrs.first().cloned() else {
+            // C++ attributes such as [[maybe_unused]] may sit next to the binding one
+            let standard = |a: &str| matches!(a, "maybe_unused" | "deprecated");
+            let Some(k) = attrs.iter().position(|at| !standard(&at.2)) else {
                 return Err(self.err(
                     a,
                     format!(
@@ -478,6 +480,7 @@ impl Ctx<'_> {
                     ),
                 ));
             };
+            let (as_, ae, inner) = attrs[k].clone();
             let repl = if let Some(i) = call_arg(&inner, "buffer") {
                 format!("= MSL_BUFFER({i})")
             } else if let Some(i) = call_arg(&inner, "threadgroup") {
@@ -490,10 +493,20 @@ impl Ctx<'_> {
                     format!("kernel `{kernel}`: unsupported parameter attribute [[{inner}]]"),
                 ));
             };
-            self.replace(as_, ae, &repl);
-            for extra in attrs.iter().skip(1) {
-                self.blank(extra.0, extra.1);
+            for (n, other) in attrs.iter().enumerate() {
+                if n == k {
+                    continue;
+                }
+                if !standard(&other.2) {
+                    return Err(self.err(
+                        other.0,
+                        format!("kernel `{kernel}`: more than one binding attribute on `{text}`"),
+                    ));
+                }
+                self.blank(other.0, other.1);
             }
+            // the default argument goes where the binding attribute was, after the name
+            self.replace(as_, ae, &repl);
         }
         Ok(())
     }
@@ -760,9 +773,13 @@ template [[host_name(\"b_f16\")]] kernel b_t b<half>;\n";
             .filter(|e| e.path().extension().is_some_and(|x| x == "metal"))
             .map(|e| std::fs::read_to_string(e.path()).unwrap())
             .collect();
-        sources.push("kernel void é(device float* x [[buffer(0)]]) { /* ü */ x[0] = 1'0; } [[".into());
+        sources
+            .push("kernel void é(device float* x [[buffer(0)]]) { /* ü */ x[0] = 1'0; } [[".into());
         for src in &sources {
-            let cuts: Vec<usize> = (0..src.len()).step_by(13).filter(|&i| src.is_char_boundary(i)).collect();
+            let cuts: Vec<usize> = (0..src.len())
+                .step_by(13)
+                .filter(|&i| src.is_char_boundary(i))
+                .collect();
             for i in cuts {
                 let _ = rewrite(&src[..i], "t.metal");
                 let _ = rewrite(&src[i..], "t.metal");

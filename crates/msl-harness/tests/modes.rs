@@ -180,3 +180,31 @@ fn workspace_relative_paths() {
         .unwrap();
     assert!(matches!(e, msl_harness::Error::Io { .. }), "{e}");
 }
+
+#[test]
+fn non_uniform_grid_has_partial_edge_groups() {
+    let lib = Library::compile(&[format!(
+        "{}/tests/kernels/modes.metal",
+        env!("CARGO_MANIFEST_DIR")
+    )])
+    .unwrap();
+    let (w, h) = (10usize, 3usize);
+    let mut out = vec![u32::MAX; w * h];
+    let mut sizes = vec![u32::MAX; 3 * 2];
+    lib.kernel("grid_coverage")
+        .unwrap()
+        .buffer(0, &mut out)
+        .buffer(1, &mut sizes)
+        .threads([w as u32, h as u32, 1])
+        .threadgroup([4, 2, 1])
+        .mode(Mode::Checked)
+        .dispatch()
+        .unwrap();
+    for y in 0..h {
+        for x in 0..w {
+            assert_eq!(out[y * w + x], (x + 1000 * y) as u32);
+        }
+    }
+    // 3 x 2 groups of 4x2; the last column is 2 wide, the last row 1 high
+    assert_eq!(sizes, [42, 42, 22, 41, 41, 21]);
+}

@@ -71,3 +71,19 @@ INSTANTIATE_SCALE("scale_by_f16", half)
 #if __METAL_VERSION__ >= 310
 INSTANTIATE_SCALE("scale_by_bf16", bfloat)
 #endif
+
+// dispatchThreads-style grid: edge threadgroups are partial.
+kernel void grid_coverage(
+    device uint* out [[buffer(0)]],
+    device uint* group_sizes [[buffer(1)]],
+    uint2 gid [[thread_position_in_grid]],
+    uint2 grid [[threads_per_grid]],
+    uint2 tg [[threadgroup_position_in_grid]],
+    uint2 ntg [[threadgroups_per_grid]],
+    uint2 size [[threads_per_threadgroup]],
+    uint tid [[thread_index_in_threadgroup]]) {
+    out[gid.y * grid.x + gid.x] = gid.x + 1000 * gid.y;
+    if (tid == 0) {
+        group_sizes[tg.y * ntg.x + tg.x] = size.x * 10 + size.y;
+    }
+}
