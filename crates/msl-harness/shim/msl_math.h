@@ -92,6 +92,12 @@ MSL_BINARY(copysign, __builtin_copysignf((float)a, (float)b))
 MSL_BINARY(step, (float)b < (float)a ? 0.0f : 1.0f)
 #undef MSL_BINARY
 
+template <class T> MSL_INLINE T max3(T a, msl_same<T> b, msl_same<T> c) { return max(max(a, b), c); }
+template <class T> MSL_INLINE T min3(T a, msl_same<T> b, msl_same<T> c) { return min(min(a, b), c); }
+template <class T> MSL_INLINE T clz(T x) {
+  return x == 0 ? (T)(8 * sizeof(T)) : (T)(__builtin_clzll((unsigned long long)x) - 64 + 8 * sizeof(T));
+}
+template <class T> MSL_INLINE T ctz(T x) { return x == 0 ? (T)(8 * sizeof(T)) : (T)__builtin_ctzll((unsigned long long)x); }
 template <class T> MSL_INLINE T divide(T a, msl_same<T> b) { return a / b; }
 template <class T, int N> using vec = typename ::msl::detail::make_vec_t<T, N>::type;
 template <class T> MSL_INLINE T clamp(T x, msl_same<T> lo, msl_same<T> hi) { return min(max(x, lo), hi); }
