@@ -243,9 +243,11 @@ fn common_args(tc: &Toolchain, cmd: &mut Command) {
         "-fno-exceptions",
         "-fno-rtti",
     ])
-    // call sites are identified by return addresses: no tail calls
+    // call sites are identified by return addresses: no tail calls; large
+    // frames probe page by page so that they hit the fibre's guard page
     .args([
         "-fno-optimize-sibling-calls",
+        "-fstack-clash-protection",
         "-fno-strict-aliasing",
         "-ffp-contract=off",
     ])

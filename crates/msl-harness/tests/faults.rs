@@ -452,3 +452,13 @@ fn simdgroup_barrier_orders_only_its_simdgroup() {
         );
     }
 }
+
+#[test]
+fn fibre_stack_overflow() {
+    let mut out = vec![0.0f32; 4];
+    let f = expect_fault(
+        run1("huge_private_array", &mut out, 1, 4, Mode::InOrder),
+        FaultKind::StackOverflow,
+    );
+    assert!(f.message.contains("stack overflow"), "{f}");
+}

@@ -236,3 +236,14 @@ kernel void simdgroup_exchange(
     uint src = p.cross ? (tid + 32) % 64 : (tid & ~31u) + (lane + 1) % 32;
     out[tid] = slots[src]; // exchange read
 }
+
+// A thread-private array far larger than any GPU thread could have.
+kernel void huge_private_array(
+    device float* out [[buffer(0)]],
+    uint tid [[thread_position_in_grid]]) {
+    float big[100000]; // BUG: 400 KB of thread memory
+    for (uint i = 0; i < 100000; ++i) {
+        big[i] = float(i + tid);
+    }
+    out[tid] = big[tid * 7 % 100000];
+}
