@@ -462,3 +462,20 @@ fn fibre_stack_overflow() {
     );
     assert!(f.message.contains("stack overflow"), "{f}");
 }
+
+#[test]
+fn wild_pointer_is_reported_not_a_crash() {
+    let mut out = vec![0.0f32; 4];
+    let f = expect_fault(
+        run1("wild_pointer", &mut out, 1, 4, Mode::InOrder),
+        FaultKind::OutOfBounds,
+    );
+    assert!(f.message.contains("invalid memory access"), "{f}");
+    assert!(
+        f.location
+            .as_deref()
+            .unwrap_or("")
+            .ends_with(&line_of("BUG: 4 GiB")),
+        "{f}"
+    );
+}

@@ -247,3 +247,10 @@ kernel void huge_private_array(
     }
     out[tid] = big[tid * 7 % 100000];
 }
+
+// Indexes with a garbage offset far outside the buffer.
+kernel void wild_pointer(
+    device float* out [[buffer(0)]],
+    uint tid [[thread_position_in_grid]]) {
+    out[tid + 0x40000000u] = 1.0f; // BUG: 4 GiB past the buffer
+}
