@@ -32,10 +32,11 @@ mod compile;
 mod ffi;
 pub mod rewrite;
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::marker::PhantomData;
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 pub use rewrite::{KernelInfo, RewriteError};
 
@@ -255,7 +256,7 @@ fn resolve(p: &Path) -> std::path::PathBuf {
 
 /// A set of compiled `.metal` files.
 pub struct Library {
-    units: Vec<Unit>,
+    units: Vec<Arc<Unit>>,
 }
 
 impl Library {
@@ -294,7 +295,29 @@ impl Library {
         })
     }
 
-    fn unit(label: &str, text: &str, include_dir: Option<&Path>) -> Result<Unit, Error> {
+    /// Units are memoised per process by (label, text, include dir), so
+    /// tests that each call [`Library::compile`] preprocess a file once.
+    fn unit(label: &str, text: &str, include_dir: Option<&Path>) -> Result<Arc<Unit>, Error> {
+        type Key = (String, u64, Option<std::path::PathBuf>);
+        static UNITS: OnceLock<Mutex<HashMap<Key, Arc<Unit>>>> = OnceLock::new();
+        let key = (
+            label.to_string(),
+            compile::fnv(&[text.as_bytes()]),
+            include_dir.map(Path::to_path_buf),
+        );
+        let units = UNITS.get_or_init(Default::default);
+        if let Some(u) = units.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(u.clone());
+        }
+        let u = Arc::new(Self::build_unit(label, text, include_dir)?);
+        units
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, u.clone());
+        Ok(u)
+    }
+
+    fn build_unit(label: &str, text: &str, include_dir: Option<&Path>) -> Result<Unit, Error> {
         let pre = compile::preprocess(label, text, include_dir)?;
         let rw = rewrite::rewrite(&pre, label)?;
         let source = compile::Source::new(label, rw.source)?;
