@@ -621,16 +621,44 @@ impl Ctx<'_> {
                 continue;
             };
             let body = &self.src[p + "threadgroup".len()..semi];
-            if body.contains(['*', '&', '(', '=']) {
+            if body.contains(['*', '&']) {
                 continue; // a pointer/reference variable, not threadgroup storage
+            }
+            if body.contains('=') {
+                return Err(self.err(
+                    p,
+                    "threadgroup variables cannot have an initialiser (MSL rejects it)",
+                ));
             }
             if body.contains(',') && !body.contains('<') {
                 return Err(self.err(p, "declare one threadgroup variable per statement"));
             }
-            let (ty, name, dims) = split_decl(body)
+            // `alignas(N)` is the only parenthesised part we accept
+            let (body, align) = match body.find("alignas") {
+                Some(k) => {
+                    let open = body[k..].find('(').map(|o| k + o);
+                    let close = open.and_then(|o| body[o..].find(')').map(|c| o + c));
+                    let (Some(o), Some(c)) = (open, close) else {
+                        return Err(self.err(p, "cannot parse alignas in threadgroup declaration"));
+                    };
+                    (
+                        format!("{}{}", &body[..k], &body[c + 1..]),
+                        Some(body[o + 1..c].trim().to_string()),
+                    )
+                }
+                None => (body.to_string(), None),
+            };
+            if body.contains('(') {
+                return Err(self.err(p, "unsupported threadgroup declaration (only `threadgroup [alignas(N)] T name[dims];`)"));
+            }
+            let (ty, name, dims) = split_decl(&body)
                 .ok_or_else(|| self.err(p, "cannot parse threadgroup declaration"))?;
+            let align = match align {
+                Some(a) => format!("(({a}) > alignof({ty}) ? ({a}) : alignof({ty}))"),
+                None => format!("alignof({ty})"),
+            };
             let text = format!(
-                "threadgroup {ty} (&{name}){dims} = *(threadgroup {ty} (*){dims})::msl::detail::tg_static({slot}, sizeof({ty}{dims}), alignof({ty}), \"{name}\");"
+                "threadgroup {ty} (&{name}){dims} = *(threadgroup {ty} (*){dims})::msl::detail::tg_static({slot}, sizeof({ty}{dims}), {align}, \"{name}\");"
             );
             slot += 1;
             self.replace(p, semi + 1, &text);
@@ -784,6 +812,28 @@ template [[host_name(\"b_f16\")]] kernel b_t b<half>;\n";
                 let _ = rewrite(&src[..i], "t.metal");
                 let _ = rewrite(&src[i..], "t.metal");
             }
+        }
+    }
+
+    #[test]
+    fn threadgroup_declarations() {
+        let src = "kernel void k(device float* x [[buffer(0)]]) {\n  threadgroup alignas(16) float a[8];\n  threadgroup vec<float, 4> b[2];\n  threadgroup float* p = a;\n}";
+        let r = rewrite(src, "t").unwrap();
+        let squashed: String = r.source.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(squashed.contains("threadgroup float (&a)[8] = *(threadgroup float (*)[8])::msl::detail::tg_static(0, sizeof(float[8]), ((16) > alignof(float) ? (16) : alignof(float)), \"a\");"), "{squashed}");
+        assert!(
+            r.source.contains("tg_static(1, sizeof(vec<float, 4>[2])"),
+            "{}",
+            r.source
+        );
+        assert!(r.source.contains("threadgroup float* p = a;"));
+        for bad in [
+            "threadgroup float z = 0;",
+            "threadgroup float y[2], w[2];",
+            "threadgroup __attribute__((aligned(4))) float v[2];",
+        ] {
+            let src = format!("kernel void k(device float* x [[buffer(0)]]) {{ {bad} }}");
+            assert!(rewrite(&src, "t").is_err(), "{bad}");
         }
     }
 

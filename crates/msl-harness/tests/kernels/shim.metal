@@ -55,7 +55,7 @@ kernel void shim_surface(
     simdgroup_float8x8 prod;
     simdgroup_multiply(prod, id, ones);                 // 2 everywhere
     simdgroup_multiply_accumulate(prod, ones, id, prod); // J (2I) + 2J = 4J
-    threadgroup float m[64];
+    threadgroup alignas(16) float m[64];
     simdgroup_store(prod, m);
     simdgroup_barrier(mem_flags::mem_threadgroup);
     o[31] = m[lane * 2] + m[63 - lane];
