@@ -30,6 +30,7 @@ mod cuda;
 mod error;
 #[cfg(feature = "metal")]
 mod metal;
+pub mod metal_params;
 pub mod rms_norm;
 pub mod ssd;
 pub mod state_update;
