@@ -134,6 +134,53 @@ impl Mamba2Config {
         2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
     }
 
+    /// Every tensor this config implies, by canonical name, with its exact shape; `embedding_rows`
+    /// is the row count of the checkpoint's embedding (usually [`Self::padded_vocab_size`]).
+    /// `lm_head.weight` is listed only for untied models; biases only when enabled.
+    ///
+    /// ```
+    /// let cfg = mamba2::config::Mamba2Config::preset("130m")?;
+    /// let shapes = cfg.tensor_shapes(cfg.padded_vocab_size());
+    /// let params: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    /// assert_eq!(params, 128_989_632); // ~129M, the tied embedding counted once
+    /// # Ok::<(), mamba2::Error>(())
+    /// ```
+    pub fn tensor_shapes(&self, embedding_rows: usize) -> Vec<(String, Vec<usize>)> {
+        let mut out = vec![(
+            "backbone.embeddings.weight".to_string(),
+            vec![embedding_rows, self.d_model],
+        )];
+        for i in 0..self.n_layer {
+            let p = format!("backbone.layers.{i}");
+            let mut push = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
+            push("norm.weight", vec![self.d_model]);
+            push("mixer.in_proj.weight", vec![self.d_in_proj(), self.d_model]);
+            if self.bias {
+                push("mixer.in_proj.bias", vec![self.d_in_proj()]);
+            }
+            push("mixer.conv1d.weight", vec![self.conv_dim(), 1, self.d_conv]);
+            if self.conv_bias {
+                push("mixer.conv1d.bias", vec![self.conv_dim()]);
+            }
+            push("mixer.dt_bias", vec![self.nheads]);
+            push("mixer.A_log", vec![self.nheads]);
+            push("mixer.D", vec![self.nheads]);
+            push("mixer.norm.weight", vec![self.d_inner]);
+            push("mixer.out_proj.weight", vec![self.d_model, self.d_inner]);
+            if self.bias {
+                push("mixer.out_proj.bias", vec![self.d_model]);
+            }
+        }
+        out.push(("backbone.norm_f.weight".to_string(), vec![self.d_model]));
+        if !self.tie_embeddings {
+            out.push((
+                "lm_head.weight".to_string(),
+                vec![embedding_rows, self.d_model],
+            ));
+        }
+        out
+    }
+
     /// The name this config's file uses for a canonical field (`"headdim"` is `"head_dim"` in
     /// HF configs and `"ssm_cfg.headdim"` in mamba_ssm configs).
     pub fn field_name(&self, canonical: &str) -> String {
