@@ -1,1 +1,74 @@
-fn main() {}
+//! `mamba2`: generate text, dump logits, benchmark and inspect Mamba-2 checkpoints.
+
+mod bench;
+mod commands;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "mamba2", version, about = "Mamba-2 language models on Candle: CPU, CUDA, Metal")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the model comes from and how it is placed.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A local folder or a Hugging Face repo id (e.g. state-spaces/mamba2-130m). Default: the
+    /// small model bundled with mamba2-rs.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Tokenizer: a tokenizer.json, a folder or a Hub repo id (default: the model's, else
+    /// EleutherAI/gpt-neox-20b).
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// cpu, cuda[:N], metal[:N] or auto (the best compiled-in backend that is present).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Weight and activation dtype: f32, f16 or bf16. State is always f32.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Never touch the network (same as HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate text from a prompt (argument or stdin), streamed to stdout.
+    Generate(commands::GenerateArgs),
+    /// Write prefill and decode-path logits for the token ids in a safetensors file.
+    Logits(commands::LogitsArgs),
+    /// Measure prefill and decode speed; prints one JSON line.
+    Bench(bench::BenchArgs),
+    /// Show the config, parameter count and memory of a model.
+    Info(commands::InfoArgs),
+}
+
+/// Prints a line to stdout; a closed pipe (`| head`) is not an error.
+pub fn print_stdout(line: &str) -> Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate(a) => commands::generate(a),
+        Command::Logits(a) => commands::logits(a),
+        Command::Bench(a) => bench::bench(a),
+        Command::Info(a) => commands::info(a),
+    }
+}

@@ -40,6 +40,8 @@ pub use conv1d::{
     causal_conv1d_update_with, causal_conv1d_with, conv_states_varlen, conv_states_varlen_slow,
     conv_states_varlen_with, Conv1dArgs,
 };
+#[doc(hidden)]
+pub use cpu::fast_path_count;
 pub use error::{OpError, Result};
 pub use rms_norm::{
     gated_rms_norm, gated_rms_norm_slow, gated_rms_norm_with, rms_norm_residual,

@@ -1,12 +1,58 @@
-//! CPU fast paths of the ops. Each function returns `Ok(None)` when its
-//! preconditions do not hold, and the dispatcher then falls back to the reference.
-#![allow(unused_variables)]
+//! CPU fast paths of the ops. Each function returns `Ok(None)` when its preconditions do not
+//! hold, and the dispatcher then falls back to the reference.
+//!
+//! Preconditions shared by all ops: CPU float storage (f32/f16/bf16, dtypes may differ between
+//! arguments), rank <= 4 per view (the norms flatten higher ranks). Inputs are read through their
+//! strides when the last dimension is unit-stride, so narrowed/transposed views need no copy.
+//! `selective_state_update` additionally needs headdim and d_state <= 256, and the in-place ops
+//! fall back when an input shares storage with the state they update.
+//! `seq_idx` is supported by the conv and the SSD scan (state restarts at a change of id).
+
+mod common;
+mod conv1d;
+mod rms_norm;
+mod ssd;
+mod state_update;
 
 use crate::{Conv1dArgs, GatedRmsNormArgs, Result, SsdArgs, SsdParams, StateUpdateArgs};
 use candle_core::Tensor;
+use std::cell::Cell;
+
+/// Names of the ops, in the order of the fast-path counters.
+const OPS: [&str; 7] = [
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "conv_states_varlen",
+    "ssd_chunk_scan",
+    "selective_state_update",
+    "gated_rms_norm",
+    "rms_norm_residual",
+];
+
+thread_local! {
+    /// How often each op took its CPU fast path on this thread. Thread-local so that tests
+    /// running in parallel do not see each other's calls.
+    static FAST_PATH_HITS: [Cell<usize>; 7] = const { [const { Cell::new(0) }; 7] };
+}
+
+fn count<T>(op: usize, r: Result<Option<T>>) -> Result<Option<T>> {
+    if let Ok(Some(_)) = &r {
+        FAST_PATH_HITS.with(|h| h[op].set(h[op].get() + 1));
+    }
+    r
+}
+
+/// Number of calls on this thread that the CPU fast path of `op` (the public function's name)
+/// served. For the dispatch tests only.
+#[doc(hidden)]
+pub fn fast_path_count(op: &str) -> usize {
+    OPS.iter()
+        .position(|&o| o == op)
+        .map_or(0, |i| FAST_PATH_HITS.with(|h| h[i].get()))
+}
 
 pub(crate) fn causal_conv1d(args: &Conv1dArgs) -> Result<Option<(Tensor, Tensor)>> {
-    Ok(None)
+    count(0, conv1d::causal_conv1d(args))
 }
 
 pub(crate) fn causal_conv1d_update(
@@ -16,7 +62,10 @@ pub(crate) fn causal_conv1d_update(
     bias: Option<&Tensor>,
     silu: bool,
 ) -> Result<Option<Tensor>> {
-    Ok(None)
+    count(
+        1,
+        conv1d::causal_conv1d_update(x, conv_state, weight, bias, silu),
+    )
 }
 
 pub(crate) fn conv_states_varlen(
@@ -24,25 +73,25 @@ pub(crate) fn conv_states_varlen(
     cu_seqlens: &[usize],
     d_conv: usize,
 ) -> Result<Option<Tensor>> {
-    Ok(None)
+    count(2, conv1d::conv_states_varlen(x, cu_seqlens, d_conv))
 }
 
 pub(crate) fn ssd_chunk_scan(
     args: &SsdArgs,
     params: &SsdParams,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    Ok(None)
+    count(3, ssd::ssd_chunk_scan(args, params))
 }
 
 pub(crate) fn selective_state_update(
     args: &StateUpdateArgs,
     params: &SsdParams,
 ) -> Result<Option<Tensor>> {
-    Ok(None)
+    count(4, state_update::selective_state_update(args, params))
 }
 
 pub(crate) fn gated_rms_norm(args: &GatedRmsNormArgs) -> Result<Option<Tensor>> {
-    Ok(None)
+    count(5, rms_norm::gated_rms_norm(args))
 }
 
 pub(crate) fn rms_norm_residual(
@@ -52,5 +101,8 @@ pub(crate) fn rms_norm_residual(
     eps: f64,
     residual_in_fp32: bool,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    Ok(None)
+    count(
+        6,
+        rms_norm::rms_norm_residual(x, residual, weight, eps, residual_in_fp32),
+    )
 }

@@ -1,0 +1,185 @@
+//! `generate`, `logits` and `info`.
+
+use crate::ModelArgs;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use mamba2::device::{parse_dtype, DeviceChoice};
+use mamba2::hub::{resolve_model, HubOptions, ModelFiles};
+use mamba2::pipeline::{bundled_model_dir, load_model, LoadOptions, TextGenerator, TextOptions};
+use mamba2::sampling::SamplingParams;
+use mamba2::session::CancelToken;
+use std::io::{Read, Write};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+impl ModelArgs {
+    pub fn model_spec(&self) -> String {
+        self.model.clone().unwrap_or_else(|| bundled_model_dir().to_string_lossy().into_owned())
+    }
+
+    pub fn hub(&self) -> HubOptions {
+        HubOptions { revision: self.revision.clone(), offline: self.offline.then_some(true), ..Default::default() }
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        Ok(self.device.parse::<DeviceChoice>()?.open()?)
+    }
+
+    pub fn dtype(&self) -> Result<DType> {
+        Ok(parse_dtype(&self.dtype)?)
+    }
+
+    pub fn files(&self) -> Result<ModelFiles> {
+        Ok(resolve_model(&self.model_spec(), &self.hub())?)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt; read from stdin when absent or `-`.
+    #[arg(long, short)]
+    prompt: Option<String>,
+    #[arg(long, short = 'n', default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    min_p: Option<f32>,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Tokens considered by the repetition penalty (0: all).
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    #[arg(long, default_value_t = 299_792_458)]
+    seed: u64,
+    /// Stop when this string is generated (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep going past EOS.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let prompt = match a.prompt.as_deref() {
+        Some(p) if p != "-" => p.to_string(),
+        _ => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).context("reading the prompt from stdin")?;
+            s
+        }
+    };
+    let opts = LoadOptions { dtype: a.model.dtype()?, device: a.model.device()?, hub: a.model.hub(), tokenizer: a.model.tokenizer.clone() };
+    let spec = a.model.model_spec();
+    let gen = TextGenerator::load(&spec, &opts).with_context(|| format!("loading model `{spec}`"))?;
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repeat_penalty,
+        repetition_window: a.repeat_last_n,
+        seed: a.seed,
+    };
+    let text_opts = TextOptions { max_new_tokens: a.max_new_tokens, sampling, stop_strings: a.stop.clone(), ignore_eos: a.ignore_eos };
+    let mut session = gen.new_session()?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    write!(out, "{prompt}")?;
+    out.flush()?;
+    let summary = gen.generate(&mut session, &prompt, &text_opts, &CancelToken::new(), |text| {
+        // A closed pipe (e.g. `| head`) ends generation quietly.
+        if write!(out, "{text}").and_then(|_| out.flush()).is_err() {
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    })?;
+    writeln!(out)?;
+    eprintln!(
+        "[{} prompt tokens, {:.1} tok/s | {} generated, {:.1} tok/s | stop: {:?}]",
+        summary.prompt_tokens,
+        summary.prompt_tok_s,
+        summary.tokens.len(),
+        summary.decode_tok_s,
+        summary.stop_reason
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// safetensors file with `input_ids` (i64, [batch, seq]).
+    #[arg(long)]
+    input: PathBuf,
+    /// Output safetensors: `logits_prefill` and `logits_decode` (f32, [batch, seq, vocab]).
+    #[arg(long)]
+    out: PathBuf,
+    /// Tokens through the chunked prefill before stepping (default seq/2, at least 1).
+    #[arg(long)]
+    prefill_len: Option<usize>,
+}
+
+pub fn logits(a: LogitsArgs) -> Result<()> {
+    let device = a.model.device()?;
+    let model = load_model(&a.model.files()?, a.model.dtype()?, &device)?;
+    let inputs = candle_core::safetensors::load(&a.input, &Device::Cpu).with_context(|| format!("reading {}", a.input.display()))?;
+    let ids = inputs.get("input_ids").with_context(|| format!("{}: no tensor `input_ids`", a.input.display()))?;
+    if !matches!(ids.dtype(), DType::I64 | DType::U32 | DType::I32 | DType::U8) {
+        bail!("{}: `input_ids` must be an integer tensor (i64), got {:?}", a.input.display(), ids.dtype());
+    }
+    let (_, seq) = ids.dims2().with_context(|| format!("{}: `input_ids` must be [batch, seq], got {:?}", a.input.display(), ids.dims()))?;
+    if seq == 0 {
+        return Err(mamba2::Error::EmptyPrompt.into());
+    }
+    let p = a.prefill_len.unwrap_or((seq / 2).max(1));
+    if p == 0 || p > seq {
+        bail!("--prefill-len must be between 1 and the sequence length {seq}, got {p}");
+    }
+    let ids = ids.to_device(&device)?;
+    let prefill = model.forward(&ids, None)?; // (batch, seq, vocab)
+    let mut cache = model.new_cache(ids.dim(0)?)?;
+    let mut parts = vec![model.forward(&ids.narrow(1, 0, p)?, Some(&mut cache))?];
+    for t in p..seq {
+        parts.push(model.step(&ids.narrow(1, t, 1)?.squeeze(1)?, &mut cache)?.unsqueeze(1)?);
+    }
+    let decode = Tensor::cat(&parts, 1)?;
+    let tensors = [("logits_prefill", prefill.to_device(&Device::Cpu)?), ("logits_decode", decode.to_device(&Device::Cpu)?)];
+    candle_core::safetensors::save(&tensors.into_iter().collect(), &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+pub fn info(a: InfoArgs) -> Result<()> {
+    let files = a.model.files()?;
+    let dtype = a.model.dtype()?;
+    let model = load_model(&files, dtype, &a.model.device()?)?;
+    let c = model.config();
+    let state_bytes = c.n_layer * (c.conv_dim() * c.d_conv + c.nheads * c.headdim * c.d_state) * 4;
+    let info = serde_json::json!({
+        "model": files.dir,
+        "weights": files.weights,
+        "tokenizer": files.tokenizer,
+        "config": c,
+        "parameters": model.num_parameters(),
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "weight_bytes": model.num_parameters() * dtype.size_in_bytes(),
+        "state_bytes_per_sequence": state_bytes,
+        "vocab_rows": model.vocab_rows(),
+    });
+    crate::print_stdout(&serde_json::to_string_pretty(&info)?)
+}

@@ -1,0 +1,282 @@
+//! CPU causal depthwise conv1d: prefill, one-token update in place, varlen state extraction.
+//!
+//! Reference: [`crate::conv1d::causal_conv1d_slow`] and friends. Shapes: x `(batch, seqlen,
+//! channels)`, weight `(channels, d_conv)`, state `(batch, channels, d_conv)` f32, oldest first.
+//!
+//! Prefill splits (batch, block of `ROWS` tokens) over rayon tasks. Each task converts the
+//! `ROWS + d_conv - 1` input rows it needs to f32 once, then for each output row accumulates the
+//! `d_conv` taps channel-wise (the inner loop runs over contiguous channels and vectorizes) with
+//! the weight transposed to `(d_conv, channels)`.
+
+use super::common::{overlaps, run_ids, silu_f32, view, view_opt, with_scratch, OutVec, View};
+use crate::conv1d::Conv1dArgs;
+use crate::Result;
+use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
+use rayon::prelude::*;
+
+/// Output rows per task.
+const ROWS: usize = 64;
+
+/// The filter as `(d_conv, channels)` f32 and the bias as f32: small, built once per call.
+fn taps(w: &View, bias: Option<&View>, channels: usize, d_conv: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut wt = vec![0f32; d_conv * channels];
+    for ch in 0..channels {
+        for k in 0..d_conv {
+            wt[k * channels + ch] = w.get([0, 0, ch, k]);
+        }
+    }
+    let b = (0..channels)
+        .map(|ch| bias.map_or(0.0, |b| b.get([0, 0, 0, ch])))
+        .collect();
+    (wt, b)
+}
+
+pub(crate) fn causal_conv1d(args: &Conv1dArgs) -> Result<Option<(Tensor, Tensor)>> {
+    let [batch, seqlen, channels] = args.x.dims3()?.into();
+    let d_conv = args.weight.dim(1)?;
+    view!(x = args.x);
+    view!(w = args.weight);
+    view_opt!(bias = args.bias);
+    view_opt!(init = args.initial_state);
+    let runs = run_ids(args.seq_idx)?;
+    let Some(mut y_out) = OutVec::new(args.x.dtype(), batch * seqlen * channels) else {
+        return Ok(None);
+    };
+    let y_ptr = y_out.writer();
+    let (wt, bias) = taps(&w, bias.as_ref(), channels, d_conv);
+    let hist = d_conv - 1;
+    let blocks = seqlen.div_ceil(ROWS);
+    let runs = runs.as_ref();
+
+    (0..batch * blocks).into_par_iter().for_each_init(
+        || (vec![0f32; (ROWS + hist) * channels], vec![0f32; channels]),
+        |(xin, acc), task| {
+            let (bi, blk) = (task / blocks, task % blocks);
+            let t0 = blk * ROWS;
+            let rows = ROWS.min(seqlen - t0);
+            let run = |t: usize| runs.map_or(0, |r| r[bi][t]);
+            // Input row `t0 - hist + r` goes to xin row r; rows before the sequence come from the
+            // initial state (its newest `hist` entries) or are zero.
+            for r in 0..rows + hist {
+                let dst = &mut xin[r * channels..(r + 1) * channels];
+                let src_t = (t0 + r) as isize - hist as isize;
+                if src_t >= 0 {
+                    x.load(x.at([0, bi, src_t as usize, 0]), dst);
+                } else if let Some(init) = &init {
+                    let k = (d_conv as isize + src_t) as usize;
+                    for (ch, v) in dst.iter_mut().enumerate() {
+                        *v = init.get([0, bi, ch, k]);
+                    }
+                } else {
+                    dst.iter_mut().for_each(|v| *v = 0.0);
+                }
+            }
+            for r in 0..rows {
+                let t = t0 + r;
+                acc.copy_from_slice(&bias);
+                for k in 0..d_conv {
+                    let src_t = t as isize - hist as isize + k as isize;
+                    if runs.is_some() {
+                        // Taps reaching into another run read nothing; before the sequence they
+                        // read the initial state only from the first run.
+                        let same = if src_t >= 0 {
+                            run(src_t as usize) == run(t)
+                        } else {
+                            run(t) == run(0)
+                        };
+                        if !same {
+                            continue;
+                        }
+                    }
+                    let xr = &xin[(r + k) * channels..(r + k + 1) * channels];
+                    let wr = &wt[k * channels..(k + 1) * channels];
+                    for ((a, &xv), &wv) in acc.iter_mut().zip(xr).zip(wr) {
+                        *a += xv * wv;
+                    }
+                }
+                if args.silu {
+                    acc.iter_mut().for_each(|v| *v = silu_f32(*v));
+                }
+                // SAFETY: row (bi, t) belongs to this task only.
+                unsafe { y_ptr.store((bi * seqlen + t) * channels, acc) };
+            }
+        },
+    );
+
+    // Final state: the newest d_conv inputs of the last run (the initial state counts only when
+    // the last run is the first one).
+    let mut fin = vec![0f32; batch * channels * d_conv];
+    fin.par_chunks_mut(channels * d_conv)
+        .enumerate()
+        .for_each(|(bi, st)| {
+            let last = run(runs, bi, seqlen - 1);
+            let mut row = vec![0f32; channels];
+            for j in 0..d_conv {
+                let src_t = seqlen as isize - d_conv as isize + j as isize;
+                if src_t >= 0 {
+                    if run(runs, bi, src_t as usize) != last {
+                        continue;
+                    }
+                    x.load(x.at([0, bi, src_t as usize, 0]), &mut row);
+                    for (ch, &v) in row.iter().enumerate() {
+                        st[ch * d_conv + j] = v;
+                    }
+                } else if let (Some(init), true) = (&init, last == run(runs, bi, 0)) {
+                    let k = (d_conv as isize + src_t) as usize;
+                    for ch in 0..channels {
+                        st[ch * d_conv + j] = init.get([0, bi, ch, k]);
+                    }
+                }
+            }
+        });
+    let y = y_out.into_tensor(&[batch, seqlen, channels])?;
+    let fin = Tensor::from_vec(fin, (batch, channels, d_conv), &candle_core::Device::Cpu)?;
+    Ok(Some((y, fin)))
+}
+
+fn run(runs: Option<&Vec<Vec<u32>>>, bi: usize, t: usize) -> u32 {
+    runs.map_or(0, |r| r[bi][t])
+}
+
+/// One decode step on the conv state, in place: the state is shifted left by one, `x` appended,
+/// and the output computed from the shifted state, all in one pass over the state.
+struct ConvUpdate<'a> {
+    x: View<'a>,
+    w: View<'a>,
+    bias: Option<View<'a>>,
+    silu: bool,
+    batch: usize,
+    channels: usize,
+    d_conv: usize,
+    out: std::cell::RefCell<OutVec>,
+}
+
+impl InplaceOp1 for ConvUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "causal_conv1d_update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(buf) = storage else {
+            candle_core::bail!("causal_conv1d_update: conv_state must be f32");
+        };
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("conv_state must be contiguous".into()))?;
+        let state = &mut buf[start..end];
+        let (c, k) = (self.channels, self.d_conv);
+        let mut out = self.out.borrow_mut();
+        let writer = out.writer();
+        // f32 contiguous weights (the usual case) are read in place, others element by element.
+        let w_f32 = if self.w.is_contiguous_from(2, &[c, k]) {
+            self.w.f32_slice(self.w.at([0; 4]), c * k)
+        } else {
+            None
+        };
+        with_scratch(2 * c, |buf| {
+            let (xrow, yrow) = buf.split_at_mut(c);
+            for bi in 0..self.batch {
+                self.x.load(self.x.at([0, 0, bi, 0]), xrow);
+                let st = &mut state[bi * c * k..(bi + 1) * c * k];
+                for ch in 0..c {
+                    let s = &mut st[ch * k..(ch + 1) * k];
+                    s.copy_within(1.., 0);
+                    s[k - 1] = xrow[ch];
+                    let mut acc = self.bias.as_ref().map_or(0.0, |b| b.get([0, 0, 0, ch]));
+                    match w_f32 {
+                        Some(w) => {
+                            let w = &w[ch * k..(ch + 1) * k];
+                            acc += s.iter().zip(w).map(|(a, b)| a * b).sum::<f32>();
+                        }
+                        None => {
+                            for (j, &sv) in s.iter().enumerate() {
+                                acc += sv * self.w.get([0, 0, ch, j]);
+                            }
+                        }
+                    }
+                    yrow[ch] = if self.silu { silu_f32(acc) } else { acc };
+                }
+                // SAFETY: single-threaded, row bi written once.
+                unsafe { writer.store(bi * c, yrow) };
+            }
+        });
+        Ok(())
+    }
+}
+
+pub(crate) fn causal_conv1d_update(
+    x: &Tensor,
+    conv_state: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    let (batch, channels) = x.dims2()?;
+    let d_conv = weight.dim(1)?;
+    let state_range = {
+        let (g, l) = conv_state.storage_and_layout();
+        match View::new(&g, l) {
+            Some(v) => v.addr_range(),
+            None => return Ok(None),
+        }
+    };
+    view!(xv = x);
+    view!(wv = weight);
+    view_opt!(bv = bias);
+    // Holding read guards of an input that shares the state's storage would deadlock the write
+    // lock below; such a call goes to the reference.
+    let inputs = [Some(&xv), Some(&wv), bv.as_ref()];
+    if inputs
+        .iter()
+        .flatten()
+        .any(|v| overlaps(&v.addr_range(), &state_range))
+    {
+        return Ok(None);
+    }
+    let Some(out) = OutVec::new(x.dtype(), batch * channels) else {
+        return Ok(None);
+    };
+    let op = ConvUpdate {
+        x: xv,
+        w: wv,
+        bias: bv,
+        silu,
+        batch,
+        channels,
+        d_conv,
+        out: std::cell::RefCell::new(out),
+    };
+    conv_state.inplace_op1(&op)?;
+    Ok(Some(op.out.into_inner().into_tensor(&[batch, channels])?))
+}
+
+pub(crate) fn conv_states_varlen(
+    x: &Tensor,
+    cu_seqlens: &[usize],
+    d_conv: usize,
+) -> Result<Option<Tensor>> {
+    let channels = x.dim(1)?;
+    view!(xv = x);
+    let nseq = cu_seqlens.len() - 1;
+    let mut out = vec![0f32; nseq * channels * d_conv];
+    out.par_chunks_mut(channels * d_conv)
+        .enumerate()
+        .for_each(|(si, st)| {
+            let (start, end) = (cu_seqlens[si], cu_seqlens[si + 1]);
+            let take = (end - start).min(d_conv);
+            let mut row = vec![0f32; channels];
+            for j in 0..take {
+                let t = end - take + j;
+                xv.load(xv.at([0, 0, t, 0]), &mut row);
+                let k = d_conv - take + j;
+                for (ch, &v) in row.iter().enumerate() {
+                    st[ch * d_conv + k] = v;
+                }
+            }
+        });
+    Ok(Some(Tensor::from_vec(
+        out,
+        (nseq, channels, d_conv),
+        &candle_core::Device::Cpu,
+    )?))
+}

@@ -1,0 +1,188 @@
+//! CPU RMSNorms: the grouped gated norm of the mixer and the residual add + norm of each block.
+//!
+//! Reference: [`crate::rms_norm::gated_rms_norm_slow`], [`crate::rms_norm::rms_norm_residual_slow`].
+//! Each row (the last dimension) is loaded to f32 once, gated/added, normed and stored in one
+//! pass. Rows are split over rayon tasks for prefill; a single row (decode) runs on the calling
+//! thread in its reused scratch, so a decode step allocates only the output tensors.
+
+use super::common::{silu_f32, view, view_opt, with_scratch, OutPtr, OutVec, View};
+use crate::{GatedRmsNormArgs, Result};
+use candle_core::{DType, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Below this many elements the work stays on the calling thread.
+const PAR_MIN_ELEMS: usize = 1 << 15;
+
+/// Runs `row_fn(row, scratch)` for every row, in parallel when the work is large enough.
+fn for_rows(rows: usize, dim: usize, scratch: usize, row_fn: impl Fn(usize, &mut [f32]) + Sync) {
+    if rows * dim < PAR_MIN_ELEMS {
+        with_scratch(scratch, |s| (0..rows).for_each(|r| row_fn(r, s)));
+    } else {
+        (0..rows)
+            .into_par_iter()
+            .with_min_len(8)
+            .for_each_init(|| vec![0f32; scratch], |s, r| row_fn(r, s));
+    }
+}
+
+/// Flat start of row `r` of a view whose rows (all but the last dimension) may be strided.
+fn row_start(v: &View, dims: &[usize], r: usize) -> usize {
+    let lead = &dims[..dims.len() - 1];
+    let mut idx = [0usize; 4];
+    let mut rem = r;
+    for (i, &d) in lead.iter().enumerate().rev() {
+        idx[4 - dims.len() + i] = rem % d;
+        rem /= d;
+    }
+    v.at(idx)
+}
+
+/// Flattens to `(rows, dim)` when the rank exceeds what a view addresses.
+fn as_2d(t: &Tensor) -> candle_core::Result<Tensor> {
+    if t.rank() <= 4 {
+        Ok(t.clone())
+    } else {
+        let dim = *t.dims().last().unwrap_or(&1);
+        t.contiguous()?.reshape(((), dim))
+    }
+}
+
+pub(crate) fn gated_rms_norm(args: &GatedRmsNormArgs) -> Result<Option<Tensor>> {
+    let dims = args.x.dims().to_vec();
+    let dim = *dims.last().unwrap_or(&0);
+    let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    if dim == 0 || rows == 0 {
+        return Ok(None);
+    }
+    let x2 = as_2d(args.x)?;
+    let z2 = args.z.map(as_2d).transpose()?;
+    let vdims = x2.dims().to_vec();
+    view!(x = &x2);
+    view_opt!(z = z2.as_ref());
+    view!(w = args.weight);
+    let Some(mut out) = OutVec::new(args.x.dtype(), rows * dim) else {
+        return Ok(None);
+    };
+    let writer = out.writer();
+    let gs = args.group_size;
+    let eps = args.eps as f32;
+    let nbg = args.norm_before_gate;
+    with_weight(&w, dim, |wf| {
+        for_rows(rows, dim, 2 * dim, |r, s| {
+            let (xr, zr) = s.split_at_mut(dim);
+            x.load(row_start(&x, &vdims, r), xr);
+            if let Some(z) = &z {
+                z.load(row_start(z, &vdims, r), zr);
+                zr.iter_mut().for_each(|v| *v = silu_f32(*v));
+                if !nbg {
+                    xr.iter_mut().zip(zr.iter()).for_each(|(x, g)| *x *= g);
+                }
+            }
+            for (xg, wg) in xr.chunks_exact_mut(gs).zip(wf.chunks_exact(gs)) {
+                let ss: f32 = sum_sq(xg);
+                let inv = 1.0 / (ss / gs as f32 + eps).sqrt();
+                xg.iter_mut().zip(wg).for_each(|(x, &w)| *x = *x * inv * w);
+            }
+            if z.is_some() && nbg {
+                xr.iter_mut().zip(zr.iter()).for_each(|(x, g)| *x *= g);
+            }
+            // SAFETY: row r is written by this task only.
+            unsafe { writer.store(r * dim, xr) };
+        })
+    });
+    Ok(Some(out.into_tensor(&dims)?))
+}
+
+/// Sum of squares with independent partial sums, so the loop vectorizes.
+#[inline]
+fn sum_sq(v: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let mut it = v.chunks_exact(L);
+    for c in &mut it {
+        for l in 0..L {
+            acc[l] += c[l] * c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + it.remainder().iter().map(|x| x * x).sum::<f32>()
+}
+
+/// Calls `f` with the weight as a contiguous f32 slice: borrowed when it already is one,
+/// converted into a scratch buffer otherwise.
+fn with_weight<R>(w: &View, dim: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+    if w.is_contiguous_from(1, &[dim]) {
+        if let Some(s) = w.f32_slice(w.at([0; 4]), dim) {
+            return f(s);
+        }
+    }
+    let mut buf = vec![0f32; dim];
+    for (i, v) in buf.iter_mut().enumerate() {
+        *v = w.get([0, 0, 0, i]);
+    }
+    f(&buf)
+}
+
+/// Rounds f32 values through `dtype`, as storing and reloading would.
+fn round_through(dtype: DType, v: &mut [f32]) {
+    match dtype {
+        DType::F16 => v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
+        DType::BF16 => v.iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32()),
+        _ => {}
+    }
+}
+
+pub(crate) fn rms_norm_residual(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    weight: &Tensor,
+    eps: f64,
+    residual_in_fp32: bool,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let dims = x.dims().to_vec();
+    let dim = *dims.last().unwrap_or(&0);
+    let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    if dim == 0 || rows == 0 {
+        return Ok(None);
+    }
+    let res_dtype = if residual_in_fp32 {
+        DType::F32
+    } else {
+        x.dtype()
+    };
+    let x2 = as_2d(x)?;
+    let r2 = residual.map(as_2d).transpose()?;
+    let vdims = x2.dims().to_vec();
+    view!(xv = &x2);
+    view_opt!(rv = r2.as_ref());
+    view!(w = weight);
+    let (Some(mut normed), Some(mut res_out)) = (
+        OutVec::new(weight.dtype(), rows * dim),
+        OutVec::new(res_dtype, rows * dim),
+    ) else {
+        return Ok(None);
+    };
+    let (nw, rw): (OutPtr, OutPtr) = (normed.writer(), res_out.writer());
+    let eps = eps as f32;
+    with_weight(&w, dim, |wf| {
+        for_rows(rows, dim, 2 * dim, |r, s| {
+            let (h, tmp) = s.split_at_mut(dim);
+            xv.load(row_start(&xv, &vdims, r), h);
+            if let Some(rv) = &rv {
+                rv.load(row_start(rv, &vdims, r), tmp);
+                h.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
+            }
+            // The norm sees the residual stream as stored.
+            round_through(res_dtype, h);
+            // SAFETY: row r of both outputs is written by this task only.
+            unsafe { rw.store(r * dim, h) };
+            let inv = 1.0 / (sum_sq(h) / dim as f32 + eps).sqrt();
+            h.iter_mut().zip(wf).for_each(|(v, &w)| *v = *v * inv * w);
+            unsafe { nw.store(r * dim, h) };
+        })
+    });
+    Ok(Some((
+        normed.into_tensor(&dims)?,
+        res_out.into_tensor(&dims)?,
+    )))
+}
