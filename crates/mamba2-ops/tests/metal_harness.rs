@@ -96,8 +96,18 @@ fn run_conv_case(case: &ConvCase, dtype: DType, mode: Mode, seed: u64) {
         .dispatch()
         .unwrap_or_else(|e| panic!("conv1d fwd {dtype:?} {mode:?}: {e}"));
     let what = format!("conv1d fwd {dtype:?} {mode:?} seqlen={seqlen} ch={channels}");
-    assert_close(&y.to_tensor(y_ref.dims()), &y_ref, dtype, &format!("{what} y"));
-    assert_close(&s.to_tensor(s_ref.dims()), &s_ref, DType::F32, &format!("{what} state"));
+    assert_close(
+        &y.to_tensor(y_ref.dims()),
+        &y_ref,
+        dtype,
+        &format!("{what} y"),
+    );
+    assert_close(
+        &s.to_tensor(s_ref.dims()),
+        &s_ref,
+        DType::F32,
+        &format!("{what} state"),
+    );
 }
 
 #[test]
@@ -150,7 +160,12 @@ fn conv1d_fwd_matches_reference() {
     ];
     for (i, case) in cases.iter().enumerate() {
         for dtype in DTYPES {
-            run_conv_case(case, dtype, Mode::Shuffled { seed: i as u64 }, 10 + i as u64);
+            run_conv_case(
+                case,
+                dtype,
+                Mode::Shuffled { seed: i as u64 },
+                10 + i as u64,
+            );
         }
     }
     // checked mode (races, bounds, uninitialised reads) on the small shapes
@@ -295,5 +310,230 @@ fn params_struct_sizes_match_kernel_reads() {
         .threadgroup([4, 1, 1])
         .dispatch()
         .unwrap_err();
-    assert_eq!(err.fault_kind(), Some(msl_harness::FaultKind::Binding), "{err}");
+    assert_eq!(
+        err.fault_kind(),
+        Some(msl_harness::FaultKind::Binding),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------- SSD
+
+struct SsdCase {
+    batch: usize,
+    seqlen: usize,
+    nheads: usize,
+    headdim: usize,
+    ngroups: usize,
+    d_state: usize,
+    with_d: bool,
+    z: bool,
+    init: bool,
+    seq_idx: bool,
+    dt_limit: (f64, f64),
+    /// chunk size of the reference (the kernel always uses 64)
+    ref_chunk: usize,
+}
+
+fn run_ssd_case(case: &SsdCase, dtype: DType, mode: Mode, seed: u64) {
+    let SsdCase {
+        batch: bs,
+        seqlen: l,
+        nheads: h,
+        headdim: p,
+        ngroups: g,
+        d_state: n,
+        ..
+    } = *case;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x = rand_t(&mut rng, &[bs, l, h, p], 1.0, dtype);
+    let dt = rand_range(&mut rng, &[bs, l, h], -4.0, -1.0)
+        .to_dtype(dtype)
+        .unwrap();
+    let a = rand_range(&mut rng, &[h], 0.0, 2.5)
+        .exp()
+        .unwrap()
+        .neg()
+        .unwrap();
+    let b = rand_t(&mut rng, &[bs, l, g, n], 1.0, dtype);
+    let c = rand_t(&mut rng, &[bs, l, g, n], 1.0, dtype);
+    let d = case.with_d.then(|| rand_t(&mut rng, &[h], 1.0, DType::F32));
+    let z = case.z.then(|| rand_t(&mut rng, &[bs, l, h, p], 2.0, dtype));
+    let dt_bias = rand_range(&mut rng, &[h], -1.0, 0.5);
+    let init = case
+        .init
+        .then(|| rand_t(&mut rng, &[bs, h, p, n], 1.0, DType::F32));
+    let seq_idx = case.seq_idx.then(|| seq_ids(&mut rng, bs, l));
+    let args = SsdArgs {
+        x: &x,
+        dt: &dt,
+        a: &a,
+        b: &b,
+        c: &c,
+        d: d.as_ref(),
+        z: z.as_ref(),
+        dt_bias: Some(&dt_bias),
+        initial_state: init.as_ref(),
+        seq_idx: seq_idx.as_ref(),
+    };
+    let params = SsdParams {
+        chunk_size: case.ref_chunk,
+        dt_softplus: true,
+        dt_limit: case.dt_limit,
+    };
+    let (y_ref, s_ref) = ssd_chunk_scan_slow(&args, &params).unwrap();
+
+    let (dt_clamp_flag, dt_min, dt_max) = dt_clamp(case.dt_limit);
+    let prm = SsdScanParams {
+        batch: bs as u32,
+        seqlen: l as u32,
+        nheads: h as u32,
+        headdim: p as u32,
+        ngroups: g as u32,
+        d_state: n as u32,
+        has_d: case.with_d as u32,
+        has_z: case.z as u32,
+        has_dt_bias: 1,
+        has_init: case.init as u32,
+        has_seq_idx: case.seq_idx as u32,
+        dt_softplus: 1,
+        dt_clamp: dt_clamp_flag,
+        dt_min,
+        dt_max,
+    };
+    let bufs = [
+        HostBuf::from_tensor(&x),
+        HostBuf::from_tensor(&dt),
+        HostBuf::from_tensor(&a),
+        HostBuf::from_tensor(&b),
+        HostBuf::from_tensor(&c),
+        HostBuf::opt(d.as_ref(), DType::F32),
+        HostBuf::opt(z.as_ref(), dtype),
+        HostBuf::from_tensor(&dt_bias),
+        HostBuf::opt(init.as_ref(), DType::F32),
+        HostBuf::opt(seq_idx.as_ref(), DType::U32),
+    ];
+    let mut y = HostBuf::poisoned(dtype, bs * l * h * p);
+    let mut s = HostBuf::poisoned(DType::F32, bs * h * p * n);
+    let lib = library("ssd.metal");
+    let mut k = lib.kernel(&kernel_name("ssd_chunk_scan", dtype)).unwrap();
+    for (i, buf) in bufs.iter().enumerate() {
+        buf.input(&mut k, i);
+    }
+    y.output(&mut k, 10);
+    s.output(&mut k, 11);
+    k.raw_bytes(12, prm.as_bytes())
+        .grid([(p as u32) / layout::SSD_ROWS, h as u32, bs as u32])
+        .threadgroup([layout::SSD_THREADS, 1, 1])
+        .mode(mode)
+        .dispatch()
+        .unwrap_or_else(|e| panic!("ssd {dtype:?} {mode:?}: {e}"));
+    let what = format!("ssd {dtype:?} {mode:?} L={l} H={h} P={p} G={g} N={n}");
+    assert_close(
+        &y.to_tensor(y_ref.dims()),
+        &y_ref,
+        dtype,
+        &format!("{what} y"),
+    );
+    // the final state is f32 on both sides, from the same rounded inputs
+    assert_close(
+        &s.to_tensor(s_ref.dims()),
+        &s_ref,
+        DType::F32,
+        &format!("{what} state"),
+    );
+}
+
+fn ssd_cases() -> Vec<SsdCase> {
+    let base = SsdCase {
+        batch: 2,
+        seqlen: 130,
+        nheads: 3,
+        headdim: 32,
+        ngroups: 1,
+        d_state: 16,
+        with_d: true,
+        z: true,
+        init: true,
+        seq_idx: false,
+        dt_limit: (0.0, f64::INFINITY),
+        ref_chunk: 32,
+    };
+    vec![
+        // 2 full chunks + a 2-token tail, 2 row blocks per head, initial state, D, z
+        SsdCase { ..base },
+        // packed sequences, ngroups 2, dt clamp, no z, a partial single chunk
+        SsdCase {
+            batch: 1,
+            seqlen: 70,
+            nheads: 4,
+            headdim: 16,
+            ngroups: 2,
+            d_state: 24,
+            z: false,
+            seq_idx: true,
+            dt_limit: (0.01, 0.5),
+            ref_chunk: 256,
+            ..base
+        },
+        // mamba2-130m head shape: headdim 64, d_state 128, ngroups 1, no initial state
+        SsdCase {
+            batch: 1,
+            seqlen: 100,
+            nheads: 3,
+            headdim: 64,
+            ngroups: 1,
+            d_state: 128,
+            init: false,
+            ref_chunk: 256,
+            ..base
+        },
+        // Codestral-like grouping: ngroups 8 (one head per group here), d_state 64
+        SsdCase {
+            batch: 1,
+            seqlen: 65,
+            nheads: 8,
+            headdim: 64,
+            ngroups: 8,
+            d_state: 64,
+            ref_chunk: 16,
+            ..base
+        },
+    ]
+}
+
+#[test]
+fn ssd_chunk_scan_matches_reference() {
+    let cases = ssd_cases();
+    for (i, case) in cases.iter().enumerate() {
+        for dtype in DTYPES {
+            run_ssd_case(
+                case,
+                dtype,
+                Mode::Shuffled { seed: i as u64 },
+                40 + i as u64,
+            );
+        }
+    }
+}
+
+#[test]
+fn ssd_chunk_scan_checked() {
+    // small: 1 full chunk + tail, 2 row blocks, packed sequences with an initial state
+    let case = SsdCase {
+        batch: 1,
+        seqlen: 70,
+        nheads: 2,
+        headdim: 32,
+        ngroups: 1,
+        d_state: 16,
+        with_d: true,
+        z: true,
+        init: true,
+        seq_idx: true,
+        dt_limit: (0.0, f64::INFINITY),
+        ref_chunk: 64,
+    };
+    run_ssd_case(&case, DType::F32, Mode::Checked, 50);
+    run_ssd_case(&case, DType::BF16, Mode::CheckedShuffled { seed: 3 }, 51);
 }
