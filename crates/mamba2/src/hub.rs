@@ -156,7 +156,14 @@ fn hf_home() -> PathBuf {
 pub fn resolve_model(spec: &str, opts: &HubOptions) -> Result<ModelFiles> {
     match classify(spec) {
         Spec::Local(dir) => local_model(spec, &dir),
-        Spec::Repo(repo) => hub_model(&repo, opts),
+        Spec::Repo(repo) => hub_model(&repo, opts).map_err(|e| match e {
+            // `org/name` may also have been meant as a relative folder.
+            Error::ModelNotFound { model, message } => Error::ModelNotFound {
+                model,
+                message: format!("{message} (there is no local folder `{spec}` either)"),
+            },
+            e => e,
+        }),
         Spec::Invalid(message) => Err(Error::ModelNotFound {
             model: spec.to_string(),
             message,

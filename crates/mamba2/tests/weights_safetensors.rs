@@ -378,7 +378,9 @@ fn malformed_files_are_typed_errors() {
     expect_weight_file_error(&path, "invalid safetensors");
     // A missing file.
     let missing = dir.path().join("nope.safetensors");
-    assert!(matches!(open_err(std::slice::from_ref(&missing)), Error::Io { path, .. } if path == missing));
+    assert!(
+        matches!(open_err(std::slice::from_ref(&missing)), Error::Io { path, .. } if path == missing)
+    );
     // No files at all.
     assert!(matches!(open_err(&[]), Error::InvalidInput(_)));
 }
