@@ -26,13 +26,25 @@ fn fixtures() -> Vec<PathBuf> {
         .filter(|p| p.join("reference.safetensors").exists())
         .collect();
     dirs.sort();
-    assert!(dirs.len() >= 5, "expected the committed fixtures, found {dirs:?}");
+    assert!(
+        dirs.len() >= 5,
+        "expected the committed fixtures, found {dirs:?}"
+    );
     dirs
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 struct Reference {
@@ -42,19 +54,31 @@ struct Reference {
 }
 
 fn reference(dir: &Path) -> Reference {
-    let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
     let ids = tensors["input_ids"].clone();
     let prefill_len = tensors["prefill_len"].to_vec1::<i64>().unwrap()[0] as usize;
-    Reference { ids, prefill_len, tensors }
+    Reference {
+        ids,
+        prefill_len,
+        tensors,
+    }
 }
 
 /// The `logits_decode` path: the first `p` tokens through the chunked prefill, the rest one at a time.
 fn decode_path(model: &Mamba2Model, ids: &Tensor, p: usize) -> (Tensor, mamba2::Mamba2Cache) {
     let (batch, seq) = ids.dims2().unwrap();
     let mut cache = model.new_cache(batch).unwrap();
-    let mut out = vec![model.forward(&ids.narrow(1, 0, p).unwrap(), Some(&mut cache)).unwrap()];
+    let mut out = vec![model
+        .forward(&ids.narrow(1, 0, p).unwrap(), Some(&mut cache))
+        .unwrap()];
     for t in p..seq {
-        let step = model.step(&ids.narrow(1, t, 1).unwrap().squeeze(1).unwrap(), &mut cache).unwrap();
+        let step = model
+            .step(
+                &ids.narrow(1, t, 1).unwrap().squeeze(1).unwrap(),
+                &mut cache,
+            )
+            .unwrap();
         out.push(step.unsqueeze(1).unwrap());
     }
     (Tensor::cat(&out, 1).unwrap(), cache)
@@ -62,26 +86,39 @@ fn decode_path(model: &Mamba2Model, ids: &Tensor, p: usize) -> (Tensor, mamba2::
 
 fn check_layout(dir: &Path, layout: &str, dtype: DType) {
     let r = reference(dir);
-    let files = mamba2::hub::resolve_model(dir.join(layout).to_str().unwrap(), &Default::default()).unwrap();
+    let files = mamba2::hub::resolve_model(dir.join(layout).to_str().unwrap(), &Default::default())
+        .unwrap();
     let model = load_model(&files, dtype, &Device::Cpu).unwrap();
-    let name = format!("{} [{layout}, {dtype:?}]", dir.file_name().unwrap().to_string_lossy());
+    let name = format!(
+        "{} [{layout}, {dtype:?}]",
+        dir.file_name().unwrap().to_string_lossy()
+    );
     let tol = tolerance(dtype);
 
     let prefill = model.forward(&r.ids, None).unwrap();
     let e = max_abs_diff(&prefill, &r.tensors["logits_prefill"]);
     println!("{name}: prefill max|diff| {e:.3e}");
-    assert!(e <= tol, "{name}: prefill logits differ from HF by {e} > {tol}");
+    assert!(
+        e <= tol,
+        "{name}: prefill logits differ from HF by {e} > {tol}"
+    );
 
     let (decode, cache) = decode_path(&model, &r.ids, r.prefill_len);
     let e = max_abs_diff(&decode, &r.tensors["logits_decode"]);
     println!("{name}: decode  max|diff| {e:.3e}");
-    assert!(e <= tol, "{name}: decode logits differ from HF by {e} > {tol}");
+    assert!(
+        e <= tol,
+        "{name}: decode logits differ from HF by {e} > {tol}"
+    );
 
     if dtype == DType::F32 {
         for i in 0..model.config().n_layer {
             let ec = max_abs_diff(cache.conv_state(i), &r.tensors[&format!("conv_state.{i}")]);
             let es = max_abs_diff(cache.ssm_state(i), &r.tensors[&format!("ssm_state.{i}")]);
-            assert!(ec <= 1e-5 && es <= 1e-4, "{name}: layer {i} state differs from HF: conv {ec}, ssm {es}");
+            assert!(
+                ec <= 1e-5 && es <= 1e-4,
+                "{name}: layer {i} state differs from HF: conv {ec}, ssm {es}"
+            );
         }
     }
 }

@@ -32,7 +32,11 @@ pub struct BenchArgs {
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 /// Peak resident set size of this process in MiB (Linux), `None` elsewhere.
@@ -52,11 +56,19 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let device = a.model.device()?;
     let dtype = a.model.dtype()?;
     let (model, name) = match &a.shape {
-        Some(shape) => (Mamba2Model::random(&Mamba2Config::preset(shape)?, dtype, &device, 0)?, format!("random:{shape}")),
-        None => (load_model(&a.model.files()?, dtype, &device)?, a.model.model_spec()),
+        Some(shape) => (
+            Mamba2Model::random(&Mamba2Config::preset(shape)?, dtype, &device, 0)?,
+            format!("random:{shape}"),
+        ),
+        None => (
+            load_model(&a.model.files()?, dtype, &device)?,
+            a.model.model_spec(),
+        ),
     };
     let vocab = model.config().vocab_size as u32;
-    let prompt: Vec<u32> = (0..a.batch * a.prefill).map(|i| (i as u32 * 7919 + 13) % vocab).collect();
+    let prompt: Vec<u32> = (0..a.batch * a.prefill)
+        .map(|i| (i as u32 * 7919 + 13) % vocab)
+        .collect();
     let prompt = Tensor::from_vec(prompt, (a.batch, a.prefill), &device)?;
     let (mut prefill_s, mut decode_s) = (Vec::new(), Vec::new());
     for run in 0..a.warmup + a.runs {

@@ -15,11 +15,17 @@ use std::path::PathBuf;
 
 impl ModelArgs {
     pub fn model_spec(&self) -> String {
-        self.model.clone().unwrap_or_else(|| bundled_model_dir().to_string_lossy().into_owned())
+        self.model
+            .clone()
+            .unwrap_or_else(|| bundled_model_dir().to_string_lossy().into_owned())
     }
 
     pub fn hub(&self) -> HubOptions {
-        HubOptions { revision: self.revision.clone(), offline: self.offline.then_some(true), ..Default::default() }
+        HubOptions {
+            revision: self.revision.clone(),
+            offline: self.offline.then_some(true),
+            ..Default::default()
+        }
     }
 
     pub fn device(&self) -> Result<Device> {
@@ -73,13 +79,21 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         Some(p) if p != "-" => p.to_string(),
         _ => {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).context("reading the prompt from stdin")?;
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the prompt from stdin")?;
             s
         }
     };
-    let opts = LoadOptions { dtype: a.model.dtype()?, device: a.model.device()?, hub: a.model.hub(), tokenizer: a.model.tokenizer.clone() };
+    let opts = LoadOptions {
+        dtype: a.model.dtype()?,
+        device: a.model.device()?,
+        hub: a.model.hub(),
+        tokenizer: a.model.tokenizer.clone(),
+    };
     let spec = a.model.model_spec();
-    let gen = TextGenerator::load(&spec, &opts).with_context(|| format!("loading model `{spec}`"))?;
+    let gen =
+        TextGenerator::load(&spec, &opts).with_context(|| format!("loading model `{spec}`"))?;
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -89,19 +103,30 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         repetition_window: a.repeat_last_n,
         seed: a.seed,
     };
-    let text_opts = TextOptions { max_new_tokens: a.max_new_tokens, sampling, stop_strings: a.stop.clone(), ignore_eos: a.ignore_eos };
+    let text_opts = TextOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        stop_strings: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
+    };
     let mut session = gen.new_session()?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     write!(out, "{prompt}")?;
     out.flush()?;
-    let summary = gen.generate(&mut session, &prompt, &text_opts, &CancelToken::new(), |text| {
-        // A closed pipe (e.g. `| head`) ends generation quietly.
-        if write!(out, "{text}").and_then(|_| out.flush()).is_err() {
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
-    })?;
+    let summary = gen.generate(
+        &mut session,
+        &prompt,
+        &text_opts,
+        &CancelToken::new(),
+        |text| {
+            // A closed pipe (e.g. `| head`) ends generation quietly.
+            if write!(out, "{text}").and_then(|_| out.flush()).is_err() {
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        },
+    )?;
     writeln!(out)?;
     eprintln!(
         "[{} prompt tokens, {:.1} tok/s | {} generated, {:.1} tok/s | stop: {:?}]",
@@ -132,12 +157,28 @@ pub struct LogitsArgs {
 pub fn logits(a: LogitsArgs) -> Result<()> {
     let device = a.model.device()?;
     let model = load_model(&a.model.files()?, a.model.dtype()?, &device)?;
-    let inputs = candle_core::safetensors::load(&a.input, &Device::Cpu).with_context(|| format!("reading {}", a.input.display()))?;
-    let ids = inputs.get("input_ids").with_context(|| format!("{}: no tensor `input_ids`", a.input.display()))?;
-    if !matches!(ids.dtype(), DType::I64 | DType::U32 | DType::I32 | DType::U8) {
-        bail!("{}: `input_ids` must be an integer tensor (i64), got {:?}", a.input.display(), ids.dtype());
+    let inputs = candle_core::safetensors::load(&a.input, &Device::Cpu)
+        .with_context(|| format!("reading {}", a.input.display()))?;
+    let ids = inputs
+        .get("input_ids")
+        .with_context(|| format!("{}: no tensor `input_ids`", a.input.display()))?;
+    if !matches!(
+        ids.dtype(),
+        DType::I64 | DType::U32 | DType::I32 | DType::U8
+    ) {
+        bail!(
+            "{}: `input_ids` must be an integer tensor (i64), got {:?}",
+            a.input.display(),
+            ids.dtype()
+        );
     }
-    let (_, seq) = ids.dims2().with_context(|| format!("{}: `input_ids` must be [batch, seq], got {:?}", a.input.display(), ids.dims()))?;
+    let (_, seq) = ids.dims2().with_context(|| {
+        format!(
+            "{}: `input_ids` must be [batch, seq], got {:?}",
+            a.input.display(),
+            ids.dims()
+        )
+    })?;
     if seq == 0 {
         return Err(mamba2::Error::EmptyPrompt.into());
     }
@@ -150,11 +191,19 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
     let mut cache = model.new_cache(ids.dim(0)?)?;
     let mut parts = vec![model.forward(&ids.narrow(1, 0, p)?, Some(&mut cache))?];
     for t in p..seq {
-        parts.push(model.step(&ids.narrow(1, t, 1)?.squeeze(1)?, &mut cache)?.unsqueeze(1)?);
+        parts.push(
+            model
+                .step(&ids.narrow(1, t, 1)?.squeeze(1)?, &mut cache)?
+                .unsqueeze(1)?,
+        );
     }
     let decode = Tensor::cat(&parts, 1)?;
-    let tensors = [("logits_prefill", prefill.to_device(&Device::Cpu)?), ("logits_decode", decode.to_device(&Device::Cpu)?)];
-    candle_core::safetensors::save(&tensors.into_iter().collect(), &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    let tensors = [
+        ("logits_prefill", prefill.to_device(&Device::Cpu)?),
+        ("logits_decode", decode.to_device(&Device::Cpu)?),
+    ];
+    candle_core::safetensors::save(&tensors.into_iter().collect(), &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
     Ok(())
 }
 

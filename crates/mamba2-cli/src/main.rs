@@ -7,7 +7,11 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "mamba2", version, about = "Mamba-2 language models on Candle: CPU, CUDA, Metal")]
+#[command(
+    name = "mamba2",
+    version,
+    about = "Mamba-2 language models on Candle: CPU, CUDA, Metal"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -27,16 +27,42 @@ impl Mamba2Cache {
         let mut conv_states = Vec::with_capacity(config.n_layer);
         let mut ssm_states = Vec::with_capacity(config.n_layer);
         for _ in 0..config.n_layer {
-            conv_states.push(Tensor::zeros((batch, config.conv_dim(), config.d_conv), DType::F32, device)?);
-            ssm_states.push(Tensor::zeros((batch, config.nheads, config.headdim, config.d_state), DType::F32, device)?);
+            conv_states.push(Tensor::zeros(
+                (batch, config.conv_dim(), config.d_conv),
+                DType::F32,
+                device,
+            )?);
+            ssm_states.push(Tensor::zeros(
+                (batch, config.nheads, config.headdim, config.d_state),
+                DType::F32,
+                device,
+            )?);
         }
-        Ok(Self { conv_states, ssm_states, batch, seqlen_offset: 0 })
+        Ok(Self {
+            conv_states,
+            ssm_states,
+            batch,
+            seqlen_offset: 0,
+        })
     }
 
     /// Builds a cache from existing state tensors (e.g. restored from a file).
-    pub fn from_states(conv_states: Vec<Tensor>, ssm_states: Vec<Tensor>, seqlen_offset: usize) -> Result<Self> {
-        let batch = conv_states.first().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
-        Ok(Self { conv_states, ssm_states, batch, seqlen_offset })
+    pub fn from_states(
+        conv_states: Vec<Tensor>,
+        ssm_states: Vec<Tensor>,
+        seqlen_offset: usize,
+    ) -> Result<Self> {
+        let batch = conv_states
+            .first()
+            .map(|t| t.dim(0))
+            .transpose()?
+            .unwrap_or(0);
+        Ok(Self {
+            conv_states,
+            ssm_states,
+            batch,
+            seqlen_offset,
+        })
     }
 
     /// Number of sequences.
@@ -67,8 +93,16 @@ impl Mamba2Cache {
     /// A deep copy (the tensors of a clone of a `Tensor` share storage, which in-place updates would alias).
     pub fn deep_clone(&self) -> Result<Self> {
         Ok(Self {
-            conv_states: self.conv_states.iter().map(|t| t.copy()).collect::<candle_core::Result<_>>()?,
-            ssm_states: self.ssm_states.iter().map(|t| t.copy()).collect::<candle_core::Result<_>>()?,
+            conv_states: self
+                .conv_states
+                .iter()
+                .map(|t| t.copy())
+                .collect::<candle_core::Result<_>>()?,
+            ssm_states: self
+                .ssm_states
+                .iter()
+                .map(|t| t.copy())
+                .collect::<candle_core::Result<_>>()?,
             batch: self.batch,
             seqlen_offset: self.seqlen_offset,
         })
@@ -84,7 +118,10 @@ impl Mamba2Cache {
     }
 
     pub(crate) fn layer_mut(&mut self, i: usize) -> LayerCache<'_> {
-        LayerCache { conv_state: &self.conv_states[i], ssm_state: &self.ssm_states[i] }
+        LayerCache {
+            conv_state: &self.conv_states[i],
+            ssm_state: &self.ssm_states[i],
+        }
     }
 
     pub(crate) fn advance(&mut self, n: usize) {

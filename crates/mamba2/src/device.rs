@@ -18,7 +18,13 @@ impl FromStr for DeviceChoice {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         let (name, ordinal) = match s.split_once(':') {
-            Some((n, o)) => (n, Some(o.parse::<usize>().map_err(|_| Error::Device(format!("bad device ordinal in `{s}`")))?)),
+            Some((n, o)) => (
+                n,
+                Some(
+                    o.parse::<usize>()
+                        .map_err(|_| Error::Device(format!("bad device ordinal in `{s}`")))?,
+                ),
+            ),
             None => (s, None),
         };
         match (name.to_ascii_lowercase().as_str(), ordinal) {
@@ -26,7 +32,9 @@ impl FromStr for DeviceChoice {
             ("cpu", None) => Ok(Self::Cpu),
             ("cuda", o) => Ok(Self::Cuda(o.unwrap_or(0))),
             ("metal", o) => Ok(Self::Metal(o.unwrap_or(0))),
-            _ => Err(Error::Device(format!("unknown device `{s}`: use cpu, cuda[:N], metal[:N] or auto"))),
+            _ => Err(Error::Device(format!(
+                "unknown device `{s}`: use cpu, cuda[:N], metal[:N] or auto"
+            ))),
         }
     }
 }
@@ -39,7 +47,9 @@ impl DeviceChoice {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda(i) => open_cuda(i),
             Self::Metal(i) => open_metal(i),
-            Self::Auto => Ok(open_cuda(0).or_else(|_| open_metal(0)).unwrap_or(Device::Cpu)),
+            Self::Auto => Ok(open_cuda(0)
+                .or_else(|_| open_metal(0))
+                .unwrap_or(Device::Cpu)),
         }
     }
 }
@@ -51,17 +61,22 @@ fn open_cuda(i: usize) -> Result<Device> {
 
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(_: usize) -> Result<Device> {
-    Err(Error::Device("this build has no CUDA support: rebuild with `--features cuda`".into()))
+    Err(Error::Device(
+        "this build has no CUDA support: rebuild with `--features cuda`".into(),
+    ))
 }
 
 #[cfg(feature = "metal")]
 fn open_metal(i: usize) -> Result<Device> {
-    Device::new_metal(i).map_err(|e| Error::Device(format!("Metal device {i} is not available: {e}")))
+    Device::new_metal(i)
+        .map_err(|e| Error::Device(format!("Metal device {i} is not available: {e}")))
 }
 
 #[cfg(not(feature = "metal"))]
 fn open_metal(_: usize) -> Result<Device> {
-    Err(Error::Device("this build has no Metal support: rebuild with `--features metal` on macOS".into()))
+    Err(Error::Device(
+        "this build has no Metal support: rebuild with `--features metal` on macOS".into(),
+    ))
 }
 
 /// Parses `f32`, `f16`, `bf16`.
@@ -70,6 +85,8 @@ pub fn parse_dtype(s: &str) -> Result<candle_core::DType> {
         "f32" | "float32" => Ok(candle_core::DType::F32),
         "f16" | "float16" | "half" => Ok(candle_core::DType::F16),
         "bf16" | "bfloat16" => Ok(candle_core::DType::BF16),
-        _ => Err(Error::Dtype(format!("unknown dtype `{s}`: use f32, f16 or bf16"))),
+        _ => Err(Error::Dtype(format!(
+            "unknown dtype `{s}`: use f32, f16 or bf16"
+        ))),
     }
 }

@@ -20,10 +20,18 @@ pub enum Error {
     MissingTensor { name: String, source_desc: String },
     /// A tensor has a shape other than the one the config implies.
     #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
-    TensorShape { name: String, expected: Vec<usize>, got: Vec<usize> },
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
     /// A tensor is stored with a dtype the engine cannot use for it.
     #[error("tensor `{name}` has dtype {got}, expected {expected}")]
-    TensorDtype { name: String, expected: String, got: String },
+    TensorDtype {
+        name: String,
+        expected: String,
+        got: String,
+    },
     /// A weight file is unreadable, truncated or malformed.
     #[error("weight file {path}: {message}")]
     WeightFile { path: PathBuf, message: String },
@@ -41,7 +49,11 @@ pub enum Error {
     Tokenizer(String),
     /// A token id is not a row of the embedding.
     #[error("token id {id} at position {position} is out of range (vocab size {vocab})")]
-    TokenOutOfRange { id: i64, position: usize, vocab: usize },
+    TokenOutOfRange {
+        id: i64,
+        position: usize,
+        vocab: usize,
+    },
     /// An empty prompt was given where at least one token is needed.
     #[error("empty prompt: at least one token is required")]
     EmptyPrompt,
@@ -71,7 +83,10 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
     /// An I/O error with the path it happened on.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// `Result` with the library's [`Error`].
@@ -79,9 +94,15 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::ConfigField { field: field.into(), message: message.into() }
+        Error::ConfigField {
+            field: field.into(),
+            message: message.into(),
+        }
     }
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

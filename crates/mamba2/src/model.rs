@@ -19,12 +19,12 @@ use mamba2_ops::{
 #[derive(Debug, Clone)]
 struct Mamba2Mixer {
     in_proj: Linear,
-    conv_weight: Tensor, // (conv_dim, d_conv)
+    conv_weight: Tensor,       // (conv_dim, d_conv)
     conv_bias: Option<Tensor>, // (conv_dim)
-    dt_bias: Tensor,     // (nheads) f32
-    a: Tensor,           // (nheads) f32, -exp(A_log)
-    d: Tensor,           // (nheads) f32
-    norm_weight: Tensor, // (d_inner)
+    dt_bias: Tensor,           // (nheads) f32
+    a: Tensor,                 // (nheads) f32, -exp(A_log)
+    d: Tensor,                 // (nheads) f32
+    norm_weight: Tensor,       // (d_inner)
     out_proj: Linear,
 }
 
@@ -57,7 +57,7 @@ pub struct Mamba2Model {
     config: Mamba2Config,
     embeddings: Tensor, // (vocab_rows, d_model)
     blocks: Vec<Mamba2Block>,
-    norm_f: Tensor, // (d_model)
+    norm_f: Tensor,  // (d_model)
     lm_head: Tensor, // (vocab_rows, d_model)
     tied: bool,
     dtype: DType,
@@ -77,17 +77,36 @@ impl Mamba2Model {
         config.validate()?;
         match dtype {
             DType::F32 | DType::F16 | DType::BF16 => {}
-            other => return Err(Error::Dtype(format!("model dtype {other:?} is not supported; use f32, f16 or bf16"))),
+            other => {
+                return Err(Error::Dtype(format!(
+                    "model dtype {other:?} is not supported; use f32, f16 or bf16"
+                )))
+            }
         }
         let c = config;
         let emb_name = "backbone.embeddings.weight";
         let rows = match weights.shape(emb_name) {
             Some(s) if s.len() == 2 => s[0],
-            Some(s) => return Err(Error::TensorShape { name: emb_name.into(), expected: vec![c.padded_vocab_size(), c.d_model], got: s }),
-            None => return Err(Error::MissingTensor { name: emb_name.into(), source_desc: source_desc(weights) }),
+            Some(s) => {
+                return Err(Error::TensorShape {
+                    name: emb_name.into(),
+                    expected: vec![c.padded_vocab_size(), c.d_model],
+                    got: s,
+                })
+            }
+            None => {
+                return Err(Error::MissingTensor {
+                    name: emb_name.into(),
+                    source_desc: source_desc(weights),
+                })
+            }
         };
         if rows < c.vocab_size {
-            return Err(Error::TensorShape { name: emb_name.into(), expected: vec![c.padded_vocab_size(), c.d_model], got: vec![rows, c.d_model] });
+            return Err(Error::TensorShape {
+                name: emb_name.into(),
+                expected: vec![c.padded_vocab_size(), c.d_model],
+                got: vec![rows, c.d_model],
+            });
         }
         let embeddings = weights.tensor(emb_name, &[rows, c.d_model], dtype)?;
         // Tied checkpoints may still carry an lm_head.weight equal to the embedding: read it only
@@ -97,14 +116,24 @@ impl Mamba2Model {
         } else if weights.contains("lm_head.weight") {
             Some(weights.tensor("lm_head.weight", &[rows, c.d_model], dtype)?)
         } else {
-            return Err(Error::MissingTensor { name: "lm_head.weight".into(), source_desc: source_desc(weights) });
+            return Err(Error::MissingTensor {
+                name: "lm_head.weight".into(),
+                source_desc: source_desc(weights),
+            });
         };
         let mut blocks = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
-            let t = |rest: &str, shape: &[usize], dt: DType| weights.tensor(&layer_name(i, rest), shape, dt);
-            let opt = |rest: &str, shape: &[usize], dt: DType, present: bool| -> Result<Option<Tensor>> {
-                if present { t(rest, shape, dt).map(Some) } else { Ok(None) }
+            let t = |rest: &str, shape: &[usize], dt: DType| {
+                weights.tensor(&layer_name(i, rest), shape, dt)
             };
+            let opt =
+                |rest: &str, shape: &[usize], dt: DType, present: bool| -> Result<Option<Tensor>> {
+                    if present {
+                        t(rest, shape, dt).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                };
             let (d_in_proj, conv_dim) = (c.d_in_proj(), c.conv_dim());
             let in_proj = Linear::new(
                 t("mixer.in_proj.weight", &[d_in_proj, c.d_model], dtype)?,
@@ -117,7 +146,8 @@ impl Mamba2Model {
             let a_log = t("mixer.A_log", &[c.nheads], DType::F32)?;
             let mixer = Mamba2Mixer {
                 in_proj,
-                conv_weight: t("mixer.conv1d.weight", &[conv_dim, 1, c.d_conv], dtype)?.reshape((conv_dim, c.d_conv))?,
+                conv_weight: t("mixer.conv1d.weight", &[conv_dim, 1, c.d_conv], dtype)?
+                    .reshape((conv_dim, c.d_conv))?,
                 conv_bias: opt("mixer.conv1d.bias", &[conv_dim], dtype, c.conv_bias)?,
                 dt_bias: t("mixer.dt_bias", &[c.nheads], DType::F32)?,
                 a: a_log.exp()?.neg()?,
@@ -125,10 +155,21 @@ impl Mamba2Model {
                 norm_weight: t("mixer.norm.weight", &[c.d_inner], dtype)?,
                 out_proj,
             };
-            blocks.push(Mamba2Block { norm_weight: t("norm.weight", &[c.d_model], dtype)?, mixer });
+            blocks.push(Mamba2Block {
+                norm_weight: t("norm.weight", &[c.d_model], dtype)?,
+                mixer,
+            });
         }
         let norm_f = weights.tensor("backbone.norm_f.weight", &[c.d_model], dtype)?;
-        Ok(Self::assemble(c.clone(), embeddings, blocks, norm_f, lm_head, dtype, weights.device().clone()))
+        Ok(Self::assemble(
+            c.clone(),
+            embeddings,
+            blocks,
+            norm_f,
+            lm_head,
+            dtype,
+            weights.device().clone(),
+        ))
     }
 
     fn assemble(
@@ -142,10 +183,25 @@ impl Mamba2Model {
     ) -> Self {
         let tied = lm_head.is_none();
         let lm_head = lm_head.unwrap_or_else(|| embeddings.clone());
-        let ssd_params = SsdParams { chunk_size: config.chunk_size, dt_softplus: true, dt_limit: config.dt_limit };
+        let ssd_params = SsdParams {
+            chunk_size: config.chunk_size,
+            dt_softplus: true,
+            dt_limit: config.dt_limit,
+        };
         // Prompts are fed in pieces of this many tokens so that activations stay bounded.
         let max_prefill_tokens = (config.chunk_size * 8).max(512);
-        Self { config, embeddings, blocks, norm_f, lm_head, tied, dtype, device, ssd_params, max_prefill_tokens }
+        Self {
+            config,
+            embeddings,
+            blocks,
+            norm_f,
+            lm_head,
+            tied,
+            dtype,
+            device,
+            ssd_params,
+            max_prefill_tokens,
+        }
     }
 
     /// A model with random weights of the shapes `config` implies (for benchmarks and tests).
@@ -168,19 +224,41 @@ impl Mamba2Model {
             let out_std = (1.0 / c.d_inner as f32).sqrt() / (2.0 * c.n_layer as f32).sqrt();
             let a_log = randn(&[c.nheads], 0.5, 1.5)?;
             let mixer = Mamba2Mixer {
-                in_proj: Linear::new(randn(&[d_in_proj, c.d_model], in_std, 0.0)?.to_dtype(dtype)?, None),
+                in_proj: Linear::new(
+                    randn(&[d_in_proj, c.d_model], in_std, 0.0)?.to_dtype(dtype)?,
+                    None,
+                ),
                 conv_weight: randn(&[conv_dim, c.d_conv], 0.3, 0.0)?.to_dtype(dtype)?,
-                conv_bias: c.conv_bias.then(|| randn(&[conv_dim], 0.1, 0.0)).transpose()?.map(|t| t.to_dtype(dtype)).transpose()?,
+                conv_bias: c
+                    .conv_bias
+                    .then(|| randn(&[conv_dim], 0.1, 0.0))
+                    .transpose()?
+                    .map(|t| t.to_dtype(dtype))
+                    .transpose()?,
                 dt_bias: randn(&[c.nheads], 0.5, -3.0)?,
                 a: a_log.exp()?.neg()?,
                 d: randn(&[c.nheads], 0.1, 1.0)?,
                 norm_weight: randn(&[c.d_inner], 0.05, 1.0)?.to_dtype(dtype)?,
-                out_proj: Linear::new(randn(&[c.d_model, c.d_inner], out_std, 0.0)?.to_dtype(dtype)?, None),
+                out_proj: Linear::new(
+                    randn(&[c.d_model, c.d_inner], out_std, 0.0)?.to_dtype(dtype)?,
+                    None,
+                ),
             };
-            blocks.push(Mamba2Block { norm_weight: randn(&[c.d_model], 0.05, 1.0)?.to_dtype(dtype)?, mixer });
+            blocks.push(Mamba2Block {
+                norm_weight: randn(&[c.d_model], 0.05, 1.0)?.to_dtype(dtype)?,
+                mixer,
+            });
         }
         let norm_f = randn(&[c.d_model], 0.05, 1.0)?.to_dtype(dtype)?;
-        Ok(Self::assemble(c.clone(), embeddings, blocks, norm_f, None, dtype, device.clone()))
+        Ok(Self::assemble(
+            c.clone(),
+            embeddings,
+            blocks,
+            norm_f,
+            None,
+            dtype,
+            device.clone(),
+        ))
     }
 
     /// The validated config.
@@ -229,7 +307,8 @@ impl Mamba2Model {
 
     /// Bytes of weights read per decoded token (every matrix once; the embedding row is negligible).
     pub fn weight_bytes_per_token(&self) -> usize {
-        (self.num_parameters() - self.embeddings.elem_count() + self.lm_head.elem_count()) * self.dtype.size_in_bytes()
+        (self.num_parameters() - self.embeddings.elem_count() + self.lm_head.elem_count())
+            * self.dtype.size_in_bytes()
     }
 
     /// Sets how many prompt tokens [`Mamba2Model::prefill`] processes per forward (>= 1).
@@ -248,19 +327,39 @@ impl Mamba2Model {
             DType::U32 => ids.clone(),
             DType::I64 | DType::U8 | DType::I32 | DType::I16 => {
                 let v = ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
-                if let Some((pos, &id)) = v.iter().enumerate().find(|(_, &id)| id < 0 || id >= self.vocab_rows() as i64) {
-                    return Err(Error::TokenOutOfRange { id, position: pos, vocab: self.vocab_rows() });
+                if let Some((pos, &id)) = v
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &id)| id < 0 || id >= self.vocab_rows() as i64)
+                {
+                    return Err(Error::TokenOutOfRange {
+                        id,
+                        position: pos,
+                        vocab: self.vocab_rows(),
+                    });
                 }
                 ids.to_dtype(DType::U32)?
             }
-            other => return Err(Error::InvalidInput(format!("token ids must be an integer tensor, got {other:?}"))),
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "token ids must be an integer tensor, got {other:?}"
+                )))
+            }
         };
         if ids.elem_count() == 0 {
             return Err(Error::EmptyPrompt);
         }
         let v = ids.flatten_all()?.to_vec1::<u32>()?;
-        if let Some((pos, &id)) = v.iter().enumerate().find(|(_, &id)| id as usize >= self.vocab_rows()) {
-            return Err(Error::TokenOutOfRange { id: id as i64, position: pos, vocab: self.vocab_rows() });
+        if let Some((pos, &id)) = v
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= self.vocab_rows())
+        {
+            return Err(Error::TokenOutOfRange {
+                id: id as i64,
+                position: pos,
+                vocab: self.vocab_rows(),
+            });
         }
         Ok(ids.to_device(&self.device)?)
     }
@@ -288,7 +387,12 @@ impl Mamba2Model {
     /// Prefill that returns only the logits of the last position, `(batch, vocab_rows)` f32,
     /// feeding the prompt in pieces of bounded size so memory does not grow with its length.
     pub fn prefill(&self, input_ids: &Tensor, cache: &mut Mamba2Cache) -> Result<Tensor> {
-        let (_, seqlen) = input_ids.dims2().map_err(|_| Error::InvalidInput(format!("input_ids must be (batch, seqlen), got {:?}", input_ids.dims())))?;
+        let (_, seqlen) = input_ids.dims2().map_err(|_| {
+            Error::InvalidInput(format!(
+                "input_ids must be (batch, seqlen), got {:?}",
+                input_ids.dims()
+            ))
+        })?;
         if seqlen == 0 {
             return Err(Error::EmptyPrompt);
         }
@@ -307,20 +411,40 @@ impl Mamba2Model {
 
     /// Embeddings, blocks and final norm over a sequence; `(batch, seqlen, d_model)` in the model dtype.
     fn backbone(&self, input_ids: &Tensor, mut cache: Option<&mut Mamba2Cache>) -> Result<Tensor> {
-        let (batch, seqlen) = input_ids.dims2().map_err(|_| Error::InvalidInput(format!("input_ids must be (batch, seqlen), got {:?}", input_ids.dims())))?;
+        let (batch, seqlen) = input_ids.dims2().map_err(|_| {
+            Error::InvalidInput(format!(
+                "input_ids must be (batch, seqlen), got {:?}",
+                input_ids.dims()
+            ))
+        })?;
         let ids = self.check_ids(input_ids)?;
         if let Some(c) = cache.as_deref() {
             self.check_cache(c, batch)?;
         }
-        let mut hidden = self.embeddings.index_select(&ids.flatten_all()?, 0)?.reshape((batch, seqlen, self.config.d_model))?;
+        let mut hidden = self
+            .embeddings
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((batch, seqlen, self.config.d_model))?;
         let mut residual: Option<Tensor> = None;
         for (i, block) in self.blocks.iter().enumerate() {
-            let (normed, res) = rms_norm_residual(&hidden, residual.as_ref(), &block.norm_weight, self.config.norm_eps, self.config.residual_in_fp32)?;
+            let (normed, res) = rms_norm_residual(
+                &hidden,
+                residual.as_ref(),
+                &block.norm_weight,
+                self.config.norm_eps,
+                self.config.residual_in_fp32,
+            )?;
             residual = Some(res);
             let layer_cache = cache.as_deref_mut().map(|c| c.layer_mut(i));
             hidden = self.mixer_prefill(&block.mixer, &normed, layer_cache)?;
         }
-        let (normed, _) = rms_norm_residual(&hidden, residual.as_ref(), &self.norm_f, self.config.norm_eps, self.config.residual_in_fp32)?;
+        let (normed, _) = rms_norm_residual(
+            &hidden,
+            residual.as_ref(),
+            &self.norm_f,
+            self.config.norm_eps,
+            self.config.residual_in_fp32,
+        )?;
         if let Some(c) = cache {
             c.advance(seqlen);
         }
@@ -343,7 +467,12 @@ impl Mamba2Model {
         Ok((z, xbc.contiguous()?, dt.contiguous()?))
     }
 
-    fn mixer_prefill(&self, m: &Mamba2Mixer, u: &Tensor, cache: Option<crate::cache::LayerCache<'_>>) -> Result<Tensor> {
+    fn mixer_prefill(
+        &self,
+        m: &Mamba2Mixer,
+        u: &Tensor,
+        cache: Option<crate::cache::LayerCache<'_>>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (batch, seqlen, _) = u.dims3()?;
         let zxbcdt = m.in_proj.forward(u)?; // (batch, seqlen, d_in_proj)
@@ -361,9 +490,15 @@ impl Mamba2Model {
             silu: true,
         })?; // (batch, seqlen, conv_dim)
         let gn = c.ngroups * c.d_state;
-        let x = xbc.narrow(2, 0, c.d_inner)?.reshape((batch, seqlen, c.nheads, c.headdim))?;
-        let b = xbc.narrow(2, c.d_inner, gn)?.reshape((batch, seqlen, c.ngroups, c.d_state))?;
-        let cm = xbc.narrow(2, c.d_inner + gn, gn)?.reshape((batch, seqlen, c.ngroups, c.d_state))?;
+        let x = xbc
+            .narrow(2, 0, c.d_inner)?
+            .reshape((batch, seqlen, c.nheads, c.headdim))?;
+        let b = xbc
+            .narrow(2, c.d_inner, gn)?
+            .reshape((batch, seqlen, c.ngroups, c.d_state))?;
+        let cm = xbc
+            .narrow(2, c.d_inner + gn, gn)?
+            .reshape((batch, seqlen, c.ngroups, c.d_state))?;
         let (y, new_ssm) = ssd_chunk_scan(
             &SsdArgs {
                 x: &x,
@@ -398,31 +533,65 @@ impl Mamba2Model {
     /// One decode step: `input_ids` `(batch)` → f32 logits `(batch, vocab_rows)`; the cache
     /// advances by one token.
     pub fn step(&self, input_ids: &Tensor, cache: &mut Mamba2Cache) -> Result<Tensor> {
-        let batch = input_ids.dims1().map_err(|_| Error::InvalidInput(format!("step input_ids must be (batch), got {:?}", input_ids.dims())))?;
+        let batch = input_ids.dims1().map_err(|_| {
+            Error::InvalidInput(format!(
+                "step input_ids must be (batch), got {:?}",
+                input_ids.dims()
+            ))
+        })?;
         let ids = self.check_ids(&input_ids.unsqueeze(1)?)?.squeeze(1)?;
         self.check_cache(cache, batch)?;
         let mut hidden = self.embeddings.index_select(&ids, 0)?; // (batch, d_model)
         let mut residual: Option<Tensor> = None;
         for (i, block) in self.blocks.iter().enumerate() {
-            let (normed, res) = rms_norm_residual(&hidden, residual.as_ref(), &block.norm_weight, self.config.norm_eps, self.config.residual_in_fp32)?;
+            let (normed, res) = rms_norm_residual(
+                &hidden,
+                residual.as_ref(),
+                &block.norm_weight,
+                self.config.norm_eps,
+                self.config.residual_in_fp32,
+            )?;
             residual = Some(res);
             hidden = self.mixer_step(&block.mixer, &normed, cache.layer_mut(i))?;
         }
-        let (normed, _) = rms_norm_residual(&hidden, residual.as_ref(), &self.norm_f, self.config.norm_eps, self.config.residual_in_fp32)?;
+        let (normed, _) = rms_norm_residual(
+            &hidden,
+            residual.as_ref(),
+            &self.norm_f,
+            self.config.norm_eps,
+            self.config.residual_in_fp32,
+        )?;
         cache.advance(1);
         self.logits(&normed)
     }
 
-    fn mixer_step(&self, m: &Mamba2Mixer, u: &Tensor, cache: crate::cache::LayerCache<'_>) -> Result<Tensor> {
+    fn mixer_step(
+        &self,
+        m: &Mamba2Mixer,
+        u: &Tensor,
+        cache: crate::cache::LayerCache<'_>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let batch = u.dim(0)?;
         let zxbcdt = m.in_proj.forward(u)?; // (batch, d_in_proj)
         let (z, xbc, dt) = self.split_projection(&zxbcdt)?;
-        let xbc = causal_conv1d_update(&xbc, cache.conv_state, &m.conv_weight, m.conv_bias.as_ref(), true)?; // (batch, conv_dim)
+        let xbc = causal_conv1d_update(
+            &xbc,
+            cache.conv_state,
+            &m.conv_weight,
+            m.conv_bias.as_ref(),
+            true,
+        )?; // (batch, conv_dim)
         let gn = c.ngroups * c.d_state;
-        let x = xbc.narrow(1, 0, c.d_inner)?.reshape((batch, c.nheads, c.headdim))?;
-        let b = xbc.narrow(1, c.d_inner, gn)?.reshape((batch, c.ngroups, c.d_state))?;
-        let cm = xbc.narrow(1, c.d_inner + gn, gn)?.reshape((batch, c.ngroups, c.d_state))?;
+        let x = xbc
+            .narrow(1, 0, c.d_inner)?
+            .reshape((batch, c.nheads, c.headdim))?;
+        let b = xbc
+            .narrow(1, c.d_inner, gn)?
+            .reshape((batch, c.ngroups, c.d_state))?;
+        let cm = xbc
+            .narrow(1, c.d_inner + gn, gn)?
+            .reshape((batch, c.ngroups, c.d_state))?;
         let y = selective_state_update(
             &StateUpdateArgs {
                 state: cache.ssm_state,
@@ -456,6 +625,10 @@ impl Mamba2Model {
 }
 
 fn source_desc(weights: &Weights) -> String {
-    let files: Vec<String> = weights.files().iter().map(|p| p.display().to_string()).collect();
+    let files: Vec<String> = weights
+        .files()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     files.join(", ")
 }

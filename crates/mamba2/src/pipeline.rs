@@ -18,7 +18,10 @@ use tokenizers::Tokenizer;
 /// The small Mamba-2 trained for this project and shipped in the repository
 /// (`models/`), used when no model is given.
 pub fn bundled_model_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/mamba2-tiny"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../models/mamba2-tiny"
+    ))
 }
 
 /// How to load a model.
@@ -36,7 +39,12 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu, hub: HubOptions::default(), tokenizer: None }
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            hub: HubOptions::default(),
+            tokenizer: None,
+        }
     }
 }
 
@@ -60,7 +68,12 @@ pub struct TextOptions {
 
 impl Default for TextOptions {
     fn default() -> Self {
-        Self { max_new_tokens: 128, sampling: SamplingParams::greedy(), stop_strings: Vec::new(), ignore_eos: false }
+        Self {
+            max_new_tokens: 128,
+            sampling: SamplingParams::greedy(),
+            stop_strings: Vec::new(),
+            ignore_eos: false,
+        }
     }
 }
 
@@ -101,15 +114,29 @@ impl TextGenerator {
             eos = m.config().eos_token_ids.clone();
         }
         if eos.is_empty() {
-            eos = ["<|endoftext|>", "</s>", "<eos>"].iter().filter_map(|t| tokenizer.token_to_id(t)).take(1).collect();
+            eos = ["<|endoftext|>", "</s>", "<eos>"]
+                .iter()
+                .filter_map(|t| tokenizer.token_to_id(t))
+                .take(1)
+                .collect();
         }
         let bos = m.config().bos_token_id;
         Ok(Self::new(Arc::new(m), Arc::new(tokenizer), eos, bos))
     }
 
     /// Assembles a generator from parts.
-    pub fn new(model: Arc<Mamba2Model>, tokenizer: Arc<Tokenizer>, eos_token_ids: Vec<u32>, bos_token_id: Option<u32>) -> Self {
-        Self { model, tokenizer, eos_token_ids, bos_token_id }
+    pub fn new(
+        model: Arc<Mamba2Model>,
+        tokenizer: Arc<Tokenizer>,
+        eos_token_ids: Vec<u32>,
+        bos_token_id: Option<u32>,
+    ) -> Self {
+        Self {
+            model,
+            tokenizer,
+            eos_token_ids,
+            bos_token_id,
+        }
     }
 
     pub fn model(&self) -> &Arc<Mamba2Model> {
@@ -131,7 +158,10 @@ impl TextGenerator {
 
     /// Tokenizes `text` (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -160,12 +190,20 @@ impl TextGenerator {
         let gen_opts = GenerateOptions {
             max_new_tokens: opts.max_new_tokens,
             sampling: opts.sampling.clone(),
-            eos_token_ids: if opts.ignore_eos { Vec::new() } else { self.eos_token_ids.clone() },
+            eos_token_ids: if opts.ignore_eos {
+                Vec::new()
+            } else {
+                self.eos_token_ids.clone()
+            },
         };
         let mut failure = None;
         let mut summary = session.generate(&gen_opts, cancel, |tok| match stream.push(tok) {
             Ok(chunk) => {
-                let user = if chunk.text.is_empty() { ControlFlow::Continue(()) } else { on_text(&chunk.text) };
+                let user = if chunk.text.is_empty() {
+                    ControlFlow::Continue(())
+                } else {
+                    on_text(&chunk.text)
+                };
                 if chunk.stopped {
                     ControlFlow::Break(())
                 } else {

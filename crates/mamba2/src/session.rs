@@ -47,7 +47,11 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_new_tokens: 128, sampling: SamplingParams::greedy(), eos_token_ids: Vec::new() }
+        Self {
+            max_new_tokens: 128,
+            sampling: SamplingParams::greedy(),
+            eos_token_ids: Vec::new(),
+        }
     }
 }
 
@@ -113,12 +117,29 @@ impl Session {
     /// A fresh session (empty state).
     pub fn new(model: Arc<Mamba2Model>) -> Result<Self> {
         let cache = model.new_cache(1)?;
-        Ok(Self { model, cache, tokens: Vec::new(), pending: Vec::new(), last_logits: None })
+        Ok(Self {
+            model,
+            cache,
+            tokens: Vec::new(),
+            pending: Vec::new(),
+            last_logits: None,
+        })
     }
 
     /// Rebuilds a session from saved parts (used by the session file loader).
-    pub(crate) fn from_parts(model: Arc<Mamba2Model>, cache: Mamba2Cache, tokens: Vec<u32>, last_logits: Option<Vec<f32>>) -> Self {
-        Self { model, cache, tokens, pending: Vec::new(), last_logits }
+    pub(crate) fn from_parts(
+        model: Arc<Mamba2Model>,
+        cache: Mamba2Cache,
+        tokens: Vec<u32>,
+        last_logits: Option<Vec<f32>>,
+    ) -> Self {
+        Self {
+            model,
+            cache,
+            tokens,
+            pending: Vec::new(),
+            last_logits,
+        }
     }
 
     /// The shared model.
@@ -145,8 +166,16 @@ impl Session {
     /// chunked prefill, before the next generation or on [`Session::flush`].
     pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
         let rows = self.model.vocab_rows();
-        if let Some((pos, &id)) = tokens.iter().enumerate().find(|(_, &id)| id as usize >= rows) {
-            return Err(Error::TokenOutOfRange { id: id as i64, position: pos, vocab: rows });
+        if let Some((pos, &id)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= rows)
+        {
+            return Err(Error::TokenOutOfRange {
+                id: id as i64,
+                position: pos,
+                vocab: rows,
+            });
         }
         self.pending.extend_from_slice(tokens);
         Ok(())
@@ -232,7 +261,11 @@ impl Session {
         let decode_s = t1.elapsed().as_secs_f64();
         Ok(GenerationSummary {
             prompt_tokens,
-            prompt_tok_s: if prompt_tokens > 0 { prompt_tokens as f64 / prompt_s.max(1e-9) } else { 0.0 },
+            prompt_tok_s: if prompt_tokens > 0 {
+                prompt_tokens as f64 / prompt_s.max(1e-9)
+            } else {
+                0.0
+            },
             decode_tok_s: out.len() as f64 / decode_s.max(1e-9),
             tokens: out,
             stop_reason,

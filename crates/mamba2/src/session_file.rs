@@ -29,8 +29,14 @@ impl Session {
         let cpu = Device::Cpu;
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for i in 0..self.cache().n_layer() {
-            tensors.insert(format!("conv_state.{i}"), self.cache().conv_state(i).to_device(&cpu)?);
-            tensors.insert(format!("ssm_state.{i}"), self.cache().ssm_state(i).to_device(&cpu)?);
+            tensors.insert(
+                format!("conv_state.{i}"),
+                self.cache().conv_state(i).to_device(&cpu)?,
+            );
+            tensors.insert(
+                format!("ssm_state.{i}"),
+                self.cache().ssm_state(i).to_device(&cpu)?,
+            );
         }
         let toks: Vec<i64> = self.tokens().iter().map(|&t| t as i64).collect();
         tensors.insert("tokens".into(), Tensor::new(toks.as_slice(), &cpu)?);
@@ -40,58 +46,108 @@ impl Session {
         let meta: HashMap<String, String> = [
             ("format".to_string(), FORMAT.to_string()),
             ("model".to_string(), model_fingerprint(self.model())),
-            ("seqlen_offset".to_string(), self.cache().seqlen_offset().to_string()),
+            (
+                "seqlen_offset".to_string(),
+                self.cache().seqlen_offset().to_string(),
+            ),
         ]
         .into();
         let data = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
-            .map_err(|e| Error::SessionFile { path: path.into(), message: e.to_string() })?;
+            .map_err(|e| Error::SessionFile {
+                path: path.into(),
+                message: e.to_string(),
+            })?;
         std::fs::write(path, data).map_err(|e| Error::io(path, e))
     }
 
     /// Restores a session saved by [`Session::save`] onto `model`. Files from another model,
     /// truncated or corrupt files are refused with [`Error::SessionFile`].
     pub fn load(model: Arc<Mamba2Model>, path: &Path) -> Result<Self> {
-        let bad = |m: String| Error::SessionFile { path: path.into(), message: m };
+        let bad = |m: String| Error::SessionFile {
+            path: path.into(),
+            message: m,
+        };
         let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&data).map_err(|e| bad(format!("not a session file: {e}")))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
+            .map_err(|e| bad(format!("not a session file: {e}")))?;
         let meta = meta.metadata().clone().unwrap_or_default();
         if meta.get("format").map(String::as_str) != Some(FORMAT) {
             return Err(bad(format!("not a {FORMAT} file")));
         }
         let want = model_fingerprint(&model);
         if meta.get("model") != Some(&want) {
-            return Err(bad(format!("saved from another model ({}), this model is {want}", meta.get("model").map_or("?", |s| s.as_str()))));
+            return Err(bad(format!(
+                "saved from another model ({}), this model is {want}",
+                meta.get("model").map_or("?", |s| s.as_str())
+            )));
         }
-        let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| bad(format!("corrupt: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&data)
+            .map_err(|e| bad(format!("corrupt: {e}")))?;
         let get = |name: &str, shape: &[usize], dtype: DType| -> Result<Tensor> {
-            let view = st.tensor(name).map_err(|_| bad(format!("missing tensor `{name}`")))?;
-            let t = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+            let view = st
+                .tensor(name)
+                .map_err(|_| bad(format!("missing tensor `{name}`")))?;
+            let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
+                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
             if t.dims() != shape || t.dtype() != dtype {
-                return Err(bad(format!("tensor `{name}` is {:?} {:?}, expected {shape:?} {dtype:?}", t.dtype(), t.dims())));
+                return Err(bad(format!(
+                    "tensor `{name}` is {:?} {:?}, expected {shape:?} {dtype:?}",
+                    t.dtype(),
+                    t.dims()
+                )));
             }
             Ok(t.to_device(model.device())?)
         };
         let c = model.config();
         let (mut conv, mut ssm) = (Vec::new(), Vec::new());
         for i in 0..c.n_layer {
-            conv.push(get(&format!("conv_state.{i}"), &[1, c.conv_dim(), c.d_conv], DType::F32)?);
-            ssm.push(get(&format!("ssm_state.{i}"), &[1, c.nheads, c.headdim, c.d_state], DType::F32)?);
+            conv.push(get(
+                &format!("conv_state.{i}"),
+                &[1, c.conv_dim(), c.d_conv],
+                DType::F32,
+            )?);
+            ssm.push(get(
+                &format!("ssm_state.{i}"),
+                &[1, c.nheads, c.headdim, c.d_state],
+                DType::F32,
+            )?);
         }
-        let n_tok = st.tensor("tokens").map_err(|_| bad("missing tensor `tokens`".into()))?.shape().first().copied().unwrap_or(0);
+        let n_tok = st
+            .tensor("tokens")
+            .map_err(|_| bad("missing tensor `tokens`".into()))?
+            .shape()
+            .first()
+            .copied()
+            .unwrap_or(0);
         let tokens: Vec<u32> = get("tokens", &[n_tok], DType::I64)?
             .to_device(&Device::Cpu)?
             .to_vec1::<i64>()?
             .into_iter()
-            .map(|t| u32::try_from(t).ok().filter(|&t| (t as usize) < model.vocab_rows()).ok_or_else(|| bad(format!("token {t} out of range"))))
+            .map(|t| {
+                u32::try_from(t)
+                    .ok()
+                    .filter(|&t| (t as usize) < model.vocab_rows())
+                    .ok_or_else(|| bad(format!("token {t} out of range")))
+            })
             .collect::<Result<_>>()?;
-        let offset: usize = meta.get("seqlen_offset").and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad seqlen_offset".into()))?;
+        let offset: usize = meta
+            .get("seqlen_offset")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("bad seqlen_offset".into()))?;
         if offset != tokens.len() {
-            return Err(bad(format!("state covers {offset} tokens but {} tokens are listed", tokens.len())));
+            return Err(bad(format!(
+                "state covers {offset} tokens but {} tokens are listed",
+                tokens.len()
+            )));
         }
         let last_logits = if tokens.is_empty() {
             None
         } else {
-            Some(get("last_logits", &[model.vocab_rows()], DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?)
+            Some(
+                get("last_logits", &[model.vocab_rows()], DType::F32)?
+                    .to_device(&Device::Cpu)?
+                    .to_vec1::<f32>()?,
+            )
         };
         let cache = Mamba2Cache::from_states(conv, ssm, offset)?;
         Ok(Session::from_parts(model, cache, tokens, last_logits))
