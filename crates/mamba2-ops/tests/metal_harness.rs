@@ -537,3 +537,304 @@ fn ssd_chunk_scan_checked() {
     run_ssd_case(&case, DType::F32, Mode::Checked, 50);
     run_ssd_case(&case, DType::BF16, Mode::CheckedShuffled { seed: 3 }, 51);
 }
+
+// ------------------------------------------------------------------------------ state update
+
+#[allow(clippy::too_many_arguments)]
+fn run_state_update(
+    batch: usize,
+    nheads: usize,
+    headdim: usize,
+    ngroups: usize,
+    d_state: usize,
+    optional: bool,
+    dtype: DType,
+    mode: Mode,
+) {
+    let (bs, h, p, g, n) = (batch, nheads, headdim, ngroups, d_state);
+    let mut rng = StdRng::seed_from_u64((h * 7 + p * 3 + n) as u64);
+    let state = rand_t(&mut rng, &[bs, h, p, n], 1.0, DType::F32);
+    let x = rand_t(&mut rng, &[bs, h, p], 1.0, dtype);
+    let dt = rand_range(&mut rng, &[bs, h], -4.0, 1.0)
+        .to_dtype(dtype)
+        .unwrap();
+    let a = rand_range(&mut rng, &[h], 0.0, 2.5)
+        .exp()
+        .unwrap()
+        .neg()
+        .unwrap();
+    let b = rand_t(&mut rng, &[bs, g, n], 1.0, dtype);
+    let c = rand_t(&mut rng, &[bs, g, n], 1.0, dtype);
+    let d = optional.then(|| rand_t(&mut rng, &[h], 1.0, DType::F32));
+    let z = optional.then(|| rand_t(&mut rng, &[bs, h, p], 2.0, dtype));
+    let dt_bias = optional.then(|| rand_range(&mut rng, &[h], -1.0, 0.5));
+    let dt_limit = if optional {
+        (0.0, f64::INFINITY)
+    } else {
+        (0.05, 0.3)
+    };
+    let mut state_buf = HostBuf::from_tensor(&state);
+    let state_ref = state.copy().unwrap();
+    let args = StateUpdateArgs {
+        state: &state_ref,
+        x: &x,
+        dt: &dt,
+        a: &a,
+        b: &b,
+        c: &c,
+        d: d.as_ref(),
+        z: z.as_ref(),
+        dt_bias: dt_bias.as_ref(),
+    };
+    let params = SsdParams {
+        dt_limit,
+        ..SsdParams::default()
+    };
+    let y_ref = selective_state_update_slow(&args, &params).unwrap();
+    let (dt_clamp_flag, dt_min, dt_max) = dt_clamp(dt_limit);
+    let prm = StateUpdateParams {
+        batch: bs as u32,
+        nheads: h as u32,
+        headdim: p as u32,
+        ngroups: g as u32,
+        d_state: n as u32,
+        has_d: optional as u32,
+        has_z: optional as u32,
+        has_dt_bias: optional as u32,
+        dt_softplus: 1,
+        dt_clamp: dt_clamp_flag,
+        dt_min,
+        dt_max,
+    };
+    let bufs = [
+        HostBuf::from_tensor(&x),
+        HostBuf::from_tensor(&dt),
+        HostBuf::from_tensor(&a),
+        HostBuf::from_tensor(&b),
+        HostBuf::from_tensor(&c),
+        HostBuf::opt(d.as_ref(), DType::F32),
+        HostBuf::opt(z.as_ref(), dtype),
+        HostBuf::opt(dt_bias.as_ref(), DType::F32),
+    ];
+    let mut y = HostBuf::poisoned(dtype, bs * h * p);
+    let lib = library("state_update.metal");
+    let mut k = lib
+        .kernel(&kernel_name("selective_state_update", dtype))
+        .unwrap();
+    state_buf.output(&mut k, 0);
+    for (i, buf) in bufs.iter().enumerate() {
+        buf.input(&mut k, i + 1);
+    }
+    y.output(&mut k, 9);
+    k.raw_bytes(10, prm.as_bytes())
+        .grid([(p as u32).div_ceil(layout::SSU_ROWS), h as u32, bs as u32])
+        .threadgroup([32 * layout::SSU_ROWS, 1, 1])
+        .mode(mode)
+        .dispatch()
+        .unwrap_or_else(|e| panic!("state update {dtype:?} {mode:?}: {e}"));
+    let what = format!("state update {dtype:?} {mode:?} H={h} P={p} G={g} N={n}");
+    assert_close(&y.to_tensor(y_ref.dims()), &y_ref, dtype, &what);
+    assert_close(
+        &state_buf.to_tensor(state_ref.dims()),
+        &state_ref,
+        DType::F32,
+        &format!("{what} state"),
+    );
+}
+
+#[test]
+fn selective_state_update_matches_reference() {
+    for dtype in DTYPES {
+        // d_state 40: lanes 8..31 idle in the second register slot; headdim 6: a partial
+        // threadgroup (2 of 4 simdgroups idle in the second one)
+        run_state_update(2, 5, 6, 1, 40, true, dtype, Mode::Shuffled { seed: 1 });
+        // mamba2-130m: 24 heads of 64, d_state 128, one group; without D, z, dt_bias, clamp
+        run_state_update(2, 24, 64, 1, 128, false, dtype, Mode::Shuffled { seed: 2 });
+        // ngroups 8, d_state 256 (the register limit)
+        run_state_update(1, 16, 8, 8, 256, true, dtype, Mode::InOrder);
+    }
+    run_state_update(2, 3, 6, 3, 40, true, DType::F32, Mode::Checked);
+    run_state_update(
+        1,
+        2,
+        4,
+        1,
+        64,
+        false,
+        DType::F16,
+        Mode::CheckedShuffled { seed: 4 },
+    );
+}
+
+// --------------------------------------------------------------------------------- RMSNorms
+
+#[allow(clippy::too_many_arguments)]
+fn run_gated_norm(
+    rows: usize,
+    dim: usize,
+    group_size: usize,
+    gate: bool,
+    norm_before_gate: bool,
+    threads: u32,
+    dtype: DType,
+    mode: Mode,
+) {
+    let mut rng = StdRng::seed_from_u64((rows * dim + group_size) as u64);
+    let x = rand_t(&mut rng, &[rows, dim], 2.0, dtype);
+    let z = gate.then(|| rand_t(&mut rng, &[rows, dim], 2.0, dtype));
+    let w = rand_range(&mut rng, &[dim], 0.5, 1.5);
+    let args = GatedRmsNormArgs {
+        x: &x,
+        z: z.as_ref(),
+        weight: &w,
+        eps: 1e-5,
+        group_size,
+        norm_before_gate,
+    };
+    let want = gated_rms_norm_slow(&args).unwrap();
+    let prm = GatedRmsNormParams {
+        rows: rows as u32,
+        dim: dim as u32,
+        group_size: group_size as u32,
+        has_z: gate as u32,
+        norm_before_gate: norm_before_gate as u32,
+        eps: 1e-5,
+    };
+    let xb = HostBuf::from_tensor(&x);
+    let zb = HostBuf::opt(z.as_ref(), dtype);
+    let wb = HostBuf::from_tensor(&w);
+    let mut out = HostBuf::poisoned(dtype, rows * dim);
+    let lib = library("rms_norm.metal");
+    let mut k = lib.kernel(&kernel_name("gated_rms_norm", dtype)).unwrap();
+    xb.input(&mut k, 0);
+    zb.input(&mut k, 1);
+    wb.input(&mut k, 2);
+    out.output(&mut k, 3);
+    k.raw_bytes(4, prm.as_bytes())
+        .grid([(dim / group_size) as u32, rows as u32, 1])
+        .threadgroup([threads, 1, 1])
+        .mode(mode)
+        .dispatch()
+        .unwrap_or_else(|e| panic!("gated norm {dtype:?} {mode:?}: {e}"));
+    let what = format!("gated norm {dtype:?} {mode:?} dim={dim} group={group_size} tg={threads}");
+    assert_close(&out.to_tensor(want.dims()), &want, dtype, &what);
+}
+
+#[test]
+fn gated_rms_norm_matches_reference() {
+    for dtype in DTYPES {
+        // 48 threads: a partial second simdgroup; groups of 40
+        run_gated_norm(
+            3,
+            160,
+            40,
+            true,
+            false,
+            48,
+            dtype,
+            Mode::Shuffled { seed: 1 },
+        );
+        run_gated_norm(2, 96, 96, true, true, 64, dtype, Mode::Shuffled { seed: 2 });
+        run_gated_norm(2, 50, 25, false, false, 32, dtype, Mode::InOrder);
+        // mamba2-130m: d_inner 1536, one group; Codestral-like: 8 groups of 512
+        run_gated_norm(
+            2,
+            1536,
+            1536,
+            true,
+            false,
+            256,
+            dtype,
+            Mode::Shuffled { seed: 3 },
+        );
+        run_gated_norm(1, 4096, 512, true, false, 256, dtype, Mode::InOrder);
+    }
+    run_gated_norm(2, 160, 40, true, false, 48, DType::F32, Mode::Checked);
+    run_gated_norm(
+        2,
+        96,
+        96,
+        true,
+        true,
+        64,
+        DType::BF16,
+        Mode::CheckedShuffled { seed: 5 },
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_residual_norm(
+    rows: usize,
+    dim: usize,
+    with_residual: bool,
+    residual_in_fp32: bool,
+    threads: u32,
+    dtype: DType,
+    mode: Mode,
+) {
+    let mut rng = StdRng::seed_from_u64((rows * dim) as u64 + residual_in_fp32 as u64);
+    let res_dtype = if residual_in_fp32 { DType::F32 } else { dtype };
+    let x = rand_t(&mut rng, &[rows, dim], 2.0, dtype);
+    let r = with_residual.then(|| rand_t(&mut rng, &[rows, dim], 2.0, res_dtype));
+    let w = rand_range(&mut rng, &[dim], 0.5, 1.5)
+        .to_dtype(dtype)
+        .unwrap();
+    let (normed_ref, res_ref) =
+        rms_norm_residual_slow(&x, r.as_ref(), &w, 1e-5, residual_in_fp32).unwrap();
+    let prm = RmsNormResidualParams {
+        rows: rows as u32,
+        dim: dim as u32,
+        has_residual: with_residual as u32,
+        eps: 1e-5,
+    };
+    let xb = HostBuf::from_tensor(&x);
+    let rb = HostBuf::opt(r.as_ref(), res_dtype);
+    // the kernel reads the weight in f32 (the host casts it)
+    let wb = HostBuf::from_tensor(&w.to_dtype(DType::F32).unwrap());
+    let mut normed = HostBuf::poisoned(dtype, rows * dim);
+    let mut res_out = HostBuf::poisoned(res_dtype, rows * dim);
+    let name = if residual_in_fp32 && dtype != DType::F32 {
+        kernel_name("rms_norm_residual_f32res", dtype)
+    } else {
+        kernel_name("rms_norm_residual", dtype)
+    };
+    let lib = library("rms_norm.metal");
+    let mut k = lib.kernel(&name).unwrap();
+    xb.input(&mut k, 0);
+    rb.input(&mut k, 1);
+    wb.input(&mut k, 2);
+    normed.output(&mut k, 3);
+    res_out.output(&mut k, 4);
+    k.raw_bytes(5, prm.as_bytes())
+        .grid([rows as u32, 1, 1])
+        .threadgroup([threads, 1, 1])
+        .mode(mode)
+        .dispatch()
+        .unwrap_or_else(|e| panic!("{name} {mode:?}: {e}"));
+    let what = format!("{name} {mode:?} dim={dim} residual={with_residual}");
+    assert_close(
+        &normed.to_tensor(normed_ref.dims()),
+        &normed_ref,
+        dtype,
+        &what,
+    );
+    assert_close(
+        &res_out.to_tensor(res_ref.dims()),
+        &res_ref,
+        res_dtype,
+        &format!("{what} residual_out"),
+    );
+}
+
+#[test]
+fn rms_norm_residual_matches_reference() {
+    for dtype in DTYPES {
+        for fp32 in [false, true] {
+            run_residual_norm(3, 100, true, fp32, 48, dtype, Mode::Shuffled { seed: 6 });
+            run_residual_norm(2, 768, true, fp32, 256, dtype, Mode::Shuffled { seed: 7 });
+        }
+        run_residual_norm(2, 100, false, true, 64, dtype, Mode::InOrder);
+    }
+    run_residual_norm(2, 100, true, true, 48, DType::BF16, Mode::Checked);
+    run_residual_norm(2, 64, false, false, 32, DType::F32, Mode::Checked);
+}
