@@ -97,3 +97,68 @@ fn unknown_device_and_dtype_are_typed_errors() {
         Err(Error::Device(_))
     ));
 }
+
+/// Copies a fixture's HF checkpoint, lets `edit` change its tensors or config, and loads it.
+fn load_edited(
+    edit_tensors: impl FnOnce(&mut std::collections::HashMap<String, Tensor>),
+    edit_config: impl FnOnce(&mut serde_json::Value),
+) -> Result<Mamba2Model, Error> {
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/g2_ds16_seq3_b2/hf");
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    edit_tensors(&mut tensors);
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    edit_config(&mut cfg);
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_string(&cfg).unwrap(),
+    )
+    .unwrap();
+    let files = mamba2::hub::resolve_model(dir.path().to_str().unwrap(), &Default::default())?;
+    mamba2::pipeline::load_model(&files, DType::F32, &Device::Cpu)
+}
+
+#[test]
+fn checkpoint_problems_name_the_tensor_or_field() {
+    assert!(load_edited(|_| {}, |_| {}).is_ok());
+    let name = "backbone.layers.1.mixer.dt_bias";
+    match load_edited(|t| drop(t.remove(name)), |_| {}) {
+        Err(e @ Error::MissingTensor { .. }) => assert!(e.to_string().contains(name), "{e}"),
+        other => panic!("expected MissingTensor, got {other:?}"),
+    }
+    let name = "backbone.layers.0.mixer.out_proj.weight";
+    match load_edited(
+        |t| {
+            let w = t[name].narrow(1, 0, 8).unwrap();
+            t.insert(name.into(), w);
+        },
+        |_| {},
+    ) {
+        Err(e @ Error::TensorShape { .. }) => assert!(e.to_string().contains(name), "{e}"),
+        other => panic!("expected TensorShape, got {other:?}"),
+    }
+    let name = "backbone.layers.0.mixer.A_log";
+    match load_edited(
+        |t| {
+            let w = t[name].to_dtype(DType::I64).unwrap();
+            t.insert(name.into(), w);
+        },
+        |_| {},
+    ) {
+        Err(e @ Error::TensorDtype { .. }) => assert!(e.to_string().contains(name), "{e}"),
+        other => panic!("expected TensorDtype, got {other:?}"),
+    }
+    // the config says 8 groups, but 4 heads cannot be split into 8 groups
+    match load_edited(|_| {}, |c| c["n_groups"] = 8.into()) {
+        Err(e @ Error::ConfigField { .. }) => assert!(e.to_string().contains("n_groups"), "{e}"),
+        other => panic!("expected ConfigField, got {other:?}"),
+    }
+    match load_edited(|_| {}, |c| c["hidden_size"] = "wide".into()) {
+        Err(e @ Error::ConfigParse { .. }) => assert!(e.to_string().contains("hidden_size"), "{e}"),
+        other => panic!("expected ConfigParse, got {other:?}"),
+    }
+}
