@@ -18,9 +18,7 @@ pub trait KernelParams: Copy + Sized + 'static {
     fn as_bytes(&self) -> &[u8] {
         // SAFETY: implemented only for the `#[repr(C)]` structs below, whose fields are all
         // 4-byte u32/f32 (no padding, every byte initialised).
-        unsafe {
-            std::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>())
-        }
+        unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>()) }
     }
 }
 
