@@ -293,3 +293,65 @@ impl TextStream {
             .unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::models::bpe::{Vocab, BPE};
+    use tokenizers::AddedToken;
+
+    /// Character-level tokenizer over "a".."z" plus a special token, decoder Fuse.
+    fn letters() -> Arc<Tokenizer> {
+        let vocab: Vocab = (b'a'..=b'z')
+            .map(|c| ((c as char).to_string(), (c - b'a') as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, vec![])
+            .build()
+            .unwrap();
+        let mut tokenizer = Tokenizer::new(bpe);
+        tokenizer.with_decoder(Some(Fuse::new()));
+        tokenizer.add_special_tokens(&[AddedToken::from("<eos>", true)]);
+        Arc::new(tokenizer)
+    }
+
+    /// The decode window must not grow with the text: that is what keeps a push O(1).
+    #[test]
+    fn decode_window_stays_short() {
+        let mut stream = TextStream::new(letters(), vec!["zzz".into()]);
+        let mut out = String::new();
+        for i in 0..3000u32 {
+            out.push_str(&stream.push(i % 25).unwrap().text);
+            assert!(
+                stream.ids.len() - stream.prefix_offset <= 2,
+                "window grew at token {i}"
+            );
+        }
+        out.push_str(&stream.finish().unwrap());
+        let expected: String = (0..3000u32)
+            .map(|i| (b'a' + (i % 25) as u8) as char)
+            .collect();
+        assert_eq!(out, expected);
+    }
+
+    /// Tokens that decode to nothing (skipped special tokens) keep the window open only up to
+    /// MAX_UNDECIDED_TOKENS, and the text stays right.
+    #[test]
+    fn long_runs_of_empty_tokens_are_bounded() {
+        let tokenizer = letters();
+        let eos = tokenizer.token_to_id("<eos>").unwrap();
+        let mut stream = TextStream::new(tokenizer.clone(), vec![]);
+        let mut ids = vec![0, 1];
+        ids.extend(std::iter::repeat_n(eos, 100));
+        ids.extend([2, 3]);
+        let mut out = String::new();
+        for &id in &ids {
+            out.push_str(&stream.push(id).unwrap().text);
+            assert!(stream.ids.len() - stream.prefix_offset <= 2 * MAX_UNDECIDED_TOKENS);
+        }
+        out.push_str(&stream.finish().unwrap());
+        assert_eq!(out, tokenizer.decode(&ids, true).unwrap());
+        assert_eq!(out, "abcd");
+    }
+}
