@@ -231,3 +231,14 @@ fn cancel_leaves_session_consistent_and_save_restore_continues_identically() {
         Err(mamba2::Error::SessionFile { .. })
     ));
 }
+
+#[test]
+fn shared_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Mamba2Model>();
+    send_sync::<mamba2::pipeline::TextGenerator>();
+    send_sync::<CancelToken>();
+    send::<Session>();
+    send::<Mamba2Cache>();
+}

@@ -80,3 +80,16 @@ fn bad_arguments_fail_cleanly() {
         assert!(err.contains("Error"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn generate_with_the_bundled_model_prints_hf_greedy_text() {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/mamba2_tiny_golden.json");
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
+    let p = &meta["prompts"][0];
+    let n = p["greedy_ids"].as_array().unwrap().len().to_string();
+    // no --model: the bundled model
+    let o = mamba2(&["generate", "--device", "cpu", "--ignore-eos", "-n", &n, "--prompt", p["prompt"].as_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(text.trim_end_matches('\n'), p["full_text"].as_str().unwrap());
+}
