@@ -8,12 +8,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Max |ours - HF f32| allowed on logits, per model dtype (logit std ~1.2 on these fixtures).
-/// f32: measured up to 3.2e-6. bf16: measured up to 0.076; HF's own bf16 run differs from its
+/// f32: measured up to 3.2e-6. f16: up to 0.015. bf16: up to 0.076; HF's own bf16 run differs from its
 /// f32 run by up to ~0.09.
 fn tolerance(dtype: DType) -> f32 {
     match dtype {
         DType::F32 => 5e-5,
         DType::BF16 => 0.15,
+        DType::F16 => 0.03,
         other => panic!("no tolerance for {other:?}"),
     }
 }
@@ -148,5 +149,12 @@ fn hf_layout_bf16() {
 fn mamba_ssm_layout_bf16() {
     for dir in fixtures() {
         check_layout(&dir, "ssm", DType::BF16);
+    }
+}
+
+#[test]
+fn hf_layout_f16() {
+    for dir in fixtures() {
+        check_layout(&dir, "hf", DType::F16);
     }
 }
