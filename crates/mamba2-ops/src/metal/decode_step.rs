@@ -1,0 +1,132 @@
+//! The fused decode step of one Mamba-2 layer on Metal (`kernels/metal/decode_step.metal`):
+//! conv update + SiLU + selective state update + D skip (+ gate) in one dispatch.
+//!
+//! Not yet reachable from the public op API (that API lives in `lib.rs`, outside this module):
+//! the model's Metal decode path should call [`mamba2_decode_step`] and fall back to
+//! `causal_conv1d_update` + `selective_state_update` when it returns `None`.
+#![allow(dead_code)]
+
+use super::runtime::{
+    dispatch, dtype_suffix, f32_param, metal_device, output, pipeline, u32_of, Arg, Bind,
+    DECODE_STEP,
+};
+use super::{require, some};
+use crate::metal_params::{self as mp, layout};
+use crate::{Result, SsdParams};
+use candle_core::Tensor;
+
+/// Tensors of one fused decode step. Shapes as in `decode_step.metal`'s header.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DecodeStepArgs<'a> {
+    /// `(batch, conv_dim)`: pre-conv `[x | B | C]` of this token.
+    pub xbc: &'a Tensor,
+    /// `(batch, conv_dim, d_conv)` f32: conv state before the step (read only).
+    pub conv_state_in: &'a Tensor,
+    /// `(batch, conv_dim, d_conv)` f32, contiguous: receives the conv state after the step.
+    /// Must be another tensor than `conv_state_in` (ping-pong two buffers across steps).
+    pub conv_state_out: &'a Tensor,
+    /// `(conv_dim, d_conv)`.
+    pub conv_weight: &'a Tensor,
+    /// `(conv_dim)`.
+    pub conv_bias: Option<&'a Tensor>,
+    /// `(batch, nheads)` raw time step.
+    pub dt: &'a Tensor,
+    /// `(nheads)` f32.
+    pub a: &'a Tensor,
+    /// `(nheads)`.
+    pub d: Option<&'a Tensor>,
+    /// `(batch, nheads * headdim)`.
+    pub z: Option<&'a Tensor>,
+    /// `(nheads)`.
+    pub dt_bias: Option<&'a Tensor>,
+    /// `(batch, nheads, headdim, d_state)` f32, contiguous: updated in place.
+    pub state: &'a Tensor,
+}
+
+/// Runs the fused step; returns `y` `(batch, nheads * headdim)` in the dtype of `xbc`, or
+/// `None` when the inputs are not on Metal or outside the kernel's preconditions.
+pub(crate) fn mamba2_decode_step(
+    args: &DecodeStepArgs,
+    params: &SsdParams,
+) -> Result<Option<Tensor>> {
+    let dev = some!(metal_device(args.xbc));
+    let dtype = args.xbc.dtype();
+    let suffix = some!(dtype_suffix(dtype));
+    let (batch, conv_dim) = args.xbc.dims2()?;
+    let (sb, nheads, headdim, d_state) = args.state.dims4()?;
+    let d_conv = args.conv_weight.dim(1)?;
+    let d_inner = nheads * headdim;
+    require!(sb == batch && conv_dim > d_inner && (conv_dim - d_inner) % (2 * d_state) == 0);
+    let ngroups = (conv_dim - d_inner) / (2 * d_state);
+    require!(ngroups > 0 && nheads % ngroups == 0);
+    require!(d_state <= layout::MAX_D_STATE_DECODE && d_conv <= layout::MAX_D_CONV);
+    require!(args.conv_state_in.dims() == [batch, conv_dim, d_conv]);
+    require!(args.conv_state_out.dims() == [batch, conv_dim, d_conv]);
+    require!(args.conv_state_out.is_contiguous() && args.state.is_contiguous());
+    require!(args.dt.dims() == [batch, nheads] && args.dt.dtype() == dtype);
+    if let Some(z) = args.z {
+        require!(z.dims() == [batch, d_inner] && z.dtype() == dtype);
+    }
+    let (dt_clamp, dt_min, dt_max) = mp::dt_clamp(params.dt_limit);
+    let p = mp::DecodeStepParams {
+        batch: some!(u32_of(batch)),
+        nheads: some!(u32_of(nheads)),
+        headdim: some!(u32_of(headdim)),
+        ngroups: ngroups as u32,
+        d_state: d_state as u32,
+        d_conv: d_conv as u32,
+        conv_dim: some!(u32_of(conv_dim)),
+        has_conv_bias: args.conv_bias.is_some() as u32,
+        has_d: args.d.is_some() as u32,
+        has_z: args.z.is_some() as u32,
+        has_dt_bias: args.dt_bias.is_some() as u32,
+        dt_softplus: params.dt_softplus as u32,
+        dt_clamp,
+        dt_min,
+        dt_max,
+    };
+    let pipe = some!(pipeline(
+        &dev,
+        DECODE_STEP,
+        &format!("mamba2_decode_step_{suffix}")
+    )?);
+    let c = |t: &Tensor| t.contiguous();
+    let xbc = c(args.xbc)?;
+    let conv_in = c(args.conv_state_in)?;
+    let w = f32_param(args.conv_weight)?;
+    let cb = args.conv_bias.map(f32_param).transpose()?;
+    let dt = c(args.dt)?;
+    let a = f32_param(args.a)?;
+    let d = args.d.map(f32_param).transpose()?;
+    let z = args.z.map(c).transpose()?;
+    let dt_bias = args.dt_bias.map(f32_param).transpose()?;
+    let (y, ya) = output(&dev, (batch, d_inner), dtype, "decode_step_y")?;
+    let (xa, ia) = (Arg::of(&xbc)?, Arg::of(&conv_in)?);
+    let oa = Arg::of(args.conv_state_out)?;
+    let rest = [
+        Arg::of(&w)?,
+        Arg::opt(cb.as_ref(), &w)?,
+        Arg::of(&dt)?,
+        Arg::of(&a)?,
+        Arg::opt(d.as_ref(), &a)?,
+        Arg::opt(z.as_ref(), &a)?,
+        Arg::opt(dt_bias.as_ref(), &a)?,
+    ];
+    let sa = Arg::of(args.state)?;
+    let mut binds = vec![Bind::In(&xa), Bind::In(&ia), Bind::Out(&oa)];
+    binds.extend(rest.iter().map(Bind::In));
+    binds.push(Bind::Out(&sa));
+    binds.push(Bind::Out(&ya));
+    let rows = layout::SSU_ROWS as usize;
+    let groups = [headdim.div_ceil(rows), nheads, batch];
+    dispatch(
+        &dev,
+        &pipe,
+        "mamba2_decode_step",
+        &binds,
+        &p,
+        groups,
+        [32 * rows, 1, 1],
+    )?;
+    Ok(Some(y))
+}
