@@ -25,6 +25,9 @@ use tokenizers::Tokenizer;
 /// re-decode an ever-growing window.
 const MAX_UNDECIDED_TOKENS: usize = 16;
 
+/// How many prompt tokens [`TextStream::set_context`] keeps as decoding context.
+const CONTEXT_TOKENS: usize = 4;
+
 /// What one [`TextStream::push`] produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamChunk {
@@ -45,6 +48,9 @@ pub struct StreamChunk {
 /// * Stop strings: text that might be the start of a stop string is held back; when a stop
 ///   string completes, the text before it is returned, [`TextStream::stopped`] becomes true and
 ///   the stop string itself and anything after it are dropped.
+///
+/// * To continue a prompt, call [`TextStream::set_context`] with the prompt ids first, so the
+///   first generated token is decoded in context.
 ///
 /// Special tokens are skipped by default ([`TextStream::with_skip_special_tokens`]).
 ///
@@ -86,6 +92,8 @@ pub struct TextStream {
     max_stop_len: usize,
     skip_special_tokens: bool,
     ids: Vec<u32>,
+    /// Number of leading `ids` that are prompt context from [`TextStream::set_context`].
+    context_len: usize,
     prefix_offset: usize,
     read_offset: usize,
     /// `decode(ids[prefix_offset..read_offset])`.
@@ -129,6 +137,7 @@ impl TextStream {
             max_stop_len,
             skip_special_tokens: true,
             ids: Vec::new(),
+            context_len: 0,
             prefix_offset: 0,
             read_offset: 0,
             prefix_text: String::new(),
@@ -206,9 +215,48 @@ impl TextStream {
         &self.emitted
     }
 
-    /// All tokens pushed so far (tokens pushed after a stop are not recorded).
+    /// All tokens pushed so far, without the context (tokens pushed after a stop are not
+    /// recorded).
     pub fn tokens(&self) -> &[u32] {
-        &self.ids
+        &self.ids[self.context_len..]
+    }
+
+    /// Starts a new text (as [`TextStream::reset`]) that continues `prompt_ids`: the last few
+    /// prompt tokens become decoding context, so the first generated token decodes as it does
+    /// after the prompt. Without it, decoders that strip a leading space (SentencePiece /
+    /// Metaspace, `Strip`) drop the space before the first generated word. The prompt's own
+    /// text is not emitted and not searched for stop strings. An empty `prompt_ids` is a plain
+    /// reset.
+    pub fn set_context(&mut self, prompt_ids: &[u32]) -> Result<()> {
+        self.reset();
+        let n = prompt_ids.len();
+        if n == 0 {
+            return Ok(());
+        }
+        // A window that starts inside a multi-byte character decodes to U+FFFD first; widen it
+        // (a character spans at most 4 byte tokens) until it starts cleanly.
+        let mut start = n.saturating_sub(CONTEXT_TOKENS);
+        while start > 0
+            && start + CONTEXT_TOKENS + 4 > n
+            && self
+                .decode(&prompt_ids[start..])?
+                .starts_with(char::REPLACEMENT_CHARACTER)
+        {
+            start -= 1;
+        }
+        self.ids.extend_from_slice(&prompt_ids[start..]);
+        self.context_len = self.ids.len();
+        // If the prompt ends inside a character, the generated tokens complete it: leave those
+        // tokens undecided so that the character is emitted whole.
+        let mut read = self.ids.len();
+        let mut text = self.decode(&self.ids)?;
+        while read > 0 && self.ids.len() - read < 4 && text.ends_with(char::REPLACEMENT_CHARACTER) {
+            read -= 1;
+            text = self.decode(&self.ids[..read])?;
+        }
+        self.read_offset = read;
+        self.prefix_text = text;
+        Ok(())
     }
 
     /// True once a stop string has matched.
@@ -224,6 +272,7 @@ impl TextStream {
     /// Forgets all tokens and text, keeping the tokenizer, stop strings and options.
     pub fn reset(&mut self) {
         self.ids.clear();
+        self.context_len = 0;
         self.prefix_offset = 0;
         self.read_offset = 0;
         self.prefix_text.clear();

@@ -375,3 +375,62 @@ fn reset_starts_a_new_text() {
         assert!(!stream.stopped() && stream.text().is_empty() && stream.tokens().is_empty());
     }
 }
+
+/// Continuing a prompt: with `set_context`, prompt text + streamed text == decode(prompt + new)
+/// at every split point, also where the prompt ends inside a character (the character then
+/// comes out whole, from the last complete prompt prefix on).
+#[test]
+fn set_context_continues_a_prompt_at_every_split() {
+    for (name, tokenizer) in [
+        ("byte-level", byte_level_tokenizer()),
+        ("byte-fallback", byte_fallback_tokenizer()),
+    ] {
+        let ids = encode(&tokenizer, "héllo wörld 🦀 日本語 € héllo");
+        let full = decode(&tokenizer, &ids);
+        let mut without_context_differs = false;
+        let mut mid_char_splits = 0;
+        let mut stream = TextStream::new(tokenizer.clone(), vec![]);
+        for k in 1..ids.len() {
+            let complete = (0..=k)
+                .rev()
+                .find(|&r| !decode(&tokenizer, &ids[..r]).ends_with('\u{FFFD}'))
+                .unwrap();
+            if complete < k {
+                mid_char_splits += 1;
+            }
+            let shown = decode(&tokenizer, &ids[..complete]);
+            stream.set_context(&ids[..k]).unwrap();
+            let mut out = String::new();
+            for &id in &ids[k..] {
+                let chunk = stream.push(id).unwrap();
+                assert!(
+                    !chunk.text.contains('\u{FFFD}'),
+                    "{name} split {k}: {:?}",
+                    chunk.text
+                );
+                out.push_str(&chunk.text);
+            }
+            out.push_str(&stream.finish().unwrap());
+            assert_eq!(format!("{shown}{out}"), full, "{name}, prompt = {k} tokens");
+            assert_eq!(stream.tokens(), &ids[k..]);
+
+            let mut fresh = TextStream::new(tokenizer.clone(), vec![]);
+            let mut plain = String::new();
+            for &id in &ids[k..] {
+                plain.push_str(&fresh.push(id).unwrap().text);
+            }
+            plain.push_str(&fresh.finish().unwrap());
+            without_context_differs |= complete == k && format!("{shown}{plain}") != full;
+        }
+        assert!(
+            mid_char_splits > 0,
+            "{name}: some split must fall inside a character"
+        );
+        if name == "byte-fallback" {
+            assert!(
+                without_context_differs,
+                "the space-stripping decoder needs the context"
+            );
+        }
+    }
+}
