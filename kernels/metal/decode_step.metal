@@ -124,12 +124,13 @@ kernel void mamba2_decode_step(
     constant DecodeStepParams& p [[buffer(12)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     ushort tid [[thread_index_in_threadgroup]],
-    ushort ntg [[threads_per_threadgroup]],
+    uint3 tpg [[threads_per_threadgroup]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort nsg [[simdgroups_per_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]) {
     threadgroup float bconv[MAX_D_STATE];
     threadgroup float cconv[MAX_D_STATE];
+    const uint ntg = tpg.x;
     const uint h = tgid.y;
     const uint b = tgid.z;
     const uint N = p.d_state;

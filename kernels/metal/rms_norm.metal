@@ -66,11 +66,12 @@ kernel void gated_rms_norm(
     constant GatedRmsNormParams& p [[buffer(4)]],
     uint2 tgid [[threadgroup_position_in_grid]],
     ushort tid [[thread_index_in_threadgroup]],
-    ushort ntg [[threads_per_threadgroup]],
+    uint2 tpg [[threads_per_threadgroup]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort nsg [[simdgroups_per_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]) {
     threadgroup float partial[32];
+    const uint ntg = tpg.x;
     const uint col0 = tgid.x * p.group_size;
     const ulong base = (ulong)tgid.y * p.dim + col0;
     const bool gate_first = p.has_z != 0 && p.norm_before_gate == 0;
@@ -119,7 +120,7 @@ kernel void rms_norm_residual(
     constant RmsNormResidualParams& p [[buffer(5)]],
     uint row [[threadgroup_position_in_grid]],
     ushort tid [[thread_index_in_threadgroup]],
-    ushort ntg [[threads_per_threadgroup]],
+    uint ntg [[threads_per_threadgroup]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort nsg [[simdgroups_per_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]) {

@@ -42,6 +42,36 @@ pub mod layout {
     pub const MAX_D_STATE_DECODE: usize = 256;
 }
 
+/// Preconditions of the Metal fast paths on shapes: the dispatcher runs a kernel only when its
+/// predicate holds and falls back to the reference otherwise. (Dtype and device conditions are
+/// checked by the dispatcher itself.)
+pub mod supports {
+    use super::layout;
+
+    /// `causal_conv1d_fwd_*` and `causal_conv1d_update_*` hold the filter in registers.
+    pub fn conv1d(d_conv: usize) -> bool {
+        (1..=layout::MAX_D_CONV).contains(&d_conv)
+    }
+
+    /// `ssd_chunk_scan_*`: 16-row threadgroups over headdim, 8-wide d_state tiles.
+    pub fn ssd_chunk_scan(headdim: usize, d_state: usize) -> bool {
+        headdim > 0
+            && headdim.is_multiple_of(layout::SSD_ROWS as usize)
+            && d_state > 0
+            && d_state.is_multiple_of(8)
+    }
+
+    /// `selective_state_update_*`: the state row in registers, 8 elements per lane.
+    pub fn state_update(d_state: usize) -> bool {
+        (1..=layout::MAX_D_STATE_DECODE).contains(&d_state)
+    }
+
+    /// `mamba2_decode_step_*`: both of the above.
+    pub fn decode_step(d_state: usize, d_conv: usize) -> bool {
+        state_update(d_state) && conv1d(d_conv)
+    }
+}
+
 /// `conv1d.metal`: `causal_conv1d_fwd_<dtype>`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -188,6 +218,18 @@ mod tests {
         assert_eq!(size_of::<SsdScanParams>(), 15 * 4);
         assert_eq!(size_of::<DecodeStepParams>(), 15 * 4);
         assert_eq!(size_of::<RmsNormResidualParams>(), 4 * 4);
+    }
+
+    #[test]
+    fn preconditions() {
+        // real configs take the fast paths
+        assert!(supports::ssd_chunk_scan(64, 128) && supports::ssd_chunk_scan(64, 64));
+        assert!(supports::state_update(128) && supports::decode_step(256, 4));
+        assert!(supports::conv1d(4));
+        // and the others fall back
+        assert!(!supports::ssd_chunk_scan(24, 16) && !supports::ssd_chunk_scan(64, 12));
+        assert!(!supports::state_update(257) && !supports::conv1d(9) && !supports::conv1d(0));
+        assert!(!supports::decode_step(128, 9));
     }
 
     #[test]

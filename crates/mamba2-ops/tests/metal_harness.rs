@@ -56,6 +56,10 @@ fn run_conv_case(case: &ConvCase, dtype: DType, mode: Mode, seed: u64) {
         silu: case.silu,
     };
     let (y_ref, s_ref) = causal_conv1d_slow(&args).unwrap();
+    assert!(
+        supports::conv1d(d_conv),
+        "shape the Metal dispatcher would not send here"
+    );
 
     let p = Conv1dParams {
         batch: batch as u32,
@@ -382,6 +386,10 @@ fn run_ssd_case(case: &SsdCase, dtype: DType, mode: Mode, seed: u64) {
         dt_limit: case.dt_limit,
     };
     let (y_ref, s_ref) = ssd_chunk_scan_slow(&args, &params).unwrap();
+    assert!(
+        supports::ssd_chunk_scan(p, n),
+        "shape the Metal dispatcher would not send here"
+    );
 
     let (dt_clamp_flag, dt_min, dt_max) = dt_clamp(case.dt_limit);
     let prm = SsdScanParams {
@@ -591,6 +599,10 @@ fn run_state_update(
         ..SsdParams::default()
     };
     let y_ref = selective_state_update_slow(&args, &params).unwrap();
+    assert!(
+        supports::state_update(n),
+        "shape the Metal dispatcher would not send here"
+    );
     let (dt_clamp_flag, dt_min, dt_max) = dt_clamp(dt_limit);
     let prm = StateUpdateParams {
         batch: bs as u32,

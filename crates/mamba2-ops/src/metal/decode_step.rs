@@ -59,7 +59,7 @@ pub(crate) fn mamba2_decode_step(
     require!(sb == batch && conv_dim > d_inner && (conv_dim - d_inner) % (2 * d_state) == 0);
     let ngroups = (conv_dim - d_inner) / (2 * d_state);
     require!(ngroups > 0 && nheads % ngroups == 0);
-    require!(d_state <= layout::MAX_D_STATE_DECODE && d_conv <= layout::MAX_D_CONV);
+    require!(mp::supports::decode_step(d_state, d_conv));
     require!(args.conv_state_in.dims() == [batch, conv_dim, d_conv]);
     require!(args.conv_state_out.dims() == [batch, conv_dim, d_conv]);
     require!(args.conv_state_out.is_contiguous() && args.state.is_contiguous());

@@ -49,7 +49,7 @@ pub(crate) fn causal_conv1d(args: &Conv1dArgs) -> Result<Option<(Tensor, Tensor)
     let suffix = some!(dtype_suffix(args.x.dtype()));
     let (batch, seqlen, channels) = args.x.dims3()?;
     let d_conv = args.weight.dim(1)?;
-    require!(d_conv <= layout::MAX_D_CONV);
+    require!(mp::supports::conv1d(d_conv));
     let p = mp::Conv1dParams {
         batch: some!(u32_of(batch)),
         seqlen: some!(u32_of(seqlen)),
@@ -106,7 +106,7 @@ pub(crate) fn causal_conv1d_update(
     let suffix = some!(dtype_suffix(x.dtype()));
     let (batch, channels) = x.dims2()?;
     let d_conv = weight.dim(1)?;
-    require!(d_conv <= layout::MAX_D_CONV);
+    require!(mp::supports::conv1d(d_conv));
     let p = mp::ConvUpdateParams {
         batch: some!(u32_of(batch)),
         channels: some!(u32_of(channels)),
@@ -200,7 +200,7 @@ pub(crate) fn ssd_chunk_scan(
     let (batch, seqlen, nheads, headdim) = args.x.dims4()?;
     let (_, _, ngroups, d_state) = args.b.dims4()?;
     // 16-row threadgroups and 8-wide d_state tiles (simdgroup_float8x8)
-    require!(headdim % layout::SSD_ROWS as usize == 0 && d_state % 8 == 0);
+    require!(mp::supports::ssd_chunk_scan(headdim, d_state));
     // the kernel reads dt, B, C, z in the activation dtype
     for t in [Some(args.dt), Some(args.b), Some(args.c), args.z]
         .into_iter()
@@ -272,7 +272,7 @@ pub(crate) fn selective_state_update(
     let suffix = some!(dtype_suffix(dtype));
     let (batch, nheads, headdim) = args.x.dims3()?;
     let (_, ngroups, d_state) = args.b.dims3()?;
-    require!(d_state <= layout::MAX_D_STATE_DECODE);
+    require!(mp::supports::state_update(d_state));
     for t in [Some(args.dt), Some(args.b), Some(args.c), args.z]
         .into_iter()
         .flatten()
