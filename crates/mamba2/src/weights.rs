@@ -522,6 +522,16 @@ fn open_source(path: &Path) -> Result<Source> {
                 pth = p;
             }
         }
+        // The reader only records torch tensor-rebuild calls and never runs a call, so a pickle
+        // made of other calls (os.system, eval, ...) yields nothing: say so rather than load an
+        // empty checkpoint.
+        if pth.tensor_infos().is_empty() {
+            return Err(bad(
+                "no tensors found: the pickle holds no torch tensor records (other objects and \
+                 calls in it are never executed)"
+                    .into(),
+            ));
+        }
         return Ok(Source::Pickle {
             path: path.to_path_buf(),
             pth,
