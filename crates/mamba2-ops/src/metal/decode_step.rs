@@ -7,8 +7,8 @@
 #![allow(dead_code)]
 
 use super::runtime::{
-    dispatch, dtype_suffix, f32_param, metal_device, output, pipeline, u32_of, Arg, Bind,
-    DECODE_STEP,
+    dispatch, dtype_suffix, f32_param, max_threads, metal_device, output, pipeline, u32_of, Arg,
+    Bind, DECODE_STEP,
 };
 use super::{require, some};
 use crate::metal_params::{self as mp, layout};
@@ -118,6 +118,7 @@ pub(crate) fn mamba2_decode_step(
     binds.push(Bind::Out(&sa));
     binds.push(Bind::Out(&ya));
     let rows = layout::SSU_ROWS as usize;
+    require!(max_threads(&pipe) >= 32 * rows);
     let groups = [headdim.div_ceil(rows), nheads, batch];
     dispatch(
         &dev,

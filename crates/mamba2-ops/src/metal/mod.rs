@@ -17,7 +17,8 @@ pub(crate) use decode_step::{mamba2_decode_step, DecodeStepArgs};
 use crate::metal_params::{self as mp, layout};
 use crate::{Conv1dArgs, GatedRmsNormArgs, Result, SsdArgs, SsdParams, StateUpdateArgs};
 use candle_core::{DType, Tensor};
-use runtime::{dispatch, dtype_suffix, f32_param, metal_device, output, pipeline, u32_of, Arg};
+use runtime::{dispatch, dtype_suffix, f32_param, max_threads, metal_device, output, pipeline};
+use runtime::{u32_of, Arg};
 use runtime::{Bind, CONV1D, RMS_NORM, SSD, STATE_UPDATE};
 
 /// Returns `Ok(None)` from the enclosing fast path when the condition does not hold.
@@ -91,6 +92,7 @@ pub(crate) fn causal_conv1d(args: &Conv1dArgs) -> Result<Option<(Tensor, Tensor)
         Bind::Out(&sa),
     ];
     let tg = [layout::CONV_CHANNELS_PER_GROUP as usize, 1, 1];
+    require!(max_threads(&pipe) >= tg[0]);
     dispatch(&dev, &pipe, "causal_conv1d_fwd", &binds, &p, groups, tg)?;
     Ok(Some((y, state)))
 }
@@ -133,7 +135,7 @@ pub(crate) fn causal_conv1d_update(
         Bind::In(&ba),
         Bind::Out(&ya),
     ];
-    let tg = channels.min(256);
+    let tg = channels.min(256).min(max_threads(&pipe));
     let groups = [channels.div_ceil(tg), batch, 1];
     dispatch(
         &dev,
@@ -176,7 +178,7 @@ pub(crate) fn conv_states_varlen(
     let (states, oa) = output(&dev, (nseq, channels, d_conv), DType::F32, "conv_states")?;
     let (xa, ca) = (Arg::of(&x)?, Arg::of(&cu)?);
     let binds = [Bind::In(&xa), Bind::In(&ca), Bind::Out(&oa)];
-    let tg = channels.min(256);
+    let tg = channels.min(256).min(max_threads(&pipe));
     let groups = [channels.div_ceil(tg), nseq, 1];
     dispatch(
         &dev,
@@ -259,6 +261,7 @@ pub(crate) fn ssd_chunk_scan(
     binds.push(Bind::Out(&sa));
     let groups = [headdim / layout::SSD_ROWS as usize, nheads, batch];
     let tg = [layout::SSD_THREADS as usize, 1, 1];
+    require!(max_threads(&pipe) >= tg[0]);
     dispatch(&dev, &pipe, "ssd_chunk_scan", &binds, &p, groups, tg)?;
     Ok(Some((y, state)))
 }
@@ -322,6 +325,7 @@ pub(crate) fn selective_state_update(
     binds.extend(ins.iter().map(Bind::In));
     binds.push(Bind::Out(&ya));
     let rows = layout::SSU_ROWS as usize;
+    require!(max_threads(&pipe) >= 32 * rows);
     let groups = [headdim.div_ceil(rows), nheads, batch];
     dispatch(
         &dev,
@@ -366,7 +370,11 @@ pub(crate) fn gated_rms_norm(args: &GatedRmsNormArgs) -> Result<Option<Tensor>> 
     let (xa, wa) = (Arg::of(&x)?, Arg::of(&w)?);
     let za = Arg::opt(z.as_ref(), &w)?;
     let binds = [Bind::In(&xa), Bind::In(&za), Bind::In(&wa), Bind::Out(&oa)];
-    let tg = args.group_size.next_multiple_of(32).min(256);
+    let tg = args
+        .group_size
+        .next_multiple_of(32)
+        .min(256)
+        .min(max_threads(&pipe));
     let groups = [dim / args.group_size, rows, 1];
     dispatch(
         &dev,
@@ -426,7 +434,7 @@ pub(crate) fn rms_norm_residual(
         Bind::Out(&na),
         Bind::Out(&ra),
     ];
-    let tg = dim.next_multiple_of(32).min(1024);
+    let tg = dim.next_multiple_of(32).min(1024).min(max_threads(&pipe));
     dispatch(
         &dev,
         &pipe,

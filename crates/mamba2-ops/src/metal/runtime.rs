@@ -209,3 +209,9 @@ pub(crate) fn f32_param(t: &Tensor) -> Result<Tensor> {
 pub(crate) fn u32_of(v: usize) -> Option<u32> {
     u32::try_from(v).ok()
 }
+
+/// Threads per threadgroup the pipeline allows (it depends on register use and can be below
+/// 1024), rounded down to whole simdgroups.
+pub(crate) fn max_threads(pipe: &ComputePipeline) -> usize {
+    (pipe.max_total_threads_per_threadgroup() / 32 * 32).max(32)
+}
