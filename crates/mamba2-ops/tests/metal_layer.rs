@@ -143,40 +143,73 @@ impl Ops for Reference {
         &self,
         xbc: &Tensor,
         dt: &Tensor,
-        z: &Tensor,
+        _z: &Tensor,
         conv_state: &mut Tensor,
         ssm_state: &mut Tensor,
         l: &Layer,
         dims: Dims,
     ) -> Tensor {
-        let act =
-            causal_conv1d_update_slow(xbc, conv_state, &l.conv_w, Some(&l.conv_b), true).unwrap();
-        let (x, b, c) = split_xbc(dims, &act);
-        let (bs, h, p, g, n) = (
-            dims.batch,
-            dims.nheads,
-            dims.headdim,
-            dims.ngroups,
-            dims.d_state,
-        );
-        let y = selective_state_update_slow(
-            &StateUpdateArgs {
-                state: ssm_state,
-                x: &x.reshape((bs, h, p)).unwrap(),
-                dt,
-                a: &l.a,
-                b: &b.reshape((bs, g, n)).unwrap(),
-                c: &c.reshape((bs, g, n)).unwrap(),
-                d: Some(&l.d),
-                z: None,
-                dt_bias: Some(&l.dt_bias),
-            },
-            &SsdParams::default(),
-        )
-        .unwrap();
-        let _ = z;
-        y.reshape((bs, h * p)).unwrap()
+        // the layer gates in the norm: no z in the SSM step
+        reference_step(xbc, dt, StepOpts::default(), conv_state, ssm_state, l, dims)
     }
+}
+
+/// Options of a decode step beyond the layer's own use.
+#[derive(Clone, Copy)]
+struct StepOpts<'a> {
+    /// `(batch, d_inner)`: gate inside the step.
+    z: Option<&'a Tensor>,
+    dt_limit: (f64, f64),
+}
+
+impl Default for StepOpts<'_> {
+    fn default() -> Self {
+        StepOpts {
+            z: None,
+            dt_limit: (0.0, f64::INFINITY),
+        }
+    }
+}
+
+/// Unfused reference step: conv update (in place) then selective state update (in place).
+fn reference_step(
+    xbc: &Tensor,
+    dt: &Tensor,
+    opts: StepOpts,
+    conv_state: &Tensor,
+    ssm_state: &Tensor,
+    l: &Layer,
+    dims: Dims,
+) -> Tensor {
+    let act = causal_conv1d_update_slow(xbc, conv_state, &l.conv_w, Some(&l.conv_b), true).unwrap();
+    let (x, b, c) = split_xbc(dims, &act);
+    let (bs, h, p, g, n) = (
+        dims.batch,
+        dims.nheads,
+        dims.headdim,
+        dims.ngroups,
+        dims.d_state,
+    );
+    let z = opts.z.map(|z| z.reshape((bs, h, p)).unwrap());
+    let y = selective_state_update_slow(
+        &StateUpdateArgs {
+            state: ssm_state,
+            x: &x.reshape((bs, h, p)).unwrap(),
+            dt,
+            a: &l.a,
+            b: &b.reshape((bs, g, n)).unwrap(),
+            c: &c.reshape((bs, g, n)).unwrap(),
+            d: Some(&l.d),
+            z: z.as_ref(),
+            dt_bias: Some(&l.dt_bias),
+        },
+        &SsdParams {
+            dt_limit: opts.dt_limit,
+            ..SsdParams::default()
+        },
+    )
+    .unwrap();
+    y.reshape((bs, h * p)).unwrap()
 }
 
 /// The Metal kernels, run by the harness (shuffled order).
@@ -330,8 +363,16 @@ impl Ops for Harness {
         dims: Dims,
     ) -> Tensor {
         let _ = z;
-        let (y, conv_out, ssm) =
-            run_decode_step(xbc, dt, conv_state, ssm_state, l, dims, self.mode);
+        let (y, conv_out, ssm) = run_decode_step(
+            xbc,
+            dt,
+            StepOpts::default(),
+            conv_state,
+            ssm_state,
+            l,
+            dims,
+            self.mode,
+        );
         *conv_state = conv_out;
         *ssm_state = ssm;
         y
@@ -339,9 +380,11 @@ impl Ops for Harness {
 }
 
 /// The fused decode step in the harness: returns `(y, new conv state, new ssm state)`.
+#[allow(clippy::too_many_arguments)]
 fn run_decode_step(
     xbc: &Tensor,
     dt: &Tensor,
+    opts: StepOpts,
     conv_state: &Tensor,
     ssm_state: &Tensor,
     l: &Layer,
@@ -349,6 +392,7 @@ fn run_decode_step(
     mode: Mode,
 ) -> (Tensor, Tensor, Tensor) {
     let dtype = xbc.dtype();
+    let (dt_clamp, dt_min, dt_max) = mamba2_ops::metal_params::dt_clamp(opts.dt_limit);
     let Dims {
         batch: bs,
         nheads: h,
@@ -368,12 +412,12 @@ fn run_decode_step(
         conv_dim: dims.conv_dim() as u32,
         has_conv_bias: 1,
         has_d: 1,
-        has_z: 0,
+        has_z: opts.z.is_some() as u32,
         has_dt_bias: 1,
         dt_softplus: 1,
-        dt_clamp: 0,
-        dt_min: 0.0,
-        dt_max: f32::INFINITY,
+        dt_clamp,
+        dt_min,
+        dt_max,
     };
     let ins = [HostBuf::from_tensor(xbc), HostBuf::from_tensor(conv_state)];
     let mut conv_out = HostBuf::poisoned(DType::F32, bs * dims.conv_dim() * d_conv);
@@ -383,7 +427,7 @@ fn run_decode_step(
         HostBuf::from_tensor(dt),
         HostBuf::from_tensor(&l.a),
         HostBuf::from_tensor(&l.d),
-        HostBuf::poisoned(dtype, 4),
+        HostBuf::opt(opts.z, dtype),
         HostBuf::from_tensor(&l.dt_bias),
     ];
     let mut state = HostBuf::from_tensor(ssm_state);
@@ -550,14 +594,23 @@ fn decode_step_matches_unfused_reference() {
                 1.0,
                 DType::F32,
             );
-            let (mut conv_ref, mut ssm_ref) = (conv0.copy().unwrap(), ssm0.copy().unwrap());
-            let y_ref = Reference.step(&xbc, &dt, &z, &mut conv_ref, &mut ssm_ref, &l, dims);
+            let (conv_ref, ssm_ref) = (conv0.copy().unwrap(), ssm0.copy().unwrap());
+            // gate inside the step for two configs, a dt clamp for the other
+            let opts = StepOpts {
+                z: (ci != 1).then_some(&z),
+                dt_limit: if ci == 1 {
+                    (0.05, 0.5)
+                } else {
+                    (0.0, f64::INFINITY)
+                },
+            };
+            let y_ref = reference_step(&xbc, &dt, opts, &conv_ref, &ssm_ref, &l, dims);
             let mode = if ci == 2 {
                 Mode::Checked
             } else {
                 Mode::Shuffled { seed: ci as u64 }
             };
-            let (y, conv, ssm) = run_decode_step(&xbc, &dt, &conv0, &ssm0, &l, dims, mode);
+            let (y, conv, ssm) = run_decode_step(&xbc, &dt, opts, &conv0, &ssm0, &l, dims, mode);
             let what = format!(
                 "decode step {dtype:?} {mode:?} H={nheads} P={headdim} G={ngroups} N={d_state}"
             );
