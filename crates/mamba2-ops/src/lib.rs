@@ -42,6 +42,8 @@ pub use conv1d::{
 };
 #[doc(hidden)]
 pub use cpu::fast_path_count;
+#[cfg(feature = "cuda")]
+pub use cuda::launch_count as cuda_launch_count;
 pub use error::{OpError, Result};
 pub use rms_norm::{
     gated_rms_norm, gated_rms_norm_slow, gated_rms_norm_with, rms_norm_residual,

@@ -1,12 +1,20 @@
-//! CUDA fast paths of the ops. Each function returns `Ok(None)` when its
+//! CUDA fast paths of the ops, kernels in `kernels/cuda/*.cu` (compiled to PTX by `build.rs`,
+//! launched on the Candle device's stream). Each function returns `Ok(None)` when its
 //! preconditions do not hold, and the dispatcher then falls back to the reference.
-#![allow(unused_variables)]
+
+mod conv1d;
+pub(crate) mod launch;
+
+pub use launch::launch_count;
+mod rms_norm;
+mod ssd;
+mod state_update;
 
 use crate::{Conv1dArgs, GatedRmsNormArgs, Result, SsdArgs, SsdParams, StateUpdateArgs};
 use candle_core::Tensor;
 
 pub(crate) fn causal_conv1d(args: &Conv1dArgs) -> Result<Option<(Tensor, Tensor)>> {
-    Ok(None)
+    Ok(conv1d::causal_conv1d(args)?)
 }
 
 pub(crate) fn causal_conv1d_update(
@@ -16,7 +24,9 @@ pub(crate) fn causal_conv1d_update(
     bias: Option<&Tensor>,
     silu: bool,
 ) -> Result<Option<Tensor>> {
-    Ok(None)
+    Ok(conv1d::causal_conv1d_update(
+        x, conv_state, weight, bias, silu,
+    )?)
 }
 
 pub(crate) fn conv_states_varlen(
@@ -24,25 +34,25 @@ pub(crate) fn conv_states_varlen(
     cu_seqlens: &[usize],
     d_conv: usize,
 ) -> Result<Option<Tensor>> {
-    Ok(None)
+    Ok(conv1d::conv_states_varlen(x, cu_seqlens, d_conv)?)
 }
 
 pub(crate) fn ssd_chunk_scan(
     args: &SsdArgs,
     params: &SsdParams,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    Ok(None)
+    Ok(ssd::ssd_chunk_scan(args, params)?)
 }
 
 pub(crate) fn selective_state_update(
     args: &StateUpdateArgs,
     params: &SsdParams,
 ) -> Result<Option<Tensor>> {
-    Ok(None)
+    Ok(state_update::selective_state_update(args, params)?)
 }
 
 pub(crate) fn gated_rms_norm(args: &GatedRmsNormArgs) -> Result<Option<Tensor>> {
-    Ok(None)
+    Ok(rms_norm::gated_rms_norm(args)?)
 }
 
 pub(crate) fn rms_norm_residual(
@@ -52,5 +62,11 @@ pub(crate) fn rms_norm_residual(
     eps: f64,
     residual_in_fp32: bool,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    Ok(None)
+    Ok(rms_norm::rms_norm_residual(
+        x,
+        residual,
+        weight,
+        eps,
+        residual_in_fp32,
+    )?)
 }

@@ -1,0 +1,234 @@
+//! Plumbing shared by the CUDA fast paths: device pointers of Candle tensors, stride checks,
+//! module loading (PTX built by `build.rs`, cached per device by Candle) and kernel launches on
+//! the device's stream. Nothing here synchronises with the host.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaFunction, CudaStream, DevicePtr, LaunchArgs, LaunchConfig,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
+use candle_core::{DType, Device, Shape, Storage, Tensor};
+use std::sync::Arc;
+use std::sync::OnceLock;
+
+/// PTX of `kernels/cuda/*.cu`, one `&str` per file (`CONV1D`, `SSD`, ...).
+pub(crate) mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/cuda_ptx.rs"));
+}
+
+pub(crate) type Result<T> = candle_core::Result<T>;
+
+/// The CUDA device of `t`, `None` for other devices.
+pub(crate) fn device(t: &Tensor) -> Option<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Some(d.clone()),
+        _ => None,
+    }
+}
+
+/// Dtype code understood by `load_any`/`store_any` in `common.cuh`.
+pub(crate) fn code(dt: DType) -> i32 {
+    match dt {
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        _ => 0,
+    }
+}
+
+/// Kernel name suffix of an activation dtype; `None` for dtypes the kernels do not take.
+pub(crate) fn suffix(dt: DType) -> Option<&'static str> {
+    match dt {
+        DType::F32 => Some("f32"),
+        DType::F16 => Some("f16"),
+        DType::BF16 => Some("bf16"),
+        _ => None,
+    }
+}
+
+/// Device address of the first element of `t` (its layout's start offset applied). The tensor
+/// must outlive the launch that uses the address; Candle frees stream-ordered, so a launch
+/// already queued is safe even if the tensor is dropped right after.
+pub(crate) fn ptr(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        candle_core::bail!("mamba2-ops cuda: tensor is not on a CUDA device")
+    };
+    let stream = dev.cuda_stream();
+    let off = layout.start_offset() as u64;
+    let (base, size) = match &cs.slice {
+        CudaStorageSlice::F32(s) => (s.device_ptr(&stream).0, 4),
+        CudaStorageSlice::F16(s) => (s.device_ptr(&stream).0, 2),
+        CudaStorageSlice::BF16(s) => (s.device_ptr(&stream).0, 2),
+        CudaStorageSlice::U32(s) => (s.device_ptr(&stream).0, 4),
+        CudaStorageSlice::I64(s) => (s.device_ptr(&stream).0, 8),
+        _ => candle_core::bail!("mamba2-ops cuda: unsupported dtype {:?}", cs.dtype()),
+    };
+    Ok(base + off * size)
+}
+
+/// [`ptr`] of an optional tensor, 0 (a null pointer for the kernel) when absent.
+pub(crate) fn opt_ptr(t: Option<&Tensor>, dev: &CudaDevice) -> Result<u64> {
+    t.map_or(Ok(0), |t| ptr(t, dev))
+}
+
+/// `t` itself when its last `inner` dimensions are contiguous (row-major, unit innermost
+/// stride), a contiguous copy otherwise; with the element strides of its outer dimensions.
+/// Views such as the x / B / C parts of a split projection stay copy-free.
+pub(crate) fn rows(t: &Tensor, inner: usize) -> Result<(Tensor, Vec<usize>)> {
+    let dims = t.dims();
+    let rank = dims.len();
+    let stride = t.layout().stride();
+    let mut expect = 1usize;
+    let mut ok = true;
+    for i in (rank - inner..rank).rev() {
+        if dims[i] != 1 && stride[i] != expect {
+            ok = false;
+        }
+        expect *= dims[i];
+    }
+    let t = if ok { t.clone() } else { t.contiguous()? };
+    let s = t.layout().stride()[..rank - inner].to_vec();
+    Ok((t, s))
+}
+
+/// A tensor seen as `(d0, d1, last)` with a contiguous last dimension, for the row kernels.
+/// The split depends on the shape only, so tensors of one shape (x and its gate) agree: rank 3
+/// keeps its two leading dimensions, rank 2 has `d0 = 1`, rank >= 4 is made contiguous.
+/// Returns `(tensor, d1, s0, s1)` with the element strides of `d0` and `d1`.
+pub(crate) fn rows2(t: &Tensor) -> Result<(Tensor, usize, usize, usize)> {
+    match t.rank() {
+        0 | 1 => Ok((t.contiguous()?, 1, 0, 0)),
+        2 => {
+            let (t, s) = rows(t, 1)?;
+            let d1 = t.dim(0)?;
+            Ok((t, d1, 0, s[0]))
+        }
+        3 => {
+            let (t, s) = rows(t, 1)?;
+            let d1 = t.dim(1)?;
+            Ok((t, d1, s[0], s[1]))
+        }
+        _ => {
+            let t = t.contiguous()?;
+            let last = *t.dims().last().unwrap();
+            let d1 = t.elem_count() / last.max(1);
+            Ok((t, d1, 0, last))
+        }
+    }
+}
+
+/// A kernel and the stream of the device it runs on (Candle's one stream per device).
+pub(crate) struct Kernel {
+    stream: Arc<CudaStream>,
+    func: CudaFunction,
+}
+
+impl Kernel {
+    pub(crate) fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+/// The kernel `name` of the PTX module `module`, loaded (JIT-compiled by the driver) once per
+/// device and cached by Candle.
+pub(crate) fn func(dev: &CudaDevice, module: &str, ptx: &str, name: &str) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, &format!("mamba2_ops_{module}"), ptx)?;
+    Ok(Kernel {
+        stream: dev.cuda_stream(),
+        func: f.into_cuda_function(),
+    })
+}
+
+/// Allows `bytes` of dynamic shared memory for `f` (needed above 48 KiB); fails when the device
+/// allows less, so the caller can fall back.
+pub(crate) fn allow_smem(dev: &CudaDevice, f: &Kernel, bytes: usize) -> Result<bool> {
+    let ctx = dev.cuda_stream().context().clone();
+    let max = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()?;
+    if bytes > max as usize {
+        return Ok(false);
+    }
+    if bytes > 48 * 1024 {
+        unsafe {
+            candle_core::cuda_backend::cudarc::driver::result::function::set_function_attribute(
+                f.func.cu_function(),
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .w()?;
+        }
+    }
+    Ok(true)
+}
+
+/// Launch configuration; the grid is checked against CUDA's limits (x < 2^31, y and z < 2^16)
+/// with 64-bit arithmetic, so no size is ever truncated.
+pub(crate) fn cfg(grid: (u64, u64, u64), block: u32, smem: usize) -> Option<LaunchConfig> {
+    if grid.0 == 0
+        || grid.0 >= 1 << 31
+        || grid.1 == 0
+        || grid.1 > 65535
+        || grid.2 == 0
+        || grid.2 > 65535
+    {
+        return None;
+    }
+    Some(LaunchConfig {
+        grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem as u32,
+    })
+}
+
+/// Launches `$func` with `$cfg` and the listed arguments (each a `DeviceRepr` value: device
+/// addresses as `u64`, sizes as `i64`, flags as `i32`, scalars as `f32`).
+macro_rules! launch {
+    ($func:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        $crate::cuda::launch::count_launch();
+        let mut builder = $func.builder();
+        $(
+            let arg = $arg;
+            builder.arg(&arg);
+        )*
+        // SAFETY: the argument list matches the kernel's signature in kernels/cuda (checked by
+        // the parity tests); every address belongs to a live tensor of the size the kernel reads.
+        unsafe { builder.launch($cfg) }.w().map(|_| ())
+    }};
+}
+pub(crate) use launch;
+
+thread_local! {
+    static LAUNCHES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+pub(crate) fn count_launch() {
+    LAUNCHES.with(|c| c.set(c.get() + 1));
+}
+
+/// Kernels launched by this crate's CUDA fast paths from the calling thread so far (a
+/// per-thread count, so concurrent callers do not disturb each other). For diagnostics: launches
+/// per decode step, and tests checking that the fast path (not the fallback) ran.
+pub fn launch_count() -> u64 {
+    LAUNCHES.with(|c| c.get())
+}
+
+/// Whether outputs are poisoned (NaN-filled) before the kernels write them: tests set
+/// `MAMBA2_CUDA_POISON=1` so that an element a kernel forgets to write shows up as NaN.
+fn poison() -> bool {
+    static POISON: OnceLock<bool> = OnceLock::new();
+    *POISON.get_or_init(|| std::env::var_os("MAMBA2_CUDA_POISON").is_some_and(|v| v != "0"))
+}
+
+/// A fresh output tensor: uninitialised (every kernel writes all of its outputs), or NaN-filled
+/// under `MAMBA2_CUDA_POISON`.
+pub(crate) fn output<S: Into<Shape>>(shape: S, dtype: DType, dev: &CudaDevice) -> Result<Tensor> {
+    let device = Device::Cuda(dev.clone());
+    if poison() {
+        return Tensor::full(f32::NAN, shape, &device)?.to_dtype(dtype);
+    }
+    // SAFETY: every caller passes the tensor to a kernel that writes each element.
+    unsafe { Tensor::empty(shape, dtype, &device) }
+}

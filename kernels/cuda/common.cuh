@@ -1,0 +1,86 @@
+// common.cuh: helpers shared by the mamba2-rs CUDA kernels.
+//
+// Conventions (see README.md in this folder):
+// - activations are f32 / f16 / bf16 (template parameter T, one instantiation per dtype, named
+//   <op>_<variant>_<dtype>); state and accumulation are always f32;
+// - small per-channel/per-head parameters (conv weight, bias, D, dt_bias, norm weight) and a few
+//   secondary tensors are read through a run-time dtype code (DT_F32/DT_F16/DT_BF16) so that a
+//   checkpoint may keep them in another dtype than the activations without a conversion launch;
+// - every index and size is 64-bit (long long): element counts may exceed 2^32;
+// - strided tensors are described by an element offset already applied to the pointer and the
+//   strides of their outer dimensions; the innermost dimension is always contiguous.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef long long i64;
+
+#define DT_F32 0
+#define DT_F16 1
+#define DT_BF16 2
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+// Load element i of a tensor whose dtype is known only at run time (uniform branch).
+__device__ __forceinline__ float load_any(const void* p, int dtype, i64 i) {
+    if (dtype == DT_F32) return ((const float*)p)[i];
+    if (dtype == DT_F16) return __half2float(((const __half*)p)[i]);
+    return __bfloat162float(((const __nv_bfloat16*)p)[i]);
+}
+
+__device__ __forceinline__ void store_any(void* p, int dtype, i64 i, float v) {
+    if (dtype == DT_F32) ((float*)p)[i] = v;
+    else if (dtype == DT_F16) ((__half*)p)[i] = __float2half_rn(v);
+    else ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float silu_f(float v) { return v / (1.0f + expf(-v)); }
+
+// softplus(v) = max(v, 0) + log1p(exp(-|v|)): the reference's overflow-free identity.
+__device__ __forceinline__ float softplus_f(float v) {
+    return fmaxf(v, 0.0f) + log1pf(expf(-fabsf(v)));
+}
+
+// dt -> clamp(softplus(dt + dt_bias), lo, hi), as ssd.rs `process_dt` (which clamps only when
+// the limit is not (0, inf): `clamp` is that flag, decided on the host).
+struct DtParams {
+    int softplus;
+    int clamp;
+    float lo;
+    float hi;
+};
+
+__device__ __forceinline__ float process_dt(float dt, float bias, DtParams p) {
+    float v = dt + bias;
+    if (p.softplus) v = softplus_f(v);
+    if (p.clamp) v = fminf(fmaxf(v, p.lo), p.hi);
+    return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+// `scratch` holds 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < nwarps ? scratch[lane] : 0.0f;
+    return warp_sum(t);
+}
