@@ -337,6 +337,9 @@ struct SsdCase {
     dt_limit: (f64, f64),
     /// chunk size of the reference (the kernel always uses 64)
     ref_chunk: usize,
+    /// `dt_bias` present and softplus applied (Mamba-2); otherwise `dt` is used as given
+    /// (then drawn positive)
+    dt_processing: bool,
 }
 
 fn run_ssd_case(case: &SsdCase, dtype: DType, mode: Mode, seed: u64) {
@@ -351,7 +354,12 @@ fn run_ssd_case(case: &SsdCase, dtype: DType, mode: Mode, seed: u64) {
     } = *case;
     let mut rng = StdRng::seed_from_u64(seed);
     let x = rand_t(&mut rng, &[bs, l, h, p], 1.0, dtype);
-    let dt = rand_range(&mut rng, &[bs, l, h], -4.0, -1.0)
+    let (dt_lo, dt_hi) = if case.dt_processing {
+        (-4.0, -1.0)
+    } else {
+        (0.005, 0.1)
+    };
+    let dt = rand_range(&mut rng, &[bs, l, h], dt_lo, dt_hi)
         .to_dtype(dtype)
         .unwrap();
     let a = rand_range(&mut rng, &[h], 0.0, 2.5)
@@ -363,7 +371,9 @@ fn run_ssd_case(case: &SsdCase, dtype: DType, mode: Mode, seed: u64) {
     let c = rand_t(&mut rng, &[bs, l, g, n], 1.0, dtype);
     let d = case.with_d.then(|| rand_t(&mut rng, &[h], 1.0, DType::F32));
     let z = case.z.then(|| rand_t(&mut rng, &[bs, l, h, p], 2.0, dtype));
-    let dt_bias = rand_range(&mut rng, &[h], -1.0, 0.5);
+    let dt_bias = case
+        .dt_processing
+        .then(|| rand_range(&mut rng, &[h], -1.0, 0.5));
     let init = case
         .init
         .then(|| rand_t(&mut rng, &[bs, h, p, n], 1.0, DType::F32));
@@ -376,13 +386,13 @@ fn run_ssd_case(case: &SsdCase, dtype: DType, mode: Mode, seed: u64) {
         c: &c,
         d: d.as_ref(),
         z: z.as_ref(),
-        dt_bias: Some(&dt_bias),
+        dt_bias: dt_bias.as_ref(),
         initial_state: init.as_ref(),
         seq_idx: seq_idx.as_ref(),
     };
     let params = SsdParams {
         chunk_size: case.ref_chunk,
-        dt_softplus: true,
+        dt_softplus: case.dt_processing,
         dt_limit: case.dt_limit,
     };
     let (y_ref, s_ref) = ssd_chunk_scan_slow(&args, &params).unwrap();
@@ -401,10 +411,10 @@ fn run_ssd_case(case: &SsdCase, dtype: DType, mode: Mode, seed: u64) {
         d_state: n as u32,
         has_d: case.with_d as u32,
         has_z: case.z as u32,
-        has_dt_bias: 1,
+        has_dt_bias: case.dt_processing as u32,
         has_init: case.init as u32,
         has_seq_idx: case.seq_idx as u32,
-        dt_softplus: 1,
+        dt_softplus: case.dt_processing as u32,
         dt_clamp: dt_clamp_flag,
         dt_min,
         dt_max,
@@ -417,7 +427,7 @@ fn run_ssd_case(case: &SsdCase, dtype: DType, mode: Mode, seed: u64) {
         HostBuf::from_tensor(&c),
         HostBuf::opt(d.as_ref(), DType::F32),
         HostBuf::opt(z.as_ref(), dtype),
-        HostBuf::from_tensor(&dt_bias),
+        HostBuf::opt(dt_bias.as_ref(), DType::F32),
         HostBuf::opt(init.as_ref(), DType::F32),
         HostBuf::opt(seq_idx.as_ref(), DType::U32),
     ];
@@ -466,6 +476,7 @@ fn ssd_cases() -> Vec<SsdCase> {
         seq_idx: false,
         dt_limit: (0.0, f64::INFINITY),
         ref_chunk: 32,
+        dt_processing: true,
     };
     vec![
         // 2 full chunks + a 2-token tail, 2 row blocks per head, initial state, D, z
@@ -494,6 +505,17 @@ fn ssd_cases() -> Vec<SsdCase> {
             d_state: 128,
             init: false,
             ref_chunk: 256,
+            ..base
+        },
+        // dt used as given (no dt_bias, no softplus), no D, exactly one full chunk
+        SsdCase {
+            batch: 2,
+            seqlen: 64,
+            nheads: 2,
+            headdim: 16,
+            with_d: false,
+            dt_processing: false,
+            ref_chunk: 64,
             ..base
         },
         // Codestral-like grouping: ngroups 8 (one head per group here), d_state 64
@@ -541,6 +563,7 @@ fn ssd_chunk_scan_checked() {
         seq_idx: true,
         dt_limit: (0.0, f64::INFINITY),
         ref_chunk: 64,
+        dt_processing: true,
     };
     run_ssd_case(&case, DType::F32, Mode::Checked, 50);
     run_ssd_case(&case, DType::BF16, Mode::CheckedShuffled { seed: 3 }, 51);
