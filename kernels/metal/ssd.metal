@@ -5,7 +5,8 @@
 //   y_t     = state_t C_t + D_h x_t, then y_t * silu(z_t)
 // computed chunk by chunk (64 tokens): inside a chunk in the quadratic form
 //   y[l] = sum_{s <= l} (C_l · B_s) exp(cum[l] - cum[s]) dt_s x_s  +  exp(cum[l]) C_l · state_in
-// and the state carried from chunk to chunk, in token order, in f32.
+// and the state carried from chunk to chunk, in token order, in f32. Two dispatches:
+// ssd_chunk_cb (C Bᵀ per chunk and group) then ssd_chunk_scan.
 //
 // Activations T are float, half or bfloat; A, D, dt_bias and states are f32; products run on
 // simdgroup_float8x8 tiles with f32 accumulation. Kernels are named `ssd_chunk_scan_<dtype>`.
@@ -52,7 +53,92 @@ METAL_FUNC float softplus_f(float v) {
     return max(v, 0.0f) + log(1.0f + exp(-abs(v)));
 }
 
-// ssd_chunk_scan_<dtype>
+// C and B tile of d_state columns n0 .. n0 + 8 of one chunk into threadgroup memory, token-major
+// (64 x 8 each); tokens past the end of the sequence read as 0 (the tail of the last chunk).
+template <typename T>
+METAL_FUNC void load_bc_tiles(
+    device const T* B,
+    device const T* C,
+    threadgroup float* bt,
+    threadgroup float* ct,
+    constant SsdScanParams& p,
+    uint b, uint g, uint c0, uint len, uint n0, ushort tid) {
+    for (uint i = tid; i < CHUNK * NT; i += NTHREADS) {
+        const uint l = i / NT;
+        const uint j = i % NT;
+        float cv = 0.0f;
+        float bv = 0.0f;
+        if (l < len) {
+            const ulong off = (((ulong)b * p.seqlen + c0 + l) * p.ngroups + g) * p.d_state + n0 + j;
+            cv = float(C[off]);
+            bv = float(B[off]);
+        }
+        ct[i] = cv;
+        bt[i] = bv;
+    }
+}
+
+// ssd_chunk_cb_<dtype>: stage 1 of the scan.
+// Reference: the `cb = C Bᵀ` term of mamba2_ops::ssd::ssd_chunk_scan_slow, per chunk and group
+// (heads of a group share it, so it is computed once here instead of in every scan threadgroup).
+// Arguments:
+//   B   [[buffer(0)]] (batch, seqlen, ngroups, d_state) T
+//   C   [[buffer(1)]] (batch, seqlen, ngroups, d_state) T
+//   cb  [[buffer(2)]] (batch, ngroups, nchunks, 64, 64) f32, out: cb[l, s] = C_l · B_s (rows
+//       and columns of tokens past seqlen are 0)
+//   p   [[buffer(3)]] SsdScanParams
+// Preconditions (host): d_state % 8 == 0.
+// Grid: (nchunks, ngroups, batch) threadgroups of 128 threads (4 simdgroups); simdgroup s
+// accumulates rows 16 s .. 16 s + 15 (16 simdgroup_float8x8 tiles) over d_state in 8-wide
+// tiles and stores them straight to device memory.
+// Threadgroup memory: C and B tiles, 2 x 64 x 8 f32 = 4 KB.
+template <typename T>
+kernel void ssd_chunk_cb(
+    device const T* B [[buffer(0)]],
+    device const T* C [[buffer(1)]],
+    device float* cb_out [[buffer(2)]],
+    constant SsdScanParams& p [[buffer(3)]],
+    uint3 tgid [[threadgroup_position_in_grid]],
+    ushort tid [[thread_index_in_threadgroup]],
+    ushort sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float ct[LEN_TOKNT];
+    threadgroup float bt[LEN_TOKNT];
+    const uint chunk = tgid.x;
+    const uint g = tgid.y;
+    const uint b = tgid.z;
+    const uint c0 = chunk * CHUNK;
+    const uint len = min((uint)CHUNK, p.seqlen - c0);
+    const uint nchunks = (p.seqlen + CHUNK - 1) / CHUNK;
+    simdgroup_float8x8 acc[2][8];
+    for (uint tr = 0; tr < 2; ++tr) {
+        for (uint tc = 0; tc < 8; ++tc) {
+            acc[tr][tc] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+        }
+    }
+    for (uint n0 = 0; n0 < p.d_state; n0 += NT) {
+        load_bc_tiles(B, C, bt, ct, p, b, g, c0, len, n0, tid);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint tr = 0; tr < 2; ++tr) {
+            simdgroup_float8x8 cm;
+            simdgroup_load(cm, ct + (16 * sg + 8 * tr) * NT, NT);
+            for (uint tc = 0; tc < 8; ++tc) {
+                simdgroup_float8x8 bm;  // Bᵀ tile: (n, s)
+                simdgroup_load(bm, bt + 8 * tc * NT, NT, ulong2(0, 0), true);
+                simdgroup_multiply_accumulate(acc[tr][tc], cm, bm, acc[tr][tc]);
+            }
+        }
+        // the tiles are rewritten by the next pass
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    device float* out = cb_out + (((ulong)b * p.ngroups + g) * nchunks + chunk) * LEN_TOKTOK;
+    for (uint tr = 0; tr < 2; ++tr) {
+        for (uint tc = 0; tc < 8; ++tc) {
+            simdgroup_store(acc[tr][tc], out + (16 * sg + 8 * tr) * CHUNK + 8 * tc, CHUNK);
+        }
+    }
+}
+
+// ssd_chunk_scan_<dtype>: stage 2 of the scan.
 // Reference: mamba2_ops::ssd::ssd_chunk_scan_slow (chunk_size does not change the result).
 // Arguments:
 //   x        [[buffer(0)]]  (batch, seqlen, nheads, headdim) T
@@ -69,7 +155,8 @@ METAL_FUNC float softplus_f(float v) {
 //   y        [[buffer(10)]] (batch, seqlen, nheads, headdim) T, out
 //   state    [[buffer(11)]] (batch, nheads, headdim, d_state) f32, out: the final state; also
 //                           the carried state between chunks (each threadgroup owns its rows)
-//   p        [[buffer(12)]] SsdScanParams
+//   cb       [[buffer(12)]] (batch, ngroups, nchunks, 64, 64) f32: C Bᵀ from ssd_chunk_cb
+//   p        [[buffer(13)]] SsdScanParams
 // Preconditions (host): headdim % 16 == 0, d_state % 8 == 0.
 // Grid: (headdim / 16, nheads, batch) threadgroups of 128 threads (4 simdgroups); threadgroup
 // (pb, h, b) owns state rows 16 pb .. 16 pb + 15 of head h and walks the chunks in order.
@@ -78,17 +165,17 @@ METAL_FUNC float softplus_f(float v) {
 //      tokens per lane) and the run (packed-sequence segment) index of each token;
 //   2. xs = dt x and xw = dt x exp(cum[end] - cum[s]) (0 outside the last run) for 16 rows;
 //   3. over d_state in tiles of 8: C, B tiles to threadgroup memory; simdgroup s accumulates
-//      rows 16 s .. 16 s + 15 of C Bᵀ (64 x 64, 16 tiles) and of C stateᵀ (64 x 16);
+//      rows 16 s .. 16 s + 15 of C stateᵀ (64 x 16);
 //      state[:, tile] = exp(cum[end]) state + xwᵀ B (two 8 x 8 tiles) is computed in
 //      registers and stored by simdgroups 0 and 1 after a barrier, once every simdgroup has
 //      read the old tile;
-//   4. C Bᵀ masked by s <= l, same run, times exp(cum[l] - cum[s]);
+//   4. C Bᵀ (stage 1) masked by s <= l, same run, times exp(cum[l] - cum[s]);
 //   5. y_diag = M xs on 8x8 tiles (tiles above the diagonal skipped);
 //   6. y = y_diag + exp(cum[l]) C stateᵀ (if l continues the entering state) + D x, gated.
 // The last chunk may be partial (tail): loads past seqlen are predicated to 0 and padding
 // tokens get dt = 0 (decay 1, no input), so they change neither outputs nor the state.
-// Threadgroup memory (f32): xs 64x16 (4 KB) + xw 64x16 (4 KB) + C Bᵀ 64x64 (16 KB, reused to
-// stage y) + C, B tiles 2 x 64x8 (4 KB) + dt, cum, run 3 x 64 (768 B) = 29440 B < 32 KB.
+// Threadgroup memory (f32): xs 64x16 (4 KB) + xw 64x16 (4 KB) + masked C Bᵀ 64x64 (16 KB,
+// reused to stage y) + C, B tiles 2 x 64x8 (4 KB) + dt, cum, run 3 x 64 (768 B) = 29440 B < 32 KB.
 template <typename T>
 kernel void ssd_chunk_scan(
     device const T* x [[buffer(0)]],
@@ -103,7 +190,8 @@ kernel void ssd_chunk_scan(
     device const uint* seq_idx [[buffer(9)]],
     device T* y [[buffer(10)]],
     device float* state [[buffer(11)]],
-    constant SsdScanParams& p [[buffer(12)]],
+    device const float* cb_in [[buffer(12)]],
+    constant SsdScanParams& p [[buffer(13)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     ushort tid [[thread_index_in_threadgroup]],
     ushort sg [[simdgroup_index_in_threadgroup]],
@@ -136,6 +224,7 @@ kernel void ssd_chunk_scan(
     const float dt_b = p.has_dt_bias != 0 ? dt_bias[h] : 0.0f;
     device const uint* ids = seq_idx + (ulong)b * p.seqlen;
     uint state_run = 0;  // run index the carried state belongs to (run 0: the initial state)
+    const uint nchunks = (p.seqlen + CHUNK - 1) / CHUNK;
 
     for (uint c0 = 0; c0 < p.seqlen; c0 += CHUNK) {
         const uint len = min((uint)CHUNK, p.seqlen - c0);
@@ -192,40 +281,19 @@ kernel void ssd_chunk_scan(
             xw[i] = runs[l] == run_end ? v * exp(cum_end - cum[l]) : 0.0f;
         }
 
-        // 3. one pass over d_state: C Bᵀ, C stateᵀ, state update
-        simdgroup_float8x8 acc_cb[2][8];
+        // 3. one pass over d_state: C stateᵀ, state update
         simdgroup_float8x8 acc_off[2][2];
         for (uint tr = 0; tr < 2; ++tr) {
-            for (uint tc = 0; tc < 8; ++tc) {
-                acc_cb[tr][tc] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-            }
             for (uint pc = 0; pc < 2; ++pc) {
                 acc_off[tr][pc] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
             }
         }
         for (uint n0 = 0; n0 < N; n0 += NT) {
-            for (uint i = tid; i < CHUNK * NT; i += NTHREADS) {
-                const uint l = i / NT;
-                const uint j = i % NT;
-                float cv = 0.0f;
-                float bv = 0.0f;
-                if (full || l < len) {
-                    const ulong off = (((ulong)b * p.seqlen + c0 + l) * p.ngroups + g) * N + n0 + j;
-                    cv = float(C[off]);
-                    bv = float(B[off]);
-                }
-                ct[i] = cv;
-                bt[i] = bv;
-            }
+            load_bc_tiles(B, C, bt, ct, p, b, g, c0, len, n0, tid);
             threadgroup_barrier(mem_flags::mem_threadgroup);
             for (uint tr = 0; tr < 2; ++tr) {
                 simdgroup_float8x8 cm;
                 simdgroup_load(cm, ct + (16 * sg + 8 * tr) * NT, NT);
-                for (uint tc = 0; tc < 8; ++tc) {
-                    simdgroup_float8x8 bm;  // Bᵀ tile: (n, s)
-                    simdgroup_load(bm, bt + 8 * tc * NT, NT, ulong2(0, 0), true);
-                    simdgroup_multiply_accumulate(acc_cb[tr][tc], cm, bm, acc_cb[tr][tc]);
-                }
                 for (uint pc = 0; pc < 2; ++pc) {
                     simdgroup_float8x8 sm;  // stateᵀ tile: (n, p)
                     simdgroup_load(sm, S + 8 * pc * N + n0, N, ulong2(0, 0), true);
@@ -259,18 +327,13 @@ kernel void ssd_chunk_scan(
         }
 
         // 4. M[l, s] = (C Bᵀ)[l, s] exp(cum[l] - cum[s]) for s <= l in the same run
-        for (uint tr = 0; tr < 2; ++tr) {
-            for (uint tc = 0; tc < 8; ++tc) {
-                simdgroup_store(acc_cb[tr][tc], cb + (16 * sg + 8 * tr) * CHUNK + 8 * tc, CHUNK);
-            }
-        }
-        threadgroup_barrier(mem_flags::mem_threadgroup);
+        device const float* cbc = cb_in + (((ulong)b * p.ngroups + g) * nchunks + c0 / CHUNK) * LEN_TOKTOK;
         for (uint i = tid; i < CHUNK * CHUNK; i += NTHREADS) {
             const uint l = i / CHUNK;
             const uint s = i % CHUNK;
             float m = 0.0f;
             if (s <= l && runs[s] == runs[l]) {
-                m = cb[i] * exp(cum[l] - cum[s]);
+                m = cbc[i] * exp(cum[l] - cum[s]);
             }
             cb[i] = m;
         }
@@ -324,12 +387,18 @@ kernel void ssd_chunk_scan(
     }
 }
 
+typedef decltype(ssd_chunk_cb<float>) ssd_chunk_cb_f32_t;
+typedef decltype(ssd_chunk_cb<half>) ssd_chunk_cb_f16_t;
+template [[host_name("ssd_chunk_cb_f32")]] kernel ssd_chunk_cb_f32_t ssd_chunk_cb<float>;
+template [[host_name("ssd_chunk_cb_f16")]] kernel ssd_chunk_cb_f16_t ssd_chunk_cb<half>;
 typedef decltype(ssd_chunk_scan<float>) ssd_chunk_scan_f32_t;
 typedef decltype(ssd_chunk_scan<half>) ssd_chunk_scan_f16_t;
 template [[host_name("ssd_chunk_scan_f32")]] kernel ssd_chunk_scan_f32_t ssd_chunk_scan<float>;
 template [[host_name("ssd_chunk_scan_f16")]] kernel ssd_chunk_scan_f16_t ssd_chunk_scan<half>;
 // bfloat needs MSL 3.1 (macOS 14).
 #if !defined(__METAL_VERSION__) || __METAL_VERSION__ >= 310
+typedef decltype(ssd_chunk_cb<bfloat>) ssd_chunk_cb_bf16_t;
+template [[host_name("ssd_chunk_cb_bf16")]] kernel ssd_chunk_cb_bf16_t ssd_chunk_cb<bfloat>;
 typedef decltype(ssd_chunk_scan<bfloat>) ssd_chunk_scan_bf16_t;
 template [[host_name("ssd_chunk_scan_bf16")]] kernel ssd_chunk_scan_bf16_t ssd_chunk_scan<bfloat>;
 #endif

@@ -214,3 +214,55 @@ pub fn assert_close(got: &Tensor, want: &Tensor, dtype: DType, what: &str) {
         );
     }
 }
+
+/// The two SSD stages in the harness, as the Metal dispatch encodes them: `ssd_chunk_cb_*` into
+/// a scratch buffer, then `ssd_chunk_scan_*`. `ins` are the scan's buffers 0..=9
+/// (`x, dt, A, B, C, D, z, dt_bias, init, seq_idx`); returns `(y, final_state)`.
+pub fn run_ssd_kernels(
+    ins: &[HostBuf; 10],
+    prm: &mamba2_ops::metal_params::SsdScanParams,
+    dtype: DType,
+    mode: msl_harness::Mode,
+) -> Result<(HostBuf, HostBuf), msl_harness::Error> {
+    use mamba2_ops::metal_params::{layout, KernelParams};
+    let (bs, l, h, p, g, n) = (
+        prm.batch as usize,
+        prm.seqlen as usize,
+        prm.nheads as usize,
+        prm.headdim as usize,
+        prm.ngroups as usize,
+        prm.d_state as usize,
+    );
+    let chunk = layout::SSD_CHUNK as usize;
+    let nchunks = l.div_ceil(chunk);
+    let lib = library("ssd.metal");
+    let mut cb = HostBuf::poisoned(DType::F32, bs * g * nchunks * chunk * chunk);
+    {
+        let mut k = lib.kernel(&kernel_name("ssd_chunk_cb", dtype))?;
+        ins[3].input(&mut k, 0);
+        ins[4].input(&mut k, 1);
+        cb.output(&mut k, 2);
+        k.raw_bytes(3, prm.as_bytes())
+            .grid([nchunks as u32, g as u32, bs as u32])
+            .threadgroup([layout::SSD_THREADS, 1, 1])
+            .mode(mode)
+            .dispatch()?;
+    }
+    let mut y = HostBuf::poisoned(dtype, bs * l * h * p);
+    let mut s = HostBuf::poisoned(DType::F32, bs * h * p * n);
+    {
+        let mut k = lib.kernel(&kernel_name("ssd_chunk_scan", dtype))?;
+        for (i, buf) in ins.iter().enumerate() {
+            buf.input(&mut k, i);
+        }
+        y.output(&mut k, 10);
+        s.output(&mut k, 11);
+        cb.input(&mut k, 12);
+        k.raw_bytes(13, prm.as_bytes())
+            .grid([(p as u32) / layout::SSD_ROWS, h as u32, bs as u32])
+            .threadgroup([layout::SSD_THREADS, 1, 1])
+            .mode(mode)
+            .dispatch()?;
+    }
+    Ok((y, s))
+}

@@ -431,20 +431,7 @@ fn run_ssd_case(case: &SsdCase, dtype: DType, mode: Mode, seed: u64) {
         HostBuf::opt(init.as_ref(), DType::F32),
         HostBuf::opt(seq_idx.as_ref(), DType::U32),
     ];
-    let mut y = HostBuf::poisoned(dtype, bs * l * h * p);
-    let mut s = HostBuf::poisoned(DType::F32, bs * h * p * n);
-    let lib = library("ssd.metal");
-    let mut k = lib.kernel(&kernel_name("ssd_chunk_scan", dtype)).unwrap();
-    for (i, buf) in bufs.iter().enumerate() {
-        buf.input(&mut k, i);
-    }
-    y.output(&mut k, 10);
-    s.output(&mut k, 11);
-    k.raw_bytes(12, prm.as_bytes())
-        .grid([(p as u32) / layout::SSD_ROWS, h as u32, bs as u32])
-        .threadgroup([layout::SSD_THREADS, 1, 1])
-        .mode(mode)
-        .dispatch()
+    let (y, s) = run_ssd_kernels(&bufs, &prm, dtype, mode)
         .unwrap_or_else(|e| panic!("ssd {dtype:?} {mode:?}: {e}"));
     let what = format!("ssd {dtype:?} {mode:?} L={l} H={h} P={p} G={g} N={n}");
     assert_close(

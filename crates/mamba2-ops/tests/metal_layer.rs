@@ -299,21 +299,7 @@ impl Ops for Harness {
             HostBuf::poisoned(DType::F32, 4),
             HostBuf::poisoned(DType::U32, 4),
         ];
-        let mut y = HostBuf::poisoned(dtype, bs * l * h * p);
-        let mut s = HostBuf::poisoned(DType::F32, bs * h * p * n);
-        let lib = library("ssd.metal");
-        let mut k = lib.kernel(&kernel_name("ssd_chunk_scan", dtype)).unwrap();
-        for (i, buf) in bufs.iter().enumerate() {
-            buf.input(&mut k, i);
-        }
-        y.output(&mut k, 10);
-        s.output(&mut k, 11);
-        k.raw_bytes(12, prm.as_bytes())
-            .grid([(p as u32) / layout::SSD_ROWS, h as u32, bs as u32])
-            .threadgroup([layout::SSD_THREADS, 1, 1])
-            .mode(self.mode)
-            .dispatch()
-            .unwrap();
+        let (y, s) = run_ssd_kernels(&bufs, &prm, dtype, self.mode).unwrap();
         (y.to_tensor(&[bs, l, h, p]), s.to_tensor(&[bs, h, p, n]))
     }
 

@@ -228,7 +228,10 @@ pub(crate) fn ssd_chunk_scan(
         dt_min,
         dt_max,
     };
+    let pipe_cb = some!(pipeline(&dev, SSD, &format!("ssd_chunk_cb_{suffix}"))?);
     let pipe = some!(pipeline(&dev, SSD, &format!("ssd_chunk_scan_{suffix}"))?);
+    let tg = [layout::SSD_THREADS as usize, 1, 1];
+    require!(max_threads(&pipe) >= tg[0] && max_threads(&pipe_cb) >= tg[0]);
     let c = |t: &Tensor| t.contiguous();
     let (x, dt, b, cm) = (c(args.x)?, c(args.dt)?, c(args.b)?, c(args.c)?);
     let a = f32_param(args.a)?;
@@ -256,12 +259,24 @@ pub(crate) fn ssd_chunk_scan(
         Arg::opt(init.as_ref(), &a)?,
         Arg::opt(seq.as_ref(), &a)?,
     ];
+    // stage 1: C Bᵀ per (batch, group, chunk), shared by the heads of a group
+    let chunk = layout::SSD_CHUNK as usize;
+    let nchunks = seqlen.div_ceil(chunk);
+    let (_cb, cba) = output(
+        &dev,
+        (batch, ngroups, nchunks, chunk, chunk),
+        DType::F32,
+        "ssd_cb",
+    )?;
+    let cb_binds = [Bind::In(&ins[3]), Bind::In(&ins[4]), Bind::Out(&cba)];
+    let cb_groups = [nchunks, ngroups, batch];
+    dispatch(&dev, &pipe_cb, "ssd_chunk_cb", &cb_binds, &p, cb_groups, tg)?;
+    // stage 2: the scan over chunks
     let mut binds: Vec<Bind> = ins.iter().map(Bind::In).collect();
     binds.push(Bind::Out(&ya));
     binds.push(Bind::Out(&sa));
+    binds.push(Bind::In(&cba));
     let groups = [headdim / layout::SSD_ROWS as usize, nheads, batch];
-    let tg = [layout::SSD_THREADS as usize, 1, 1];
-    require!(max_threads(&pipe) >= tg[0]);
     dispatch(&dev, &pipe, "ssd_chunk_scan", &binds, &p, groups, tg)?;
     Ok(Some((y, state)))
 }
