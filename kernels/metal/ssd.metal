@@ -9,7 +9,7 @@
 // ssd_chunk_cb (C Bᵀ per chunk and group) then ssd_chunk_scan.
 //
 // Activations T are float, half or bfloat; A, D, dt_bias and states are f32; products run on
-// simdgroup_float8x8 tiles with f32 accumulation. Kernels are named `ssd_chunk_scan_<dtype>`.
+// simdgroup_float8x8 tiles with f32 accumulation. Kernels: `ssd_chunk_cb_<dtype>`, `ssd_chunk_scan_<dtype>`.
 #include <metal_stdlib>
 using namespace metal;
 
