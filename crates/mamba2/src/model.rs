@@ -66,6 +66,16 @@ pub struct Mamba2Model {
     max_prefill_tokens: usize,
 }
 
+/// The activation dtypes the ops implement; anything else would fail later, inside an op.
+fn check_model_dtype(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
+        other => Err(Error::Dtype(format!(
+            "model dtype {other:?} is not supported; use f32, f16 or bf16"
+        ))),
+    }
+}
+
 fn layer_name(i: usize, rest: &str) -> String {
     format!("backbone.layers.{i}.{rest}")
 }
@@ -75,14 +85,7 @@ impl Mamba2Model {
     /// device. `A_log`, `D` and `dt_bias` are kept in f32 whatever `dtype` is.
     pub fn from_weights(config: &Mamba2Config, weights: &Weights, dtype: DType) -> Result<Self> {
         config.validate()?;
-        match dtype {
-            DType::F32 | DType::F16 | DType::BF16 => {}
-            other => {
-                return Err(Error::Dtype(format!(
-                    "model dtype {other:?} is not supported; use f32, f16 or bf16"
-                )))
-            }
-        }
+        check_model_dtype(dtype)?;
         let c = config;
         let emb_name = "backbone.embeddings.weight";
         let rows = match weights.shape(emb_name) {
@@ -121,7 +124,9 @@ impl Mamba2Model {
                 source_desc: source_desc(weights),
             });
         };
-        let mut blocks = Vec::with_capacity(c.n_layer);
+        // Not `with_capacity(n_layer)`: the config's layer count is only checked against the
+        // checkpoint tensor by tensor, and a hostile config must not reserve memory for it.
+        let mut blocks = Vec::new();
         for i in 0..c.n_layer {
             let t = |rest: &str, shape: &[usize], dt: DType| {
                 weights.tensor(&layer_name(i, rest), shape, dt)
@@ -208,6 +213,7 @@ impl Mamba2Model {
     /// Deterministic for a given `seed`.
     pub fn random(config: &Mamba2Config, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
         config.validate()?;
+        check_model_dtype(dtype)?;
         let c = config;
         let mut rng = crate::random::SplitMix64::new(seed);
         let mut randn = |shape: &[usize], std: f32, mean: f32| -> Result<Tensor> {
