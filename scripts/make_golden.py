@@ -32,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from transformers import GenerationConfig, Mamba2ForCausalLM  # noqa: E402
 
@@ -83,6 +83,53 @@ def greedy(model, tok: Tokenizer, prompt: str) -> tuple:
         seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
     uncached_agrees = bool(torch.equal(seq[0, ids.shape[1]:], new))
     return ids[0], new, margins, uncached_agrees
+
+
+@torch.no_grad()
+def sequential_reference(weights: dict, config: dict, ids: torch.Tensor) -> torch.Tensor:
+    """Independent float64 Mamba-2 forward, one token at a time, written from mamba_ssm semantics.
+
+    Not HF code: a cross-check that HF's chunked path computes what mamba_ssm defines (grouped B/C
+    with heads of a group contiguous, gated RMSNorm per group of d_inner/n_groups after the gate).
+    """
+    w = {k: v.double() for k, v in weights.items()}
+    d_inner = config["expand"] * config["hidden_size"]
+    n_heads, head_dim = config["num_heads"], config["head_dim"]
+    groups, d_state, eps = config["n_groups"], config["state_size"], config["layer_norm_epsilon"]
+    heads_per_group = n_heads // groups
+
+    def rmsnorm(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    hidden = w["backbone.embeddings.weight"][ids]  # (T, d_model)
+    for layer in range(config["num_hidden_layers"]):
+        p = f"backbone.layers.{layer}."
+        zxbcdt = rmsnorm(hidden, w[p + "norm.weight"]) @ w[p + "mixer.in_proj.weight"].T
+        z, xbc, dt = zxbcdt.split([d_inner, d_inner + 2 * groups * d_state, n_heads], dim=-1)
+        conv_w, conv_b = w[p + "mixer.conv1d.weight"][:, 0], w[p + "mixer.conv1d.bias"]  # (C, K), (C,)
+        k = conv_w.shape[1]
+        padded = torch.cat([torch.zeros(k - 1, xbc.shape[1], dtype=xbc.dtype), xbc])  # (T+K-1, C)
+        xbc = torch.stack([(padded[t:t + k] * conv_w.T).sum(0) for t in range(len(ids))]) + conv_b
+        xbc = torch.nn.functional.silu(xbc)
+        x, b, c = xbc.split([d_inner, groups * d_state, groups * d_state], dim=-1)
+        dt = torch.nn.functional.softplus(dt + w[p + "mixer.dt_bias"])  # (T, H)
+        a = -torch.exp(w[p + "mixer.A_log"])  # (H,)
+        state = torch.zeros(n_heads, head_dim, d_state, dtype=torch.float64)
+        ys = []
+        for t in range(len(ids)):
+            xt = x[t].view(n_heads, head_dim)
+            bt = b[t].view(groups, d_state).repeat_interleave(heads_per_group, 0)  # (H, N)
+            ct = c[t].view(groups, d_state).repeat_interleave(heads_per_group, 0)  # (H, N)
+            decay = torch.exp(dt[t] * a)  # (H,)
+            state = decay[:, None, None] * state + (dt[t][:, None] * xt)[:, :, None] * bt[:, None, :]
+            yt = (state * ct[:, None, :]).sum(-1) + w[p + "mixer.D"][:, None] * xt  # (H, P)
+            ys.append(yt.reshape(d_inner))
+        y = torch.stack(ys) * torch.nn.functional.silu(z)  # (T, d_inner)
+        y = y.view(len(ids), groups, d_inner // groups)
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).view(len(ids), d_inner)
+        hidden = hidden + (y * w[p + "mixer.norm.weight"]) @ w[p + "mixer.out_proj.weight"].T
+    hidden = rmsnorm(hidden, w["backbone.norm_f.weight"])
+    return (hidden @ w["backbone.embeddings.weight"].T).float()
 
 
 @torch.no_grad()
@@ -144,6 +191,14 @@ def main():
     with torch.no_grad():
         logits_stored = model_stored(input_ids=text_ids).logits[0].float()
 
+    # Cross-check HF against the independent sequential reference on the shipped weights.
+    reference = sequential_reference(load_file(str(args.model / "model.safetensors")), config, text_ids[0])
+    reference_diff = float((reference - logits_f32).abs().max())
+    assert reference_diff < 1e-3, f"HF and the sequential mamba_ssm-semantics reference differ by {reference_diff}"
+    long_reference = sequential_reference(load_file(str(args.model / "model.safetensors")), config, long_ids[0])
+    long_reference_diff = float((long_reference - long_logits).abs().max())
+    assert long_reference_diff < 1e-3, f"long text: HF and the reference differ by {long_reference_diff}"
+
     tensors.update({
         "text_ids": text_ids[0].to(torch.int64),
         "text_logits_f32": logits_f32.contiguous(),
@@ -156,6 +211,8 @@ def main():
     meta.update({
         "text_tokens": text_ids.shape[1], "long_text_tokens": long_ids.shape[1], "chunk_size": chunk,
         "vocab_size": logits_f32.shape[-1],
+        "max_abs_diff_f32_vs_independent_f64_sequential_reference": reference_diff,
+        "max_abs_diff_long_f32_vs_independent_f64_sequential_reference": long_reference_diff,
         "max_abs_diff_f32_vs_stepwise": float((logits_f32 - stepwise).abs().max()),
         "max_abs_diff_f32_vs_stored_dtype": float((logits_f32 - logits_stored).abs().max()),
         "max_abs_logit_f32": float(logits_f32.abs().max()),
