@@ -235,7 +235,39 @@ impl Weights {
                 Tensor::from_raw_buffer(bytes, stored, shape, dev)
                     .map_err(|e| load_err(e.to_string()))?
             }
-            Source::Pickle { pth, .. } => {
+            Source::Pickle { pth, path } => {
+                // The pickle's size, stride and offset fields are not checked by the reader, which
+                // allocates the whole tensor before reading: a record claiming 2^40 elements
+                // aborts the process on allocation. Its bytes must fit in the file (torch.save
+                // stores tensor data uncompressed).
+                let file_len = std::fs::metadata(path)
+                    .map_err(|e| Error::io(path, e))?
+                    .len();
+                let info = pth
+                    .tensor_infos()
+                    .get(&entry.stored_name)
+                    .expect("entry comes from these infos");
+                let layout = &info.layout;
+                let elem = info.dtype.size_in_bytes();
+                let extent = layout
+                    .dims()
+                    .iter()
+                    .zip(layout.stride())
+                    .try_fold(0usize, |acc, (&d, &s)| {
+                        acc.checked_add(d.checked_sub(1)?.checked_mul(s)?)
+                    })
+                    .and_then(|last| last.checked_add(1)?.checked_mul(elem))
+                    .and_then(|bytes| bytes.checked_add(layout.start_offset()));
+                let empty = layout.dims().contains(&0);
+                if !empty && extent.is_none_or(|bytes| bytes as u64 > file_len) {
+                    return Err(load_err(format!(
+                        "its record (shape {:?}, strides {:?}, byte offset {}) needs more bytes \
+                         than the whole file has ({file_len})",
+                        layout.dims(),
+                        layout.stride(),
+                        layout.start_offset()
+                    )));
+                }
                 let got = catch_panic(|| pth.get(&entry.stored_name)).map_err(load_err)?;
                 got.map_err(|e| load_err(e.to_string()))?
                     .ok_or_else(|| load_err("listed but not readable".into()))?

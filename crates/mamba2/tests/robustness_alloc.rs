@@ -97,3 +97,41 @@ fn the_tracker_sees_large_allocations() {
     assert_eq!(v.len(), 64 * MIB);
     assert!(largest >= 64 * MIB);
 }
+
+#[test]
+fn pickle_records_with_lying_sizes_are_refused_before_allocating() {
+    // tests/data/hostile_sizes.bin (make_malicious_pickles.py): `huge` claims 128 GiB of f32 over
+    // a 16-byte storage, `overflow` more bytes than a usize holds; `ok` is genuine.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pytorch_model.bin");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hostile_sizes.bin"),
+        &path,
+    )
+    .unwrap();
+    let w =
+        mamba2::weights::Weights::from_files(std::slice::from_ref(&path), &Device::Cpu).unwrap();
+    assert_eq!(w.names(), vec!["huge", "ok", "overflow"]);
+    for name in ["huge", "overflow"] {
+        let shape = w.shape(name).unwrap();
+        let (result, largest) = largest_allocation(|| w.tensor(name, &shape, DType::F32));
+        match result {
+            Err(e @ Error::WeightFile { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("pytorch_model.bin"), "{msg}");
+                assert!(msg.contains(&format!("`{name}`")), "{msg}");
+                assert!(msg.contains("needs more bytes"), "{msg}");
+            }
+            other => panic!("{name}: expected WeightFile, got {other:?}"),
+        }
+        assert!(
+            largest < 16 * MIB,
+            "{name}: largest allocation {largest} bytes"
+        );
+    }
+    let ok = w.tensor("ok", &[2, 2], DType::F32).unwrap();
+    assert_eq!(
+        ok.to_vec2::<f32>().unwrap(),
+        vec![vec![1.0, 2.0], vec![3.0, 4.0]]
+    );
+}

@@ -11,6 +11,9 @@ unpickled by a loader that executes GLOBAL/REDUCE (Python's `pickle.load`, or `t
 - malicious_mixed.bin: the same three calls, then one genuine 2x2 f32 tensor record
   (`backbone.norm_f.weight` = [[1, 2], [3, 4]]) pointing at `archive/data/0`.
 - malicious_inst.bin: a protocol-0 INST opcode (`i os\\nsystem\\n`), the other way to call.
+- hostile_sizes.bin: no code, but tensor records whose size fields lie: `huge` claims
+  (2^31 - 1, 16) f32 elements (128 GiB) and `overflow` (2^31 - 1)^3 with unit strides (more bytes than
+  a usize holds), both over a 16-byte storage; `ok` is a genuine [1, 2, 3, 4].
 
 Run by hand: `python3 make_malicious_pickles.py` writes the files (the outputs are committed).
 `python3 make_malicious_pickles.py --verify` also unpickles each data.pkl with Python's own
@@ -53,7 +56,15 @@ def call_popen():
     return glob("subprocess", "Popen") + args + b"\x85R"
 
 
-def tensor_record():
+def binint(n):
+    return b"J" + struct.pack("<i", n)
+
+
+def int_tuple(values):
+    return b"(" + b"".join(binint(v) for v in values) + b"t"
+
+
+def tensor_record(size=(2, 2), stride=(2, 1)):
     # torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks)
     # storage = persistent_load(("storage", torch.FloatStorage, "0", "cpu", 4))
     storage = b"(" + unicode("storage") + glob("torch", "FloatStorage") + unicode("0") + unicode("cpu") + b"K\x04tQ"
@@ -61,8 +72,8 @@ def tensor_record():
         b"("
         + storage
         + b"K\x00"  # offset
-        + b"K\x02K\x02\x86"  # size (2, 2)
-        + b"K\x02K\x01\x86"  # stride (2, 1)
+        + int_tuple(size)
+        + int_tuple(stride)
         + b"\x89"  # requires_grad False
         + glob("collections", "OrderedDict") + b")R"  # backward hooks
         + b"t"
@@ -85,9 +96,9 @@ def inst_pickle():
 def archive(pkl, blob=b""):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
-        z.writestr("archive/data.pkl", pkl)
-        z.writestr("archive/data/0", blob)
-        z.writestr("archive/version", b"3\n")
+        # Fixed timestamps, so that rerunning the script reproduces the committed bytes.
+        for name, data in (("archive/data.pkl", pkl), ("archive/data/0", blob), ("archive/version", b"3\n")):
+            z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
     return buf.getvalue()
 
 
@@ -98,6 +109,16 @@ def payloads():
         "malicious_calls.bin": (dict_pickle(attacks), b""),
         "malicious_mixed.bin": (dict_pickle(attacks + [("backbone.norm_f.weight", tensor_record())]), weight),
         "malicious_inst.bin": (inst_pickle(), b""),
+        "hostile_sizes.bin": (
+            dict_pickle(
+                [
+                    ("huge", tensor_record((2**31 - 1, 16), (16, 1))),
+                    ("overflow", tensor_record((2**31 - 1, 2**31 - 1, 2**31 - 1), (1, 1, 1))),
+                    ("ok", tensor_record()),
+                ]
+            ),
+            weight,
+        ),
     }
 
 
@@ -112,7 +133,7 @@ def main():
             if os.path.exists(m):
                 os.remove(m)
         for name, (pkl, _) in payloads().items():
-            if name == "malicious_mixed.bin":
+            if name in ("malicious_mixed.bin", "hostile_sizes.bin"):
                 continue  # its tensor record needs torch; the calls come first and are the same
             try:
                 pickle.loads(pkl)
