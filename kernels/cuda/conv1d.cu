@@ -22,8 +22,9 @@ __device__ __forceinline__ bool same_run(const unsigned* seq, i64 a, i64 b) {
 //   fstate   (batch, channels, d_conv) f32 contiguous (output: final conv state)
 // Block layout: blockDim.x = 128 threads along channels (coalesced), blockIdx.x = channel block,
 //   blockIdx.y = token tile of TILE_T tokens, blockIdx.z = batch. Each thread produces TILE_T
-//   outputs of one channel; the d_conv taps are re-read (they hit L1/L2: d_conv - 1 of every
-//   d_conv reads are reuses). The token-tile-0 blocks of the last tile also write fstate.
+//   outputs of one channel: without seq_idx from a sliding window in registers (one load per
+//   output), with seq_idx by re-reading the taps (L1/L2 hits) behind a same-run check. The
+//   blocks of the last token tile also write fstate.
 // Shared memory: none.
 #define CONV_TILE_T 32
 template <typename T>
@@ -58,6 +59,29 @@ __device__ void conv_fwd(const T* __restrict__ x, i64 xs_b, i64 xs_t,
 
     const i64 t0 = (i64)blockIdx.y * CONV_TILE_T;
     const i64 t1 = min(t0 + CONV_TILE_T, seqlen);
+    if (!seq) {
+        // Sliding window in registers: win[k] holds the input k steps back
+        // (win[0] the newest); one load per output instead of d_conv.
+        // Reversed taps, so that both arrays are indexed by compile-time constants only (a
+        // run-time index into a register array becomes local memory or a select chain).
+        float wr[CONV_MAX_D], win[CONV_MAX_D];
+#pragma unroll
+        for (int k = 0; k < CONV_MAX_D; ++k)
+            wr[k] = k < d_conv ? load_any(weight, w_dt, c * d_conv + d_conv - 1 - k) : 0.0f;
+#pragma unroll
+        for (int k = 0; k < CONV_MAX_D; ++k) win[k] = k < d_conv - 1 ? value(t0 - 1 - k, t0) : 0.0f;
+#pragma unroll 4
+        for (i64 t = t0; t < t1; ++t) {
+#pragma unroll
+            for (int k = CONV_MAX_D - 1; k > 0; --k) win[k] = win[k - 1];
+            win[0] = to_f32(xb[t * xs_t]);
+            float acc = bv;
+#pragma unroll
+            for (int k = 0; k < CONV_MAX_D; ++k) acc += wr[k] * win[k];
+            if (silu) acc = silu_f(acc);
+            y[(b * seqlen + t) * channels + c] = from_f32<T>(acc);
+        }
+    } else
     for (i64 t = t0; t < t1; ++t) {
         float acc = bv;
 #pragma unroll

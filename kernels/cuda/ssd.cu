@@ -96,15 +96,55 @@ __device__ __forceinline__ void chunk_dt(const void* dt, int dt_dt, i64 dts_b, i
     __syncthreads();
 }
 
+// Scales the V = 16 / sizeof(T) elements packed in a 16-byte vector.
+template <typename T>
+__device__ __forceinline__ uint4 scale_vec(uint4 v, float f) {
+    T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+    for (int k = 0; k < (int)(16 / sizeof(T)); ++k) e[k] = from_f32<T>(to_f32(e[k]) * f);
+    return v;
+}
+
 // Copies a (SSD_L x cols) token tile (token stride ts, contiguous columns) into shared memory
-// with leading dimension ld, zero past seqlen, each value multiplied by scale(t) when given.
-template <typename T, typename Scale>
-__device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, i64 ts, int cols,
-                                          i64 t0, i64 seqlen, Scale scale) {
+// with leading dimension ld, zero past seqlen, row t multiplied by row_scale[t] when given.
+// vec: every row starts 16-byte aligned (checked on the host), so the copy moves 16-byte
+// vectors, four independent loads in flight per thread before the first store (the loads are
+// latency-bound otherwise: one outstanding 2-byte load per thread).
+template <typename T>
+__device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, i64 ts, int cols, i64 t0,
+                                          i64 seqlen, const float* row_scale, bool vec) {
+    if (vec) {
+        constexpr int V = 16 / sizeof(T);
+        const int nv = cols / V, total = SSD_L * nv;
+        for (int base = threadIdx.x; base < total; base += 4 * blockDim.x) {
+            uint4 r[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int i = base + u * blockDim.x;
+                r[u] = make_uint4(0u, 0u, 0u, 0u);
+                if (i < total) {
+                    const int t = i / nv, j = i % nv;
+                    if (t0 + t < seqlen)
+                        r[u] = *reinterpret_cast<const uint4*>(src + (t0 + t) * ts + j * V);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int i = base + u * blockDim.x;
+                if (i < total) {
+                    const int t = i / nv, j = i % nv;
+                    uint4 v = r[u];
+                    if (row_scale) v = scale_vec<T>(v, row_scale[t]);
+                    *reinterpret_cast<uint4*>(dst + t * ld + j * V) = v;
+                }
+            }
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < SSD_L * cols; i += blockDim.x) {
         const int t = i / cols, j = i % cols;
         float v = 0.0f;
-        if (t0 + t < seqlen) v = to_f32(src[(t0 + t) * ts + j]) * scale(t);
+        if (t0 + t < seqlen) v = to_f32(src[(t0 + t) * ts + j]) * (row_scale ? row_scale[t] : 1.0f);
         dst[t * ld + j] = from_f32<T>(v);
     }
 }
@@ -133,7 +173,8 @@ __device__ void chunk_state(const T* __restrict__ x, i64 xs_b, i64 xs_t, const v
                             int dt_dt, i64 dts_b, i64 dts_t, const float* __restrict__ A,
                             const void* __restrict__ dt_bias, int db_dt, const T* __restrict__ Bm,
                             i64 bs_b, i64 bs_t, float* __restrict__ states, float* __restrict__ dA_tot,
-                            i64 seqlen, i64 nheads, int P, int N, i64 ngroups, DtParams dp) {
+                            i64 seqlen, i64 nheads, int P, int N, i64 ngroups, DtParams dp,
+                            bool vec) {
     extern __shared__ __align__(128) unsigned char smem[];
     const i64 c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, nchunks = gridDim.x;
     const i64 g = h / (nheads / ngroups);
@@ -145,9 +186,11 @@ __device__ void chunk_state(const T* __restrict__ x, i64 xs_b, i64 xs_t, const v
     T* sB = (T*)((unsigned char*)sX + align128(SSD_L * ldx * (i64)sizeof(T)));
     chunk_dt(dt, dt_dt, dts_b, dts_t, dt_bias, db_dt, A[h], dp, b, h, t0, seqlen, sdt, sacs);
     const float last = sacs[SSD_L - 1];
-    load_tile(sX, ldx, x + b * xs_b + h * P, xs_t, P, t0, seqlen,
-              [&](int t) { return sdt[t] * expf(last - sacs[t]); });
-    load_tile(sB, ldb, Bm + b * bs_b + g * N, bs_t, N, t0, seqlen, [](int) { return 1.0f; });
+    // Row weights of x: dt_t exp(acs[L-1] - acs[t]), in place of dt (not needed afterwards).
+    if (threadIdx.x < SSD_L) sdt[threadIdx.x] *= expf(last - sacs[threadIdx.x]);
+    __syncthreads();
+    load_tile(sX, ldx, x + b * xs_b + h * P, xs_t, P, t0, seqlen, sdt, vec);
+    load_tile(sB, ldb, Bm + b * bs_b + g * N, bs_t, N, t0, seqlen, (const float*)nullptr, vec);
     __syncthreads();
     if (threadIdx.x == 0) dA_tot[(b * nheads + h) * nchunks + c] = last;
     float* out = states + ((b * nchunks + c) * nheads + h) * (i64)P * N;
@@ -167,10 +210,10 @@ __device__ void chunk_state(const T* __restrict__ x, i64 xs_b, i64 xs_t, const v
         const T* x, i64 xs_b, i64 xs_t, const void* dt, int dt_dt, i64 dts_b, i64 dts_t,        \
         const float* A, const void* dt_bias, int db_dt, const T* Bm, i64 bs_b, i64 bs_t,        \
         float* states, float* dA_tot, i64 seqlen, i64 nheads, int P, int N, i64 ngroups,        \
-        int softplus, int clamp, float lo, float hi) {                                          \
+        int softplus, int clamp, float lo, float hi, int vec) {                                 \
         DtParams dp = {softplus, clamp, lo, hi};                                                \
         chunk_state<T>(x, xs_b, xs_t, dt, dt_dt, dts_b, dts_t, A, dt_bias, db_dt, Bm, bs_b,     \
-                       bs_t, states, dA_tot, seqlen, nheads, P, N, ngroups, dp);                \
+                       bs_t, states, dA_tot, seqlen, nheads, P, N, ngroups, dp, vec != 0);      \
     }
 CHUNK_STATE(ssd_chunk_state_f32, float)
 CHUNK_STATE(ssd_chunk_state_f16, __half)
@@ -211,7 +254,7 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // Shared-memory budget of ssd_chunk_scan_<T> (bytes); the host computes the same.
 template <typename T> __host__ __device__ constexpr i64 chunk_scan_smem(i64 P, i64 N) {
-    return align128(SSD_L * 4) * 2                                              // dt, cumsum
+    return align128(SSD_L * 4) * 3                                              // dt, cumsum, exp
            + align128(SSD_L * (N + WT<T>::PAD) * (i64)sizeof(T))                // C, then C*exp(acs)
            + align128((SSD_L > P ? SSD_L : P) * (N + WT<T>::PAD) * (i64)sizeof(T))  // B, then state
            + align128(SSD_L * (P + WT<T>::PAD) * (i64)sizeof(T))                // x
@@ -239,7 +282,8 @@ __device__ void chunk_scan(const T* __restrict__ x, i64 xs_b, i64 xs_t, const vo
                            i64 bs_b, i64 bs_t, const T* __restrict__ Cm, i64 cs_b, i64 cs_t,
                            const float* __restrict__ states, const void* __restrict__ D, int d_dt,
                            const T* __restrict__ z, i64 zs_b, i64 zs_t, T* __restrict__ y,
-                           i64 seqlen, i64 nheads, int P, int N, i64 ngroups, DtParams dp) {
+                           i64 seqlen, i64 nheads, int P, int N, i64 ngroups, DtParams dp,
+                           bool vec) {
     extern __shared__ __align__(128) unsigned char smem[];
     const i64 c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, nchunks = gridDim.x;
     const i64 g = h / (nheads / ngroups);
@@ -250,6 +294,7 @@ __device__ void chunk_scan(const T* __restrict__ x, i64 xs_b, i64 xs_t, const vo
     unsigned char* p = smem;
     float* sdt = (float*)p; p += align128(SSD_L * 4);
     float* sacs = (float*)p; p += align128(SSD_L * 4);
+    float* sexp = (float*)p; p += align128(SSD_L * 4);
     T* sC = (T*)p; p += align128(SSD_L * ldn * (i64)sizeof(T));
     T* sB = (T*)p; p += align128((SSD_L > P ? SSD_L : P) * ldn * (i64)sizeof(T));
     T* sX = (T*)p; p += align128(SSD_L * ldx * (i64)sizeof(T));
@@ -257,10 +302,11 @@ __device__ void chunk_scan(const T* __restrict__ x, i64 xs_b, i64 xs_t, const vo
     float* sF = (float*)p;
 
     chunk_dt(dt, dt_dt, dts_b, dts_t, dt_bias, db_dt, A[h], dp, b, h, t0, seqlen, sdt, sacs);
-    auto one = [](int) { return 1.0f; };
-    load_tile(sC, ldn, Cm + b * cs_b + g * N, cs_t, N, t0, seqlen, one);
-    load_tile(sB, ldn, Bm + b * bs_b + g * N, bs_t, N, t0, seqlen, one);
-    load_tile(sX, ldx, x + b * xs_b + h * P, xs_t, P, t0, seqlen, one);
+    if (threadIdx.x < SSD_L) sexp[threadIdx.x] = expf(sacs[threadIdx.x]);
+    const float* none = nullptr;
+    load_tile(sC, ldn, Cm + b * cs_b + g * N, cs_t, N, t0, seqlen, none, vec);
+    load_tile(sB, ldn, Bm + b * bs_b + g * N, bs_t, N, t0, seqlen, none, vec);
+    load_tile(sX, ldx, x + b * xs_b + h * P, xs_t, P, t0, seqlen, none, vec);
     __syncthreads();
 
     const int warp = threadIdx.x >> 5;
@@ -281,14 +327,34 @@ __device__ void chunk_scan(const T* __restrict__ x, i64 xs_b, i64 xs_t, const vo
         const float v = s <= t ? sF[t * ldf + s] * expf(sacs[t] - sacs[s]) * sdt[s] : 0.0f;
         sM[t * ldm + s] = from_f32<T>(v);
     }
-    for (int e = threadIdx.x; e < SSD_L * N; e += blockDim.x) {
-        const int t = e / N, n = e % N;
-        sC[t * ldn + n] = from_f32<T>(to_f32(sC[t * ldn + n]) * expf(sacs[t]));
+    constexpr int V = 16 / sizeof(T);
+    for (int e = threadIdx.x; e < SSD_L * N / V; e += blockDim.x) {
+        const int t = e / (N / V), j = e % (N / V);
+        uint4* q = reinterpret_cast<uint4*>(sC + t * ldn + j * V);
+        *q = scale_vec<T>(*q, sexp[t]);
     }
-    const float* st = states + ((b * nchunks + c) * nheads + h) * (i64)P * N;
-    for (int e = threadIdx.x; e < P * N; e += blockDim.x) {
-        const int pp = e / N, n = e % N;
-        sB[pp * ldn + n] = from_f32<T>(st[e]);
+    // Entering state (f32, 16-byte aligned: our own allocation) to T, four float4 loads in flight.
+    const float4* st = reinterpret_cast<const float4*>(states + ((b * nchunks + c) * nheads + h) * (i64)P * N);
+    const int nv4 = P * N / 4;
+    for (int base = threadIdx.x; base < nv4; base += 4 * blockDim.x) {
+        float4 r[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int i = base + u * blockDim.x;
+            if (i < nv4) r[u] = st[i];
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int i = base + u * blockDim.x;
+            if (i < nv4) {
+                const int pp = (4 * i) / N, n = (4 * i) % N;
+                T* d = sB + pp * ldn + n;
+                d[0] = from_f32<T>(r[u].x);
+                d[1] = from_f32<T>(r[u].y);
+                d[2] = from_f32<T>(r[u].z);
+                d[3] = from_f32<T>(r[u].w);
+            }
+        }
     }
     __syncthreads();
     // 3. Y = M x + (C exp(acs)) stateᵀ, one accumulator.
@@ -303,15 +369,37 @@ __device__ void chunk_scan(const T* __restrict__ x, i64 xs_b, i64 xs_t, const vo
         wmma::store_matrix_sync(sF + i * 16 * ldf + j * 16, acc, ldf, wmma::mem_row_major);
     }
     __syncthreads();
-    // 4. y += D x; y *= silu(z); store.
+    // 4. y += D x; y *= silu(z); store. V consecutive outputs per thread: 16-byte z loads
+    //    (four in flight) and 16-byte y stores (y is our own contiguous allocation).
     const float dv = D ? load_any(D, d_dt, h) : 0.0f;
-    for (int e = threadIdx.x; e < SSD_L * P; e += blockDim.x) {
-        const int t = e / P, pp = e % P;
-        const i64 tt = t0 + t;
-        if (tt >= seqlen) continue;
-        float v = sF[t * ldf + pp] + dv * to_f32(sX[t * ldx + pp]);
-        if (z) v *= silu_f(to_f32(z[b * zs_b + tt * zs_t + h * P + pp]));
-        y[((b * seqlen + tt) * nheads + h) * P + pp] = from_f32<T>(v);
+    const int nvo = SSD_L * P / V;
+    for (int base = threadIdx.x; base < nvo; base += 4 * blockDim.x) {
+        uint4 zr[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int i = base + u * blockDim.x;
+            const int t = (i * V) / P, pp = (i * V) % P;
+            const i64 tt = t0 + t;
+            if (z && vec && i < nvo && tt < seqlen)
+                zr[u] = *reinterpret_cast<const uint4*>(z + b * zs_b + tt * zs_t + h * P + pp);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int i = base + u * blockDim.x;
+            const int t = (i * V) / P, pp = (i * V) % P;
+            const i64 tt = t0 + t;
+            if (i >= nvo || tt >= seqlen) continue;
+            uint4 out;
+            T* o = reinterpret_cast<T*>(&out);
+            const T* zv = reinterpret_cast<const T*>(&zr[u]);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                float v = sF[t * ldf + pp + k] + dv * to_f32(sX[t * ldx + pp + k]);
+                if (z) v *= silu_f(vec ? to_f32(zv[k]) : to_f32(z[b * zs_b + tt * zs_t + h * P + pp + k]));
+                o[k] = from_f32<T>(v);
+            }
+            *reinterpret_cast<uint4*>(y + ((b * seqlen + tt) * nheads + h) * P + pp) = out;
+        }
     }
 }
 
@@ -321,11 +409,11 @@ __device__ void chunk_scan(const T* __restrict__ x, i64 xs_b, i64 xs_t, const vo
         const float* A, const void* dt_bias, int db_dt, const T* Bm, i64 bs_b, i64 bs_t,        \
         const T* Cm, i64 cs_b, i64 cs_t, const float* states, const void* D, int d_dt,          \
         const T* z, i64 zs_b, i64 zs_t, T* y, i64 seqlen, i64 nheads, int P, int N,             \
-        i64 ngroups, int softplus, int clamp, float lo, float hi) {                             \
+        i64 ngroups, int softplus, int clamp, float lo, float hi, int vec) {                    \
         DtParams dp = {softplus, clamp, lo, hi};                                                \
         chunk_scan<T>(x, xs_b, xs_t, dt, dt_dt, dts_b, dts_t, A, dt_bias, db_dt, Bm, bs_b, bs_t, \
                       Cm, cs_b, cs_t, states, D, d_dt, z, zs_b, zs_t, y, seqlen, nheads, P, N,  \
-                      ngroups, dp);                                                             \
+                      ngroups, dp, vec != 0);                                                   \
     }
 CHUNK_SCAN(ssd_chunk_scan_f32, float)
 CHUNK_SCAN(ssd_chunk_scan_f16, __half)

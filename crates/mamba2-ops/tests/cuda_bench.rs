@@ -60,14 +60,15 @@ fn bench_ops_1_3b_bf16() {
         }
     };
     let dt16 = DType::BF16;
-    // Device copy bandwidth (read + write), the decode roofline's denominator.
-    let big = randn(&[1 << 30], dt16, &dev); // 2 GiB
-    let us = time_us(&dev, 5, || {
-        let _ = big.copy().unwrap();
-    });
-    let bw = 2.0 * (big.elem_count() * 2) as f64 / (us * 1e-6) / 1e12;
-    println!("copy bandwidth: {bw:.2} TB/s (2 GiB bf16 copy, {us:.0} us)");
-    drop(big);
+    // Device copy bandwidth (bytes read + written), the decode roofline's denominator.
+    if let Device::Cuda(cd) = &dev {
+        let n = 1usize << 31; // 2 GiB
+        let src = cd.alloc_zeros::<u8>(n).unwrap();
+        let mut dst = cd.alloc_zeros::<u8>(n).unwrap();
+        let us = time_us(&dev, 5, || cd.memcpy_dtod(&src, &mut dst).unwrap());
+        let bw = 2.0 * n as f64 / (us * 1e-6) / 1e12;
+        println!("copy bandwidth: {bw:.2} TB/s (2 GiB device-to-device copy, {us:.0} us)");
+    }
 
     let a = (Tensor::randn(0f32, 1.0, NHEADS, &dev)
         .unwrap()

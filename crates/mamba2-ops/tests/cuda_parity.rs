@@ -122,6 +122,19 @@ fn fast<T>(what: &str, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// The values of `t` in a fresh buffer, starting one element in: contiguous, but misaligned for
+/// 16-byte vector loads.
+fn offset1(t: &Tensor) -> Tensor {
+    let flat = t.flatten_all().unwrap();
+    let pad = Tensor::zeros(1, t.dtype(), t.device()).unwrap();
+    Tensor::cat(&[&pad, &flat], 0)
+        .unwrap()
+        .narrow(0, 1, flat.elem_count())
+        .unwrap()
+        .reshape(t.shape())
+        .unwrap()
+}
+
 fn neg_exp_a(rng: &mut StdRng, nheads: usize) -> Tensor {
     let a: Vec<f32> = (0..nheads)
         .map(|_| -rng.random_range(0.0f32..2.5).exp())
@@ -133,7 +146,9 @@ fn neg_exp_a(rng: &mut StdRng, nheads: usize) -> Tensor {
 fn ssd_chunk_scan_matches_reference() {
     let Some(dev) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(6);
-    // (batch, seqlen, nheads, headdim, ngroups, d_state, init, z, strided, dt_limit)
+    // (batch, seqlen, nheads, headdim, ngroups, d_state, init, z, layout, dt_limit); layout:
+    // "strided": x, B, C are views (token stride > row) like the parts of a projection;
+    // "offset1": x, B, C, z start one element into their buffer (no 16-byte vector loads).
     let cases = [
         (
             2,
@@ -144,7 +159,7 @@ fn ssd_chunk_scan_matches_reference() {
             128,
             true,
             true,
-            true,
+            "strided",
             (0.0, f64::INFINITY),
         ),
         (
@@ -156,11 +171,22 @@ fn ssd_chunk_scan_matches_reference() {
             64,
             false,
             false,
-            false,
+            "contiguous",
             (0.0, f64::INFINITY),
         ),
-        (3, 77, 6, 32, 2, 64, true, true, false, (0.001, 0.1)),
-        (1, 1, 4, 64, 1, 128, true, false, true, (0.0, f64::INFINITY)),
+        (3, 77, 6, 32, 2, 64, true, true, "offset1", (0.001, 0.1)),
+        (
+            1,
+            1,
+            4,
+            64,
+            1,
+            128,
+            true,
+            false,
+            "strided",
+            (0.0, f64::INFINITY),
+        ),
         (
             2,
             129,
@@ -170,7 +196,7 @@ fn ssd_chunk_scan_matches_reference() {
             16,
             false,
             true,
-            false,
+            "offset1",
             (0.0, f64::INFINITY),
         ),
         (
@@ -182,14 +208,14 @@ fn ssd_chunk_scan_matches_reference() {
             128,
             true,
             true,
-            true,
+            "strided",
             (0.0, f64::INFINITY),
         ),
     ];
-    for (batch, seqlen, nheads, headdim, ngroups, d_state, with_init, with_z, strided, limit) in
+    for (batch, seqlen, nheads, headdim, ngroups, d_state, with_init, with_z, layout, limit) in
         cases
     {
-        // Strided case: x, B, C are views (token stride > row) like the parts of a projection.
+        let strided = layout == "strided";
         let extra = usize::from(strided);
         let xw = rand_t(&mut rng, &[batch, seqlen, nheads + extra, headdim], 1.0);
         let bcw = rand_t(&mut rng, &[batch, seqlen, 2 * ngroups, d_state], 1.0);
@@ -220,6 +246,21 @@ fn ssd_chunk_scan_matches_reference() {
             let (dc, dg) = pair(&d, dtype, &dev);
             let (dbc, dbg) = pair(&dt_bias, dtype, &dev);
             let (zc, zg) = pair(&z, dtype, &dev);
+            let (xc, xg, bc, bg, cc, cg, zc, zg) = if layout == "offset1" {
+                let m = |t: &Tensor| offset1(t);
+                (
+                    m(&xc),
+                    m(&xg),
+                    m(&bc),
+                    m(&bg),
+                    m(&cc),
+                    m(&cg),
+                    m(&zc),
+                    m(&zg),
+                )
+            } else {
+                (xc, xg, bc, bg, cc, cg, zc, zg)
+            };
             let (ic, ig) = pair(&init, DType::F32, &dev);
             let ag = a.to_device(&dev).unwrap();
             let params = SsdParams {
@@ -253,7 +294,7 @@ fn ssd_chunk_scan_matches_reference() {
             };
             let (y_ref, s_ref) = ssd_chunk_scan_slow(&cpu_args, &params).unwrap();
             let (y, s) = fast("ssd", || ssd_chunk_scan(&gpu_args, &params).unwrap());
-            let name = format!("ssd b{batch} l{seqlen} h{nheads} p{headdim} g{ngroups} n{d_state} init={with_init} z={with_z} strided={strided} {dtype:?}");
+            let name = format!("ssd b{batch} l{seqlen} h{nheads} p{headdim} g{ngroups} n{d_state} init={with_init} z={with_z} layout={layout} {dtype:?}");
             check(&format!("{name} y"), &y, &y_ref, TOL_SSD.of(dtype));
             check(
                 &format!("{name} state"),

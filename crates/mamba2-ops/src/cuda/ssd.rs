@@ -31,7 +31,7 @@ fn chunk_state_smem(dtype: DType, p: usize, n: usize) -> usize {
 /// `chunk_scan_smem<T>` of ssd.cu.
 fn chunk_scan_smem(dtype: DType, p: usize, n: usize) -> usize {
     let (s, pd) = (dtype.size_in_bytes(), pad(dtype));
-    align128(L * 4) * 2
+    align128(L * 4) * 3
         + align128(L * (n + pd) * s)
         + align128(L.max(p) * (n + pd) * s)
         + align128(L * (p + pd) * s)
@@ -98,6 +98,18 @@ pub(crate) fn ssd_chunk_scan(
     let dt_bias = args.dt_bias.map(|t| t.contiguous()).transpose()?; // (nheads)
     let init = args.initial_state.map(|s| s.contiguous()).transpose()?; // (batch, nheads, headdim, d_state)
     let (softplus, clamp, lo, hi) = dt_params(params);
+    // 16-byte vector loads when every row of x / B / C / z starts 16-byte aligned.
+    let esz = dtype.size_in_bytes();
+    let mut aligned = vec![ptr(&x, &dev)?, ptr(&b, &dev)?, ptr(&c, &dev)?];
+    let mut strides: Vec<usize> = [&xs, &bs, &cs]
+        .iter()
+        .flat_map(|s| s.iter().copied())
+        .collect();
+    if let Some((zt, zs)) = &z {
+        aligned.push(ptr(zt, &dev)?);
+        strides.extend(zs.iter().copied());
+    }
+    let vec = aligned.iter().all(|p| p % 16 == 0) && strides.iter().all(|s| (s * esz) % 16 == 0);
 
     // Every element of these is written by a kernel before it is read.
     let states = output((batch, nchunks, nheads, headdim, d_state), DType::F32, &dev)?;
@@ -133,6 +145,7 @@ pub(crate) fn ssd_chunk_scan(
         clamp,
         lo,
         hi,
+        vec as i32,
     )?;
     launch!(
         f_pass,
@@ -180,6 +193,7 @@ pub(crate) fn ssd_chunk_scan(
         clamp,
         lo,
         hi,
+        vec as i32,
     )?;
     Ok(Some((y, final_state)))
 }
