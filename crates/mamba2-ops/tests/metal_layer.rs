@@ -501,10 +501,31 @@ fn mixer_layer_prefill_then_decode_matches_reference() {
         d_state: 32,
         d_conv: 4,
     };
-    for (i, dtype) in DTYPES.into_iter().enumerate() {
-        let mut rng = StdRng::seed_from_u64(60 + i as u64);
+    check_layer(dims, 75, &DTYPES, 60);
+}
+
+#[test]
+fn mixer_layer_real_head_shape_matches_reference() {
+    // mamba2-130m head shape (headdim 64, d_state 128, one group) with 3 heads; 2 full chunks
+    // + a 2-token tail
+    let dims = Dims {
+        batch: 1,
+        d_model: 32,
+        nheads: 3,
+        headdim: 64,
+        ngroups: 1,
+        d_state: 128,
+        d_conv: 4,
+    };
+    check_layer(dims, 130, &[DType::F32, DType::BF16], 80);
+}
+
+/// Prefill of `len` tokens then 8 decode steps, harness kernels vs reference ops.
+fn check_layer(dims: Dims, len: usize, dtypes: &[DType], seed: u64) {
+    for (i, &dtype) in dtypes.iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(seed + i as u64);
         let l = layer(dims, dtype, &mut rng);
-        let u = rand_t(&mut rng, &[dims.batch, 75, dims.d_model], 1.0, dtype);
+        let u = rand_t(&mut rng, &[dims.batch, len, dims.d_model], 1.0, dtype);
         let steps = rand_t(&mut rng, &[dims.batch, 8, dims.d_model], 1.0, dtype);
         let (out_ref, conv_ref, ssm_ref) = run_layer(&Reference, &l, dims, &u, &steps);
         let harness = Harness {
