@@ -334,3 +334,25 @@ fn session_file_errors_name_the_file_and_the_reason() {
         Err(Error::Io { path, .. }) if path == missing
     ));
 }
+
+#[test]
+fn session_and_text_level_token_ids_out_of_range() {
+    let model =
+        Arc::new(Mamba2Model::random(&small_config(), DType::F32, &Device::Cpu, 2).unwrap());
+    let mut s = Session::new(model).unwrap();
+    match s.feed(&[1, 2, 50, 3]) {
+        Err(e @ Error::TokenOutOfRange { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("50") && msg.contains("position 2"), "{msg}");
+        }
+        other => panic!("expected TokenOutOfRange, got {other:?}"),
+    }
+    // Nothing of the refused call was queued: the session is still empty.
+    assert!(s.tokens().is_empty());
+    assert!(matches!(
+        s.generate(&GenerateOptions::default(), &CancelToken::new(), |_| {
+            std::ops::ControlFlow::Continue(())
+        }),
+        Err(Error::EmptyPrompt)
+    ));
+}
