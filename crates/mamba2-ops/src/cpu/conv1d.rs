@@ -167,34 +167,59 @@ impl InplaceOp1 for ConvUpdate<'_> {
         let (c, k) = (self.channels, self.d_conv);
         let mut out = self.out.borrow_mut();
         let writer = out.writer();
-        // f32 contiguous weights (the usual case) are read in place, others element by element.
-        let w_f32 = if self.w.is_contiguous_from(2, &[c, k]) {
+        // Scratch: x row, y row, and (unless they are f32 and contiguous already) the weights and
+        // bias as f32, converted in bulk.
+        let w_direct = if self.w.is_contiguous_from(2, &[c, k]) {
             self.w.f32_slice(self.w.at([0; 4]), c * k)
         } else {
             None
         };
-        with_scratch(2 * c, |buf| {
-            let (xrow, yrow) = buf.split_at_mut(c);
+        with_scratch(3 * c + c * k, |buf| {
+            let (xrow, rest) = buf.split_at_mut(c);
+            let (yrow, rest) = rest.split_at_mut(c);
+            let (brow, wbuf) = rest.split_at_mut(c);
+            match &self.bias {
+                Some(b) => b.load(b.at([0; 4]), brow),
+                None => brow.iter_mut().for_each(|v| *v = 0.0),
+            }
+            let w: &[f32] = match w_direct {
+                Some(w) => w,
+                None => {
+                    for ch in 0..c {
+                        self.w
+                            .load(self.w.at([0, 0, ch, 0]), &mut wbuf[ch * k..(ch + 1) * k]);
+                    }
+                    wbuf
+                }
+            };
             for bi in 0..self.batch {
                 self.x.load(self.x.at([0, 0, bi, 0]), xrow);
                 let st = &mut state[bi * c * k..(bi + 1) * c * k];
-                for ch in 0..c {
-                    let s = &mut st[ch * k..(ch + 1) * k];
-                    s.copy_within(1.., 0);
-                    s[k - 1] = xrow[ch];
-                    let mut acc = self.bias.as_ref().map_or(0.0, |b| b.get([0, 0, 0, ch]));
-                    match w_f32 {
-                        Some(w) => {
-                            let w = &w[ch * k..(ch + 1) * k];
-                            acc += s.iter().zip(w).map(|(a, b)| a * b).sum::<f32>();
-                        }
-                        None => {
-                            for (j, &sv) in s.iter().enumerate() {
-                                acc += sv * self.w.get([0, 0, ch, j]);
-                            }
-                        }
+                if k == 4 {
+                    // The released models' width: fixed-size rows the compiler keeps in registers.
+                    for (((s, wr), (&xv, &bv)), y) in st
+                        .chunks_exact_mut(4)
+                        .zip(w.chunks_exact(4))
+                        .zip(xrow.iter().zip(brow.iter()))
+                        .zip(yrow.iter_mut())
+                    {
+                        let (s1, s2, s3) = (s[1], s[2], s[3]);
+                        s[0] = s1;
+                        s[1] = s2;
+                        s[2] = s3;
+                        s[3] = xv;
+                        let acc = bv + s1 * wr[0] + s2 * wr[1] + s3 * wr[2] + xv * wr[3];
+                        *y = if self.silu { silu_f32(acc) } else { acc };
                     }
-                    yrow[ch] = if self.silu { silu_f32(acc) } else { acc };
+                } else {
+                    for ch in 0..c {
+                        let s = &mut st[ch * k..(ch + 1) * k];
+                        s.copy_within(1.., 0);
+                        s[k - 1] = xrow[ch];
+                        let wr = &w[ch * k..(ch + 1) * k];
+                        let acc = brow[ch] + s.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>();
+                        yrow[ch] = if self.silu { silu_f32(acc) } else { acc };
+                    }
                 }
                 // SAFETY: single-threaded, row bi written once.
                 unsafe { writer.store(bi * c, yrow) };

@@ -1,0 +1,166 @@
+//! Per-op CPU timings at the mamba2-130m mixer shapes (d_inner 1536, 24 heads of 64, d_state 128,
+//! ngroups 1): fast path vs reference, prefill (512 and 2048 tokens) and one decode step.
+//!
+//! `cargo bench -p mamba2-ops --bench cpu_ops` (median of several runs, milliseconds per call).
+
+use candle_core::{DType, Device, Tensor};
+use mamba2_ops::*;
+use std::time::Instant;
+
+fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up
+    let mut v: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn randn(dims: &[usize], dtype: DType) -> Tensor {
+    Tensor::randn(0f32, 1.0, dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn main() {
+    let (h, p, n, conv) = (24, 64, 128, 1536 + 256);
+    let a = (randn(&[h], DType::F32).abs().unwrap() + 1.0)
+        .unwrap()
+        .neg()
+        .unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        for l in [512usize, 2048] {
+            let x = randn(&[1, l, h, p], dtype);
+            let dt = randn(&[1, l, h], dtype);
+            let b = randn(&[1, l, 1, n], dtype);
+            let c = randn(&[1, l, 1, n], dtype);
+            let d = randn(&[h], dtype);
+            let bias = randn(&[h], dtype);
+            let args = SsdArgs {
+                x: &x,
+                dt: &dt,
+                a: &a,
+                b: &b,
+                c: &c,
+                d: Some(&d),
+                z: None,
+                dt_bias: Some(&bias),
+                initial_state: None,
+                seq_idx: None,
+            };
+            let prm = SsdParams::default();
+            let runs = if l > 1000 { 3 } else { 5 };
+            let fast = median_ms(runs, || {
+                ssd_chunk_scan(&args, &prm).unwrap();
+            });
+            let slow = median_ms(runs, || {
+                ssd_chunk_scan_with(&args, &prm, Backend::Reference).unwrap();
+            });
+            println!("ssd_chunk_scan     {dtype:?} L={l:5}: fast {fast:8.2} ms  reference {slow:8.2} ms  ({:.1}x)", slow / fast);
+            let xc = randn(&[1, l, conv], dtype);
+            let w = randn(&[conv, 4], dtype);
+            let cb = randn(&[conv], dtype);
+            let cargs = Conv1dArgs {
+                x: &xc,
+                weight: &w,
+                bias: Some(&cb),
+                initial_state: None,
+                seq_idx: None,
+                silu: true,
+            };
+            let fast = median_ms(runs, || {
+                causal_conv1d(&cargs).unwrap();
+            });
+            let slow = median_ms(runs, || {
+                causal_conv1d_with(&cargs, Backend::Reference).unwrap();
+            });
+            println!("causal_conv1d      {dtype:?} L={l:5}: fast {fast:8.2} ms  reference {slow:8.2} ms  ({:.1}x)", slow / fast);
+            let y = randn(&[1, l, 1536], dtype);
+            let z = randn(&[1, l, 1536], dtype);
+            let nw = randn(&[1536], dtype);
+            let gargs = GatedRmsNormArgs {
+                x: &y,
+                z: Some(&z),
+                weight: &nw,
+                eps: 1e-5,
+                group_size: 1536,
+                norm_before_gate: false,
+            };
+            let fast = median_ms(runs, || {
+                gated_rms_norm(&gargs).unwrap();
+            });
+            let slow = median_ms(runs, || {
+                gated_rms_norm_with(&gargs, Backend::Reference).unwrap();
+            });
+            println!("gated_rms_norm     {dtype:?} L={l:5}: fast {fast:8.2} ms  reference {slow:8.2} ms  ({:.1}x)", slow / fast);
+        }
+        // Decode step.
+        let state = Tensor::zeros((1, h, p, n), DType::F32, &Device::Cpu).unwrap();
+        let x = randn(&[1, h, p], dtype);
+        let dt = randn(&[1, h], dtype);
+        let b = randn(&[1, 1, n], dtype);
+        let c = randn(&[1, 1, n], dtype);
+        let d = randn(&[h], dtype);
+        let bias = randn(&[h], dtype);
+        let args = StateUpdateArgs {
+            state: &state,
+            x: &x,
+            dt: &dt,
+            a: &a,
+            b: &b,
+            c: &c,
+            d: Some(&d),
+            z: None,
+            dt_bias: Some(&bias),
+        };
+        let prm = SsdParams::default();
+        let fast = median_ms(200, || {
+            selective_state_update(&args, &prm).unwrap();
+        });
+        let slow = median_ms(50, || {
+            selective_state_update_with(&args, &prm, Backend::Reference).unwrap();
+        });
+        println!(
+            "state_update       {dtype:?} 1 token: fast {:8.1} us  reference {:8.1} us  ({:.1}x)",
+            fast * 1e3,
+            slow * 1e3,
+            slow / fast
+        );
+        let cs = Tensor::zeros((1, conv, 4), DType::F32, &Device::Cpu).unwrap();
+        let xc = randn(&[1, conv], dtype);
+        let w = randn(&[conv, 4], dtype);
+        let cb = randn(&[conv], dtype);
+        let fast = median_ms(200, || {
+            causal_conv1d_update(&xc, &cs, &w, Some(&cb), true).unwrap();
+        });
+        let slow = median_ms(50, || {
+            causal_conv1d_update_with(&xc, &cs, &w, Some(&cb), true, Backend::Reference).unwrap();
+        });
+        println!(
+            "conv1d_update      {dtype:?} 1 token: fast {:8.1} us  reference {:8.1} us  ({:.1}x)",
+            fast * 1e3,
+            slow * 1e3,
+            slow / fast
+        );
+        let hs = randn(&[1, 768], dtype);
+        let res = randn(&[1, 768], DType::F32);
+        let nw = randn(&[768], dtype);
+        let fast = median_ms(200, || {
+            rms_norm_residual(&hs, Some(&res), &nw, 1e-5, true).unwrap();
+        });
+        let slow = median_ms(50, || {
+            rms_norm_residual_with(&hs, Some(&res), &nw, 1e-5, true, Backend::Reference).unwrap();
+        });
+        println!(
+            "rms_norm_residual  {dtype:?} 1 token: fast {:8.1} us  reference {:8.1} us  ({:.1}x)",
+            fast * 1e3,
+            slow * 1e3,
+            slow / fast
+        );
+    }
+}
