@@ -242,3 +242,32 @@ fn shared_types_are_send_and_sync() {
     send::<Session>();
     send::<Mamba2Cache>();
 }
+
+#[test]
+fn seeded_generation_split_across_turns_and_a_save_equals_one_run() {
+    let model =
+        Arc::new(Mamba2Model::random(&small_config(2, 8), DType::F32, &Device::Cpu, 13).unwrap());
+    let sampled = |n| GenerateOptions {
+        max_new_tokens: n,
+        sampling: SamplingParams::greedy().with_temperature(1.2).with_seed(77),
+        eos_token_ids: vec![],
+    };
+    let go = |s: &mut Session, n| {
+        s.generate(&sampled(n), &CancelToken::new(), |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap()
+        .tokens
+    };
+    let mut one = Session::new(model.clone()).unwrap();
+    one.feed(&[5, 6, 7]).unwrap();
+    let full = go(&mut one, 12);
+    let mut two = Session::new(model.clone()).unwrap();
+    two.feed(&[5, 6, 7]).unwrap();
+    let mut got = go(&mut two, 5);
+    let dir = tempfile::tempdir().unwrap();
+    two.save(&dir.path().join("s")).unwrap();
+    let mut restored = Session::load(model, &dir.path().join("s")).unwrap();
+    got.extend(go(&mut restored, 7));
+    assert_eq!(got, full);
+}

@@ -50,13 +50,13 @@ pub struct GenerateArgs {
     prompt: Option<String>,
     #[arg(long, short = 'n', default_value_t = 128)]
     max_new_tokens: usize,
-    /// 0 means greedy.
-    #[arg(long, default_value_t = 0.0)]
+    /// 0 means greedy (small models loop under greedy decoding; sampling reads better).
+    #[arg(long, default_value_t = 0.8)]
     temperature: f32,
     #[arg(long)]
     top_k: Option<usize>,
-    #[arg(long)]
-    top_p: Option<f32>,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
     #[arg(long)]
     min_p: Option<f32>,
     #[arg(long, default_value_t = 1.0)]
@@ -97,7 +97,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
-        top_p: a.top_p,
+        top_p: Some(a.top_p).filter(|&p| p < 1.0),
         min_p: a.min_p,
         repetition_penalty: a.repeat_penalty,
         repetition_window: a.repeat_last_n,

@@ -6,31 +6,68 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 fn mamba2(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_mamba2")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("run mamba2")
+    Command::new(env!("CARGO_BIN_EXE_mamba2"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run mamba2")
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
 fn logits_follows_the_contract() {
     let dir = tempfile::tempdir().unwrap();
-    for (case, layout) in [("g8_ds16_hd16_b3_untied", "ssm"), ("g1_ds128_hd64_padvocab", "hf")] {
+    for (case, layout) in [
+        ("g8_ds16_hd16_b3_untied", "ssm"),
+        ("g1_ds128_hd64_padvocab", "hf"),
+    ] {
         let fx = fixture(case);
-        let reference = candle_core::safetensors::load(fx.join("reference.safetensors"), &Device::Cpu).unwrap();
+        let reference =
+            candle_core::safetensors::load(fx.join("reference.safetensors"), &Device::Cpu).unwrap();
         let ids = &reference["input_ids"];
         assert_eq!(ids.dtype(), DType::I64);
         let input = dir.path().join("in.safetensors");
         let out = dir.path().join("out.safetensors");
-        candle_core::safetensors::save(&[("input_ids".to_string(), ids.clone())].into_iter().collect(), &input).unwrap();
+        candle_core::safetensors::save(
+            &[("input_ids".to_string(), ids.clone())]
+                .into_iter()
+                .collect(),
+            &input,
+        )
+        .unwrap();
         let p = reference["prefill_len"].to_vec1::<i64>().unwrap()[0].to_string();
         let model = fx.join(layout);
-        let o = mamba2(&["logits", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--prefill-len", &p, "--device", "cpu"]);
+        let o = mamba2(&[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--prefill-len",
+            &p,
+            "--device",
+            "cpu",
+        ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
         for key in ["logits_prefill", "logits_decode"] {
@@ -41,7 +78,17 @@ fn logits_follows_the_contract() {
             assert!(e < 5e-5, "{case} {key}: {e}");
         }
         // default prefill length seq/2 also works, and bf16 stays within the bf16 tolerance
-        let o = mamba2(&["logits", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--dtype", "bf16"]);
+        let o = mamba2(&[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--dtype",
+            "bf16",
+        ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
         assert!(max_abs_diff(&got["logits_decode"], &reference["logits_prefill"]) < 0.15);
@@ -51,10 +98,26 @@ fn logits_follows_the_contract() {
 #[test]
 fn bench_and_info_print_json() {
     let model = fixture("g2_ds16_seq3_b2").join("hf");
-    let o = mamba2(&["bench", "--model", model.to_str().unwrap(), "--prefill", "20", "--decode", "4", "--runs", "2", "--warmup", "0", "--device", "cpu"]);
+    let o = mamba2(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prefill",
+        "20",
+        "--decode",
+        "4",
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(v["prefill_tok_s"].as_f64().unwrap() > 0.0 && v["decode_tok_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        v["prefill_tok_s"].as_f64().unwrap() > 0.0 && v["decode_tok_s"].as_f64().unwrap() > 0.0
+    );
     assert_eq!(v["prefill_s"].as_array().unwrap().len(), 2);
     assert_eq!(v["dtype"], "f32");
     let o = mamba2(&["info", "--model", model.to_str().unwrap()]);
@@ -69,7 +132,13 @@ fn bad_arguments_fail_cleanly() {
     let model = fixture("g2_ds16_seq3_b2").join("hf");
     for args in [
         vec!["info", "--model", "/nonexistent/model"],
-        vec!["info", "--model", model.to_str().unwrap(), "--device", "tpu"],
+        vec![
+            "info",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "tpu",
+        ],
         vec!["info", "--model", model.to_str().unwrap(), "--dtype", "f8"],
         vec!["bench", "--shape", "999b"],
     ] {
@@ -83,13 +152,29 @@ fn bad_arguments_fail_cleanly() {
 
 #[test]
 fn generate_with_the_bundled_model_prints_hf_greedy_text() {
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/mamba2_tiny_golden.json");
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
+    let golden =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/mamba2_tiny_golden.json");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
     let p = &meta["prompts"][0];
     let n = p["greedy_ids"].as_array().unwrap().len().to_string();
     // no --model: the bundled model
-    let o = mamba2(&["generate", "--device", "cpu", "--ignore-eos", "-n", &n, "--prompt", p["prompt"].as_str().unwrap()]);
+    let o = mamba2(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "-n",
+        &n,
+        "--prompt",
+        p["prompt"].as_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8(o.stdout).unwrap();
-    assert_eq!(text.trim_end_matches('\n'), p["full_text"].as_str().unwrap());
+    assert_eq!(
+        text.trim_end_matches('\n'),
+        p["full_text"].as_str().unwrap()
+    );
 }

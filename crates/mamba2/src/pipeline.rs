@@ -5,7 +5,7 @@ use crate::config::{read_generation_eos, Mamba2Config};
 use crate::hub::{load_tokenizer, resolve_model, resolve_tokenizer, HubOptions, ModelFiles};
 use crate::model::Mamba2Model;
 use crate::sampling::SamplingParams;
-use crate::session::{CancelToken, GenerateOptions, GenerationSummary, Session, StopReason};
+use crate::session::{CancelToken, GenerateOptions, GenerationSummary, Session};
 use crate::text_stream::TextStream;
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -187,6 +187,9 @@ impl TextGenerator {
         }
         session.feed(&ids)?;
         let mut stream = TextStream::new(self.tokenizer.clone(), opts.stop_strings.clone());
+        // Decoders that strip a leading space need the preceding tokens to place the first word.
+        let context: Vec<u32> = session.tokens().iter().chain(ids.iter()).copied().collect();
+        stream.set_context(&context)?;
         let gen_opts = GenerateOptions {
             max_new_tokens: opts.max_new_tokens,
             sampling: opts.sampling.clone(),
@@ -197,13 +200,15 @@ impl TextGenerator {
             },
         };
         let mut failure = None;
-        let mut summary = session.generate(&gen_opts, cancel, |tok| match stream.push(tok) {
+        let mut user_stopped = false;
+        let summary = session.generate(&gen_opts, cancel, |tok| match stream.push(tok) {
             Ok(chunk) => {
                 let user = if chunk.text.is_empty() {
                     ControlFlow::Continue(())
                 } else {
                     on_text(&chunk.text)
                 };
+                user_stopped = user.is_break();
                 if chunk.stopped {
                     ControlFlow::Break(())
                 } else {
@@ -218,14 +223,13 @@ impl TextGenerator {
         if let Some(e) = failure {
             return Err(e);
         }
-        if !stream.stopped() {
+        // Text held back for a possible stop string is released at the end, unless a stop string
+        // matched or the caller asked to stop.
+        if !stream.stopped() && !user_stopped {
             let rest = stream.finish()?;
             if !rest.is_empty() {
                 let _ = on_text(&rest);
             }
-        }
-        if summary.stop_reason == StopReason::Callback && !stream.stopped() {
-            summary.stop_reason = StopReason::Callback;
         }
         Ok(summary)
     }

@@ -111,6 +111,9 @@ pub struct Session {
     pending: Vec<u32>,
     /// f32 logits `(vocab_rows)` after the last token in the state.
     last_logits: Option<Vec<f32>>,
+    /// `(seed, generator state)` after the last generation, so that later turns with the same
+    /// seed continue one random stream instead of replaying it.
+    rng: Option<(u64, [u64; 4])>,
 }
 
 impl Session {
@@ -123,6 +126,7 @@ impl Session {
             tokens: Vec::new(),
             pending: Vec::new(),
             last_logits: None,
+            rng: None,
         })
     }
 
@@ -132,6 +136,7 @@ impl Session {
         cache: Mamba2Cache,
         tokens: Vec<u32>,
         last_logits: Option<Vec<f32>>,
+        rng: Option<(u64, [u64; 4])>,
     ) -> Self {
         Self {
             model,
@@ -139,7 +144,13 @@ impl Session {
             tokens,
             pending: Vec::new(),
             last_logits,
+            rng,
         }
+    }
+
+    /// `(seed, generator state)` of the sampler after the last generation.
+    pub(crate) fn rng(&self) -> Option<(u64, [u64; 4])> {
+        self.rng
     }
 
     /// The shared model.
@@ -205,6 +216,7 @@ impl Session {
         self.tokens.clear();
         self.pending.clear();
         self.last_logits = None;
+        self.rng = None;
         Ok(())
     }
 
@@ -216,6 +228,7 @@ impl Session {
             tokens: self.tokens.clone(),
             pending: self.pending.clone(),
             last_logits: self.last_logits.clone(),
+            rng: self.rng,
         })
     }
 
@@ -229,6 +242,11 @@ impl Session {
         mut on_token: impl FnMut(u32) -> ControlFlow<()>,
     ) -> Result<GenerationSummary> {
         let mut sampler = Sampler::new(opts.sampling.clone())?;
+        if let Some((seed, state)) = self.rng {
+            if seed == opts.sampling.seed {
+                sampler.set_rng_state(state)?;
+            }
+        }
         let t0 = Instant::now();
         let prompt_tokens = self.flush()?;
         let prompt_s = t0.elapsed().as_secs_f64();
@@ -258,6 +276,7 @@ impl Session {
                 break;
             }
         }
+        self.rng = Some((opts.sampling.seed, sampler.rng_state()));
         let decode_s = t1.elapsed().as_secs_f64();
         Ok(GenerationSummary {
             prompt_tokens,

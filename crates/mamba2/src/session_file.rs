@@ -52,6 +52,13 @@ impl Session {
             ),
         ]
         .into();
+        let mut meta = meta;
+        if let Some((seed, st)) = self.rng() {
+            meta.insert(
+                "rng".into(),
+                format!("{seed} {} {} {} {}", st[0], st[1], st[2], st[3]),
+            );
+        }
         let data = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
             .map_err(|e| Error::SessionFile {
                 path: path.into(),
@@ -149,7 +156,21 @@ impl Session {
                     .to_vec1::<f32>()?,
             )
         };
+        let rng = match meta.get("rng") {
+            None => None,
+            Some(s) => {
+                let v: Vec<u64> = s
+                    .split(' ')
+                    .map(|x| x.parse::<u64>())
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|_| bad("bad rng state".into()))?;
+                match v[..] {
+                    [seed, a, b, c, d] => Some((seed, [a, b, c, d])),
+                    _ => return Err(bad("bad rng state".into())),
+                }
+            }
+        };
         let cache = Mamba2Cache::from_states(conv, ssm, offset)?;
-        Ok(Session::from_parts(model, cache, tokens, last_logits))
+        Ok(Session::from_parts(model, cache, tokens, last_logits, rng))
     }
 }
