@@ -3,7 +3,9 @@
 //! logits over a fixed text (prefill and step paths) and over a text longer than a chunk, in f32
 //! and in the stored 16-bit dtype.
 
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use mamba2::pipeline::{bundled_model_dir, LoadOptions, TextGenerator};
 use mamba2::session::{CancelToken, GenerateOptions};
 use std::collections::HashMap;
@@ -36,19 +38,6 @@ fn ids(t: &Tensor) -> Vec<u32> {
         .into_iter()
         .map(|v| v as u32)
         .collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

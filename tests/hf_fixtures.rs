@@ -2,7 +2,9 @@
 //! (`tests/fixtures/*`, made by `scripts/make_fixtures.py`): both checkpoint layouts, the
 //! one-shot prefill path and the prefill-then-step path, f32 and bf16, plus the final states.
 
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use mamba2::{pipeline::load_model, Mamba2Model};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,20 +34,6 @@ fn fixtures() -> Vec<PathBuf> {
         "expected the committed fixtures, found {dirs:?}"
     );
     dirs
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 struct Reference {

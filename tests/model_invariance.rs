@@ -2,7 +2,9 @@
 //! decode (logits and states), bounded-memory prefill = one forward, sessions save/restore and
 //! run concurrently on one shared model with identical results.
 
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use mamba2::session::{CancelToken, GenerateOptions, Session};
 use mamba2::{sampling::SamplingParams, Mamba2Cache, Mamba2Config, Mamba2Model};
 use std::ops::ControlFlow;
@@ -23,19 +25,6 @@ fn small_config(ngroups: usize, chunk: usize) -> Mamba2Config {
     c.pad_vocab_size_multiple = 16;
     c.validate().unwrap();
     c
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn ids(batch: usize, seq: usize, vocab: usize) -> Tensor {

@@ -1,7 +1,10 @@
 //! The `mamba2` binary end to end: the `logits` contract against HF's reference logits, and the
 //! JSON of `bench` and `info`, and clean failures.
 
+#[path = "../../../tests/common/mod.rs"]
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -17,19 +20,6 @@ fn mamba2(args: &[&str]) -> std::process::Output {
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .expect("run mamba2")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
