@@ -3,7 +3,7 @@
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use common::max_abs_diff;
 use std::path::{Path, PathBuf};
 use std::process::Command;
