@@ -27,6 +27,7 @@ pub mod conv1d;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod decode_step;
 mod error;
 #[cfg(feature = "metal")]
 mod metal;
@@ -44,6 +45,7 @@ pub use conv1d::{
 pub use cpu::fast_path_count;
 #[cfg(feature = "cuda")]
 pub use cuda::launch_count as cuda_launch_count;
+pub use decode_step::{mixer_decode_step, mixer_decode_step_slow, DecodeStepArgs};
 pub use error::{OpError, Result};
 pub use rms_norm::{
     gated_rms_norm, gated_rms_norm_slow, gated_rms_norm_with, rms_norm_residual,

@@ -262,6 +262,33 @@ fn bench_ops_1_3b_bf16() {
             bytes / (f * 1e-6) / 1e12
         );
 
+        // The whole mixer step between in_proj and out_proj: fused (one launch) against the
+        // same ops one after another (their fast paths, plus the copies of the split views).
+        let proj = randn(&[batch, D_INNER + CONV_DIM + NHEADS], dt16, &dev);
+        let step_args = DecodeStepArgs {
+            xbc: &proj.narrow(1, D_INNER, CONV_DIM).unwrap(),
+            dt: &proj.narrow(1, D_INNER + CONV_DIM, NHEADS).unwrap(),
+            z: &proj.narrow(1, 0, D_INNER).unwrap(),
+            conv_state: &conv_state,
+            conv_weight: &conv_w,
+            conv_bias: Some(&conv_b),
+            ssm_state: &state,
+            a: &a,
+            d: Some(&d),
+            dt_bias: Some(&dt_bias),
+            norm_weight: &norm_w,
+            eps: 1e-5,
+            ngroups: NGROUPS,
+            norm_before_gate: false,
+        };
+        let f = time_us(&dev, 200, || {
+            drop(mixer_decode_step(&step_args, &params).unwrap())
+        });
+        let s = time_us(&dev, 200, || {
+            drop(mixer_decode_step_slow(&step_args, &params).unwrap())
+        });
+        println!("| mixer decode step batch {batch}: fused vs unfused fast ops | {f:.1} | {s:.1} | {:.1}x |", s / f);
+
         let y = randn(&[batch, D_INNER], dt16, &dev);
         let zz = randn(&[batch, D_INNER], dt16, &dev);
         let gargs = GatedRmsNormArgs {

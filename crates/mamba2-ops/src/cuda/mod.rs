@@ -3,6 +3,7 @@
 //! preconditions do not hold, and the dispatcher then falls back to the reference.
 
 mod conv1d;
+mod decode_step;
 pub(crate) mod launch;
 
 pub use launch::launch_count;
@@ -49,6 +50,13 @@ pub(crate) fn selective_state_update(
     params: &SsdParams,
 ) -> Result<Option<Tensor>> {
     Ok(state_update::selective_state_update(args, params)?)
+}
+
+pub(crate) fn mixer_decode_step(
+    args: &crate::DecodeStepArgs,
+    params: &SsdParams,
+) -> Result<Option<Tensor>> {
+    decode_step::mixer_decode_step(args, params)
 }
 
 pub(crate) fn gated_rms_norm(args: &GatedRmsNormArgs) -> Result<Option<Tensor>> {

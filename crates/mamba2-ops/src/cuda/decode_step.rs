@@ -1,0 +1,136 @@
+//! CUDA fused mixer decode step (`kernels/cuda/decode_step.cu`): one launch (plus a 4-byte-per-
+//! group memset of its arrival counters) for conv update, state update and gated norm.
+
+use super::launch::{
+    cfg, code, device, func, launch, opt_ptr, output, ptr, ptx, rows, suffix, Result,
+};
+use super::state_update::dt_params;
+use crate::decode_step::{validate, DecodeStepArgs, StepDims};
+use crate::SsdParams;
+use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+use candle_core::{DType, Tensor};
+
+const MAX_N: usize = 256;
+const MAX_P: usize = 256;
+const MAX_K: usize = 8;
+
+pub(crate) fn mixer_decode_step(
+    args: &DecodeStepArgs,
+    params: &SsdParams,
+) -> crate::Result<Option<Tensor>> {
+    let StepDims {
+        batch,
+        nheads,
+        headdim,
+        d_state,
+        d_inner,
+    } = validate(args)?;
+    Ok(launch_step(
+        args, params, batch, nheads, headdim, d_state, d_inner,
+    )?)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_step(
+    args: &DecodeStepArgs,
+    params: &SsdParams,
+    batch: usize,
+    nheads: usize,
+    headdim: usize,
+    d_state: usize,
+    d_inner: usize,
+) -> Result<Option<Tensor>> {
+    let Some(dev) = device(args.xbc) else {
+        return Ok(None);
+    };
+    let dtype = args.xbc.dtype();
+    let Some(sfx) = suffix(dtype) else {
+        return Ok(None);
+    };
+    let k = args.conv_state.dim(2)?;
+    let conv_dim = args.xbc.dim(1)?;
+    // Preconditions (else the composed ops run): the op-level checks of the parts, done here
+    // since the fused kernel skips the individual ops' validation.
+    let f32_contig = |t: &Tensor| t.dtype() == DType::F32 && t.is_contiguous();
+    if d_state > MAX_N
+        || headdim > MAX_P
+        || k > MAX_K
+        || k == 0
+        || args.z.dtype() != dtype
+        || !f32_contig(args.conv_state)
+        || !f32_contig(args.ssm_state)
+        || args.a.dtype() != DType::F32
+        || args.conv_state.dims() != [batch, conv_dim, k]
+        || args.conv_weight.dims() != [conv_dim, k]
+        || args.norm_weight.dims() != [d_inner]
+    {
+        return Ok(None);
+    }
+    let (xbc, xs) = rows(args.xbc, 1)?; // (batch, conv_dim)
+    let (dt, dts) = rows(args.dt, 1)?; // (batch, nheads)
+    let (z, zs) = rows(args.z, 1)?; // (batch, d_inner)
+    let conv_w = args.conv_weight.contiguous()?; // (conv_dim, d_conv)
+    let conv_b = args.conv_bias.map(|t| t.contiguous()).transpose()?; // (conv_dim)
+    let a = args.a.contiguous()?; // (nheads) f32
+    let d = args.d.map(|t| t.contiguous()).transpose()?; // (nheads)
+    let dt_bias = args.dt_bias.map(|t| t.contiguous()).transpose()?; // (nheads)
+    let norm_w = args.norm_weight.contiguous()?; // (d_inner)
+    let Some(lc) = cfg((nheads as u64, batch as u64, 1), 128, 0) else {
+        return Ok(None);
+    };
+    let out = output((batch, d_inner), dtype, &dev)?;
+    let ybuf = output((batch, d_inner), DType::F32, &dev)?;
+    let hsum = output((batch, nheads), DType::F32, &dev)?;
+    // Arrival counters must start at zero: a stream-ordered memset, not a kernel.
+    let count = dev.alloc_zeros::<u32>(batch * args.ngroups)?;
+    let count_ptr = count.device_ptr(&dev.cuda_stream()).0;
+    let (softplus, clamp, lo, hi) = dt_params(params);
+    let opt_code = |t: Option<&Tensor>| code(t.map_or(DType::F32, |t| t.dtype()));
+    let f = func(
+        &dev,
+        "decode_step",
+        ptx::DECODE_STEP,
+        &format!("mixer_decode_step_{sfx}"),
+    )?;
+    launch!(
+        f,
+        lc,
+        ptr(&xbc, &dev)?,
+        xs[0] as i64,
+        ptr(&dt, &dev)?,
+        code(dt.dtype()),
+        dts[0] as i64,
+        ptr(&z, &dev)?,
+        zs[0] as i64,
+        ptr(args.conv_state, &dev)?,
+        ptr(&conv_w, &dev)?,
+        code(conv_w.dtype()),
+        opt_ptr(conv_b.as_ref(), &dev)?,
+        opt_code(conv_b.as_ref()),
+        ptr(args.ssm_state, &dev)?,
+        ptr(&a, &dev)?,
+        opt_ptr(d.as_ref(), &dev)?,
+        opt_code(d.as_ref()),
+        opt_ptr(dt_bias.as_ref(), &dev)?,
+        opt_code(dt_bias.as_ref()),
+        ptr(&norm_w, &dev)?,
+        code(norm_w.dtype()),
+        ptr(&out, &dev)?,
+        ptr(&ybuf, &dev)?,
+        ptr(&hsum, &dev)?,
+        count_ptr,
+        nheads as i64,
+        headdim as i32,
+        d_state as i32,
+        args.ngroups as i64,
+        k as i32,
+        args.eps as f32,
+        args.norm_before_gate as i32,
+        softplus,
+        clamp,
+        lo,
+        hi,
+    )?;
+    drop(count); // stream-ordered free, after the kernel
+    Ok(Some(out))
+}

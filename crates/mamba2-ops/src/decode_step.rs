@@ -1,0 +1,148 @@
+//! Fused decode step of a Mamba-2 mixer, between `in_proj` and `out_proj`: conv update + SiLU,
+//! selective state update with the `D` skip, then the grouped gated RMSNorm, for one token.
+//!
+//! Decode of small models is launch-bound: the unfused step costs one launch per op plus the
+//! copies that make the split projection contiguous; the CUDA path does all of it in one launch
+//! reading the projection's views in place. Other devices run [`mixer_decode_step_slow`], the
+//! composition of the ops' own dispatchers.
+
+use crate::check;
+use crate::{
+    causal_conv1d_update, gated_rms_norm, selective_state_update, GatedRmsNormArgs, OpError,
+    Result, SsdParams, StateUpdateArgs,
+};
+use candle_core::Tensor;
+
+const OP: &str = "mixer_decode_step";
+
+/// Arguments of [`mixer_decode_step`] (Mamba-2 layout: `conv_dim = d_inner + 2 ngroups d_state`,
+/// the conv channels ordered x, B, C; B/C groups are also the norm groups).
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeStepArgs<'a> {
+    /// `(batch, conv_dim)`: the xBC part of the projection, before the conv.
+    pub xbc: &'a Tensor,
+    /// `(batch, nheads)`: raw time step.
+    pub dt: &'a Tensor,
+    /// `(batch, d_inner)`: the gate.
+    pub z: &'a Tensor,
+    /// `(batch, conv_dim, d_conv)` f32, contiguous: updated in place.
+    pub conv_state: &'a Tensor,
+    /// `(conv_dim, d_conv)`.
+    pub conv_weight: &'a Tensor,
+    /// `(conv_dim)`.
+    pub conv_bias: Option<&'a Tensor>,
+    /// `(batch, nheads, headdim, d_state)` f32, contiguous: updated in place.
+    pub ssm_state: &'a Tensor,
+    /// `(nheads)` f32: `A = -exp(A_log)`.
+    pub a: &'a Tensor,
+    /// `(nheads)`.
+    pub d: Option<&'a Tensor>,
+    /// `(nheads)`.
+    pub dt_bias: Option<&'a Tensor>,
+    /// `(d_inner)`: gated RMSNorm weight.
+    pub norm_weight: &'a Tensor,
+    pub eps: f64,
+    pub ngroups: usize,
+    pub norm_before_gate: bool,
+}
+
+pub(crate) struct StepDims {
+    pub batch: usize,
+    pub nheads: usize,
+    pub headdim: usize,
+    pub d_state: usize,
+    pub d_inner: usize,
+}
+
+pub(crate) fn validate(args: &DecodeStepArgs) -> Result<StepDims> {
+    let [batch, nheads, headdim, d_state] = check::dims::<4>(OP, "ssm_state", args.ssm_state)?;
+    let [_, d_inner] = check::dims::<2>(OP, "z", args.z)?;
+    let ngroups = args.ngroups;
+    if ngroups == 0 || nheads % ngroups != 0 || nheads * headdim != d_inner {
+        return Err(OpError::Param {
+            op: OP,
+            param: "ngroups",
+            message: format!(
+                "need nheads ({nheads}) * headdim ({headdim}) = d_inner ({d_inner}) and ngroups ({ngroups}) dividing nheads"
+            ),
+        });
+    }
+    check::shape(
+        OP,
+        "xbc",
+        args.xbc,
+        &[batch, d_inner + 2 * ngroups * d_state],
+    )?;
+    check::shape(OP, "dt", args.dt, &[batch, nheads])?;
+    check::shape(OP, "z", args.z, &[batch, d_inner])?;
+    Ok(StepDims {
+        batch,
+        nheads,
+        headdim,
+        d_state,
+        d_inner,
+    })
+}
+
+/// One decode step of a mixer: returns the normed `(batch, d_inner)` output in the dtype of
+/// `xbc` (the input of `out_proj`), and advances both states in place.
+pub fn mixer_decode_step(args: &DecodeStepArgs, params: &SsdParams) -> Result<Tensor> {
+    validate(args)?;
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(_) = args.xbc.device() {
+        if let Some(out) = crate::cuda::mixer_decode_step(args, params)? {
+            return Ok(out);
+        }
+    }
+    mixer_decode_step_slow(args, params)
+}
+
+/// Reference of [`mixer_decode_step`]: the ops one after another.
+pub fn mixer_decode_step_slow(args: &DecodeStepArgs, params: &SsdParams) -> Result<Tensor> {
+    let StepDims {
+        batch,
+        nheads,
+        headdim,
+        d_state,
+        d_inner,
+    } = validate(args)?;
+    let g = args.ngroups;
+    let xbc = causal_conv1d_update(
+        &args.xbc.contiguous()?,
+        args.conv_state,
+        args.conv_weight,
+        args.conv_bias,
+        true,
+    )?; // (batch, conv_dim)
+    let x = xbc
+        .narrow(1, 0, d_inner)?
+        .reshape((batch, nheads, headdim))?; // (batch, nheads, headdim)
+    let b = xbc
+        .narrow(1, d_inner, g * d_state)?
+        .reshape((batch, g, d_state))?; // (batch, ngroups, d_state)
+    let c = xbc
+        .narrow(1, d_inner + g * d_state, g * d_state)?
+        .reshape((batch, g, d_state))?; // (batch, ngroups, d_state)
+    let y = selective_state_update(
+        &StateUpdateArgs {
+            state: args.ssm_state,
+            x: &x,
+            dt: args.dt,
+            a: args.a,
+            b: &b,
+            c: &c,
+            d: args.d,
+            z: None,
+            dt_bias: args.dt_bias,
+        },
+        params,
+    )?; // (batch, nheads, headdim)
+    gated_rms_norm(&GatedRmsNormArgs {
+        x: &y.reshape((batch, d_inner))?,
+        z: Some(args.z),
+        weight: args.norm_weight,
+        eps: args.eps,
+        group_size: d_inner / g,
+        norm_before_gate: args.norm_before_gate,
+    }) // (batch, d_inner)
+}
