@@ -22,20 +22,20 @@ struct Tol {
 }
 
 const TOL_ELEMENTWISE: Tol = Tol {
-    f32: 1e-5,
-    f16: 1e-3,
-    bf16: 8e-3,
+    f32: 1e-6,
+    f16: 2e-4,
+    bf16: 2e-4,
 };
 const TOL_SSD: Tol = Tol {
-    f32: 3e-3,
-    f16: 5e-3,
-    bf16: 3e-2,
+    f32: 2e-3,
+    f16: 1.5e-3,
+    bf16: 1e-2,
 };
 /// f32 states of the SSD (the rounding of the activations does not reach them directly).
 const TOL_SSD_STATE: Tol = Tol {
-    f32: 3e-3,
-    f16: 3e-3,
-    bf16: 2e-2,
+    f32: 1e-3,
+    f16: 1e-3,
+    bf16: 6e-3,
 };
 
 impl Tol {
