@@ -11,8 +11,8 @@ use crate::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::Linear;
 use mamba2_ops::{
-    causal_conv1d, causal_conv1d_update, gated_rms_norm, rms_norm_residual, selective_state_update,
-    ssd_chunk_scan, Conv1dArgs, GatedRmsNormArgs, SsdArgs, SsdParams, StateUpdateArgs,
+    causal_conv1d, gated_rms_norm, mixer_decode_step, rms_norm_residual, ssd_chunk_scan,
+    Conv1dArgs, DecodeStepArgs, GatedRmsNormArgs, SsdArgs, SsdParams,
 };
 
 /// The mixer of one block: in_proj -> causal conv1d -> SSD -> gated RMSNorm -> out_proj.
@@ -571,6 +571,8 @@ impl Mamba2Model {
         self.logits(&normed)
     }
 
+    /// The mixer for one token through the fused decode-step op (one launch on CUDA; the
+    /// composition of the unfused ops elsewhere).
     fn mixer_step(
         &self,
         m: &Mamba2Mixer,
@@ -578,48 +580,29 @@ impl Mamba2Model {
         cache: crate::cache::LayerCache<'_>,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let batch = u.dim(0)?;
         let zxbcdt = m.in_proj.forward(u)?; // (batch, d_in_proj)
-        let (z, xbc, dt) = self.split_projection(&zxbcdt)?;
-        let xbc = causal_conv1d_update(
-            &xbc,
-            cache.conv_state,
-            &m.conv_weight,
-            m.conv_bias.as_ref(),
-            true,
-        )?; // (batch, conv_dim)
-        let gn = c.ngroups * c.d_state;
-        let x = xbc
-            .narrow(1, 0, c.d_inner)?
-            .reshape((batch, c.nheads, c.headdim))?;
-        let b = xbc
-            .narrow(1, c.d_inner, gn)?
-            .reshape((batch, c.ngroups, c.d_state))?;
-        let cm = xbc
-            .narrow(1, c.d_inner + gn, gn)?
-            .reshape((batch, c.ngroups, c.d_state))?;
-        let y = selective_state_update(
-            &StateUpdateArgs {
-                state: cache.ssm_state,
-                x: &x,
+        let z = zxbcdt.narrow(1, 0, c.d_inner)?; // (batch, d_inner)
+        let xbc = zxbcdt.narrow(1, c.d_inner, c.conv_dim())?; // (batch, conv_dim)
+        let dt = zxbcdt.narrow(1, c.d_inner + c.conv_dim(), c.nheads)?; // (batch, nheads)
+        let y = mixer_decode_step(
+            &DecodeStepArgs {
+                xbc: &xbc,
                 dt: &dt,
+                z: &z,
+                conv_state: cache.conv_state,
+                conv_weight: &m.conv_weight,
+                conv_bias: m.conv_bias.as_ref(),
+                ssm_state: cache.ssm_state,
                 a: &m.a,
-                b: &b,
-                c: &cm,
                 d: Some(&m.d),
-                z: None,
                 dt_bias: Some(&m.dt_bias),
+                norm_weight: &m.norm_weight,
+                eps: c.norm_eps,
+                ngroups: c.ngroups,
+                norm_before_gate: c.norm_before_gate,
             },
             &self.ssd_params,
-        )?; // (batch, nheads, headdim)
-        let y = gated_rms_norm(&GatedRmsNormArgs {
-            x: &y.reshape((batch, c.d_inner))?,
-            z: Some(&z.contiguous()?),
-            weight: &m.norm_weight,
-            eps: c.norm_eps,
-            group_size: c.d_inner / c.ngroups,
-            norm_before_gate: c.norm_before_gate,
-        })?; // (batch, d_inner)
+        )?; // (batch, d_inner)
         Ok(m.out_proj.forward(&y)?)
     }
 
