@@ -97,7 +97,9 @@ impl<'a> Fields<'a> {
     pub(super) fn type_err(&self, key: &str, expected: &str, got: &Value) -> Error {
         let mut shown = got.to_string();
         if shown.len() > 60 {
-            shown.truncate(57);
+            // Cut on a character boundary: the value may hold multi-byte characters.
+            let cut = (0..=57).rev().find(|&i| shown.is_char_boundary(i));
+            shown.truncate(cut.unwrap_or(0));
             shown.push_str("...");
         }
         parse_err(
