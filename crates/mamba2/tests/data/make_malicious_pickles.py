@@ -14,6 +14,9 @@ unpickled by a loader that executes GLOBAL/REDUCE (Python's `pickle.load`, or `t
 - hostile_sizes.bin: no code, but tensor records whose size fields lie: `huge` claims
   (2^31 - 1, 16) f32 elements (128 GiB) and `overflow` (2^31 - 1)^3 with unit strides (more bytes than
   a usize holds), both over a 16-byte storage; `ok` is a genuine [1, 2, 3, 4].
+- hostile_memo_blowup.bin: a "billion laughs" pickle (336 bytes of zip): an empty list stored in
+  the memo, then 40 times BINGET 0, APPEND, BINPUT 0. Python shares the one list; a reader that
+  deep-copies memo entries (Candle 0.11's) builds 2^40 objects and runs out of memory.
 
 Run by hand: `python3 make_malicious_pickles.py` writes the files (the outputs are committed).
 `python3 make_malicious_pickles.py --verify` also unpickles each data.pkl with Python's own
@@ -102,6 +105,10 @@ def archive(pkl, blob=b""):
     return buf.getvalue()
 
 
+def memo_blowup_pickle(k=40):
+    return b"\x80\x02]q\x00" + b"h\x00aq\x00" * k + b"."
+
+
 def payloads():
     attacks = [("a", call_os_system()), ("b", call_eval()), ("c", call_popen())]
     weight = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
@@ -109,6 +116,7 @@ def payloads():
         "malicious_calls.bin": (dict_pickle(attacks), b""),
         "malicious_mixed.bin": (dict_pickle(attacks + [("backbone.norm_f.weight", tensor_record())]), weight),
         "malicious_inst.bin": (inst_pickle(), b""),
+        "hostile_memo_blowup.bin": (memo_blowup_pickle(), b""),
         "hostile_sizes.bin": (
             dict_pickle(
                 [
@@ -133,7 +141,7 @@ def main():
             if os.path.exists(m):
                 os.remove(m)
         for name, (pkl, _) in payloads().items():
-            if name in ("malicious_mixed.bin", "hostile_sizes.bin"):
+            if not name.startswith("malicious_") or name == "malicious_mixed.bin":
                 continue  # its tensor record needs torch; the calls come first and are the same
             try:
                 pickle.loads(pkl)
