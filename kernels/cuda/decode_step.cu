@@ -2,7 +2,7 @@
 // update + D skip, grouped gated RMSNorm) in a single launch.
 #include "common.cuh"
 
-#define DS_THREADS 128
+#define DS_THREADS 512
 #define DS_MAX_N 256
 #define DS_MAX_P 256
 #define DS_MAX_K 8
@@ -35,8 +35,10 @@ __device__ __forceinline__ void conv_shift(float* st, float xv, int K) {
 //   out    (batch, d_inner) T contiguous (output)
 //   ybuf   (batch, d_inner) f32 scratch;  hsum (batch, nheads) f32 scratch
 //   count  (batch, ngroups) u32, zero on entry (arrival counter of the heads of each group)
-// Block layout: grid (nheads, batch), 128 threads = 4 warps. Each block convolves the x channels of
-//   its head and the B/C channels of its group (B/C conv results are computed by every head of
+// Block layout: grid (nheads, batch), 512 threads = 16 warps (4 rows of headdim per warp: at
+//   batch 1 the 64 blocks of a 1.3b layer need the warps to hide the state loads; with 128
+//   threads the fused step was slower than the unfused ops). Each block convolves the x channels
+//   of its head and the B/C channels of its group (B/C conv results are computed by every head of
 //   the group, from the unmodified state), updates its head's state (a warp per row of headdim,
 //   lanes over d_state), writes the gated y and its sum of squares to scratch, then counts in.
 //   The last head of a group to arrive (threadfence + atomic counter) reduces the group's sums in

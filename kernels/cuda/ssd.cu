@@ -8,7 +8,7 @@
 //                                s_{c+1} = exp(acs_c[L-1]) s_c + S_c, and the final state (f32 FMA)
 //   3. ssd_chunk_scan_<dtype>    per (chunk, head, batch): y = (C Bᵀ ∘ decay ∘ dt) x        (mma)
 //                                  + (C ∘ exp(acs)) s_cᵀ + D x, then * silu(z)               (mma)
-// f16/bf16 operands use m16n16k16 wmma, f32 operands TF32 m16n16k8 wmma; accumulation is f32.
+// f16/bf16 operands use m16n16k16 wmma, f32 operands 3xTF32 m16n16k8 wmma; accumulation is f32.
 // Intra-chunk operands that are computed (decay-weighted x, the masked C Bᵀ, the entering state)
 // are rounded to the activation dtype before the mma, as mamba_ssm's kernels do.
 #include "common.cuh"
@@ -29,23 +29,21 @@ using FragB = wmma::fragment<wmma::matrix_b, 16, 16, WT<T>::K, typename WT<T>::p
 template <typename T>
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, WT<T>::K, float>;
 
-// f32 operands are loaded as floats and must be rounded to tf32 before the mma.
-template <typename T, typename F> __device__ __forceinline__ void fix_frag(F&) {}
-template <> __device__ __forceinline__ void fix_frag<float, FragA<float, wmma::row_major>>(FragA<float, wmma::row_major>& f) {
-    for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
-}
-template <> __device__ __forceinline__ void fix_frag<float, FragA<float, wmma::col_major>>(FragA<float, wmma::col_major>& f) {
-    for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
-}
-template <> __device__ __forceinline__ void fix_frag<float, FragB<float, wmma::row_major>>(FragB<float, wmma::row_major>& f) {
-    for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
-}
-template <> __device__ __forceinline__ void fix_frag<float, FragB<float, wmma::col_major>>(FragB<float, wmma::col_major>& f) {
-    for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+// Splits a fragment loaded from floats into tf32 high and low parts: x = hi + lo up to 2^-22 x.
+template <typename F> __device__ __forceinline__ void split_tf32(F& hi, F& lo) {
+#pragma unroll
+    for (int i = 0; i < hi.num_elements; ++i) {
+        const float v = hi.x[i];
+        const float h = wmma::__float_to_tf32(v);
+        hi.x[i] = h;
+        lo.x[i] = wmma::__float_to_tf32(v - h);
+    }
 }
 
 // acc(16x16 tile at rows m0, cols n0) += A[m0.., k0..k1) * B[k0..k1), n0..).
 // Row-major A[m][k] is at A + m*lda + k, column-major at A + k*lda + m; likewise for B[k][n].
+// f32 operands use 3xTF32 (hi*hi + hi*lo + lo*hi): f32-level accuracy (a plain TF32 product
+// errs by ~1e-3 relative, which shows in the model's f32 logits) at three mma per step.
 template <typename T, typename LA, typename LB>
 __device__ __forceinline__ void mma_range(FragC<T>& acc, const T* A, int lda, const T* B, int ldb,
                                           int m0, int n0, int k0, int k1) {
@@ -57,8 +55,14 @@ __device__ __forceinline__ void mma_range(FragC<T>& acc, const T* A, int lda, co
     for (int k = k0; k < k1; k += K) {
         wmma::load_matrix_sync(fa, a_row ? A + m0 * lda + k : A + k * lda + m0, lda);
         wmma::load_matrix_sync(fb, b_row ? B + k * ldb + n0 : B + n0 * ldb + k, ldb);
-        fix_frag<T>(fa);
-        fix_frag<T>(fb);
+        if constexpr (std::is_same<T, float>::value) {
+            FragA<T, LA> fa_lo;
+            FragB<T, LB> fb_lo;
+            split_tf32(fa, fa_lo);
+            split_tf32(fb, fb_lo);
+            wmma::mma_sync(acc, fa_lo, fb, acc);
+            wmma::mma_sync(acc, fa, fb_lo, acc);
+        }
         wmma::mma_sync(acc, fa, fb, acc);
     }
 }

@@ -75,7 +75,7 @@ fn launch_step(
     let d = args.d.map(|t| t.contiguous()).transpose()?; // (nheads)
     let dt_bias = args.dt_bias.map(|t| t.contiguous()).transpose()?; // (nheads)
     let norm_w = args.norm_weight.contiguous()?; // (d_inner)
-    let Some(lc) = cfg((nheads as u64, batch as u64, 1), 128, 0) else {
+    let Some(lc) = cfg((nheads as u64, batch as u64, 1), 512, 0) else {
         return Ok(None);
     };
     let out = output((batch, d_inner), dtype, &dev)?;
