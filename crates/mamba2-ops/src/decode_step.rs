@@ -58,7 +58,7 @@ pub(crate) fn validate(args: &DecodeStepArgs) -> Result<StepDims> {
     let [batch, nheads, headdim, d_state] = check::dims::<4>(OP, "ssm_state", args.ssm_state)?;
     let [_, d_inner] = check::dims::<2>(OP, "z", args.z)?;
     let ngroups = args.ngroups;
-    if ngroups == 0 || nheads % ngroups != 0 || nheads * headdim != d_inner {
+    if ngroups == 0 || !nheads.is_multiple_of(ngroups) || nheads * headdim != d_inner {
         return Err(OpError::Param {
             op: OP,
             param: "ngroups",
@@ -86,6 +86,40 @@ pub(crate) fn validate(args: &DecodeStepArgs) -> Result<StepDims> {
 
 /// One decode step of a mixer: returns the normed `(batch, d_inner)` output in the dtype of
 /// `xbc` (the input of `out_proj`), and advances both states in place.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use mamba2_ops::{mixer_decode_step, DecodeStepArgs, SsdParams};
+/// let dev = Device::Cpu;
+/// let (batch, nheads, headdim, ngroups, d_state, d_conv) = (2, 4, 8, 2, 16, 4);
+/// let d_inner = nheads * headdim;
+/// let conv_dim = d_inner + 2 * ngroups * d_state;
+/// // One row of in_proj's output: (z | xBC | dt); the op reads the three views in place.
+/// let proj = Tensor::randn(0f32, 1.0, (batch, d_inner + conv_dim + nheads), &dev)?;
+/// let conv_state = Tensor::zeros((batch, conv_dim, d_conv), DType::F32, &dev)?;
+/// let ssm_state = Tensor::zeros((batch, nheads, headdim, d_state), DType::F32, &dev)?;
+/// let y = mixer_decode_step(
+///     &DecodeStepArgs {
+///         xbc: &proj.narrow(1, d_inner, conv_dim)?,
+///         dt: &proj.narrow(1, d_inner + conv_dim, nheads)?,
+///         z: &proj.narrow(1, 0, d_inner)?,
+///         conv_state: &conv_state,
+///         conv_weight: &Tensor::randn(0f32, 0.5, (conv_dim, d_conv), &dev)?,
+///         conv_bias: None,
+///         ssm_state: &ssm_state,
+///         a: &Tensor::full(-1f32, nheads, &dev)?,
+///         d: None,
+///         dt_bias: None,
+///         norm_weight: &Tensor::ones(d_inner, DType::F32, &dev)?,
+///         eps: 1e-5,
+///         ngroups,
+///         norm_before_gate: false,
+///     },
+///     &SsdParams::default(),
+/// )?;
+/// assert_eq!(y.dims(), &[batch, d_inner]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn mixer_decode_step(args: &DecodeStepArgs, params: &SsdParams) -> Result<Tensor> {
     validate(args)?;
     #[cfg(feature = "cuda")]

@@ -91,7 +91,8 @@ fn bench_ops_1_3b_bf16() {
         println!("| {name} | {fast:.1} | {slow:.1} | {:.1}x |", slow / fast);
     };
 
-    for seqlen in [2048usize] {
+    {
+        let seqlen = 2048usize;
         let batch = 1;
         // Prefill: the x / B / C views of one conv output, as in the mixer.
         let xbc = randn(&[batch, seqlen, CONV_DIM], dt16, &dev);

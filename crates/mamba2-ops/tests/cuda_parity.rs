@@ -608,12 +608,17 @@ fn conv1d_update_and_varlen_match_reference() {
     }
 }
 
+/// (leading dims, dim, group_size, z, norm_before_gate, strided z)
+type GatedCase = (&'static [usize], usize, usize, bool, bool, bool);
+/// (leading dims, dim, residual, residual dtype f32, residual_in_fp32, weight f32)
+type ResidualCase = (&'static [usize], usize, bool, bool, bool, bool);
+
 #[test]
 fn rms_norms_match_reference() {
     let Some(dev) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(12);
     // gated: (leading dims, dim, group_size, z, norm_before_gate, strided z)
-    let cases: [(&[usize], usize, usize, bool, bool, bool); 5] = [
+    let cases: [GatedCase; 5] = [
         (&[2, 37], 4096, 512, true, false, true),
         (&[1, 5], 4096, 4096, true, false, false),
         (&[16], 1536, 1536, true, true, true),
@@ -660,7 +665,7 @@ fn rms_norms_match_reference() {
         }
     }
     // residual: (leading dims, dim, residual, residual dtype f32, residual_in_fp32, weight f32)
-    let cases: [(&[usize], usize, bool, bool, bool, bool); 5] = [
+    let cases: [ResidualCase; 5] = [
         (&[2, 33], 2048, true, true, true, false),
         (&[1, 7], 768, false, false, true, false),
         (&[5], 2560, true, false, false, true),

@@ -55,8 +55,8 @@ pub(crate) fn ssd_chunk_scan(
     // Preconditions of the tensor-core path: 16-multiples for the mma tiles, one activation
     // dtype for the mma operands, no packed sequences (the reference handles seq_idx).
     if args.seq_idx.is_some()
-        || headdim % 16 != 0
-        || d_state % 16 != 0
+        || !headdim.is_multiple_of(16)
+        || !d_state.is_multiple_of(16)
         || args.b.dtype() != dtype
         || args.c.dtype() != dtype
         || args.z.is_some_and(|z| z.dtype() != dtype)
@@ -109,7 +109,8 @@ pub(crate) fn ssd_chunk_scan(
         aligned.push(ptr(zt, &dev)?);
         strides.extend(zs.iter().copied());
     }
-    let vec = aligned.iter().all(|p| p % 16 == 0) && strides.iter().all(|s| (s * esz) % 16 == 0);
+    let vec = aligned.iter().all(|p| p.is_multiple_of(16))
+        && strides.iter().all(|s| (s * esz).is_multiple_of(16));
 
     // Every element of these is written by a kernel before it is read.
     let states = output((batch, nchunks, nheads, headdim, d_state), DType::F32, &dev)?;
