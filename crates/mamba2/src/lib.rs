@@ -10,6 +10,7 @@ pub mod device;
 pub mod error;
 pub mod hub;
 pub mod model;
+mod pickle_guard;
 pub mod pipeline;
 mod random;
 pub mod sampling;

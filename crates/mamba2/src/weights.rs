@@ -541,6 +541,8 @@ fn open_source(path: &Path) -> Result<Source> {
                     .into(),
             ));
         }
+        // Candle's reader trusts declared lengths and deep-copies memo references: bound both first.
+        crate::pickle_guard::check_checkpoint(path).map_err(&bad)?;
         let mut pth = catch_panic(|| candle_core::pickle::PthTensors::new(path, None))
             .map_err(&bad)?
             .map_err(|e| bad(format!("cannot read PyTorch checkpoint: {e}")))?;

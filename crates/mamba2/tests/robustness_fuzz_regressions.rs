@@ -49,29 +49,28 @@ fn loads_to_a_typed_error_in_bounded_memory(test_name: &str, file: &Path) -> boo
         let r =
             mamba2::weights::Weights::from_files(&[PathBuf::from(path)], &candle_core::Device::Cpu);
         assert!(matches!(r, Err(Error::WeightFile { .. })), "{r:?}");
-        std::process::exit(0);
+        println!("{}", r.unwrap_err());
+        // A distinct exit code proves the child really ran this load (a filtered-out run exits 0).
+        std::process::exit(42);
     }
     let exe = std::env::current_exe().unwrap();
     let status = std::process::Command::new("sh")
         .arg("-c")
-        .arg("ulimit -v 4194304; exec \"$0\" --ignored --exact \"$1\" --test-threads=1")
+        .arg("ulimit -v 4194304; exec \"$0\" --include-ignored --exact \"$1\" --test-threads=1 --nocapture")
         .arg(exe)
         .arg(test_name)
         .env(CHILD, file)
         .status()
         .unwrap();
-    status.success()
+    status.code() == Some(42)
 }
 
-/// OPEN, not fixed (Candle): found while building the `pytorch_bin` fuzz target. Candle 0.11's
-/// pickle reader deep-clones memo entries on every BINPUT/BINGET, so
-/// `tests/data/hostile_memo_blowup.bin` (336 bytes: an empty list appended to itself 40 times
-/// through the memo; see make_malicious_pickles.py) needs 2^40 objects. The fix belongs in
-/// Candle's `pickle.rs` (share memo entries, or bound what a pickle may build) or in a pre-scan of
-/// `data.pkl` before Candle sees it. Un-ignore once it passes:
-/// `cargo test -p mamba2 --test robustness_fuzz_regressions -- --ignored`.
+/// Found while building the `pytorch_bin` fuzz target: Candle 0.11's pickle reader deep-clones
+/// memo entries on every BINPUT/BINGET, so `tests/data/hostile_memo_blowup.bin` (336 bytes: an
+/// empty list appended to itself 40 times through the memo; see make_malicious_pickles.py) needs
+/// 2^40 objects. Fixed by our bounded pre-scan of `data.pkl` (`pickle_guard.rs`), which refuses
+/// it before Candle's reader runs.
 #[test]
-#[ignore = "open: Candle's pickle reader runs out of memory on tests/data/hostile_memo_blowup.bin"]
 fn pickle_memo_blowup_is_refused_within_bounded_memory() {
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hostile_memo_blowup.bin");
     assert!(loads_to_a_typed_error_in_bounded_memory(
@@ -80,12 +79,12 @@ fn pickle_memo_blowup_is_refused_within_bounded_memory() {
     ));
 }
 
-/// OPEN, not fixed (Candle): fuzz target `pytorch_bin`, oom-5d3e9bc3 (raw mode: the file is the
+/// Fixed by `pickle_guard`: fuzz target `pytorch_bin`, oom-5d3e9bc3 (raw mode: the file is the
 /// input without its first byte). A BINUNICODE opcode declares a 0xFF000027-byte string and
 /// Candle's reader allocates it (`vec![0u8; len]`, 4.28 GB) before reading: an allocation driven by
-/// an unchecked size field. Same owner and fix as above.
+/// an unchecked size field. The pre-scan bounds every declared length by the data left (this
+/// file also fails the zip CRC check first; `pickle_guard`'s unit tests cover the length check).
 #[test]
-#[ignore = "open: Candle's pickle reader allocates a BINUNICODE's declared length (4 GB) up front"]
 fn pickle_huge_string_length_is_refused_within_bounded_memory() {
     let input = std::fs::read(data("pytorch_bin-oom-5d3e9bc3.bin")).unwrap();
     let dir = tempfile::tempdir().unwrap();
