@@ -329,45 +329,29 @@ impl Mamba2Model {
 
     /// Checks `(batch, seqlen)` ids: integer dtype, non-empty, every id a row of the embedding.
     fn check_ids(&self, ids: &Tensor) -> Result<Tensor> {
-        let ids = match ids.dtype() {
-            DType::U32 => ids.clone(),
-            DType::I64 | DType::U8 | DType::I32 | DType::I16 => {
-                let v = ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
-                if let Some((pos, &id)) = v
-                    .iter()
-                    .enumerate()
-                    .find(|(_, &id)| id < 0 || id >= self.vocab_rows() as i64)
-                {
-                    return Err(Error::TokenOutOfRange {
-                        id,
-                        position: pos,
-                        vocab: self.vocab_rows(),
-                    });
-                }
-                ids.to_dtype(DType::U32)?
-            }
-            other => {
-                return Err(Error::InvalidInput(format!(
-                    "token ids must be an integer tensor, got {other:?}"
-                )))
-            }
-        };
+        if !matches!(
+            ids.dtype(),
+            DType::U32 | DType::I64 | DType::U8 | DType::I32 | DType::I16
+        ) {
+            return Err(Error::InvalidInput(format!(
+                "token ids must be an integer tensor, got {:?}",
+                ids.dtype()
+            )));
+        }
         if ids.elem_count() == 0 {
             return Err(Error::EmptyPrompt);
         }
-        let v = ids.flatten_all()?.to_vec1::<u32>()?;
-        if let Some((pos, &id)) = v
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= self.vocab_rows())
-        {
+        // One pass over the ids as i64 covers negative values and ids past the embedding alike.
+        let v = ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+        let rows = self.vocab_rows() as i64;
+        if let Some((pos, &id)) = v.iter().enumerate().find(|(_, &id)| id < 0 || id >= rows) {
             return Err(Error::TokenOutOfRange {
-                id: id as i64,
+                id,
                 position: pos,
                 vocab: self.vocab_rows(),
             });
         }
-        Ok(ids.to_device(&self.device)?)
+        Ok(ids.to_dtype(DType::U32)?.to_device(&self.device)?)
     }
 
     fn check_cache(&self, cache: &Mamba2Cache, batch: usize) -> Result<()> {
