@@ -29,6 +29,7 @@ mod cpu;
 mod cuda;
 pub mod decode_step;
 mod error;
+pub mod linear;
 #[cfg(feature = "metal")]
 mod metal;
 pub mod metal_params;
@@ -47,6 +48,7 @@ pub use cpu::fast_path_count;
 pub use cuda::launch_count as cuda_launch_count;
 pub use decode_step::{mixer_decode_step, mixer_decode_step_slow, DecodeStepArgs};
 pub use error::{OpError, Result};
+pub use linear::{linear, linear_slow, linear_with};
 pub use rms_norm::{
     gated_rms_norm, gated_rms_norm_slow, gated_rms_norm_with, rms_norm_residual,
     rms_norm_residual_slow, rms_norm_residual_with, GatedRmsNormArgs,

@@ -106,3 +106,11 @@ pub(crate) fn rms_norm_residual(
         rms_norm::rms_norm_residual(x, residual, weight, eps, residual_in_fp32),
     )
 }
+
+pub(crate) fn linear(
+    _x: &Tensor,
+    _weight: &Tensor,
+    _bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    Ok(None)
+}

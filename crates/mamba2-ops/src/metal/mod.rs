@@ -461,3 +461,12 @@ pub(crate) fn rms_norm_residual(
     )?;
     Ok(Some((normed, res_out)))
 }
+
+/// No Metal kernel for the projections yet: Candle's Metal matmul serves them.
+pub(crate) fn linear(
+    _x: &Tensor,
+    _weight: &Tensor,
+    _bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    Ok(None)
+}
