@@ -1,7 +1,12 @@
 //! Per-op CPU timings at the mamba2-130m mixer shapes (d_inner 1536, 24 heads of 64, d_state 128,
 //! ngroups 1): fast path vs reference, prefill (512 and 2048 tokens) and one decode step.
 //!
-//! `cargo bench -p mamba2-ops --bench cpu_ops` (median of several runs, milliseconds per call).
+//! Then `linear` (the projections): fast path vs Candle's matmul in the weight's own dtype (what
+//! the model called before) at the 130m projection shapes, over a sweep of row counts, with the
+//! weight bytes streamed per second.
+//!
+//! `cargo bench -p mamba2-ops --bench cpu_ops` (median of several runs, milliseconds per call);
+//! `cargo bench -p mamba2-ops --bench cpu_ops -- linear` runs only the `linear` part.
 
 use candle_core::{DType, Device, Tensor};
 use mamba2_ops::*;
@@ -27,7 +32,52 @@ fn randn(dims: &[usize], dtype: DType) -> Tensor {
         .unwrap()
 }
 
+/// `linear` at the mamba2-130m projection shapes: `in_proj` (3352 x 768), `out_proj`
+/// (768 x 1536), the tied LM head (50288 x 768).
+fn bench_linear() {
+    // LINEAR_ONLY=lm_head, LINEAR_ROWS=1,16: a subset, for quick comparisons.
+    let only = std::env::var("LINEAR_ONLY").ok();
+    let row_list: Vec<usize> = std::env::var("LINEAR_ROWS")
+        .map(|v| v.split(',').filter_map(|r| r.parse().ok()).collect())
+        .unwrap_or_else(|_| vec![1, 2, 4, 16, 64, 512, 2048]);
+    let shapes = [
+        ("in_proj", 3352, 768),
+        ("out_proj", 768, 1536),
+        ("lm_head", 50288, 768),
+    ];
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (name, out_f, in_f) in shapes {
+            let w = randn(&[out_f, in_f], dtype);
+            let bytes = (out_f * in_f * dtype.size_in_bytes()) as f64;
+            if only.as_deref().is_some_and(|o| o != name) {
+                continue;
+            }
+            for &rows in &row_list {
+                let x = randn(&[1, rows, in_f], dtype);
+                let runs = if name == "lm_head" { 9 } else { 31 };
+                let fast = median_ms(runs, || {
+                    linear(&x, &w, None).unwrap();
+                });
+                let wt = w.t().unwrap();
+                let candle = median_ms(runs.min(9), || {
+                    x.broadcast_matmul(&wt).unwrap();
+                });
+                println!(
+                    "linear {name:8} {dtype:?} rows {rows:2}: fast {fast:8.3} ms ({:5.1} GB/s)  candle matmul {candle:8.3} ms ({:5.1} GB/s)  ({:.2}x)",
+                    bytes / fast / 1e6,
+                    bytes / candle / 1e6,
+                    candle / fast
+                );
+            }
+        }
+    }
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "linear") {
+        bench_linear();
+        return;
+    }
     let (h, p, n, conv) = (24, 64, 128, 1536 + 256);
     let a = (randn(&[h], DType::F32).abs().unwrap() + 1.0)
         .unwrap()
@@ -163,4 +213,5 @@ fn main() {
             slow / fast
         );
     }
+    bench_linear();
 }

@@ -7,9 +7,12 @@
 //! `selective_state_update` additionally needs headdim and d_state <= 256, and the in-place ops
 //! fall back when an input shares storage with the state they update.
 //! `seq_idx` is supported by the conv and the SSD scan (state restarts at a change of id).
+//! `linear` needs a contiguous (row-major) weight; a transposed or strided weight view takes the
+//! reference (Candle's matmul).
 
 mod common;
 mod conv1d;
+mod linear;
 mod rms_norm;
 mod ssd;
 mod state_update;
@@ -19,7 +22,7 @@ use candle_core::Tensor;
 use std::cell::Cell;
 
 /// Names of the ops, in the order of the fast-path counters.
-const OPS: [&str; 7] = [
+const OPS: [&str; 8] = [
     "causal_conv1d",
     "causal_conv1d_update",
     "conv_states_varlen",
@@ -27,12 +30,13 @@ const OPS: [&str; 7] = [
     "selective_state_update",
     "gated_rms_norm",
     "rms_norm_residual",
+    "linear",
 ];
 
 thread_local! {
     /// How often each op took its CPU fast path on this thread. Thread-local so that tests
     /// running in parallel do not see each other's calls.
-    static FAST_PATH_HITS: [Cell<usize>; 7] = const { [const { Cell::new(0) }; 7] };
+    static FAST_PATH_HITS: [Cell<usize>; 8] = const { [const { Cell::new(0) }; 8] };
 }
 
 fn count<T>(op: usize, r: Result<Option<T>>) -> Result<Option<T>> {
@@ -107,10 +111,7 @@ pub(crate) fn rms_norm_residual(
     )
 }
 
-pub(crate) fn linear(
-    _x: &Tensor,
-    _weight: &Tensor,
-    _bias: Option<&Tensor>,
-) -> Result<Option<Tensor>> {
-    Ok(None)
+/// Any row count; falls back for a non-contiguous weight (see `cpu/linear.rs`).
+pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    count(7, linear::linear(x, weight, bias))
 }
