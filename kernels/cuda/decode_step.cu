@@ -34,7 +34,8 @@ __device__ __forceinline__ void conv_shift(float* st, float xv, int K) {
 //   d, dt_bias (nheads) dtype d_dt / db_dt or null;  norm_w (d_inner) dtype nw_dt
 //   out    (batch, d_inner) T contiguous (output)
 //   ybuf   (batch, d_inner) f32 scratch;  hsum (batch, nheads) f32 scratch
-//   count  (batch, ngroups) u32, zero on entry (arrival counter of the heads of each group)
+//   count  (batch, ngroups) u32, zero on entry, zero again on exit (arrival counter of the
+//          heads of each group)
 // Block layout: grid (nheads, batch), 512 threads = 16 warps (4 rows of headdim per warp: at
 //   batch 1 the 64 blocks of a 1.3b layer need the warps to hide the state loads; with 128
 //   threads the fused step was slower than the unfused ops). Each block convolves the x channels
@@ -117,7 +118,10 @@ __device__ void decode_step(const T* __restrict__ xbc, i64 xs_b, const void* __r
     __syncthreads();
     if (!is_last) return;
 
-    // 3. last head of the group: norm over the group, B/C conv state shift.
+    // 3. last head of the group: norm over the group, B/C conv state shift. Every head of the
+    //    group has counted in, so the counter is re-armed for the next launch here: a captured
+    //    decode step (CUDA graph) replays without a memset node.
+    if (threadIdx.x == 0) count[b * ngroups + g] = 0u;
     __threadfence();
     float total = 0.0f;
     for (i64 j = 0; j < hpg; ++j) total += __ldcg(&hsum[b * nheads + g * hpg + j]);

@@ -28,6 +28,10 @@ pub struct BenchArgs {
     runs: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Decode with one launch per kernel instead of replaying the captured step (CUDA only;
+    /// for comparison).
+    #[arg(long)]
+    eager: bool,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -55,7 +59,7 @@ fn sync(device: &Device) -> Result<()> {
 pub fn bench(a: BenchArgs) -> Result<()> {
     let device = a.model.device()?;
     let dtype = a.model.dtype()?;
-    let (model, name) = match &a.shape {
+    let (mut model, name) = match &a.shape {
         Some(shape) => (
             Mamba2Model::random(&Mamba2Config::preset(shape)?, dtype, &device, 0)?,
             format!("random:{shape}"),
@@ -65,6 +69,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             a.model.model_spec(),
         ),
     };
+    model.set_cuda_graphs(!a.eager);
     let vocab = model.config().vocab_size as u32;
     let prompt: Vec<u32> = (0..a.batch * a.prefill)
         .map(|i| (i as u32 * 7919 + 13) % vocab)
@@ -103,6 +108,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "device": format!("{:?}", device.location()).to_lowercase(),
         "threads": candle_core::utils::get_num_threads(),
         "batch": a.batch,
+        "cuda_graph": device.is_cuda() && !a.eager,
         "prefill_tokens": a.prefill,
         "decode_tokens": a.decode,
         "runs": a.runs,

@@ -13,6 +13,9 @@ pub struct Mamba2Cache {
     ssm_states: Vec<Tensor>,  // n_layer x (batch, nheads, headdim, d_state) f32
     batch: usize,
     seqlen_offset: usize,
+    /// The decode step captured for this cache's states (CUDA only).
+    #[cfg(feature = "cuda")]
+    pub(crate) graph: crate::cuda_step::GraphSlot,
 }
 
 /// Mutable view of one layer's state, handed to the mixer.
@@ -43,6 +46,8 @@ impl Mamba2Cache {
             ssm_states,
             batch,
             seqlen_offset: 0,
+            #[cfg(feature = "cuda")]
+            graph: Default::default(),
         })
     }
 
@@ -62,6 +67,8 @@ impl Mamba2Cache {
             ssm_states,
             batch,
             seqlen_offset,
+            #[cfg(feature = "cuda")]
+            graph: Default::default(),
         })
     }
 
@@ -105,6 +112,8 @@ impl Mamba2Cache {
                 .collect::<candle_core::Result<_>>()?,
             batch: self.batch,
             seqlen_offset: self.seqlen_offset,
+            #[cfg(feature = "cuda")]
+            graph: Default::default(),
         })
     }
 
@@ -115,6 +124,16 @@ impl Mamba2Cache {
         }
         self.seqlen_offset = 0;
         Ok(())
+    }
+
+    /// Layer `i`'s states for a capture, which records their addresses (the states are then
+    /// updated in place by every replay).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn layer(&self, i: usize) -> LayerCache<'_> {
+        LayerCache {
+            conv_state: &self.conv_states[i],
+            ssm_state: &self.ssm_states[i],
+        }
     }
 
     pub(crate) fn layer_mut(&mut self, i: usize) -> LayerCache<'_> {

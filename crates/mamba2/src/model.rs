@@ -64,6 +64,7 @@ pub struct Mamba2Model {
     device: Device,
     ssd_params: SsdParams,
     max_prefill_tokens: usize,
+    cuda_graphs: bool,
 }
 
 /// The activation dtypes the ops implement; anything else would fail later, inside an op.
@@ -206,6 +207,7 @@ impl Mamba2Model {
             device,
             ssd_params,
             max_prefill_tokens,
+            cuda_graphs: true,
         }
     }
 
@@ -320,6 +322,13 @@ impl Mamba2Model {
     /// Sets how many prompt tokens [`Mamba2Model::prefill`] processes per forward (>= 1).
     pub fn set_max_prefill_tokens(&mut self, n: usize) {
         self.max_prefill_tokens = n.max(1);
+    }
+
+    /// Whether [`Mamba2Model::step`] on CUDA replays a captured graph of the whole step (the
+    /// default; one launch per token instead of ~4 per layer) or launches eagerly. Both compute
+    /// the same thing; the switch is for comparison and debugging.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.cuda_graphs = on;
     }
 
     /// A zeroed cache for `batch` sequences.
@@ -531,6 +540,13 @@ impl Mamba2Model {
         })?;
         let ids = self.check_ids(&input_ids.unsqueeze(1)?)?.squeeze(1)?;
         self.check_cache(cache, batch)?;
+        #[cfg(feature = "cuda")]
+        if self.cuda_graphs {
+            if let Some(logits) = crate::cuda_step::step(self, &ids, cache)? {
+                cache.advance(1);
+                return Ok(logits);
+            }
+        }
         let mut hidden = self.embeddings.index_select(&ids, 0)?; // (batch, d_model)
         let mut residual: Option<Tensor> = None;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -552,7 +568,8 @@ impl Mamba2Model {
             self.config.residual_in_fp32,
         )?;
         cache.advance(1);
-        self.logits(&normed)
+        let logits = project(&normed, &self.lm_head, None)?; // (batch, vocab_rows)
+        Ok(logits.to_dtype(DType::F32)?)
     }
 
     /// The mixer for one token through the fused decode-step op (one launch on CUDA; the
@@ -564,7 +581,7 @@ impl Mamba2Model {
         cache: crate::cache::LayerCache<'_>,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let zxbcdt = m.in_proj.forward(u)?; // (batch, d_in_proj)
+        let zxbcdt = project(u, m.in_proj.weight(), m.in_proj.bias())?; // (batch, d_in_proj)
         let z = zxbcdt.narrow(1, 0, c.d_inner)?; // (batch, d_inner)
         let xbc = zxbcdt.narrow(1, c.d_inner, c.conv_dim())?; // (batch, conv_dim)
         let dt = zxbcdt.narrow(1, c.d_inner + c.conv_dim(), c.nheads)?; // (batch, nheads)
@@ -587,13 +604,65 @@ impl Mamba2Model {
             },
             &self.ssd_params,
         )?; // (batch, d_inner)
-        Ok(m.out_proj.forward(&y)?)
+        project(&y, m.out_proj.weight(), m.out_proj.bias())
     }
 
     /// Greedy argmax of f32 logits over the real vocabulary (padded rows excluded).
     pub fn argmax(&self, logits: &Tensor) -> Result<Tensor> {
         let v = self.config.vocab_size.min(logits.dim(D::Minus1)?);
         Ok(logits.narrow(D::Minus1, 0, v)?.argmax(D::Minus1)?)
+    }
+}
+
+/// A decode-time projection `x · wᵀ (+ bias)`, `x` `(batch, in)`: the `linear` op for the few
+/// rows of a decode step (a matrix-vector kernel on CPU and CUDA), Candle's matmul beyond.
+fn project(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if x.dim(0)? <= DECODE_ROWS {
+        return Ok(mamba2_ops::linear(x, w, bias)?);
+    }
+    let y = x.matmul(&w.t()?)?;
+    Ok(match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// Batch sizes up to which the decode projections go through the `linear` op.
+const DECODE_ROWS: usize = 16;
+
+#[cfg(feature = "cuda")]
+impl Mamba2Model {
+    /// Identity of the weights a captured step reads (clones of a model share them).
+    pub(crate) fn graph_key(&self) -> [candle_core::TensorId; 2] {
+        [self.embeddings.id(), self.lm_head.id()]
+    }
+
+    pub(crate) fn ssd_params(&self) -> &SsdParams {
+        &self.ssd_params
+    }
+
+    pub(crate) fn graph_parts(&self) -> crate::cuda_step::GraphParts<'_> {
+        use crate::cuda_step::{GraphParts, LayerParts};
+        GraphParts {
+            embeddings: &self.embeddings,
+            layers: self
+                .blocks
+                .iter()
+                .map(|b| LayerParts {
+                    norm: &b.norm_weight,
+                    in_proj: (b.mixer.in_proj.weight(), b.mixer.in_proj.bias()),
+                    conv_weight: &b.mixer.conv_weight,
+                    conv_bias: b.mixer.conv_bias.as_ref(),
+                    a: &b.mixer.a,
+                    d: &b.mixer.d,
+                    dt_bias: &b.mixer.dt_bias,
+                    mixer_norm: &b.mixer.norm_weight,
+                    out_proj: (b.mixer.out_proj.weight(), b.mixer.out_proj.bias()),
+                })
+                .collect(),
+            norm_f: &self.norm_f,
+            lm_head: &self.lm_head,
+        }
     }
 }
 

@@ -1,13 +1,15 @@
 //! CUDA fused mixer decode step (`kernels/cuda/decode_step.cu`): one launch (plus a 4-byte-per-
-//! group memset of its arrival counters) for conv update, state update and gated norm.
+//! group memset of its arrival counters) for conv update, state update and gated norm. The
+//! enqueue half is shared with the captured decode step (`graph.rs`), which owns its scratch.
 
 use super::launch::{
-    cfg, code, device, func, launch, opt_ptr, output, ptr, ptx, rows, suffix, Result,
+    cfg, code, device, func, launch, opt_ptr, output, ptr, ptx, rows, suffix, Kernel, Result,
 };
 use super::state_update::dt_params;
 use crate::decode_step::{validate, DecodeStepArgs, StepDims};
 use crate::SsdParams;
 use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Tensor};
 
 const MAX_N: usize = 256;
@@ -43,29 +45,88 @@ fn launch_step(
     let Some(dev) = device(args.xbc) else {
         return Ok(None);
     };
-    let dtype = args.xbc.dtype();
-    let Some(sfx) = suffix(dtype) else {
+    let Some(sfx) = suffix(args.xbc.dtype()) else {
         return Ok(None);
     };
-    let k = args.conv_state.dim(2)?;
-    let conv_dim = args.xbc.dim(1)?;
-    // Preconditions (else the composed ops run): the op-level checks of the parts, done here
-    // since the fused kernel skips the individual ops' validation.
-    let f32_contig = |t: &Tensor| t.dtype() == DType::F32 && t.is_contiguous();
-    if d_state > MAX_N
-        || headdim > MAX_P
-        || k > MAX_K
-        || k == 0
-        || args.z.dtype() != dtype
-        || !f32_contig(args.conv_state)
-        || !f32_contig(args.ssm_state)
-        || args.a.dtype() != DType::F32
-        || args.conv_state.dims() != [batch, conv_dim, k]
-        || args.conv_weight.dims() != [conv_dim, k]
-        || args.norm_weight.dims() != [d_inner]
-    {
+    if !supported(args, batch, d_state, headdim, d_inner)? {
         return Ok(None);
     }
+    let out = output((batch, d_inner), args.xbc.dtype(), &dev)?;
+    let ybuf = output((batch, d_inner), DType::F32, &dev)?;
+    let hsum = output((batch, nheads), DType::F32, &dev)?;
+    // Arrival counters must start at zero: a stream-ordered memset, not a kernel.
+    let count = dev.alloc_zeros::<u32>(batch * args.ngroups)?;
+    let count_ptr = count.device_ptr(&dev.cuda_stream()).0;
+    let f = func(
+        &dev,
+        "decode_step",
+        ptx::DECODE_STEP,
+        &format!("mixer_decode_step_{sfx}"),
+    )?;
+    let scratch = StepScratchPtrs {
+        ybuf: ptr(&ybuf, &dev)?,
+        hsum: ptr(&hsum, &dev)?,
+        count: count_ptr,
+    };
+    let launched = enqueue(
+        &f, &dev, args, params, nheads, headdim, d_state, &out, scratch,
+    )?;
+    drop(count); // stream-ordered free, after the kernel
+    Ok(launched.then_some(out))
+}
+
+/// Preconditions of the fused kernel (else the composed ops run): the op-level checks of the
+/// parts, done here since the fused kernel skips the individual ops' validation.
+pub(crate) fn supported(
+    args: &DecodeStepArgs,
+    batch: usize,
+    d_state: usize,
+    headdim: usize,
+    d_inner: usize,
+) -> Result<bool> {
+    let k = args.conv_state.dim(2)?;
+    let conv_dim = args.xbc.dim(1)?;
+    let f32_contig = |t: &Tensor| t.dtype() == DType::F32 && t.is_contiguous();
+    Ok(suffix(args.xbc.dtype()).is_some()
+        && d_state <= MAX_N
+        && headdim <= MAX_P
+        && k <= MAX_K
+        && k != 0
+        && args.z.dtype() == args.xbc.dtype()
+        && f32_contig(args.conv_state)
+        && f32_contig(args.ssm_state)
+        && args.a.dtype() == DType::F32
+        && args.conv_state.dims() == [batch, conv_dim, k]
+        && args.conv_weight.dims() == [conv_dim, k]
+        && args.norm_weight.dims() == [d_inner])
+}
+
+/// Device addresses of the fused step's scratch: `ybuf` `(batch, d_inner)` f32, `hsum`
+/// `(batch, nheads)` f32, `count` `(batch, ngroups)` u32 (zero before the launch; the kernel
+/// leaves it zero).
+#[derive(Clone, Copy)]
+pub(crate) struct StepScratchPtrs {
+    pub ybuf: u64,
+    pub hsum: u64,
+    pub count: u64,
+}
+
+/// Enqueues the fused step writing `out` `(batch, d_inner)` on `f`'s stream; `false` when the
+/// grid does not fit CUDA's limits (nothing enqueued). [`supported`] must hold.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn enqueue(
+    f: &Kernel,
+    dev: &CudaDevice,
+    args: &DecodeStepArgs,
+    params: &SsdParams,
+    nheads: usize,
+    headdim: usize,
+    d_state: usize,
+    out: &Tensor,
+    scratch: StepScratchPtrs,
+) -> Result<bool> {
+    let batch = args.xbc.dim(0)?;
+    let k = args.conv_state.dim(2)?;
     let (xbc, xs) = rows(args.xbc, 1)?; // (batch, conv_dim)
     let (dt, dts) = rows(args.dt, 1)?; // (batch, nheads)
     let (z, zs) = rows(args.z, 1)?; // (batch, d_inner)
@@ -76,49 +137,37 @@ fn launch_step(
     let dt_bias = args.dt_bias.map(|t| t.contiguous()).transpose()?; // (nheads)
     let norm_w = args.norm_weight.contiguous()?; // (d_inner)
     let Some(lc) = cfg((nheads as u64, batch as u64, 1), 512, 0) else {
-        return Ok(None);
+        return Ok(false);
     };
-    let out = output((batch, d_inner), dtype, &dev)?;
-    let ybuf = output((batch, d_inner), DType::F32, &dev)?;
-    let hsum = output((batch, nheads), DType::F32, &dev)?;
-    // Arrival counters must start at zero: a stream-ordered memset, not a kernel.
-    let count = dev.alloc_zeros::<u32>(batch * args.ngroups)?;
-    let count_ptr = count.device_ptr(&dev.cuda_stream()).0;
     let (softplus, clamp, lo, hi) = dt_params(params);
     let opt_code = |t: Option<&Tensor>| code(t.map_or(DType::F32, |t| t.dtype()));
-    let f = func(
-        &dev,
-        "decode_step",
-        ptx::DECODE_STEP,
-        &format!("mixer_decode_step_{sfx}"),
-    )?;
     launch!(
         f,
         lc,
-        ptr(&xbc, &dev)?,
+        ptr(&xbc, dev)?,
         xs[0] as i64,
-        ptr(&dt, &dev)?,
+        ptr(&dt, dev)?,
         code(dt.dtype()),
         dts[0] as i64,
-        ptr(&z, &dev)?,
+        ptr(&z, dev)?,
         zs[0] as i64,
-        ptr(args.conv_state, &dev)?,
-        ptr(&conv_w, &dev)?,
+        ptr(args.conv_state, dev)?,
+        ptr(&conv_w, dev)?,
         code(conv_w.dtype()),
-        opt_ptr(conv_b.as_ref(), &dev)?,
+        opt_ptr(conv_b.as_ref(), dev)?,
         opt_code(conv_b.as_ref()),
-        ptr(args.ssm_state, &dev)?,
-        ptr(&a, &dev)?,
-        opt_ptr(d.as_ref(), &dev)?,
+        ptr(args.ssm_state, dev)?,
+        ptr(&a, dev)?,
+        opt_ptr(d.as_ref(), dev)?,
         opt_code(d.as_ref()),
-        opt_ptr(dt_bias.as_ref(), &dev)?,
+        opt_ptr(dt_bias.as_ref(), dev)?,
         opt_code(dt_bias.as_ref()),
-        ptr(&norm_w, &dev)?,
+        ptr(&norm_w, dev)?,
         code(norm_w.dtype()),
-        ptr(&out, &dev)?,
-        ptr(&ybuf, &dev)?,
-        ptr(&hsum, &dev)?,
-        count_ptr,
+        ptr(out, dev)?,
+        scratch.ybuf,
+        scratch.hsum,
+        scratch.count,
         nheads as i64,
         headdim as i32,
         d_state as i32,
@@ -131,6 +180,5 @@ fn launch_step(
         lo,
         hi,
     )?;
-    drop(count); // stream-ordered free, after the kernel
-    Ok(Some(out))
+    Ok(true)
 }

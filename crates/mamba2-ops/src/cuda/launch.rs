@@ -139,6 +139,22 @@ pub(crate) fn func(dev: &CudaDevice, module: &str, ptx: &str, name: &str) -> Res
     })
 }
 
+/// [`func`] launched on `stream` instead of the device's own stream (the private stream that a
+/// decode step is captured on).
+pub(crate) fn func_on(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    module: &str,
+    ptx: &str,
+    name: &str,
+) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, &format!("mamba2_ops_{module}"), ptx)?;
+    Ok(Kernel {
+        stream: stream.clone(),
+        func: f.into_cuda_function(),
+    })
+}
+
 /// Allows `bytes` of dynamic shared memory for `f` (needed above 48 KiB); fails when the device
 /// allows less, so the caller can fall back.
 pub(crate) fn allow_smem(dev: &CudaDevice, f: &Kernel, bytes: usize) -> Result<bool> {

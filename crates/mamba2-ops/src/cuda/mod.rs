@@ -4,7 +4,10 @@
 
 mod conv1d;
 mod decode_step;
+mod embedding;
+pub(crate) mod graph;
 pub(crate) mod launch;
+mod linear;
 
 pub use launch::launch_count;
 mod rms_norm;
@@ -79,10 +82,6 @@ pub(crate) fn rms_norm_residual(
     )?)
 }
 
-pub(crate) fn linear(
-    _x: &Tensor,
-    _weight: &Tensor,
-    _bias: Option<&Tensor>,
-) -> Result<Option<Tensor>> {
-    Ok(None)
+pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    Ok(linear::linear(x, weight, bias)?)
 }

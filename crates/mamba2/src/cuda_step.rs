@@ -1,0 +1,193 @@
+//! The decode step on CUDA as one captured graph per cache (see `mamba2_ops::cuda_graph`).
+//!
+//! The graph bakes in the addresses of the model's weights, the cache's states and its own
+//! buffers, so it lives in the [`Mamba2Cache`] it was captured for (whose state tensors are
+//! updated in place and never replaced) and remembers which model it belongs to. It is built at
+//! the first step of a cache and replayed for every later one; configurations its kernels do not
+//! take (batch > 16, unaligned widths, mixed dtypes) keep the eager step.
+
+use crate::cache::Mamba2Cache;
+use crate::model::Mamba2Model;
+use crate::Result;
+use candle_core::{DType, Device, Tensor, TensorId};
+use mamba2_ops::cuda_graph::{StepGraph, StepScratch, StepStream};
+use mamba2_ops::{DecodeStepArgs, OpError};
+
+/// A captured decode step and everything its addresses point into.
+pub(crate) struct CudaStepGraph {
+    model: [TensorId; 2], // embeddings and lm_head of the model it was captured for
+    ids: Tensor,          // (batch) u32: refilled before each replay
+    logits: Tensor,       // (batch, vocab_rows) f32: written by each replay
+    _buffers: Vec<Tensor>,
+    _scratch: StepScratch,
+    graph: StepGraph,
+}
+
+impl std::fmt::Debug for CudaStepGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaStepGraph")
+            .field("logits", &self.logits.shape())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a cache holds for the captured step.
+#[derive(Debug, Default)]
+pub(crate) enum GraphSlot {
+    #[default]
+    Untried,
+    /// The kernels' preconditions do not hold for this model and batch: decode eagerly.
+    Unsupported,
+    Ready(Box<CudaStepGraph>),
+}
+
+/// One decode step through the cache's graph: `ids` `(batch)` u32 on the model's device, already
+/// range-checked. `None` when the graph cannot serve (the caller runs the eager step).
+pub(crate) fn step(
+    model: &Mamba2Model,
+    ids: &Tensor,
+    cache: &mut Mamba2Cache,
+) -> Result<Option<Tensor>> {
+    let Device::Cuda(dev) = model.device() else {
+        return Ok(None);
+    };
+    let key = model.graph_key();
+    let stale = match &cache.graph {
+        GraphSlot::Ready(g) => g.model != key,
+        GraphSlot::Unsupported => return Ok(None),
+        GraphSlot::Untried => true,
+    };
+    if stale {
+        cache.graph = GraphSlot::Untried;
+        cache.graph = match capture(model, cache, dev) {
+            Ok(g) => GraphSlot::Ready(Box::new(g)),
+            Err(crate::Error::Op(OpError::Param {
+                op: "cuda_graph",
+                param,
+                ..
+            })) => {
+                tracing::debug!("decode step not captured ({param}): eager decode");
+                GraphSlot::Unsupported
+            }
+            Err(e) => return Err(e),
+        };
+    }
+    let GraphSlot::Ready(g) = &mut cache.graph else {
+        return Ok(None);
+    };
+    g.ids.slice_set(ids, 0, 0)?;
+    g.graph.replay()?;
+    Ok(Some(g.logits.copy()?))
+}
+
+fn capture(
+    model: &Mamba2Model,
+    cache: &Mamba2Cache,
+    dev: &candle_core::CudaDevice,
+) -> Result<CudaStepGraph> {
+    let c = model.config();
+    let batch = cache.batch();
+    let dtype = model.dtype();
+    let device = model.device();
+    let res_dtype = if c.residual_in_fp32 {
+        DType::F32
+    } else {
+        dtype
+    };
+    let s = StepStream::new(dev, dtype, batch)?;
+    let zeros = |shape: (usize, usize), dt: DType| Tensor::zeros(shape, dt, device);
+    let ids = Tensor::zeros(batch, DType::U32, device)?;
+    let hidden = zeros((batch, c.d_model), dtype)?; // embedding, then each mixer's output
+    let residual = [
+        zeros((batch, c.d_model), res_dtype)?,
+        zeros((batch, c.d_model), res_dtype)?,
+    ];
+    let normed = zeros((batch, c.d_model), dtype)?;
+    let zxbcdt = zeros((batch, c.d_in_proj()), dtype)?;
+    let y = zeros((batch, c.d_inner), dtype)?;
+    let logits = zeros((batch, model.vocab_rows()), DType::F32)?;
+    let scratch = s.scratch(c.d_inner, c.nheads, c.ngroups)?;
+    let z = zxbcdt.narrow(1, 0, c.d_inner)?; // (batch, d_inner)
+    let xbc = zxbcdt.narrow(1, c.d_inner, c.conv_dim())?; // (batch, conv_dim)
+    let dt = zxbcdt.narrow(1, c.d_inner + c.conv_dim(), c.nheads)?; // (batch, nheads)
+    let parts = model.graph_parts();
+    let graph = s.capture(|s| {
+        s.embedding(parts.embeddings, &ids, &hidden)?;
+        for (i, layer) in parts.layers.iter().enumerate() {
+            // The residual ping-pongs: the norm reads one buffer and writes the other.
+            let res_in = (i > 0).then(|| &residual[(i + 1) % 2]);
+            s.rms_norm_residual(
+                &hidden,
+                res_in,
+                layer.norm,
+                c.norm_eps,
+                &normed,
+                &residual[i % 2],
+            )?;
+            s.linear(&normed, layer.in_proj.0, layer.in_proj.1, &zxbcdt)?;
+            let state = cache.layer(i);
+            s.mixer_decode_step(
+                &DecodeStepArgs {
+                    xbc: &xbc,
+                    dt: &dt,
+                    z: &z,
+                    conv_state: state.conv_state,
+                    conv_weight: layer.conv_weight,
+                    conv_bias: layer.conv_bias,
+                    ssm_state: state.ssm_state,
+                    a: layer.a,
+                    d: Some(layer.d),
+                    dt_bias: Some(layer.dt_bias),
+                    norm_weight: layer.mixer_norm,
+                    eps: c.norm_eps,
+                    ngroups: c.ngroups,
+                    norm_before_gate: c.norm_before_gate,
+                },
+                model.ssd_params(),
+                &scratch,
+                &y,
+            )?;
+            s.linear(&y, layer.out_proj.0, layer.out_proj.1, &hidden)?;
+        }
+        let n = parts.layers.len();
+        let res_in = (n > 0).then(|| &residual[(n + 1) % 2]);
+        s.rms_norm_residual(
+            &hidden,
+            res_in,
+            parts.norm_f,
+            c.norm_eps,
+            &normed,
+            &residual[n % 2],
+        )?;
+        s.linear(&normed, parts.lm_head, None, &logits)
+    })?;
+    Ok(CudaStepGraph {
+        model: model.graph_key(),
+        ids,
+        logits,
+        _buffers: [vec![hidden, normed, zxbcdt, y], residual.to_vec()].concat(),
+        _scratch: scratch,
+        graph,
+    })
+}
+
+/// Borrowed weights of a model, in the order the captured step uses them.
+pub(crate) struct GraphParts<'a> {
+    pub embeddings: &'a Tensor,
+    pub layers: Vec<LayerParts<'a>>,
+    pub norm_f: &'a Tensor,
+    pub lm_head: &'a Tensor,
+}
+
+/// Weights of one block.
+pub(crate) struct LayerParts<'a> {
+    pub norm: &'a Tensor,
+    pub in_proj: (&'a Tensor, Option<&'a Tensor>),
+    pub conv_weight: &'a Tensor,
+    pub conv_bias: Option<&'a Tensor>,
+    pub a: &'a Tensor,
+    pub d: &'a Tensor,
+    pub dt_bias: &'a Tensor,
+    pub mixer_norm: &'a Tensor,
+    pub out_proj: (&'a Tensor, Option<&'a Tensor>),
+}

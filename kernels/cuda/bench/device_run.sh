@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs the CUDA test binaries and model benchmarks on the device machine (see ../README.md and
+# ../../../../shared/tools/CUDA.md): binaries carried as .carry/bins.tar.xz (bin/mamba2 and the
+# cuda_* test executables), logs to $OUT. Usage: device_run.sh tests|bench13|bench27
+set -u
+mode=${1:-tests}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" .carry/x
+[ -x .carry/x/bin/mamba2 ] || tar -C .carry/x -xJf .carry/bins.tar.xz
+B=.carry/x/bin
+export LD_LIBRARY_PATH="$(python3 -c 'import nvidia,os;print(next(d for d in (os.path.join(p,"cu13","lib") for p in nvidia.__path__) if os.path.exists(os.path.join(d,"libcublas.so.13"))))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+bench() { # shape batch extra...
+    local shape=$1 batch=$2; shift 2
+    $B/mamba2 bench --shape "$shape" --device cuda --dtype bf16 --prefill 2048 --decode 128 \
+        --batch "$batch" --runs 3 --warmup 1 "$@" 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
+}
+case $mode in
+tests)
+    for t in cuda_linear cuda_decode_step cuda_graph; do
+        MAMBA2_CUDA_POISON=1 timeout 240 $B/$t --nocapture --test-threads=1 > "$OUT/$t.log" 2>&1
+        echo "$t: exit $?"; tail -3 "$OUT/$t.log"
+    done
+    MAMBA2_CUDA_POISON=1 timeout 240 $B/cuda_parity --test-threads=8 > "$OUT/cuda_parity.log" 2>&1
+    echo "cuda_parity: exit $?"; tail -3 "$OUT/cuda_parity.log"
+    timeout 200 python3 kernels/cuda/bench/fixtures_cuda.py $B/mamba2 > "$OUT/fixtures.log" 2>&1
+    echo "fixtures: exit $?"; tail -3 "$OUT/fixtures.log"
+    ;;
+bench13)
+    bench 1.3b 1; bench 1.3b 1 --eager; bench 1.3b 16; bench 1.3b 16 --eager ;;
+bench27)
+    bench 2.7b 1; bench 2.7b 1 --eager; bench 2.7b 16 ;;
+esac
