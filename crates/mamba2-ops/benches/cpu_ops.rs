@@ -6,7 +6,9 @@
 //! weight bytes streamed per second.
 //!
 //! `cargo bench -p mamba2-ops --bench cpu_ops` (median of several runs, milliseconds per call);
-//! `cargo bench -p mamba2-ops --bench cpu_ops -- linear` runs only the `linear` part.
+//! `cargo bench -p mamba2-ops --bench cpu_ops -- linear` runs only the `linear` part,
+//! `-- decode` only the decode-token projection chain (weight GB/s vs the machine's read
+//! bandwidth).
 
 use candle_core::{DType, Device, Tensor};
 use mamba2_ops::*;
@@ -73,7 +75,74 @@ fn bench_linear() {
     }
 }
 
+/// Read bandwidth of this machine on the Rayon pool: sum of a 512 MiB f32 buffer (GB/s, median
+/// of 5), the yardstick for the decode projections below.
+fn read_bandwidth_gbs() -> f64 {
+    use rayon::prelude::*;
+    let buf = vec![1f32; 128 << 20];
+    let mut sink = 0f32;
+    let ms = median_ms(5, || {
+        sink += buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                // 16 independent partial sums, so that the loop vectorizes.
+                let mut acc = [0f32; 16];
+                for v in c.chunks_exact(16) {
+                    for l in 0..16 {
+                        acc[l] += v[l];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum::<f32>();
+    });
+    assert!(sink > 0.0);
+    (buf.len() * 4) as f64 / ms / 1e6
+}
+
+/// One decode token's projections at the mamba2-130m shape, one row: 24 x (`in_proj`,
+/// `out_proj`) and the tied LM head, each weight read once, as in `Mamba2Model::step`. Reports
+/// the weight bytes streamed per second against [`read_bandwidth_gbs`].
+fn bench_decode_projections() {
+    let bw = read_bandwidth_gbs();
+    println!("read bandwidth (Rayon pool, 512 MiB sum): {bw:.1} GB/s");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .build()
+        .unwrap();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let layers: Vec<(Tensor, Tensor)> = (0..24)
+            .map(|_| (randn(&[3352, 768], dtype), randn(&[768, 1536], dtype)))
+            .collect();
+        let head = randn(&[50288, 768], dtype);
+        let (u, y) = (randn(&[1, 768], dtype), randn(&[1, 1536], dtype));
+        let bytes = ((24 * (3352 * 768 + 768 * 1536) + 50288 * 768) * dtype.size_in_bytes()) as f64;
+        let token = || {
+            for (w_in, w_out) in &layers {
+                linear(&u, w_in, None).unwrap();
+                linear(&y, w_out, None).unwrap();
+            }
+            linear(&u, &head, None).unwrap();
+        };
+        // Called from the main thread (each op wakes the pool and waits on it), and from inside
+        // the pool (`install`: the ops' parallel sections are then plain fork-joins).
+        let outside = median_ms(9, token);
+        let inside = median_ms(9, || pool.install(token));
+        for (where_, ms) in [("main thread", outside), ("in pool", inside)] {
+            println!(
+                "decode projections 130m {dtype:?} ({where_}): {ms:7.3} ms per token, {:5.1} GB/s ({:.0}% of read bandwidth)",
+                bytes / ms / 1e6,
+                100.0 * bytes / ms / 1e6 / bw
+            );
+        }
+    }
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "decode") {
+        bench_decode_projections();
+        return;
+    }
     if std::env::args().any(|a| a == "linear") {
         bench_linear();
         return;
@@ -214,4 +283,5 @@ fn main() {
         );
     }
     bench_linear();
+    bench_decode_projections();
 }
