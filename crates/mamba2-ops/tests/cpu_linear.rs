@@ -192,8 +192,8 @@ fn random_shapes_and_layouts() {
     }
 }
 
-/// Prefill row counts: several row blocks, and for 16-bit x more rows than one conversion pass
-/// (256) holds.
+/// Prefill row counts: several row blocks of the tiles, and (300 rows) the packed GEMM of
+/// AVX-512 machines, over more rows than one x chunk (256) holds.
 #[test]
 fn many_rows() {
     let mut rng = StdRng::seed_from_u64(4);
@@ -217,7 +217,13 @@ fn many_rows() {
 #[test]
 fn every_output_element_is_written() {
     for dtype in DTYPES {
-        for (rows, in_f, out_f) in [(1, 17, 37), (5, 40, 33), (16, 768, 101), (40, 19, 7)] {
+        for (rows, in_f, out_f) in [
+            (1, 17, 37),
+            (5, 40, 33),
+            (16, 768, 101),
+            (40, 19, 7),
+            (300, 19, 50),
+        ] {
             let x = Tensor::ones((rows, in_f), dtype, &Device::Cpu).unwrap();
             let w = Tensor::ones((out_f, in_f), dtype, &Device::Cpu).unwrap();
             let y = linear(&x, &w, None).unwrap();
