@@ -155,14 +155,23 @@ const fn unroll(m: usize) -> usize {
 
 /// Widening of one weight element, for the portable kernel and the AVX2 tails.
 trait Widen: Copy + Send + Sync {
+    const IS_F32: bool = false;
     fn widen(self) -> f32;
     /// Bulk conversion (F16C for f16 when the CPU has it).
     fn widen_slice(src: &[Self], dst: &mut [f32]);
+    /// The slice itself when it already is f32.
+    fn as_f32(_src: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 impl Widen for f32 {
+    const IS_F32: bool = true;
     #[inline(always)]
     fn widen(self) -> f32 {
         self
+    }
+    fn as_f32(src: &[Self]) -> Option<&[f32]> {
+        Some(src)
     }
     fn widen_slice(src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src)
@@ -248,11 +257,12 @@ fn portable_tiles<T: Widen>() -> Tiles<T> {
 mod gemm;
 
 /// From this many rows on, AVX-512 machines use the packed GEMM of [`gemm`] instead of the
-/// dot-product tiles. Measured (`cargo bench --bench cpu_ops -- linear`, 130m `in_proj`, f32):
-/// the GEMM is 0.68x the tiles' speed at 32 rows (packing the weights dominates), 0.95x at 128,
-/// 1.05x at 256, 1.2x at 512; with f16 weights the two are within 3% from 256 rows on.
+/// dot-product tiles: `(f32 weights, 16-bit weights)`. Measured (`cargo bench --bench cpu_ops
+/// -- linear`, 130m `in_proj`, same run): with f32 weights the GEMM is 1.4-2x the tiles' speed
+/// from 32 rows on; 16-bit weights must first be widened to f32 (the whole matrix, per call and
+/// x chunk), which costs 0.75x at 32 rows, breaks even near 128 and pays from 256 rows (1.1x).
 #[cfg(target_arch = "x86_64")]
-const GEMM_MIN_ROWS: usize = 256;
+const GEMM_MIN_ROWS: (usize, usize) = (32, 256);
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -353,22 +363,27 @@ mod x86 {
 
     // ------------------------------------------------------------------ packed GEMM
 
-    /// `out[j][i] = Σ_kk xt[kk][i] · wt[kk][j]` for 32 rows `i` and 12 outputs `j`: `xt`
-    /// `(k, 32)` and `wt` `(k, 12)` packed k-major (see [`super::gemm`]). 24 accumulators, two
-    /// x loads and 12 broadcasts per k.
+    /// `out[j][i] = Σ_kk xt[kk][i] · w[j][kk]` for 32 rows `i` and 12 outputs `j`: `xt`
+    /// `(k, 32)` packed k-major (see [`super::gemm`]), `w` 12 f32 weight rows of `k`.
+    /// 24 accumulators; per k two x loads and 12 broadcasts, each weight row read sequentially.
     ///
     /// # Safety
-    /// AVX-512F and FMA present.
+    /// AVX-512F and FMA present; every `w` row valid for `k` reads.
     #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn gemm_32x12(xt: &[f32], wt: &[f32], k: usize, out: &mut [[f32; 32]; 12]) {
-        assert!(xt.len() >= 32 * k && wt.len() >= 12 * k);
-        let (xp, wp) = (xt.as_ptr(), wt.as_ptr());
+    pub(super) unsafe fn gemm_32x12(
+        xt: &[f32],
+        w: [*const f32; 12],
+        k: usize,
+        out: &mut [[f32; 32]; 12],
+    ) {
+        assert!(xt.len() >= 32 * k);
+        let xp = xt.as_ptr();
         let mut acc = [[_mm512_setzero_ps(); 2]; 12];
         for kk in 0..k {
             let x0 = _mm512_loadu_ps(xp.add(kk * 32));
             let x1 = _mm512_loadu_ps(xp.add(kk * 32 + 16));
-            for (j, a) in acc.iter_mut().enumerate() {
-                let b = _mm512_set1_ps(*wp.add(kk * 12 + j));
+            for (a, row) in acc.iter_mut().zip(&w) {
+                let b = _mm512_set1_ps(*row.add(kk));
                 a[0] = _mm512_fmadd_ps(x0, b, a[0]);
                 a[1] = _mm512_fmadd_ps(x1, b, a[1]);
             }
@@ -617,7 +632,14 @@ fn run<T: Kernels>(
     (out, row_off): (&mut OutVec, usize),
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && rows >= GEMM_MIN_ROWS {
+    if isa == Isa::Avx512
+        && rows
+            >= if T::IS_F32 {
+                GEMM_MIN_ROWS.0
+            } else {
+                GEMM_MIN_ROWS.1
+            }
+    {
         return gemm::run(w, x, (rows, k, out_f), bias, (out, row_off));
     }
     let tiles = T::tiles(isa);
