@@ -8,7 +8,7 @@
 //! `cargo bench -p mamba2-ops --bench cpu_ops` (median of several runs, milliseconds per call);
 //! `cargo bench -p mamba2-ops --bench cpu_ops -- linear` runs only the `linear` part,
 //! `-- decode` only the decode-token projection chain (weight GB/s vs the machine's read
-//! bandwidth).
+//! bandwidth), `-- step` only the one-token decode ops.
 
 use candle_core::{DType, Device, Tensor};
 use mamba2_ops::*;
@@ -152,8 +152,13 @@ fn main() {
         .unwrap()
         .neg()
         .unwrap();
+    // `-- step`: only the one-token decode ops.
+    let step_only = std::env::args().any(|a| a == "step");
     for dtype in [DType::F32, DType::BF16] {
         for l in [512usize, 2048] {
+            if step_only {
+                break;
+            }
             let x = randn(&[1, l, h, p], dtype);
             let dt = randn(&[1, l, h], dtype);
             let b = randn(&[1, l, 1, n], dtype);
