@@ -1,6 +1,6 @@
 //! The decode step captured as a CUDA graph against the eager step (the same kernels launched
 //! one by one) and against the CPU model: logits and final conv/SSM states after a prefill and
-//! several steps, for f32 and bf16, batch 1 / 3 / 16 (graph) and 17 (eager fallback), ngroups 1
+//! several steps, for f32 and bf16, batch 1 / 3 (graph) and 16 / 17 (eager: cuBLAS projections), ngroups 1
 //! and 2, d_state 64 and 128, nheads not a multiple of 32, with and without conv bias and fp32
 //! residual. Skips without a CUDA device (`cargo test --features cuda --test cuda_graph`).
 #![cfg(feature = "cuda")]
@@ -135,13 +135,13 @@ fn captured_step_matches_eager_step_and_cpu() {
                     run(&eager, batch, 6);
                     mamba2_ops::cuda_launch_count() - b
                 };
-                if batch <= 16 {
+                if batch <= 4 {
                     assert!(
                         launches + 6 * 10 < eager_launches,
                         "{what}: graph run launched {launches}, eager {eager_launches}"
                     );
                 } else {
-                    assert_eq!(launches, eager_launches, "{what}: batch 17 decodes eagerly");
+                    assert_eq!(launches, eager_launches, "{what}: decodes eagerly");
                 }
             }
         }

@@ -84,3 +84,25 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     float t = lane < nwarps ? scratch[lane] : 0.0f;
     return warp_sum(t);
 }
+
+// Loads p[base + u * step] for u < CNT (0 for u >= valid) of a run-time dtype, with the dtype
+// branch outside the unrolled loop: latency-bound kernels need all CNT loads in flight at once,
+// and a branch per element (load_any) serialises them.
+template <int CNT>
+__device__ __forceinline__ void load_many(const void* p, int dtype, i64 base, i64 step, int valid,
+                                          float* out) {
+    if (dtype == DT_F32) {
+        const float* q = (const float*)p;
+#pragma unroll
+        for (int u = 0; u < CNT; ++u) out[u] = u < valid ? q[base + u * step] : 0.0f;
+    } else if (dtype == DT_F16) {
+        const __half* q = (const __half*)p;
+#pragma unroll
+        for (int u = 0; u < CNT; ++u) out[u] = u < valid ? __half2float(q[base + u * step]) : 0.0f;
+    } else {
+        const __nv_bfloat16* q = (const __nv_bfloat16*)p;
+#pragma unroll
+        for (int u = 0; u < CNT; ++u)
+            out[u] = u < valid ? __bfloat162float(q[base + u * step]) : 0.0f;
+    }
+}

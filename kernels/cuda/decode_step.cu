@@ -6,14 +6,20 @@
 #define DS_MAX_N 256
 #define DS_MAX_P 256
 #define DS_MAX_K 8
+#define DS_ROWS 4  // rows of headdim per warp whose state tiles are loaded together
 
 // One conv tap sum for channel ch: the state shifted by one with x appended, dotted with the
 // filter (the conv_state itself is not written here).
 __device__ __forceinline__ float conv_step(const float* st, float xv, const void* w, int w_dt,
                                            const void* bias, int b_dt, i64 ch, int K) {
+    float wk[DS_MAX_K], sk[DS_MAX_K];
+    load_many<DS_MAX_K>(w, w_dt, ch * K, 1, K, wk);
+    // The window: the state shifted by one, then x; taps past K are zero (adding 0 is exact).
+#pragma unroll
+    for (int k = 0; k < DS_MAX_K; ++k) sk[k] = k < K - 1 ? st[k + 1] : (k == K - 1 ? xv : 0.0f);
     float acc = bias ? load_any(bias, b_dt, ch) : 0.0f;
-    for (int k = 0; k < K - 1; ++k) acc += load_any(w, w_dt, ch * K + k) * st[k + 1];
-    acc += load_any(w, w_dt, ch * K + K - 1) * xv;
+#pragma unroll
+    for (int k = 0; k < DS_MAX_K; ++k) acc += wk[k] * sk[k];
     return silu_f(acc);
 }
 
@@ -67,20 +73,23 @@ __device__ void decode_step(const T* __restrict__ xbc, i64 xs_b, const void* __r
     float* cs = conv_state + b * conv_dim * K;
 
     // 1. conv + SiLU: x channels of this head (state shifted here: this head owns them), B and C
-    //    channels of the group (state left for the group's last block).
-    for (int i = threadIdx.x; i < P; i += blockDim.x) {
-        const i64 ch = h * P + i;
-        const float xv = to_f32(xr[ch]);
-        float* st = cs + ch * K;
-        // Rounded to T like the unfused ops' outputs, so both paths see the same values.
-        sx[i] = to_f32(from_f32<T>(conv_step(st, xv, conv_w, w_dt, conv_b, cb_dt, ch, K)));
-        conv_shift(st, xv, K);
-    }
-    for (int i = threadIdx.x; i < 2 * N; i += blockDim.x) {
-        const i64 ch = d_inner + (i < N ? g * N + i : ngroups * N + g * N + (i - N));
-        const float v = to_f32(from_f32<T>(
-            conv_step(cs + ch * K, to_f32(xr[ch]), conv_w, w_dt, conv_b, cb_dt, ch, K)));
-        if (i < N) sB[i] = v; else sC[i - N] = v;
+    //    channels of the group (state left for the group's last block). One pass over both
+    //    kinds, so their memory latencies overlap.
+    for (int i = threadIdx.x; i < P + 2 * N; i += blockDim.x) {
+        if (i < P) {
+            const i64 ch = h * P + i;
+            const float xv = to_f32(xr[ch]);
+            float* st = cs + ch * K;
+            // Rounded to T like the unfused ops' outputs, so both paths see the same values.
+            sx[i] = to_f32(from_f32<T>(conv_step(st, xv, conv_w, w_dt, conv_b, cb_dt, ch, K)));
+            conv_shift(st, xv, K);
+        } else {
+            const int j = i - P;
+            const i64 ch = d_inner + (j < N ? g * N + j : ngroups * N + g * N + (j - N));
+            const float v = to_f32(from_f32<T>(
+                conv_step(cs + ch * K, to_f32(xr[ch]), conv_w, w_dt, conv_b, cb_dt, ch, K)));
+            if (j < N) sB[j] = v; else sC[j - N] = v;
+        }
     }
     __syncthreads();
 
@@ -90,22 +99,45 @@ __device__ void decode_step(const T* __restrict__ xbc, i64 xs_b, const void* __r
     const float decay = expf(dtv * A[h]);
     const float dv = D ? load_any(D, d_dt, h) : 0.0f;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    constexpr int WARPS = DS_THREADS / 32;
     float ss = 0.0f;
-    for (int p = warp; p < P; p += DS_THREADS / 32) {
-        const float xv = sx[p], xdt = xv * dtv;
-        float* s = ssm_state + ((b * nheads + h) * P + p) * (i64)N;
-        float acc = 0.0f;
-        for (int n = lane; n < N; n += 32) {
-            const float v = s[n] * decay + xdt * sB[n];
-            s[n] = v;
-            acc += v * sC[n];
+    // Four rows of headdim per warp at a time, the whole (row, d_state) tile loaded into
+    // registers before any arithmetic: the update is a chain of DRAM latencies otherwise.
+    for (int p0 = warp; p0 < P; p0 += DS_ROWS * WARPS) {
+        float sv[DS_ROWS][DS_MAX_N / 32];
+#pragma unroll
+        for (int r = 0; r < DS_ROWS; ++r) {
+            const int p = p0 + r * WARPS;
+            const float* s = ssm_state + ((b * nheads + h) * P + p) * (i64)N;
+#pragma unroll
+            for (int j = 0; j < DS_MAX_N / 32; ++j) {
+                const int n = lane + 32 * j;
+                sv[r][j] = (p < P && n < N) ? s[n] : 0.0f;
+            }
         }
-        acc = warp_sum(acc);
-        if (lane == 0) {
-            float y = to_f32(from_f32<T>(acc + dv * xv));
-            if (!norm_before_gate) y *= silu_f(to_f32(z[b * zs_b + h * P + p]));
-            ybuf[b * d_inner + h * P + p] = y;
-            ss += y * y;
+#pragma unroll
+        for (int r = 0; r < DS_ROWS; ++r) {
+            const int p = p0 + r * WARPS;
+            if (p >= P) break;
+            float* s = ssm_state + ((b * nheads + h) * P + p) * (i64)N;
+            const float xv = sx[p], xdt = xv * dtv;
+            float acc = 0.0f;
+#pragma unroll
+            for (int j = 0; j < DS_MAX_N / 32; ++j) {
+                const int n = lane + 32 * j;
+                if (n < N) {
+                    const float v = sv[r][j] * decay + xdt * sB[n];
+                    s[n] = v;
+                    acc += v * sC[n];
+                }
+            }
+            acc = warp_sum(acc);
+            if (lane == 0) {
+                float y = to_f32(from_f32<T>(acc + dv * xv));
+                if (!norm_before_gate) y *= silu_f(to_f32(z[b * zs_b + h * P + p]));
+                ybuf[b * d_inner + h * P + p] = y;
+                ss += y * y;
+            }
         }
     }
     __threadfence();  // each writer's y is visible device-wide before this head counts in
@@ -123,15 +155,30 @@ __device__ void decode_step(const T* __restrict__ xbc, i64 xs_b, const void* __r
     //    decode step (CUDA graph) replays without a memset node.
     if (threadIdx.x == 0) count[b * ngroups + g] = 0u;
     __threadfence();
-    float total = 0.0f;
-    for (i64 j = 0; j < hpg; ++j) total += __ldcg(&hsum[b * nheads + g * hpg + j]);
+    float part = 0.0f;
+    for (i64 j = threadIdx.x; j < hpg; j += blockDim.x) part += __ldcg(&hsum[b * nheads + g * hpg + j]);
+    const float total = block_sum(part, scratch);
     const i64 gs = hpg * P;
     const float inv = 1.0f / sqrtf(total / (float)gs + eps);
-    for (i64 i = threadIdx.x; i < gs; i += blockDim.x) {
-        const i64 c = g * gs + i;
-        float v = __ldcg(&ybuf[b * d_inner + c]) * inv * load_any(norm_w, nw_dt, c);
-        if (norm_before_gate) v *= silu_f(to_f32(z[b * zs_b + c]));
-        out[b * d_inner + c] = from_f32<T>(v);
+    // Eight elements per thread in flight: one block does the whole group, so its latency
+    // chain is the step's tail.
+    for (i64 i0 = threadIdx.x; i0 < gs; i0 += 8 * (i64)DS_THREADS) {
+        float v[8], wv[8], gz[8];
+        const int valid = (int)min((i64)8, (gs - i0 + DS_THREADS - 1) / DS_THREADS);
+        load_many<8>(norm_w, nw_dt, g * gs + i0, DS_THREADS, valid, wv);
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const i64 c = g * gs + i0 + u * (i64)DS_THREADS;
+            const bool in = u < valid;
+            v[u] = in ? __ldcg(&ybuf[b * d_inner + c]) : 0.0f;
+            gz[u] = in && norm_before_gate ? silu_f(to_f32(z[b * zs_b + c])) : 1.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const i64 c = g * gs + i0 + u * (i64)DS_THREADS;
+            if (i0 + u * (i64)DS_THREADS < gs)
+                out[b * d_inner + c] = from_f32<T>(v[u] * inv * wv[u] * gz[u]);
+        }
     }
     for (int i = threadIdx.x; i < 2 * N; i += blockDim.x) {
         const i64 ch = d_inner + (i < N ? g * N + i : ngroups * N + g * N + (i - N));

@@ -4,6 +4,7 @@
 
 #define LIN_THREADS 256
 #define LIN_ROWS 4  // output rows (rows of w) per block
+#define LIN_UNROLL 2  // 16-byte vectors per row and thread in flight
 
 // 16 bytes of T unpacked to f32: VEC<T> elements.
 template <typename T> struct Vec16;
@@ -38,7 +39,8 @@ template <> struct Vec16<__half> {
 // linear_b<BB>_<dtype>
 // Reference: linear.rs `linear_slow` (f32 accumulation, output rounded once).
 // Arguments:
-//   x    (B, K) T, row stride xs (elements); B <= BB; rows 16-byte aligned
+//   x    (B, K) T, row stride xs (elements); B <= BB (1, 2 or 4: beyond, cuBLAS's GEMM tiles
+//        win, see BENCHMARKS.md); rows 16-byte aligned
 //   w    (N, K) T contiguous, 16-byte aligned; K a multiple of 16 bytes' worth of T
 //   bias (N) dtype b_dt, or null
 //   y    (B, N) dtype y_dt (T, or f32 for logits), row stride ys (output)
@@ -47,7 +49,7 @@ template <> struct Vec16<__half> {
 //   bytes of a weight row), so the weight is read exactly once, streaming (__ldcs: it is not
 //   reused, x is); each thread keeps LIN_ROWS x BB f32 partial sums, x vectors are reused across
 //   the LIN_ROWS rows from registers. Warp shuffles, then shared memory, reduce across threads.
-// Shared memory: 8 warps x LIN_ROWS x BB floats = 2 KiB at BB = 16.
+// Shared memory: 8 warps x LIN_ROWS x BB floats = 512 B at BB = 4.
 template <typename T, int BB>
 __device__ void linear_rows(const T* __restrict__ x, i64 xs, int B, const T* __restrict__ w,
                             const void* __restrict__ bias, int b_dt, void* __restrict__ y,
@@ -62,23 +64,38 @@ __device__ void linear_rows(const T* __restrict__ x, i64 xs, int B, const T* __r
 #pragma unroll
         for (int b = 0; b < BB; ++b) acc[r][b] = 0.0f;
 
-    for (i64 v = threadIdx.x; v < nvec; v += LIN_THREADS) {
-        float wf[LIN_ROWS][V];
+    // LIN_UNROLL vectors per row per iteration, all loads issued before the arithmetic: a
+    // row of 2048 bf16 is a single vector per thread, so without this the block's whole life
+    // is one DRAM latency plus its reduction.
+    for (i64 v0 = threadIdx.x; v0 < nvec; v0 += LIN_UNROLL * LIN_THREADS) {
+        uint4 raw[LIN_UNROLL][LIN_ROWS];
 #pragma unroll
-        for (int r = 0; r < LIN_ROWS; ++r) {
-            uint4 raw = make_uint4(0, 0, 0, 0);
-            if (n0 + r < N) raw = __ldcs(reinterpret_cast<const uint4*>(w + (n0 + r) * K) + v);
-            Vec16<T>::unpack(raw, wf[r]);
+        for (int u = 0; u < LIN_UNROLL; ++u) {
+            const i64 v = v0 + (i64)u * LIN_THREADS;
+#pragma unroll
+            for (int r = 0; r < LIN_ROWS; ++r) {
+                raw[u][r] = make_uint4(0, 0, 0, 0);
+                if (v < nvec && n0 + r < N)
+                    raw[u][r] = __ldcs(reinterpret_cast<const uint4*>(w + (n0 + r) * K) + v);
+            }
         }
 #pragma unroll
-        for (int b = 0; b < BB; ++b) {
-            if (b < B) {
-                float xf[V];
-                Vec16<T>::unpack(__ldg(reinterpret_cast<const uint4*>(x + b * xs) + v), xf);
+        for (int u = 0; u < LIN_UNROLL; ++u) {
+            const i64 v = v0 + (i64)u * LIN_THREADS;
+            if (v >= nvec) break;
+            float wf[LIN_ROWS][V];
 #pragma unroll
-                for (int r = 0; r < LIN_ROWS; ++r)
+            for (int r = 0; r < LIN_ROWS; ++r) Vec16<T>::unpack(raw[u][r], wf[r]);
 #pragma unroll
-                    for (int e = 0; e < V; ++e) acc[r][b] = fmaf(wf[r][e], xf[e], acc[r][b]);
+            for (int b = 0; b < BB; ++b) {
+                if (b < B) {
+                    float xf[V];
+                    Vec16<T>::unpack(__ldg(reinterpret_cast<const uint4*>(x + b * xs) + v), xf);
+#pragma unroll
+                    for (int r = 0; r < LIN_ROWS; ++r)
+#pragma unroll
+                        for (int e = 0; e < V; ++e) acc[r][b] = fmaf(wf[r][e], xf[e], acc[r][b]);
+                }
             }
         }
     }
@@ -117,5 +134,3 @@ __device__ void linear_rows(const T* __restrict__ x, i64 xs, int B, const T* __r
 LINEAR_ALL(1)
 LINEAR_ALL(2)
 LINEAR_ALL(4)
-LINEAR_ALL(8)
-LINEAR_ALL(16)

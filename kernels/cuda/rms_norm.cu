@@ -67,8 +67,13 @@ GATED_NORM(gated_rms_norm_bf16, __nv_bfloat16)
 //   res  (rows, dim) dtype r_dt, strides rs0, rs1, or null
 //   w    (dim) dtype w_dt;  normed (rows, dim) dtype w_dt contiguous (output)
 //   rout (rows, dim) dtype ro_dt contiguous (output) or null (the caller returns x itself)
-// Block layout: grid (rows), 256 threads per row; two passes over the row (the second from L1/L2).
+// Block layout: grid (rows), 256 threads per row. Rows of up to RN_REGS * 256 elements are held
+//   in registers: every load of the row is issued before the first store, since at decode time
+//   (one row per sequence, a handful of blocks) the kernel is a chain of memory latencies and a
+//   load-store loop pays one latency per element. Longer rows take two passes (the second from
+//   L1/L2).
 // Shared memory: 32 floats for the block reduction.
+#define RN_REGS 16
 template <typename T>
 __device__ void res_norm(const T* __restrict__ x, i64 xs0, i64 xs1, const void* __restrict__ res,
                          int r_dt, i64 rs0, i64 rs1, const void* __restrict__ w, int w_dt,
@@ -80,6 +85,38 @@ __device__ void res_norm(const T* __restrict__ x, i64 xs0, i64 xs1, const void* 
     const T* xr = x + i0 * xs0 + i1 * xs1;
     const i64 roff = i0 * rs0 + i1 * rs1;
     float ss = 0.0f;
+    if (dim <= (i64)RN_REGS * blockDim.x) {
+        // Elements of this thread: threadIdx.x + j * blockDim.x for j < valid.
+        const int valid = (int)((dim - threadIdx.x + blockDim.x - 1) / blockDim.x);
+        float h[RN_REGS], r[RN_REGS], wv[RN_REGS];
+#pragma unroll
+        for (int j = 0; j < RN_REGS; ++j) {
+            const i64 i = threadIdx.x + (i64)j * blockDim.x;
+            h[j] = j < valid ? to_f32(xr[i]) : 0.0f;
+        }
+        if (res) {
+            load_many<RN_REGS>(res, r_dt, roff + threadIdx.x, blockDim.x, valid, r);
+#pragma unroll
+            for (int j = 0; j < RN_REGS; ++j) h[j] += r[j];
+        }
+        load_many<RN_REGS>(w, w_dt, threadIdx.x, blockDim.x, valid, wv);
+#pragma unroll
+        for (int j = 0; j < RN_REGS; ++j) {
+            h[j] = round_any(ro_dt, h[j]);
+            ss += h[j] * h[j];
+        }
+        if (rout) {
+#pragma unroll
+            for (int j = 0; j < RN_REGS; ++j)
+                if (j < valid) store_any(rout, ro_dt, row * dim + threadIdx.x + (i64)j * blockDim.x, h[j]);
+        }
+        ss = block_sum(ss, scratch);
+        const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+#pragma unroll
+        for (int j = 0; j < RN_REGS; ++j)
+            if (j < valid) store_any(normed, w_dt, row * dim + threadIdx.x + (i64)j * blockDim.x, h[j] * inv * wv[j]);
+        return;
+    }
     for (i64 i = threadIdx.x; i < dim; i += blockDim.x) {
         float v = to_f32(xr[i]);
         if (res) v += load_any(res, r_dt, roff + i);

@@ -1,7 +1,7 @@
 //! The CUDA `linear` fast path (`kernels/cuda/linear.cu`) against its reference computed on the
 //! CPU, for f32/f16/bf16, the projection shapes of the real models, every kernel width, biases,
-//! strided and misaligned views, and the fallbacks (too many rows, unaligned widths) that must
-//! stay correct. Outputs are NaN-poisoned before the kernel runs. Skips without a CUDA device.
+//! strided and misaligned views, and the other paths (cuBLAS beyond 4 rows, the reference for
+//! unaligned widths) that must stay correct. Outputs are NaN-poisoned before the kernel runs. Skips without a CUDA device.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
@@ -108,7 +108,8 @@ fn linear_matches_reference_on_real_and_odd_shapes() {
                     continue; // keep the CPU reference quick; bf16 covers every width
                 }
                 let x = rand_t(&mut rng, &[rows, k], 1.0);
-                case(&dev, &mut rng, &x, n, (i + rows) % 2 == 0, dt, true);
+                // Up to 4 rows our kernel; beyond, cuBLAS (no launch of ours).
+                case(&dev, &mut rng, &x, n, (i + rows) % 2 == 0, dt, rows <= 4);
             }
         }
     }
@@ -119,9 +120,9 @@ fn linear_lm_head_and_leading_dims() {
     let Some(dev) = cuda() else { return };
     let mut rng = StdRng::seed_from_u64(8);
     // The LM head of the real vocabulary, f32 logits source; and a (batch, 1, k) input.
-    for rows in [1, 16] {
+    for rows in [1, 4, 16] {
         let x = rand_t(&mut rng, &[rows, 768], 1.0);
-        case(&dev, &mut rng, &x, 50288, false, DType::BF16, true);
+        case(&dev, &mut rng, &x, 50288, false, DType::BF16, rows <= 4);
     }
     let x = rand_t(&mut rng, &[3, 1, 256], 1.0);
     case(&dev, &mut rng, &x, 100, true, DType::F32, true);
@@ -153,11 +154,60 @@ fn linear_views_and_fallbacks() {
         let want = linear_slow(&xs, &w, None).unwrap();
         let e = rel_err(&got, &want);
         assert!(e <= tol(dt), "misaligned view {dt:?}: {e}");
-        // More rows than the kernel takes: the reference serves (no launch of ours).
+        // More rows than the kernel takes: cuBLAS serves (no launch of ours).
         let x = rand_t(&mut rng, &[17, 64], 1.0);
         case(&dev, &mut rng, &x, 40, true, dt, false);
     }
     // A 16-bit width that is not a multiple of 16 bytes falls back.
     let x = rand_t(&mut rng, &[2, 100], 1.0);
     case(&dev, &mut rng, &x, 33, false, DType::BF16, false);
+}
+
+/// Benchmark, not a test (`--ignored --nocapture`): the kernel against Candle's matmul (cuBLAS)
+/// on the 1.3b projections for 1..16 rows, median of 50 synchronised calls after warm-up. Picks
+/// the row count up to which the model's decode projections use the kernel.
+#[test]
+#[ignore]
+fn bench_linear_vs_cublas() {
+    let Some(dev) = cuda() else { return };
+    std::env::remove_var("MAMBA2_CUDA_POISON");
+    let mut rng = StdRng::seed_from_u64(10);
+    let time = |f: &dyn Fn()| {
+        for _ in 0..5 {
+            f();
+        }
+        dev.synchronize().unwrap();
+        let mut t: Vec<f64> = (0..50)
+            .map(|_| {
+                let t0 = std::time::Instant::now();
+                f();
+                dev.synchronize().unwrap();
+                t0.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[25]
+    };
+    for (k, n) in [(2048, 8512), (4096, 2048), (2048, 50288)] {
+        let w = rand_t(&mut rng, &[n, k], 0.02)
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap();
+        for rows in [1, 2, 4, 8, 16] {
+            let x = rand_t(&mut rng, &[rows, k], 1.0)
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap();
+            let ours = time(&|| {
+                linear(&x, &w, None).unwrap();
+            });
+            let cublas = time(&|| {
+                x.matmul(&w.t().unwrap()).unwrap();
+            });
+            let gbs = (n * k * 2) as f64 / ours / 1e3;
+            println!("linear bf16 k={k} n={n} rows={rows}: ours {ours:.1} us ({gbs:.0} GB/s), cuBLAS {cublas:.1} us, ratio {:.2}", cublas / ours);
+        }
+    }
 }

@@ -7,7 +7,7 @@ mode=${1:-tests}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" .carry/x
 [ -x .carry/x/bin/mamba2 ] || tar -C .carry/x -xJf .carry/bins.tar.xz
-B=.carry/x/bin
+B=$PWD/.carry/x/bin
 export LD_LIBRARY_PATH="$(python3 -c 'import nvidia,os;print(next(d for d in (os.path.join(p,"cu13","lib") for p in nvidia.__path__) if os.path.exists(os.path.join(d,"libcublas.so.13"))))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 bench() { # shape batch extra...
@@ -21,13 +21,20 @@ tests)
         MAMBA2_CUDA_POISON=1 timeout 240 $B/$t --nocapture --test-threads=1 > "$OUT/$t.log" 2>&1
         echo "$t: exit $?"; tail -3 "$OUT/$t.log"
     done
+    timeout 120 $B/cuda_linear --ignored bench_linear_vs_cublas --nocapture > "$OUT/linear_bench.log" 2>&1
+    grep "linear bf16" "$OUT/linear_bench.log"
     MAMBA2_CUDA_POISON=1 timeout 240 $B/cuda_parity --test-threads=8 > "$OUT/cuda_parity.log" 2>&1
     echo "cuda_parity: exit $?"; tail -3 "$OUT/cuda_parity.log"
     timeout 200 python3 kernels/cuda/bench/fixtures_cuda.py $B/mamba2 > "$OUT/fixtures.log" 2>&1
     echo "fixtures: exit $?"; tail -3 "$OUT/fixtures.log"
     ;;
 bench13)
-    bench 1.3b 1; bench 1.3b 1 --eager; bench 1.3b 16; bench 1.3b 16 --eager ;;
+    bench 1.3b 1; bench 1.3b 1 --eager; bench 1.3b 4; bench 1.3b 16 ;;
 bench27)
-    bench 2.7b 1; bench 2.7b 1 --eager; bench 2.7b 16 ;;
+    bench 2.7b 1; bench 2.7b 16 ;;
+ncu)  # per-kernel GPU time of two eager decode layers (1.3b, bf16, batch 1)
+    timeout 200 /usr/local/cuda/bin/ncu --clock-control none -k regex:'linear_b|mixer_decode|rms_norm_res' \
+        --launch-skip 200 --launch-count 8 --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+        $B/mamba2 bench --shape 1.3b --device cuda --dtype bf16 --prefill 8 --decode 6 --runs 1 --warmup 0 --eager > "$OUT/ncu.txt" 2>&1
+    grep -E "^  [a-z]|gpu__time|dram__" "$OUT/ncu.txt" ;;
 esac

@@ -57,8 +57,8 @@ pub struct StepScratch {
 }
 
 impl StepStream {
-    /// Kernels for `dtype` activations and `batch` sequences (at most 16, the widest projection
-    /// kernel), loaded now: module loading is not allowed while a stream captures.
+    /// Kernels for `dtype` activations and `batch` sequences (at most 4, the widest projection
+    /// kernel; larger batches decode eagerly with cuBLAS projections), loaded now: module loading is not allowed while a stream captures.
     pub fn new(dev: &CudaDevice, dtype: DType, batch: usize) -> Result<Self> {
         let sfx = suffix(dtype).ok_or(OpError::Dtype {
             op: OP,
