@@ -1,4 +1,4 @@
-//! CPU `linear` for a few rows: `y = x · weightᵀ (+ bias)` as matrix-vector products.
+//! CPU `linear`: `y = x · weightᵀ (+ bias)` for f32, f16 and bf16 weights, f32 accumulation.
 //!
 //! Reference: [`crate::linear::linear_slow`]. Shapes: x `(..., in)` (`rows` = product of the
 //! leading dims), weight `(out, in)` contiguous row-major, bias `(out)`, y `(..., out)` in x's
@@ -7,27 +7,30 @@
 //! Why: at decode time the projections (`in_proj`, `out_proj`, the LM head) see one row per
 //! sequence, so they are bound by the bytes of weight streamed from memory, not by arithmetic.
 //! Candle's CPU matmul treats them as a general GEMM (and has no fast bf16 kernel at all), which
-//! leaves part of the memory bandwidth unused. Here every weight row is read exactly once per call
-//! and dotted with all `rows` rows of x while it is in registers; the 16-bit weights are widened
-//! to f32 in registers (F16C `vcvtph2ps` for f16, a 16-bit shift for bf16) and every product is
+//! leaves part of the memory bandwidth unused. Here every weight row is read once per call and
+//! dotted with the rows of x while it is in registers; 16-bit weights are widened to f32 in
+//! registers (F16C `vcvtph2ps` for f16, a 16-bit shift for bf16) and every product is
 //! accumulated in f32. The output rows are split over the Rayon pool, so both cores stream their
-//! half of the weight.
+//! share of the weight.
+//!
+//! Three regimes, by the number of x rows:
+//! - 1..=[`STREAM_ROWS`] (decode): one weight row at a time (a single sequential stream per core,
+//!   what the hardware prefetchers follow best), unrolled 4 ways against each x row;
+//! - more rows: tiles of [`MW`] weight rows x up to [`NX`] x rows, `MW x NX` vector
+//!   accumulators, so every weight load serves several x rows and every x load several weights;
+//!   work items are then 2-D (row blocks x weight blocks, weight-major);
+//! - from `GEMM_MIN_ROWS` on, with AVX-512: the packed outer-product GEMM of [`gemm`] (prefill).
+//!
+//! Kernels, picked at run time ([`x86`]): AVX-512F (+BW/VL for the masked 16-bit tails),
+//! AVX2+FMA+F16C, and a portable loop. Register budget of the largest AVX-512 tile (4 x 4):
+//! 16 accumulators + 4 weight + 1 x vector of the 32 zmm.
 //!
 //! A 16-bit x is converted once to f32 in this thread's reusable scratch (a few KiB at decode;
 //! an f32 x is read in place), so the only allocation of a decode call is the output.
 //!
-//! The same tiles serve prefill (many rows): work items are then 2-D, and the [`MW`]-row tiles
-//! reuse every x load for several weight rows.
-//!
 //! AVX512_BF16's `vdpbf16ps` (stable in Rust 1.95) was tried for bf16 weights and measured no
 //! faster than widening (the loop is bound by memory, and x then needs converting per row), so
 //! it is not used.
-//!
-//! Kernels, picked at run time: AVX-512F (+BW/VL for the masked 16-bit tails), AVX2+FMA+F16C,
-//! and a portable loop. Each computes a tile of [`MW`] weight rows × `NX` (1..=4) x rows with
-//! `MW × NX` vector accumulators: the weight loads are shared by the x rows and the x loads by
-//! the weight rows, and with one x row there are still `MW` independent FMA chains.
-//! Register budget (AVX-512, NX = 4): 16 accumulators + 4 weight + 1 x vector of the 32 zmm.
 
 use super::common::{view_opt, with_scratch, OutVec, View};
 use crate::Result;
@@ -37,9 +40,9 @@ use rayon::prelude::*;
 
 /// Rows of a 16-bit x converted to f32 per pass, which bounds this thread's scratch at
 /// `X_CHUNK_ROWS × in` floats (2 MiB at in = 2048) however long a prefill is. There is no upper
-/// limit on the rows: the [`MW`]-row tiles beat Candle's GEMM at prefill sizes too (512 and 2048
-/// rows of the 130m projections, `cargo bench --bench cpu_ops -- linear`), so the fast path
-/// takes every row count.
+/// limit on the rows: the fast path beats Candle's GEMM at prefill sizes too (1.7-2.1x at 512
+/// and 2048 rows of the 130m projections, `cargo bench --bench cpu_ops -- linear`), so it takes
+/// every row count.
 const X_CHUNK_ROWS: usize = 256;
 /// Weight rows per tile.
 const MW: usize = 4;
@@ -265,247 +268,7 @@ mod gemm;
 const GEMM_MIN_ROWS: (usize, usize) = (32, 256);
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    //! The AVX-512 and AVX2 tiles. One macro writes the loop of each family; the dtypes differ
-    //! only in how a vector of weights is loaded and widened to f32.
-
-    use super::{unroll, Tiles, Widen, MW};
-    use half::{bf16, f16};
-    use std::arch::x86_64::*;
-
-    // ------------------------------------------------------------------ AVX-512, 16 lanes
-
-    /// 16 f32 weights (`mask` selects the lanes read; the others are 0).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn ld512_f32(p: *const f32, mask: __mmask16) -> __m512 {
-        _mm512_maskz_loadu_ps(mask, p)
-    }
-
-    /// 16 f16 weights widened by `vcvtph2ps`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn ld512_f16(p: *const f16, mask: __mmask16) -> __m512 {
-        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
-    }
-
-    /// 16 bf16 weights widened exactly: a bf16 is the upper half of an f32.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn ld512_bf16(p: *const bf16, mask: __mmask16) -> __m512 {
-        let h = _mm256_maskz_loadu_epi16(mask, p as *const i16);
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-    }
-
-    macro_rules! avx512_tile {
-        ($name:ident, $t:ty, $load:ident) => {
-            /// AVX-512 tile (see [`super::TileFn`]); the tail of `k` uses masked loads.
-            ///
-            /// # Safety
-            /// Pointers valid for `k` reads; AVX-512F/BW/VL, FMA and F16C present.
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-            pub(super) unsafe fn $name<const M: usize, const N: usize>(
-                w: [*const $t; M],
-                x: [*const f32; N],
-                k: usize,
-            ) -> [[f32; M]; N] {
-                let u_n = unroll(M);
-                let mut acc = [[[_mm512_setzero_ps(); 4]; M]; N];
-                // `u_n` 16-lane steps from element `i`; lanes outside `mask` read nothing and
-                // add 0.
-                macro_rules! step {
-                    ($i:expr, $u_n:expr, $mask:expr) => {{
-                        for u in 0..$u_n {
-                            let mut wv = [_mm512_setzero_ps(); M];
-                            for m in 0..M {
-                                wv[m] = $load(w[m].add($i + 16 * u), $mask);
-                            }
-                            for r in 0..N {
-                                let xv = _mm512_maskz_loadu_ps($mask, x[r].add($i + 16 * u));
-                                for m in 0..M {
-                                    acc[r][m][u] = _mm512_fmadd_ps(xv, wv[m], acc[r][m][u]);
-                                }
-                            }
-                        }
-                    }};
-                }
-                let wide = 16 * u_n;
-                let main = k - k % wide;
-                let mut i = 0;
-                while i < main {
-                    step!(i, u_n, 0xffff);
-                    i += wide;
-                }
-                while i + 16 <= k {
-                    step!(i, 1, 0xffff);
-                    i += 16;
-                }
-                if i < k {
-                    step!(i, 1, (1u16 << (k - i)) - 1);
-                }
-                let mut out = [[0f32; M]; N];
-                for r in 0..N {
-                    for m in 0..M {
-                        let mut v = acc[r][m][0];
-                        for u in 1..u_n {
-                            v = _mm512_add_ps(v, acc[r][m][u]);
-                        }
-                        out[r][m] = _mm512_reduce_add_ps(v);
-                    }
-                }
-                out
-            }
-        };
-    }
-    avx512_tile!(tile512_f32, f32, ld512_f32);
-    avx512_tile!(tile512_f16, f16, ld512_f16);
-    avx512_tile!(tile512_bf16, bf16, ld512_bf16);
-
-    // ------------------------------------------------------------------ packed GEMM
-
-    /// `out[j][i] = Σ_kk xt[kk][i] · w[j][kk]` for 32 rows `i` and 12 outputs `j`: `xt`
-    /// `(k, 32)` packed k-major (see [`super::gemm`]), `w` 12 f32 weight rows of `k`.
-    /// 24 accumulators; per k two x loads and 12 broadcasts, each weight row read sequentially.
-    ///
-    /// # Safety
-    /// AVX-512F and FMA present; every `w` row valid for `k` reads.
-    #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn gemm_32x12(
-        xt: &[f32],
-        w: [*const f32; 12],
-        k: usize,
-        out: &mut [[f32; 32]; 12],
-    ) {
-        assert!(xt.len() >= 32 * k);
-        let xp = xt.as_ptr();
-        let mut acc = [[_mm512_setzero_ps(); 2]; 12];
-        for kk in 0..k {
-            let x0 = _mm512_loadu_ps(xp.add(kk * 32));
-            let x1 = _mm512_loadu_ps(xp.add(kk * 32 + 16));
-            for (a, row) in acc.iter_mut().zip(&w) {
-                let b = _mm512_set1_ps(*row.add(kk));
-                a[0] = _mm512_fmadd_ps(x0, b, a[0]);
-                a[1] = _mm512_fmadd_ps(x1, b, a[1]);
-            }
-        }
-        for (o, a) in out.iter_mut().zip(&acc) {
-            _mm512_storeu_ps(o.as_mut_ptr(), a[0]);
-            _mm512_storeu_ps(o.as_mut_ptr().add(16), a[1]);
-        }
-    }
-
-    // ------------------------------------------------------------------ AVX2, 8 lanes
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn ld256_f32(p: *const f32) -> __m256 {
-        _mm256_loadu_ps(p)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn ld256_f16(p: *const f16) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn ld256_bf16(p: *const bf16) -> __m256 {
-        let h = _mm_loadu_si128(p as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum256(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-        _mm_cvtss_f32(s)
-    }
-
-    macro_rules! avx2_tile {
-        ($name:ident, $t:ty, $load:ident) => {
-            /// AVX2 tile (see [`super::TileFn`]); the last `k % 8` elements are summed scalar.
-            ///
-            /// # Safety
-            /// Pointers valid for `k` reads; AVX2, FMA and F16C present.
-            #[target_feature(enable = "avx2,fma,f16c")]
-            pub(super) unsafe fn $name<const M: usize, const N: usize>(
-                w: [*const $t; M],
-                x: [*const f32; N],
-                k: usize,
-            ) -> [[f32; M]; N] {
-                let u_n = unroll(M);
-                let mut acc = [[[_mm256_setzero_ps(); 4]; M]; N];
-                macro_rules! step {
-                    ($i:expr, $u_n:expr) => {{
-                        for u in 0..$u_n {
-                            let mut wv = [_mm256_setzero_ps(); M];
-                            for m in 0..M {
-                                wv[m] = $load(w[m].add($i + 8 * u));
-                            }
-                            for r in 0..N {
-                                let xv = _mm256_loadu_ps(x[r].add($i + 8 * u));
-                                for m in 0..M {
-                                    acc[r][m][u] = _mm256_fmadd_ps(xv, wv[m], acc[r][m][u]);
-                                }
-                            }
-                        }
-                    }};
-                }
-                let wide = 8 * u_n;
-                let main = k - k % wide;
-                let mut i = 0;
-                while i < main {
-                    step!(i, u_n);
-                    i += wide;
-                }
-                while i + 8 <= k {
-                    step!(i, 1);
-                    i += 8;
-                }
-                let mut out = [[0f32; M]; N];
-                for r in 0..N {
-                    for m in 0..M {
-                        let mut v = acc[r][m][0];
-                        for u in 1..u_n {
-                            v = _mm256_add_ps(v, acc[r][m][u]);
-                        }
-                        let mut s = hsum256(v);
-                        for j in i..k {
-                            s += *x[r].add(j) * Widen::widen(*w[m].add(j));
-                        }
-                        out[r][m] = s;
-                    }
-                }
-                out
-            }
-        };
-    }
-    avx2_tile!(tile256_f32, f32, ld256_f32);
-    avx2_tile!(tile256_f16, f16, ld256_f16);
-    avx2_tile!(tile256_bf16, bf16, ld256_bf16);
-
-    pub(super) fn avx512_f32() -> Tiles<f32> {
-        tiles!(tile512_f32)
-    }
-    pub(super) fn avx512_f16() -> Tiles<f16> {
-        tiles!(tile512_f16)
-    }
-    pub(super) fn avx512_bf16() -> Tiles<bf16> {
-        tiles!(tile512_bf16)
-    }
-    pub(super) fn avx2_f32() -> Tiles<f32> {
-        tiles!(tile256_f32)
-    }
-    pub(super) fn avx2_f16() -> Tiles<f16> {
-        tiles!(tile256_f16)
-    }
-    pub(super) fn avx2_bf16() -> Tiles<bf16> {
-        tiles!(tile256_bf16)
-    }
-}
+mod x86;
 
 /// Kernel family for weights of type `T` on `isa`.
 trait Kernels: Widen + Sized {
