@@ -159,44 +159,33 @@ fn graph_follows_model_and_cache_changes() {
     let b = Mamba2Model::random(&cfg, DType::F32, &dev, 2).unwrap();
     let mut b_eager = b.clone();
     b_eager.set_cuda_graphs(false);
+    let t = ids(2, 1, 3).squeeze(1).unwrap();
+    // One step of b through the graph on `cg` and eagerly on `ce`: the same logits.
+    let same_step = |cg: &mut Mamba2Cache, ce: &mut Mamba2Cache, what: &str| {
+        let got = b.step(&t, cg).unwrap().to_device(&Device::Cpu).unwrap();
+        let want = b_eager
+            .step(&t, ce)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap();
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-4, "{what}: logits differ by {d}");
+    };
     // One cache stepped by model a, then by model b: b's steps must be b's (re-captured).
     let mut c1 = a.new_cache(2).unwrap();
     let mut c2 = a.new_cache(2).unwrap();
-    let t = ids(2, 1, 3).squeeze(1).unwrap();
     a.step(&t, &mut c1).unwrap();
     a.step(&t, &mut c2).unwrap();
-    let got = b.step(&t, &mut c1).unwrap();
-    let want = b_eager.step(&t, &mut c2).unwrap();
-    assert!(
-        max_abs_diff(
-            &got.to_device(&Device::Cpu).unwrap(),
-            &want.to_device(&Device::Cpu).unwrap()
-        ) < 1e-4
-    );
+    same_step(&mut c1, &mut c2, "after a model switch");
     // reset() zeroes the states in place: the graph keeps serving the same cache.
     c1.reset().unwrap();
     c2.reset().unwrap();
-    let got = b.step(&t, &mut c1).unwrap();
-    let want = b_eager.step(&t, &mut c2).unwrap();
-    assert!(
-        max_abs_diff(
-            &got.to_device(&Device::Cpu).unwrap(),
-            &want.to_device(&Device::Cpu).unwrap()
-        ) < 1e-4
-    );
+    same_step(&mut c1, &mut c2, "after reset");
     // A deep clone gets its own graph; the original is untouched by the clone's steps.
     let mut c3 = c1.deep_clone().unwrap();
     let mut c4 = c2.deep_clone().unwrap();
     for _ in 0..3 {
-        b.step(&t, &mut c3).unwrap();
-        b_eager.step(&t, &mut c4).unwrap();
+        same_step(&mut c3, &mut c4, "on a deep clone");
     }
-    let got = b.step(&t, &mut c1).unwrap();
-    let want = b_eager.step(&t, &mut c2).unwrap();
-    assert!(
-        max_abs_diff(
-            &got.to_device(&Device::Cpu).unwrap(),
-            &want.to_device(&Device::Cpu).unwrap()
-        ) < 1e-4
-    );
+    same_step(&mut c1, &mut c2, "on the original after its clone stepped");
 }
