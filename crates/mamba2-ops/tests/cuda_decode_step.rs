@@ -7,46 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use mamba2_ops::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-fn rand_t(rng: &mut StdRng, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect();
-    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-}
-
-/// Relative L2 error; NaN anywhere (an unwritten poisoned output) gives NaN and fails `<=`.
-fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
-    let g: Vec<f32> = got
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let w: Vec<f32> = want
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let (mut num, mut den) = (0f64, 0f64);
-    for (a, b) in g.iter().zip(&w) {
-        if !a.is_finite() {
-            return f32::NAN;
-        }
-        num += ((a - b) as f64).powi(2);
-        den += (*b as f64).powi(2);
-    }
-    (num.sqrt() / den.sqrt().max(1e-30)) as f32
-}
-
-fn check(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    let e = rel_err(got, want);
-    println!("{what}: rel err {e:.3e} (tol {tol:.1e})");
-    assert!(e <= tol, "{what}: rel err {e} > {tol}");
-}
+mod support;
+use support::{check_rel as check, symmetric as rand_t};
 
 #[test]
 fn fused_decode_step_matches_composed_ops() {

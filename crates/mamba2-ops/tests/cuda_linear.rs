@@ -6,38 +6,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use mamba2_ops::{cuda_launch_count, linear, linear_slow};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, SeedableRng};
 
-fn rand_t(rng: &mut StdRng, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect();
-    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-}
-
-/// Relative L2 error; a non-finite element (an unwritten poisoned output) gives NaN.
-fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
-    let f = |t: &Tensor| -> Vec<f32> {
-        let t = t
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        t.flatten_all().unwrap().to_vec1().unwrap()
-    };
-    let (g, w) = (f(got), f(want));
-    assert_eq!(g.len(), w.len());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (a, b) in g.iter().zip(&w) {
-        if !a.is_finite() {
-            return f32::NAN;
-        }
-        num += ((a - b) as f64).powi(2);
-        den += (*b as f64).powi(2);
-    }
-    (num.sqrt() / den.sqrt().max(1e-30)) as f32
-}
+mod support;
+use support::{rel_err, symmetric as rand_t};
 
 /// Tolerance per dtype: the output is rounded once to the dtype (bf16 8 bits, f16 11 bits).
 fn tol(dt: DType) -> f32 {

@@ -10,6 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use mamba2_ops::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+mod support;
+use support::{check_rel as check, symmetric as rand_t};
+
 /// Tolerances on the relative L2 error `|gpu - ref| / |ref|`, per dtype, about 3-10x the largest
 /// error seen on the H200 (BENCHMARKS.md): f32 is exact up to summation order (the SSD chunk
 /// products use 3xTF32 tensor-core products; plain TF32 erred by ~7e-4); f16/bf16 elementwise outputs are rounded the
@@ -62,53 +65,11 @@ fn gpu() -> Option<Device> {
     }
 }
 
-fn rand_t(rng: &mut StdRng, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect();
-    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-}
-
 /// `t` rounded to `dt` on the CPU (the reference input) and the same values on the GPU.
 fn pair(t: &Tensor, dt: DType, dev: &Device) -> (Tensor, Tensor) {
     let c = t.to_dtype(dt).unwrap();
     let g = c.to_device(dev).unwrap();
     (c, g)
-}
-
-/// Relative L2 error of `got` against `want`; NaN anywhere gives NaN (and fails `<=`).
-fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims());
-    let g: Vec<f32> = got
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let w: Vec<f32> = want
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let (mut num, mut den) = (0f64, 0f64);
-    for (a, b) in g.iter().zip(&w) {
-        if !a.is_finite() {
-            return f32::NAN;
-        }
-        num += ((a - b) as f64).powi(2);
-        den += (*b as f64).powi(2);
-    }
-    (num.sqrt() / den.sqrt().max(1e-30)) as f32
-}
-
-fn check(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    let e = rel_err(got, want);
-    println!("{what}: rel err {e:.3e} (tol {tol:.1e})");
-    assert!(e <= tol, "{what}: rel err {e} > {tol}");
 }
 
 /// Runs `f` and asserts it launched at least one kernel of this crate (fast path taken).
