@@ -90,6 +90,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         device: a.model.device()?,
         hub: a.model.hub(),
         tokenizer: a.model.tokenizer.clone(),
+        check_weights: true,
     };
     let spec = a.model.model_spec();
     let gen =

@@ -35,6 +35,10 @@ pub struct LoadOptions {
     pub hub: HubOptions,
     /// Tokenizer override: a `tokenizer.json` path, a folder or a Hub repo id.
     pub tokenizer: Option<String>,
+    /// Refuse weights with NaN or ±inf (also f32 values past the range of an f16 load) with
+    /// [`crate::Error::NonFinite`] naming the tensor, instead of generating from them. Costs one
+    /// pass over the weights at load; on by default.
+    pub check_weights: bool,
 }
 
 impl Default for LoadOptions {
@@ -44,14 +48,26 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             hub: HubOptions::default(),
             tokenizer: None,
+            check_weights: true,
         }
     }
 }
 
-/// Loads config and weights from resolved files.
+/// Loads config and weights from resolved files, refusing non-finite weights
+/// ([`load_model_with_check`] to skip that pass).
 pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Mamba2Model> {
+    load_model_with_check(files, dtype, device, true)
+}
+
+/// [`load_model`] with the non-finite weight check on or off.
+pub fn load_model_with_check(
+    files: &ModelFiles,
+    dtype: DType,
+    device: &Device,
+    check_weights: bool,
+) -> Result<Mamba2Model> {
     let config = Mamba2Config::from_file(&files.config)?;
-    let weights = Weights::from_files(&files.weights, device)?;
+    let weights = Weights::from_files(&files.weights, device)?.with_finite_check(check_weights);
     Mamba2Model::from_weights(&config, &weights, dtype)
 }
 
@@ -103,7 +119,7 @@ impl TextGenerator {
     /// EOS ids (generation_config.json, config.json, then the tokenizer's `<|endoftext|>`/`</s>`).
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
         let files = resolve_model(model, &opts.hub)?;
-        let m = load_model(&files, opts.dtype, &opts.device)?;
+        let m = load_model_with_check(&files, opts.dtype, &opts.device, opts.check_weights)?;
         let tok_path = resolve_tokenizer(&files, opts.tokenizer.as_deref(), &opts.hub)?;
         let tokenizer = load_tokenizer(&tok_path)?;
         let mut eos = match &files.generation_config {

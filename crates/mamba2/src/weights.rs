@@ -277,11 +277,12 @@ impl Weights {
             .to_dtype(dtype)
             .and_then(|t| t.to_device(&self.device))
             .map_err(|e| load_err(e.to_string()))?;
-        if self.check_finite {
-            // x * 0 is 0 for finite x and NaN for NaN/inf, so the sum is NaN iff one is not finite.
-            let s = t
-                .to_dtype(DType::F32)
-                .and_then(|t| (t * 0.0)?.sum_all()?.to_scalar::<f32>())?;
+        if self.check_finite && t.dtype().is_float() {
+            // x * 0 is 0 for finite x and NaN for NaN/inf, so the sum is NaN iff one is not
+            // finite. Checked in the load dtype (no f32 copy of the tensor), after the
+            // conversion: an f32 weight past f16's range becomes inf there and is caught too.
+            let s =
+                (&t * 0.0).and_then(|z| z.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>())?;
             if s.is_nan() {
                 return Err(Error::NonFinite {
                     name: entry.stored_name.clone(),

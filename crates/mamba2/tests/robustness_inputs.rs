@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use mamba2::pipeline::{load_model, load_model_with_check};
 use mamba2::session::{CancelToken, GenerateOptions, Session};
 use mamba2::weights::Weights;
 use mamba2::{Error, Mamba2Config, Mamba2Model};
@@ -271,6 +272,51 @@ fn nan_weights_load_silently_unless_the_finite_check_is_on() {
     match Mamba2Model::from_weights(&cfg, &checked, DType::F32) {
         Err(e @ Error::NonFinite { .. }) => assert!(e.to_string().contains(name), "{e}"),
         other => panic!("expected NonFinite, got {other:?}"),
+    }
+    // The pipeline's loader checks by default, and can be told not to.
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let files = mamba2::hub::ModelFiles {
+        dir: dir.path().into(),
+        config: dir.path().join("config.json"),
+        weights: vec![weights_path.clone()],
+        tokenizer: None,
+        generation_config: None,
+    };
+    match load_model(&files, DType::F32, &Device::Cpu) {
+        Err(e @ Error::NonFinite { .. }) => assert!(e.to_string().contains(name), "{e}"),
+        other => panic!("expected NonFinite from load_model, got {other:?}"),
+    }
+    assert!(load_model_with_check(&files, DType::F32, &Device::Cpu, false).is_ok());
+}
+
+#[test]
+fn f32_weights_past_the_f16_range_are_refused_in_an_f16_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture_hf();
+    let mut tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let name = "backbone.layers.0.mixer.in_proj.weight";
+    let w = &tensors[name];
+    let mut values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    values[0] = 1e6; // finite in f32 and bf16, inf in f16
+    tensors.insert(
+        name.into(),
+        Tensor::from_vec(values, w.dims(), &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let files = mamba2::hub::ModelFiles {
+        dir: dir.path().into(),
+        config: dir.path().join("config.json"),
+        weights: vec![dir.path().join("model.safetensors")],
+        tokenizer: None,
+        generation_config: None,
+    };
+    assert!(load_model(&files, DType::F32, &Device::Cpu).is_ok());
+    assert!(load_model(&files, DType::BF16, &Device::Cpu).is_ok());
+    match load_model(&files, DType::F16, &Device::Cpu) {
+        Err(e @ Error::NonFinite { .. }) => assert!(e.to_string().contains(name), "{e}"),
+        other => panic!("expected NonFinite for an f16 load, got {other:?}"),
     }
 }
 
