@@ -85,3 +85,18 @@ pub fn linear_slow(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result
     }
     Ok(y.to_dtype(dtype)?)
 }
+
+/// `x · weightᵀ (+ bias)` by Candle's matmul in the activation dtype (cuBLAS / Metal GEMM, f32
+/// accumulation inside): the GPU fast paths use it where no kernel of ours is faster.
+#[allow(dead_code)] // used only by the GPU backends
+pub(crate) fn linear_native(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let y = x.broadcast_matmul(&weight.t()?)?; // (..., out_features)
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}

@@ -29,11 +29,7 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     if rows_n > MAX_ROWS {
         // cuBLAS in the activation dtype (f32 accumulation): the reference's f32 round trip
         // would double the traffic for nothing.
-        let y = x.broadcast_matmul(&weight.t()?)?;
-        return Ok(Some(match bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        }));
+        return Ok(Some(crate::linear::linear_native(x, weight, bias)?));
     }
     let x2 = x.reshape((rows_n, k))?; // (rows, in_features)
     let mut out_dims = x.dims().to_vec();

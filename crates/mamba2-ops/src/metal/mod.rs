@@ -462,11 +462,8 @@ pub(crate) fn rms_norm_residual(
     Ok(Some((normed, res_out)))
 }
 
-/// No Metal kernel for the projections yet: Candle's Metal matmul serves them.
-pub(crate) fn linear(
-    _x: &Tensor,
-    _weight: &Tensor,
-    _bias: Option<&Tensor>,
-) -> Result<Option<Tensor>> {
-    Ok(None)
+/// No Metal kernel for the projections yet: Candle's Metal matmul in the activation dtype serves
+/// them (the reference would round-trip through f32).
+pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    Ok(Some(crate::linear::linear_native(x, weight, bias)?))
 }
