@@ -8,7 +8,7 @@ use crate::cache::Mamba2Cache;
 use crate::config::Mamba2Config;
 use crate::weights::Weights;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::Linear;
 use mamba2_ops::{
     causal_conv1d, gated_rms_norm, mixer_decode_step, rms_norm_residual, ssd_chunk_scan,
@@ -452,7 +452,7 @@ impl Mamba2Model {
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         // (.., d_model) x (vocab_rows, d_model)^T
-        let logits = hidden.broadcast_matmul(&self.lm_head.t()?)?;
+        let logits = project(hidden, &self.lm_head, None)?;
         Ok(logits.to_dtype(DType::F32)?)
     }
 
@@ -474,7 +474,7 @@ impl Mamba2Model {
     ) -> Result<Tensor> {
         let c = &self.config;
         let (batch, seqlen, _) = u.dims3()?;
-        let zxbcdt = m.in_proj.forward(u)?; // (batch, seqlen, d_in_proj)
+        let zxbcdt = project(u, m.in_proj.weight(), m.in_proj.bias())?; // (batch, seqlen, d_in_proj)
         let (z, xbc, dt) = self.split_projection(&zxbcdt)?;
         let (conv_state, ssm_state) = match &cache {
             Some(lc) => (Some(lc.conv_state), Some(lc.ssm_state)),
@@ -526,7 +526,7 @@ impl Mamba2Model {
             group_size: c.d_inner / c.ngroups,
             norm_before_gate: c.norm_before_gate,
         })?; // (batch, seqlen, d_inner)
-        Ok(m.out_proj.forward(&y)?)
+        project(&y, m.out_proj.weight(), m.out_proj.bias())
     }
 
     /// One decode step: `input_ids` `(batch)` → f32 logits `(batch, vocab_rows)`; the cache
@@ -614,21 +614,12 @@ impl Mamba2Model {
     }
 }
 
-/// A decode-time projection `x · wᵀ (+ bias)`, `x` `(batch, in)`: the `linear` op for the few
-/// rows of a decode step (a matrix-vector kernel on CPU and CUDA), Candle's matmul beyond.
+/// A projection `x · wᵀ (+ bias)`, `x` `(..., in)`, through the `linear` op: on CPU its
+/// streaming / tiled / GEMM kernels (f32 accumulation, also for 16-bit weights), on CUDA a
+/// matrix-vector kernel for decode rows and cuBLAS beyond, on Metal Candle's matmul.
 fn project(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    if x.dim(0)? <= DECODE_ROWS {
-        return Ok(mamba2_ops::linear(x, w, bias)?);
-    }
-    let y = x.matmul(&w.t()?)?;
-    Ok(match bias {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    })
+    Ok(mamba2_ops::linear(x, w, bias)?)
 }
-
-/// Batch sizes up to which the decode projections go through the `linear` op.
-const DECODE_ROWS: usize = 16;
 
 #[cfg(feature = "cuda")]
 impl Mamba2Model {
