@@ -139,6 +139,7 @@ pub(crate) fn ssd_chunk_scan(
         // 2. Everything per (batch, head); each task owns its state slice.
         let groups = &groups;
         let runs = runs.as_ref();
+        let wide = wide_vectors();
         state
             .par_chunks_mut(p * n)
             .enumerate()
@@ -178,18 +179,12 @@ pub(crate) fn ssd_chunk_scan(
                     }
 
                     // y = (CB ∘ L) · (dt x), L[i, j] = exp(s_i - s_j) for j <= i in the same run.
-                    for i in 0..q {
-                        let si = sc.s[i];
-                        let m = &mut sc.mask[i * q..(i + 1) * q];
-                        let cb = &gc.cb[i * q..i * q + i + 1];
-                        let s = &sc.s[..i + 1];
-                        for ((mv, &cbv), &sj) in m[..i + 1].iter_mut().zip(cb).zip(s) {
-                            *mv = cbv * exp_f32(si - sj);
-                        }
-                        m[i + 1..].iter_mut().for_each(|v| *v = 0.0);
-                        if runs.is_some() {
+                    decay_mask(wide, q, &sc.s, &gc.cb, &mut sc.mask);
+                    if runs.is_some() {
+                        for i in 0..q {
                             let ri = run(t0 + i);
-                            for (j, mv) in m[..i + 1].iter_mut().enumerate() {
+                            let m = &mut sc.mask[i * q..i * q + i + 1];
+                            for (j, mv) in m.iter_mut().enumerate() {
                                 if run(t0 + j) != ri {
                                     *mv = 0.0;
                                 }
@@ -296,4 +291,49 @@ pub(crate) fn ssd_chunk_scan(
     let final_state = Tensor::from_vec(state, (batch, nheads, p, n), &candle_core::Device::Cpu)?;
     debug_assert_eq!(final_state.dtype(), DType::F32);
     Ok(Some((y, final_state)))
+}
+
+/// Whether this CPU runs [`decay_mask`] with 512-bit vectors (checked once per call).
+fn wide_vectors() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The chunk's decayed `C Bᵀ`: `mask[i][j] = cb[i][j] · exp(s_i - s_j)` for `j <= i`, 0 above;
+/// `cb`, `mask` `(q, q)`, `s` `(q)` the cumulative `dt · A`.
+///
+/// Why two compilations of one body: the crate is built for the baseline x86-64 target (SSE2),
+/// and these q²/2 exponentials per head and chunk were ~8% of a 512-token f32 prefill; compiled
+/// with AVX-512, `exp_f32` runs on 16 lanes. Same operations, so the same results.
+fn decay_mask(wide: bool, q: usize, s: &[f32], cb: &[f32], mask: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(q: usize, s: &[f32], cb: &[f32], mask: &mut [f32]) {
+            decay_mask_body(q, s, cb, mask)
+        }
+        // SAFETY: `wide` comes from `wide_vectors`, which checked the CPU has AVX-512F.
+        return unsafe { avx512(q, s, cb, mask) };
+    }
+    let _ = wide;
+    decay_mask_body(q, s, cb, mask)
+}
+
+#[inline(always)]
+fn decay_mask_body(q: usize, s: &[f32], cb: &[f32], mask: &mut [f32]) {
+    for i in 0..q {
+        let si = s[i];
+        let m = &mut mask[i * q..(i + 1) * q];
+        let cb = &cb[i * q..i * q + i + 1];
+        for ((mv, &cbv), &sj) in m[..i + 1].iter_mut().zip(cb).zip(&s[..i + 1]) {
+            *mv = cbv * exp_f32(si - sj);
+        }
+        m[i + 1..].iter_mut().for_each(|v| *v = 0.0);
+    }
 }
