@@ -184,6 +184,12 @@ impl InplaceOp1 for ConvUpdate<'_> {
             }
             let w: &[f32] = match w_direct {
                 Some(w) => w,
+                // A contiguous 16-bit weight (the usual case) converts in one bulk call; per
+                // channel, the 4-element loads cost more than the whole convolution.
+                None if self.w.is_contiguous_from(2, &[c, k]) => {
+                    self.w.load(self.w.at([0; 4]), &mut wbuf[..c * k]);
+                    wbuf
+                }
                 None => {
                     for ch in 0..c {
                         self.w
@@ -208,8 +214,11 @@ impl InplaceOp1 for ConvUpdate<'_> {
                         s[1] = s2;
                         s[2] = s3;
                         s[3] = xv;
-                        let acc = bv + s1 * wr[0] + s2 * wr[1] + s3 * wr[2] + xv * wr[3];
-                        *y = if self.silu { silu_f32(acc) } else { acc };
+                        *y = bv + s1 * wr[0] + s2 * wr[1] + s3 * wr[2] + xv * wr[3];
+                    }
+                    // SiLU in its own pass over the contiguous row, so that its exp vectorizes.
+                    if self.silu {
+                        silu_row(yrow);
                     }
                 } else {
                     for ch in 0..c {
@@ -304,4 +313,19 @@ pub(crate) fn conv_states_varlen(
         (nseq, channels, d_conv),
         &candle_core::Device::Cpu,
     )?))
+}
+
+/// `y = y · sigmoid(y)` over a row, compiled with AVX-512F as well and picked at run time (the
+/// crate targets baseline SSE2): for a decode step this is one exp per conv channel.
+fn silu_row(y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(y: &mut [f32]) {
+            y.iter_mut().for_each(|v| *v = silu_f32(*v));
+        }
+        // SAFETY: AVX-512F checked just above.
+        return unsafe { avx512(y) };
+    }
+    y.iter_mut().for_each(|v| *v = silu_f32(*v));
 }
