@@ -108,19 +108,40 @@ fn sum_sq(v: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + it.remainder().iter().map(|x| x * x).sum::<f32>()
 }
 
+thread_local! {
+    /// This thread's f32 copy of a 16-bit norm weight, reused across calls (a decode step runs
+    /// two norms per layer), apart from `with_scratch`'s buffer, which the rows use.
+    static WEIGHT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Calls `f` with the weight as a contiguous f32 slice: borrowed when it already is one,
-/// converted into a scratch buffer otherwise.
+/// converted into a reused buffer otherwise (in one bulk conversion when contiguous: per element
+/// it cost as much as the norm itself at decode).
 fn with_weight<R>(w: &View, dim: usize, f: impl FnOnce(&[f32]) -> R) -> R {
-    if w.is_contiguous_from(1, &[dim]) {
+    let contiguous = w.is_contiguous_from(1, &[dim]);
+    if contiguous {
         if let Some(s) = w.f32_slice(w.at([0; 4]), dim) {
             return f(s);
         }
     }
-    let mut buf = vec![0f32; dim];
-    for (i, v) in buf.iter_mut().enumerate() {
-        *v = w.get([0, 0, 0, i]);
+    // Taken out of the slot for the duration, so a nested call gets a fresh buffer.
+    let mut buf = WEIGHT.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    buf.resize(dim, 0.0);
+    if contiguous {
+        w.load(w.at([0; 4]), &mut buf[..dim]);
+    } else {
+        for (i, v) in buf[..dim].iter_mut().enumerate() {
+            *v = w.get([0, 0, 0, i]);
+        }
     }
-    f(&buf)
+    let r = f(&buf[..dim]);
+    WEIGHT.with(|c| {
+        let mut slot = c.borrow_mut();
+        if slot.len() < buf.len() {
+            *slot = buf;
+        }
+    });
+    r
 }
 
 /// Rounds f32 values through `dtype`, as storing and reloading would.
