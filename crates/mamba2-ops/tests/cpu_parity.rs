@@ -8,6 +8,13 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use mamba2_ops::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+mod support;
+use support::assert_close;
+
+fn rand_t(rng: &mut StdRng, dims: &[usize], lo: f32, hi: f32, dtype: DType) -> Tensor {
+    support::uniform(rng, dims, lo, hi).to_dtype(dtype).unwrap()
+}
+
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// `(atol, rtol)` per activation dtype: outputs are compared as `|fast - ref| <= atol + rtol |ref|`.
@@ -19,40 +26,6 @@ fn tol(dtype: DType) -> (f32, f32) {
         DType::F16 => (2e-3, 2e-3),
         DType::BF16 => (1.6e-2, 1.6e-2),
         _ => unreachable!(),
-    }
-}
-
-fn rand_t(rng: &mut StdRng, dims: &[usize], lo: f32, hi: f32, dtype: DType) -> Tensor {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| lo + rng.random::<f32>() * (hi - lo))
-        .collect();
-    Tensor::from_vec(v, dims, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-#[track_caller]
-fn assert_close(what: &str, fast: &Tensor, reference: &Tensor, (atol, rtol): (f32, f32)) {
-    assert_eq!(fast.dims(), reference.dims(), "{what}: shape");
-    assert_eq!(fast.dtype(), reference.dtype(), "{what}: dtype");
-    let (a, b) = (flat(fast), flat(reference));
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        let excess = (x - y).abs() - (atol + rtol * y.abs());
-        // NaN (an unwritten, poisoned element) fails this test.
-        if excess.is_nan() || excess > 0.0 {
-            panic!("{what}: element {i}: fast {x} vs reference {y} (atol {atol}, rtol {rtol})");
-        }
     }
 }
 
