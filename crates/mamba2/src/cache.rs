@@ -15,7 +15,7 @@ pub struct Mamba2Cache {
     seqlen_offset: usize,
     /// The decode step captured for this cache's states (CUDA only).
     #[cfg(feature = "cuda")]
-    pub(crate) graph: crate::cuda_step::GraphSlot,
+    pub(crate) graph: crate::model::cuda_step::GraphSlot,
 }
 
 /// Mutable view of one layer's state, handed to the mixer.
@@ -124,16 +124,6 @@ impl Mamba2Cache {
         }
         self.seqlen_offset = 0;
         Ok(())
-    }
-
-    /// Layer `i`'s states for a capture, which records their addresses (the states are then
-    /// updated in place by every replay).
-    #[cfg(feature = "cuda")]
-    pub(crate) fn layer(&self, i: usize) -> LayerCache<'_> {
-        LayerCache {
-            conv_state: &self.conv_states[i],
-            ssm_state: &self.ssm_states[i],
-        }
     }
 
     pub(crate) fn layer_mut(&mut self, i: usize) -> LayerCache<'_> {

@@ -6,8 +6,6 @@
 
 pub mod cache;
 pub mod config;
-#[cfg(feature = "cuda")]
-mod cuda_step;
 pub mod device;
 pub mod error;
 pub mod hub;

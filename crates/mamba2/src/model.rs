@@ -8,6 +8,10 @@ use crate::cache::Mamba2Cache;
 use crate::config::Mamba2Config;
 use crate::weights::Weights;
 use crate::{Error, Result};
+
+/// The decode step captured as a CUDA graph (reads the model's weights directly).
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda_step;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::Linear;
 use mamba2_ops::{
@@ -458,12 +462,46 @@ impl Mamba2Model {
 
     /// Splits in_proj's output `(.., d_in_proj)` into `(z, xBC, dt)`.
     fn split_projection(&self, zxbcdt: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (z, xbc, dt) = self.projection_views(zxbcdt)?;
+        Ok((z, xbc.contiguous()?, dt.contiguous()?))
+    }
+
+    /// `z`, `xBC` and `dt` of a projection `(..., d_in_proj)` as views of it (the fused decode
+    /// step reads them in place).
+    fn projection_views(&self, zxbcdt: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
         let last = zxbcdt.rank() - 1;
         let z = zxbcdt.narrow(last, 0, c.d_inner)?;
         let xbc = zxbcdt.narrow(last, c.d_inner, c.conv_dim())?;
         let dt = zxbcdt.narrow(last, c.d_inner + c.conv_dim(), c.nheads)?;
-        Ok((z, xbc.contiguous()?, dt.contiguous()?))
+        Ok((z, xbc, dt))
+    }
+
+    /// Arguments of the fused decode step of mixer `m`: the projection parts `xbc` / `dt` / `z`
+    /// (views of one `(batch, d_in_proj)` row each) and the layer's states.
+    fn decode_step_args<'a>(
+        &'a self,
+        m: &'a Mamba2Mixer,
+        (z, xbc, dt): &'a (Tensor, Tensor, Tensor),
+        state: crate::cache::LayerCache<'a>,
+    ) -> DecodeStepArgs<'a> {
+        let c = &self.config;
+        DecodeStepArgs {
+            xbc,
+            dt,
+            z,
+            conv_state: state.conv_state,
+            conv_weight: &m.conv_weight,
+            conv_bias: m.conv_bias.as_ref(),
+            ssm_state: state.ssm_state,
+            a: &m.a,
+            d: Some(&m.d),
+            dt_bias: Some(&m.dt_bias),
+            norm_weight: &m.norm_weight,
+            eps: c.norm_eps,
+            ngroups: c.ngroups,
+            norm_before_gate: c.norm_before_gate,
+        }
     }
 
     fn mixer_prefill(
@@ -553,7 +591,7 @@ impl Mamba2Model {
         self.check_cache(cache, batch)?;
         #[cfg(feature = "cuda")]
         if self.cuda_graphs {
-            if let Some(logits) = crate::cuda_step::step(self, &ids, cache)? {
+            if let Some(logits) = cuda_step::step(self, &ids, cache)? {
                 cache.advance(1);
                 return Ok(logits);
             }
@@ -579,8 +617,7 @@ impl Mamba2Model {
             self.config.residual_in_fp32,
         )?;
         cache.advance(1);
-        let logits = project(&normed, &self.lm_head, None)?; // (batch, vocab_rows)
-        Ok(logits.to_dtype(DType::F32)?)
+        self.logits(&normed)
     }
 
     /// The mixer for one token through the fused decode-step op (one launch on CUDA; the
@@ -591,30 +628,11 @@ impl Mamba2Model {
         u: &Tensor,
         cache: crate::cache::LayerCache<'_>,
     ) -> Result<Tensor> {
-        let c = &self.config;
         let zxbcdt = project(u, m.in_proj.weight(), m.in_proj.bias())?; // (batch, d_in_proj)
-        let z = zxbcdt.narrow(1, 0, c.d_inner)?; // (batch, d_inner)
-        let xbc = zxbcdt.narrow(1, c.d_inner, c.conv_dim())?; // (batch, conv_dim)
-        let dt = zxbcdt.narrow(1, c.d_inner + c.conv_dim(), c.nheads)?; // (batch, nheads)
-        let y = mixer_decode_step(
-            &DecodeStepArgs {
-                xbc: &xbc,
-                dt: &dt,
-                z: &z,
-                conv_state: cache.conv_state,
-                conv_weight: &m.conv_weight,
-                conv_bias: m.conv_bias.as_ref(),
-                ssm_state: cache.ssm_state,
-                a: &m.a,
-                d: Some(&m.d),
-                dt_bias: Some(&m.dt_bias),
-                norm_weight: &m.norm_weight,
-                eps: c.norm_eps,
-                ngroups: c.ngroups,
-                norm_before_gate: c.norm_before_gate,
-            },
-            &self.ssd_params,
-        )?; // (batch, d_inner)
+                                                                        // z, xBC, dt: (batch, d_inner), (batch, conv_dim), (batch, nheads) views
+        let parts = self.projection_views(&zxbcdt)?;
+        let args = self.decode_step_args(m, &parts, cache);
+        let y = mixer_decode_step(&args, &self.ssd_params)?; // (batch, d_inner)
         project(&y, m.out_proj.weight(), m.out_proj.bias())
     }
 
@@ -630,42 +648,6 @@ impl Mamba2Model {
 /// matrix-vector kernel for decode rows and cuBLAS beyond, on Metal Candle's matmul.
 fn project(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     Ok(mamba2_ops::linear(x, w, bias)?)
-}
-
-#[cfg(feature = "cuda")]
-impl Mamba2Model {
-    /// Identity of the weights a captured step reads (clones of a model share them).
-    pub(crate) fn graph_key(&self) -> [candle_core::TensorId; 2] {
-        [self.embeddings.id(), self.lm_head.id()]
-    }
-
-    pub(crate) fn ssd_params(&self) -> &SsdParams {
-        &self.ssd_params
-    }
-
-    pub(crate) fn graph_parts(&self) -> crate::cuda_step::GraphParts<'_> {
-        use crate::cuda_step::{GraphParts, LayerParts};
-        GraphParts {
-            embeddings: &self.embeddings,
-            layers: self
-                .blocks
-                .iter()
-                .map(|b| LayerParts {
-                    norm: &b.norm_weight,
-                    in_proj: (b.mixer.in_proj.weight(), b.mixer.in_proj.bias()),
-                    conv_weight: &b.mixer.conv_weight,
-                    conv_bias: b.mixer.conv_bias.as_ref(),
-                    a: &b.mixer.a,
-                    d: &b.mixer.d,
-                    dt_bias: &b.mixer.dt_bias,
-                    mixer_norm: &b.mixer.norm_weight,
-                    out_proj: (b.mixer.out_proj.weight(), b.mixer.out_proj.bias()),
-                })
-                .collect(),
-            norm_f: &self.norm_f,
-            lm_head: &self.lm_head,
-        }
-    }
 }
 
 fn source_desc(weights: &Weights) -> String {

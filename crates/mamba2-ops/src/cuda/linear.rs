@@ -31,13 +31,13 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
         // would double the traffic for nothing.
         return Ok(Some(crate::linear::linear_native(x, weight, bias)?));
     }
+    let Some(sfx) = suffix(x.dtype()) else {
+        return Ok(None);
+    };
     let x2 = x.reshape((rows_n, k))?; // (rows, in_features)
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().unwrap() = n;
     let y = output((rows_n, n), x.dtype(), &dev)?; // (rows, out_features)
-    let Some(sfx) = suffix(x.dtype()) else {
-        return Ok(None);
-    };
     let name = format!("linear_b{}_{sfx}", variant(rows_n).unwrap_or(MAX_ROWS));
     let f = func(&dev, "linear", ptx::LINEAR, &name)?;
     // A misaligned view of x (an odd start offset) is copied; a misaligned weight falls back.

@@ -4,14 +4,14 @@
 //! buffers, so it lives in the [`Mamba2Cache`] it was captured for (whose state tensors are
 //! updated in place and never replaced) and remembers which model it belongs to. It is built at
 //! the first step of a cache and replayed for every later one; configurations its kernels do not
-//! take (batch > 16, unaligned widths, mixed dtypes) keep the eager step.
+//! take (batch > 4, unaligned widths, mixed dtypes) keep the eager step.
 
+use super::Mamba2Model;
 use crate::cache::Mamba2Cache;
-use crate::model::Mamba2Model;
 use crate::Result;
 use candle_core::{DType, Device, Tensor, TensorId};
 use mamba2_ops::cuda_graph::{StepGraph, StepScratch, StepStream};
-use mamba2_ops::{DecodeStepArgs, OpError};
+use mamba2_ops::OpError;
 
 /// A captured decode step and everything its addresses point into.
 pub(crate) struct CudaStepGraph {
@@ -51,7 +51,7 @@ pub(crate) fn step(
     let Device::Cuda(dev) = model.device() else {
         return Ok(None);
     };
-    let key = model.graph_key();
+    let key = graph_key(model);
     let stale = match &cache.graph {
         GraphSlot::Ready(g) => g.model != key,
         GraphSlot::Unsupported => return Ok(None),
@@ -82,7 +82,7 @@ pub(crate) fn step(
 
 fn capture(
     model: &Mamba2Model,
-    cache: &Mamba2Cache,
+    cache: &mut Mamba2Cache,
     dev: &candle_core::CudaDevice,
 ) -> Result<CudaStepGraph> {
     let c = model.config();
@@ -107,62 +107,40 @@ fn capture(
     let y = zeros((batch, c.d_inner), dtype)?;
     let logits = zeros((batch, model.vocab_rows()), DType::F32)?;
     let scratch = s.scratch(c.d_inner, c.nheads, c.ngroups)?;
-    let z = zxbcdt.narrow(1, 0, c.d_inner)?; // (batch, d_inner)
-    let xbc = zxbcdt.narrow(1, c.d_inner, c.conv_dim())?; // (batch, conv_dim)
-    let dt = zxbcdt.narrow(1, c.d_inner + c.conv_dim(), c.nheads)?; // (batch, nheads)
-    let parts = model.graph_parts();
+    let parts = model.projection_views(&zxbcdt)?; // z, xBC, dt: views of zxbcdt
     let graph = s.capture(|s| {
-        s.embedding(parts.embeddings, &ids, &hidden)?;
-        for (i, layer) in parts.layers.iter().enumerate() {
+        s.embedding(&model.embeddings, &ids, &hidden)?;
+        for (i, block) in model.blocks.iter().enumerate() {
+            let m = &block.mixer;
             // The residual ping-pongs: the norm reads one buffer and writes the other.
             let res_in = (i > 0).then(|| &residual[(i + 1) % 2]);
             s.rms_norm_residual(
                 &hidden,
                 res_in,
-                layer.norm,
+                &block.norm_weight,
                 c.norm_eps,
                 &normed,
                 &residual[i % 2],
             )?;
-            s.linear(&normed, layer.in_proj.0, layer.in_proj.1, &zxbcdt)?;
-            let state = cache.layer(i);
-            s.mixer_decode_step(
-                &DecodeStepArgs {
-                    xbc: &xbc,
-                    dt: &dt,
-                    z: &z,
-                    conv_state: state.conv_state,
-                    conv_weight: layer.conv_weight,
-                    conv_bias: layer.conv_bias,
-                    ssm_state: state.ssm_state,
-                    a: layer.a,
-                    d: Some(layer.d),
-                    dt_bias: Some(layer.dt_bias),
-                    norm_weight: layer.mixer_norm,
-                    eps: c.norm_eps,
-                    ngroups: c.ngroups,
-                    norm_before_gate: c.norm_before_gate,
-                },
-                model.ssd_params(),
-                &scratch,
-                &y,
-            )?;
-            s.linear(&y, layer.out_proj.0, layer.out_proj.1, &hidden)?;
+            s.linear(&normed, m.in_proj.weight(), m.in_proj.bias(), &zxbcdt)?;
+            let args = model.decode_step_args(m, &parts, cache.layer_mut(i));
+            s.mixer_decode_step(&args, &model.ssd_params, &scratch, &y)?;
+            s.linear(&y, m.out_proj.weight(), m.out_proj.bias(), &hidden)?;
         }
-        let n = parts.layers.len();
+        let n = model.blocks.len();
         let res_in = (n > 0).then(|| &residual[(n + 1) % 2]);
         s.rms_norm_residual(
             &hidden,
             res_in,
-            parts.norm_f,
+            &model.norm_f,
             c.norm_eps,
             &normed,
             &residual[n % 2],
         )?;
-        s.linear(&normed, parts.lm_head, None, &logits)
+        s.linear(&normed, &model.lm_head, None, &logits)
     })?;
     Ok(CudaStepGraph {
-        model: model.graph_key(),
+        model: graph_key(model),
         ids,
         logits,
         _buffers: [vec![hidden, normed, zxbcdt, y], residual.to_vec()].concat(),
@@ -171,23 +149,7 @@ fn capture(
     })
 }
 
-/// Borrowed weights of a model, in the order the captured step uses them.
-pub(crate) struct GraphParts<'a> {
-    pub embeddings: &'a Tensor,
-    pub layers: Vec<LayerParts<'a>>,
-    pub norm_f: &'a Tensor,
-    pub lm_head: &'a Tensor,
-}
-
-/// Weights of one block.
-pub(crate) struct LayerParts<'a> {
-    pub norm: &'a Tensor,
-    pub in_proj: (&'a Tensor, Option<&'a Tensor>),
-    pub conv_weight: &'a Tensor,
-    pub conv_bias: Option<&'a Tensor>,
-    pub a: &'a Tensor,
-    pub d: &'a Tensor,
-    pub dt_bias: &'a Tensor,
-    pub mixer_norm: &'a Tensor,
-    pub out_proj: (&'a Tensor, Option<&'a Tensor>),
+/// Identity of the weights a captured step reads (clones of a model share them).
+fn graph_key(model: &Mamba2Model) -> [TensorId; 2] {
+    [model.embeddings.id(), model.lm_head.id()]
 }
