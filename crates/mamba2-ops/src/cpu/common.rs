@@ -23,6 +23,30 @@ pub(crate) fn unit_last(t: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// Hints the CPU to fetch, into all cache levels, the 64-byte lines that lie `ahead` bytes past
+/// the `n` elements at `p` (one `prefetcht0` per line; nothing off x86-64). For loops that
+/// stream a large buffer once (decode weights, the SSM state): the hardware prefetchers stop at
+/// each 4 KiB page, software prefetch does not. Prefetches never fault and the address is formed
+/// with wrapping arithmetic, so running past the end of the buffer is harmless.
+#[inline(always)]
+pub(crate) fn prefetch_ahead<T>(p: *const T, n: usize, ahead: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let base = (p as *const i8).wrapping_add(ahead);
+        let bytes = n * std::mem::size_of::<T>();
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: SSE is part of the x86-64 baseline; a prefetch reads nothing
+            // architecturally and cannot fault.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(off)) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, n, ahead);
+}
+
 /// Borrowed CPU data of one float dtype.
 #[derive(Clone, Copy)]
 pub(crate) enum Data<'a> {

@@ -15,7 +15,9 @@
 //!
 //! Three regimes, by the number of x rows:
 //! - 1..=[`STREAM_ROWS`] (decode): one weight row at a time (a single sequential stream per core,
-//!   what the hardware prefetchers follow best), unrolled 4 ways against each x row;
+//!   what the hardware prefetchers follow best; the AVX-512 kernels also prefetch 8 KiB ahead in
+//!   software, past the 4 KiB pages where hardware prefetch stops), unrolled 4 ways against each
+//!   x row;
 //! - more rows: tiles of [`MW`] weight rows x up to [`NX`] x rows, `MW x NX` vector
 //!   accumulators, so every weight load serves several x rows and every x load several weights;
 //!   work items are then 2-D (row blocks x weight blocks, weight-major);

@@ -10,13 +10,19 @@
 //! thread's scratch (reused across tokens), per-task operands live on the stack, so the only
 //! allocation of a step is the output tensor.
 
-use super::common::{overlaps, silu_f32, softplus_f32, view, view_opt, with_scratch, OutVec, View};
+use super::common::{
+    overlaps, prefetch_ahead, silu_f32, softplus_f32, view, view_opt, with_scratch, OutVec, View,
+};
 use crate::{Result, SsdParams, StateUpdateArgs};
 use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
 use rayon::prelude::*;
 
 /// Stack buffers bound headdim and d_state on the fast path (released models: 64 and 128).
 const MAX_DIM: usize = 256;
+/// How far ahead of the state row being updated [`head_rows`] prefetches: the state (786 KB per
+/// layer at 130m, 19 MB per token) is streamed once per decode token like the weights, and the
+/// following rows are the next ones this thread updates (heads are contiguous).
+const STATE_PREFETCH_BYTES: usize = 8192;
 /// Accumulator lanes of the C dot product: independent partial sums let the loop vectorize.
 const LANES: usize = 16;
 
@@ -169,6 +175,7 @@ fn head_rows_body(
     y: &mut [f32],
 ) {
     for (j, row) in st.chunks_exact_mut(n).enumerate() {
+        prefetch_ahead(row.as_ptr(), n, STATE_PREFETCH_BYTES);
         let xdt = xs[j] * dtv;
         let mut acc = [0f32; LANES];
         let mut rows = row.chunks_exact_mut(LANES);
