@@ -8,11 +8,15 @@
 //! `cargo bench -p mamba2-ops --bench cpu_ops` (median of several runs, milliseconds per call);
 //! `cargo bench -p mamba2-ops --bench cpu_ops -- linear` runs only the `linear` part,
 //! `-- decode` only the decode-token projection chain (weight GB/s vs the machine's read
-//! bandwidth), `-- step` only the one-token decode ops.
+//! bandwidth), `-- step` only the one-token decode ops, `-- stages` one whole decode token split
+//! into its stages (see `cpu_ops/stages.rs`).
 
 use candle_core::{DType, Device, Tensor};
 use mamba2_ops::*;
 use std::time::Instant;
+
+#[path = "cpu_ops/stages.rs"]
+mod stages;
 
 fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
     f(); // warm-up
@@ -139,6 +143,10 @@ fn bench_decode_projections() {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "stages") {
+        stages::bench_stages();
+        return;
+    }
     if std::env::args().any(|a| a == "decode") {
         bench_decode_projections();
         return;
