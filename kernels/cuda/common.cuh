@@ -106,3 +106,50 @@ __device__ __forceinline__ void load_many(const void* p, int dtype, i64 base, i6
             out[u] = u < valid ? __bfloat162float(q[base + u * step]) : 0.0f;
     }
 }
+
+// Round v to the precision of a run-time dtype (the reference converts before it re-reads).
+__device__ __forceinline__ float round_any(int dtype, float v) {
+    if (dtype == DT_F16) return __half2float(__float2half_rn(v));
+    if (dtype == DT_BF16) return __bfloat162float(__float2bfloat16_rn(v));
+    return v;
+}
+
+// Programmatic dependent launch (sm_90+): a kernel launched with the programmatic-serialisation
+// attribute may start while its predecessor in the stream still runs. `pdl_wait` blocks until
+// the predecessor has completed and its writes are visible, so everything a kernel reads from
+// an earlier kernel, and everything it writes, must come after it; weights and states that no
+// recent kernel writes may be loaded before it (that is the point: their DRAM latency overlaps
+// the predecessor's tail). Every kernel of a PDL chain calls `pdl_wait` in every block, so a
+// kernel's completion implies its predecessors' (the chain stays transitive). Without the
+// attribute (eager launches, older GPUs) both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lets the next kernel of the stream launch once every block of this one has called this (or
+// exited): called at the top, since all of this kernel's blocks are resident by then and the
+// dependent's early blocks only wait.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Sum of p[0..n) by one warp in a fixed order (lane l sums l, l + 32, ... into four
+// interleaved partials, four loads in flight, then a butterfly), so every kernel that needs a
+// group's total gets the same bits. Reads through L2 (`__ldcg`): the values were written by
+// other blocks or by the previous kernel.
+__device__ __forceinline__ float warp_total(const float* p, i64 n) {
+    const int lane = threadIdx.x & 31;
+    float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (i64 j0 = lane; j0 < n; j0 += 128) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const i64 j = j0 + 32 * u;
+            part[u] += j < n ? __ldcg(&p[j]) : 0.0f;
+        }
+    }
+    return warp_sum((part[0] + part[1]) + (part[2] + part[3]));
+}

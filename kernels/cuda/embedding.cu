@@ -13,6 +13,8 @@
 template <typename T>
 __device__ void embedding_rows(const T* __restrict__ table, const unsigned* __restrict__ ids,
                                T* __restrict__ out, i64 rows, i64 dim) {
+    pdl_launch_dependents();
+    pdl_wait();  // the previous replay's last kernel may still read `out`
     const i64 b = blockIdx.x;
     const i64 id = ids[b];
     for (i64 i = threadIdx.x; i < dim; i += blockDim.x)

@@ -2,13 +2,6 @@
 // front of each block).
 #include "common.cuh"
 
-// Round v to the precision of a run-time dtype (the reference converts before it re-reads).
-__device__ __forceinline__ float round_any(int dtype, float v) {
-    if (dtype == DT_F16) return __half2float(__float2half_rn(v));
-    if (dtype == DT_BF16) return __bfloat162float(__float2bfloat16_rn(v));
-    return v;
-}
-
 // gated_rms_norm_<dtype>
 // Reference: rms_norm.rs `gated_rms_norm_slow`.
 //   norm_before_gate = 0: y = rmsnorm_group(x * silu(z)) * w;  = 1: y = rmsnorm_group(x) * w * silu(z)
@@ -80,6 +73,8 @@ __device__ void res_norm(const T* __restrict__ x, i64 xs0, i64 xs1, const void* 
                          void* __restrict__ normed, void* __restrict__ rout, int ro_dt, i64 r1,
                          i64 dim, float eps) {
     __shared__ float scratch[32];
+    pdl_launch_dependents();
+    pdl_wait();
     const i64 row = blockIdx.x;
     const i64 i0 = row / r1, i1 = row % r1;
     const T* xr = x + i0 * xs0 + i1 * xs1;

@@ -13,13 +13,21 @@ use support::{check_rel as check, symmetric as rand_t};
 #[test]
 fn fused_decode_step_matches_composed_ops() {
     std::env::set_var("MAMBA2_CUDA_POISON", "1");
-    let dev = match Device::new_cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            println!("skipping CUDA decode-step test: no CUDA device ({e})");
-            return;
-        }
-    };
+    if let Err(e) = Device::new_cuda(0) {
+        println!("skipping CUDA decode-step test: no CUDA device ({e})");
+        return;
+    }
+    // Both layouts of the kernel: one block per head, and heads split over up to 4 blocks
+    // where batch x heads is below the SM count (split() reads this at every launch).
+    for split in ["1", "4"] {
+        std::env::set_var("MAMBA2_CUDA_STEP_SPLIT", split);
+        println!("blocks per head: up to {split}");
+        check_cases();
+    }
+}
+
+fn check_cases() {
+    let dev = Device::new_cuda(0).unwrap();
     let mut rng = StdRng::seed_from_u64(13);
     // (batch, nheads, headdim, ngroups, d_state, d_conv, norm_before_gate)
     let cases = [

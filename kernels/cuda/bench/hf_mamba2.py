@@ -4,10 +4,12 @@ throughput on CUDA, the competitor row of BENCHMARKS.md "CUDA (issue 6)".
 Run on the GPU machine (its python3 has torch + transformers):
     python3 kernels/cuda/bench/hf_mamba2.py --shape 1.3b --prefill 2048 --decode 128 --batch 1
 Timing: CUDA synchronisation around each phase (decode = generate() minus a prefill), one warm-up, median of --runs runs.
-Whether the mamba_ssm / causal_conv1d kernels are importable is printed (without them HF runs its
-pure-PyTorch path).
+Which kernels HF picked is printed: mamba_ssm's Triton SSD scan and state update are used when
+`mamba_ssm` is importable (fetch_mamba_ssm_triton.sh assembles its Python/Triton part; put it on
+PYTHONPATH), causal_conv1d's CUDA conv when that is importable (else PyTorch's conv1d); without
+either, HF runs its pure-PyTorch path.
 """
-import argparse, importlib.util, statistics, time
+import argparse, importlib.util, statistics, sys, time
 import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM
 
@@ -30,8 +32,10 @@ def main():
     torch.manual_seed(0)
     with torch.device("cuda"):  # initialise on the GPU (CPU init of 1.3B parameters is slow)
         model = Mamba2ForCausalLM(cfg).to(dtype=torch.bfloat16).eval()
-    fast = all(importlib.util.find_spec(m) is not None for m in ("mamba_ssm", "causal_conv1d"))
-    print(f"hf {a.shape} bf16 batch {a.batch}: mamba_ssm+causal_conv1d kernels: {fast}")
+    triton_ssd = "mamba_ssm.ops.triton.ssd_combined" in sys.modules
+    conv = importlib.util.find_spec("causal_conv1d") is not None
+    print(f"hf {a.shape} bf16 batch {a.batch}: mamba_ssm Triton SSD: {triton_ssd}, "
+          f"causal_conv1d: {conv}")
     ids = torch.randint(0, cfg.vocab_size, (a.batch, a.prefill), device="cuda")
     pre, dec = [], []
     with torch.no_grad():

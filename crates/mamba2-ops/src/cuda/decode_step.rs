@@ -3,7 +3,8 @@
 //! enqueue half is shared with the captured decode step (`graph.rs`), which owns its scratch.
 
 use super::launch::{
-    cfg, code, device, func, launch, opt_ptr, output, ptr, ptx, rows, suffix, Kernel, Result,
+    cfg, code, device, func, launch, opt_ptr, output, ptr, ptx, rows, sm_count, suffix, Kernel,
+    Result,
 };
 use super::state_update::dt_params;
 use crate::decode_step::{validate, DecodeStepArgs, StepDims};
@@ -15,6 +16,32 @@ use candle_core::{DType, Tensor};
 const MAX_N: usize = 256;
 const MAX_P: usize = 256;
 const MAX_K: usize = 8;
+/// Most blocks per head (see [`split`]).
+pub(crate) const MAX_SPLIT: usize = 4;
+
+/// Blocks per head of the fused step. The kernel can spread a head over up to [`MAX_SPLIT`]
+/// blocks (for batch x heads below the SM count), but on the H200 that measured slower (1.3b
+/// batch 1: 19 us per step at 3 blocks per head against 14 us unsplit, run 15 in
+/// BENCHMARKS.md: every block of a group repeats the B/C convolution and counts in on one
+/// atomic), so it is off unless `MAMBA2_CUDA_STEP_SPLIT` asks for it (the kernel's tests do,
+/// to cover both layouts). At most the rows of a head.
+pub(crate) fn split(
+    dev: &CudaDevice,
+    nheads: usize,
+    batch: usize,
+    headdim: usize,
+) -> Result<usize> {
+    let blocks = (nheads * batch).max(1);
+    // The most blocks per head allowed (1 = the unsplit kernel).
+    let most = std::env::var("MAMBA2_CUDA_STEP_SPLIT")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(1, |v| v.clamp(1, MAX_SPLIT));
+    Ok(sm_count(dev)?
+        .div_ceil(blocks)
+        .clamp(1, most)
+        .min(headdim.max(1)))
+}
 
 pub(crate) fn mixer_decode_step(
     args: &DecodeStepArgs,
@@ -51,9 +78,10 @@ fn launch_step(
     if !supported(args, batch, d_state, headdim, d_inner)? {
         return Ok(None);
     }
+    let split = split(&dev, nheads, batch, headdim)?;
     let out = output((batch, d_inner), args.xbc.dtype(), &dev)?;
     let ybuf = output((batch, d_inner), DType::F32, &dev)?;
-    let hsum = output((batch, nheads), DType::F32, &dev)?;
+    let hsum = output((batch, nheads * split), DType::F32, &dev)?;
     // Arrival counters must start at zero: a stream-ordered memset, not a kernel.
     let count = dev.alloc_zeros::<u32>(batch * args.ngroups)?;
     let count_ptr = count.device_ptr(&dev.cuda_stream()).0;
@@ -68,9 +96,14 @@ fn launch_step(
         hsum: ptr(&hsum, &dev)?,
         count: count_ptr,
     };
-    let launched = enqueue(
-        &f, &dev, args, params, nheads, headdim, d_state, &out, scratch,
-    )?;
+    let shape = StepShape {
+        nheads,
+        headdim,
+        d_state,
+        split,
+        write_norm: true,
+    };
+    let launched = enqueue(&f, &dev, args, params, shape, &out, scratch)?;
     drop(count); // stream-ordered free, after the kernel
     Ok(launched.then_some(out))
 }
@@ -101,8 +134,20 @@ pub(crate) fn supported(
         && args.norm_weight.dims() == [d_inner])
 }
 
+/// Head layout of a fused-step launch: `split` blocks per head (at most [`MAX_SPLIT`]); with
+/// `write_norm` false the kernel leaves `out` unwritten and the gated norm to its consumer
+/// (`linear_gnorm`).
+#[derive(Clone, Copy)]
+pub(crate) struct StepShape {
+    pub nheads: usize,
+    pub headdim: usize,
+    pub d_state: usize,
+    pub split: usize,
+    pub write_norm: bool,
+}
+
 /// Device addresses of the fused step's scratch: `ybuf` `(batch, d_inner)` f32, `hsum`
-/// `(batch, nheads)` f32, `count` `(batch, ngroups)` u32 (zero before the launch; the kernel
+/// `(batch, nheads * split)` f32, `count` `(batch, ngroups)` u32 (zero before the launch; the kernel
 /// leaves it zero).
 #[derive(Clone, Copy)]
 pub(crate) struct StepScratchPtrs {
@@ -119,12 +164,17 @@ pub(crate) fn enqueue(
     dev: &CudaDevice,
     args: &DecodeStepArgs,
     params: &SsdParams,
-    nheads: usize,
-    headdim: usize,
-    d_state: usize,
+    shape: StepShape,
     out: &Tensor,
     scratch: StepScratchPtrs,
 ) -> Result<bool> {
+    let StepShape {
+        nheads,
+        headdim,
+        d_state,
+        split,
+        write_norm,
+    } = shape;
     let batch = args.xbc.dim(0)?;
     let k = args.conv_state.dim(2)?;
     let (xbc, xs) = rows(args.xbc, 1)?; // (batch, conv_dim)
@@ -136,7 +186,7 @@ pub(crate) fn enqueue(
     let d = args.d.map(|t| t.contiguous()).transpose()?; // (nheads)
     let dt_bias = args.dt_bias.map(|t| t.contiguous()).transpose()?; // (nheads)
     let norm_w = args.norm_weight.contiguous()?; // (d_inner)
-    let Some(lc) = cfg((nheads as u64, batch as u64, 1), 512, 0) else {
+    let Some(lc) = cfg(((nheads * split) as u64, batch as u64, 1), 512, 0) else {
         return Ok(false);
     };
     let (softplus, clamp, lo, hi) = dt_params(params);
@@ -175,6 +225,8 @@ pub(crate) fn enqueue(
         k as i32,
         args.eps as f32,
         args.norm_before_gate as i32,
+        split as i32,
+        write_norm as i32,
         softplus,
         clamp,
         lo,

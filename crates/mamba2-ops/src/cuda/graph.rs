@@ -11,9 +11,27 @@
 //! host's refill of the ids buffer) and Candle's stream after it (the logits read-back), by
 //! events. Every address baked into the graph must stay valid and unmoved while it lives: the
 //! enqueue functions refuse views that would need a temporary copy.
+//!
+//! A layer's kernels, by batch size:
+//! - up to `linear::MAX_ROWS` sequences: residual norm, matrix-vector input projection, fused
+//!   mixer step, matrix-vector output projection; on sm_90+ each launched as a programmatic
+//!   dependent of the previous one (it starts while that one ends and loads its weights or
+//!   states before waiting for its inputs: 1.3b batch 1, 569 -> 624 tok/s, run 17);
+//! - more sequences: the same with cuBLAS GEMMs on this stream (see `blas.rs`) for the
+//!   projections (1.3b batch 16: 3,107 tok/s eager -> 3,423 captured, run 17).
+//!
+//! The norms can also be fused into the projections' prologues (`linear_resnorm`,
+//! `linear_gnorm`: three kernels per layer instead of four), selected with
+//! `MAMBA2_CUDA_FUSED_NORMS=1` (both) or `res` (the residual norm only). Measured on the H200
+//! they lose (1.3b batch 1: 515 and 612 tok/s against 624, run 17): each block of a projection
+//! recomputes the norm of the whole row from L2 before its first multiply. They stay as an
+//! option for other shapes and later work, tested by `tests/cuda_graph.rs` like the default.
 
-use super::decode_step::{self, StepScratchPtrs};
-use super::launch::{func_on, ptr, ptx, suffix, Kernel, Result as CResult};
+use super::blas::StreamBlas;
+use super::decode_step::{self, StepScratchPtrs, StepShape};
+use super::launch::Result as CResult;
+use super::launch::{env_switch, func_on, pdl_capable, ptr, ptx, suffix, Kernel};
+use super::linear::GroupNormInput;
 use super::{embedding, linear, rms_norm};
 use crate::decode_step::{validate, DecodeStepArgs, StepDims};
 use crate::{OpError, Result, SsdParams};
@@ -23,6 +41,21 @@ use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
 const OP: &str = "cuda_graph";
+
+/// Which norms the captured step fuses into the projections by default (residual norm, group
+/// norm): none, see the module docs.
+const FUSE_NORMS: (bool, bool) = (false, false);
+
+/// `MAMBA2_CUDA_FUSED_NORMS`: `0` none, `1` both, `res` the residual norm only; else the
+/// default. Read at every capture.
+fn fused_norms() -> (bool, bool) {
+    match std::env::var("MAMBA2_CUDA_FUSED_NORMS").as_deref() {
+        Ok("0") => (false, false),
+        Ok("1") => (true, true),
+        Ok("res") => (true, false),
+        _ => FUSE_NORMS,
+    }
+}
 
 fn need(ok: bool, what: &'static str) -> Result<()> {
     if ok {
@@ -45,20 +78,26 @@ pub struct StepStream {
     embedding: Kernel,
     res_norm: Kernel,
     step: Kernel,
-    linear: Kernel,
+    /// The matrix-vector kernels (plain, residual-norm and group-norm prologues) for batches
+    /// up to `linear::MAX_ROWS`; cuBLAS beyond.
+    matvec: Option<[Kernel; 3]>,
+    blas: Option<Arc<StreamBlas>>,
+    fused: (bool, bool), // (residual norm, group norm) fused into the projections
 }
 
-/// Scratch of the fused mixer step: f32 `y` and per-head sums of squares, and the per-group
+/// Scratch of the fused mixer step: f32 `y` and per-block sums of squares, and the per-group
 /// arrival counters (zeroed once: the kernel re-arms them).
 pub struct StepScratch {
     ybuf: Tensor,  // (batch, d_inner) f32
-    hsum: Tensor,  // (batch, nheads) f32
+    hsum: Tensor,  // (batch, nheads * split) f32
     count: Tensor, // (batch, ngroups) u32
+    split: usize,  // blocks per head
+    ngroups: usize,
 }
 
 impl StepStream {
-    /// Kernels for `dtype` activations and `batch` sequences (at most 4, the widest projection
-    /// kernel; larger batches decode eagerly with cuBLAS projections), loaded now: module loading is not allowed while a stream captures.
+    /// Kernels for `dtype` activations and `batch` sequences, loaded now: module loading is
+    /// not allowed while a stream captures.
     pub fn new(dev: &CudaDevice, dtype: DType, batch: usize) -> Result<Self> {
         let sfx = suffix(dtype).ok_or(OpError::Dtype {
             op: OP,
@@ -66,10 +105,28 @@ impl StepStream {
             got: dtype,
             expected: "f32, f16 or bf16",
         })?;
-        let bb = linear::variant(batch).filter(|_| batch > 0);
-        need(bb.is_some(), "batch")?;
+        need(batch > 0, "batch")?;
         let stream = dev.cuda_stream().context().new_stream().w()?;
-        let k = |module: &str, src: &str, name: String| func_on(dev, &stream, module, src, &name);
+        // Batches the matrix-vector kernels take get the fused-norm layout (unless switched
+        // off for a comparison); the others run cuBLAS, which does not join a PDL chain.
+        let bb = linear::variant(batch);
+        let (fuse_res, fuse_group) = fused_norms();
+        let fused = (bb.is_some() && fuse_res, bb.is_some() && fuse_group);
+        let pdl = bb.is_some() && pdl_capable(dev)? && env_switch("MAMBA2_CUDA_PDL", true);
+        let k =
+            |module: &str, src: &str, name: String| func_on(dev, &stream, module, src, &name, pdl);
+        let matvec = match bb {
+            Some(bb) => Some([
+                k("linear", ptx::LINEAR, format!("linear_b{bb}_{sfx}"))?,
+                k("linear", ptx::LINEAR, format!("linear_resnorm_b{bb}_{sfx}"))?,
+                k("linear", ptx::LINEAR, format!("linear_gnorm_b{bb}_{sfx}"))?,
+            ]),
+            None => None,
+        };
+        let blas = match bb {
+            Some(_) => None,
+            None => Some(Arc::new(StreamBlas::new(dev, &stream)?)),
+        };
         Ok(Self {
             embedding: k("embedding", ptx::EMBEDDING, format!("embedding_rows_{sfx}"))?,
             res_norm: k(
@@ -82,11 +139,9 @@ impl StepStream {
                 ptx::DECODE_STEP,
                 format!("mixer_decode_step_{sfx}"),
             )?,
-            linear: k(
-                "linear",
-                ptx::LINEAR,
-                format!("linear_b{}_{sfx}", bb.unwrap_or(1)),
-            )?,
+            matvec,
+            blas,
+            fused,
             dev: dev.clone(),
             stream,
             batch,
@@ -98,14 +153,30 @@ impl StepStream {
         self.batch
     }
 
-    /// Zeroed scratch for [`StepStream::mixer_decode_step`].
+    /// Whether the residual norm is fused into the projection after it
+    /// ([`StepStream::linear_res_norm`]) rather than run as a kernel of its own.
+    pub fn fuses_res_norm(&self) -> bool {
+        self.fused.0
+    }
+
+    /// Whether the mixer's gated norm is fused into its output projection
+    /// ([`StepStream::mixer_decode_step_unnormed`], [`StepStream::linear_group_norm`]).
+    pub fn fuses_group_norm(&self) -> bool {
+        self.fused.1
+    }
+
+    /// Zeroed scratch for the fused mixer step of a layer with these sizes.
     pub fn scratch(&self, d_inner: usize, nheads: usize, ngroups: usize) -> Result<StepScratch> {
         let device = Device::Cuda(self.dev.clone());
         let b = self.batch;
+        need(nheads > 0 && d_inner.is_multiple_of(nheads), "scratch")?;
+        let split = decode_step::split(&self.dev, nheads, b, d_inner / nheads)?;
         Ok(StepScratch {
             ybuf: Tensor::zeros((b, d_inner), DType::F32, &device)?,
-            hsum: Tensor::zeros((b, nheads), DType::F32, &device)?,
+            hsum: Tensor::zeros((b, nheads * split), DType::F32, &device)?,
             count: Tensor::zeros((b, ngroups), DType::U32, &device)?,
+            split,
+            ngroups,
         })
     }
 
@@ -154,7 +225,8 @@ impl StepStream {
     }
 
     /// `out = x · wᵀ (+ bias)`: `x` `(batch, k)`, `w` `(n, k)`, `out` `(batch, n)` of x's dtype
-    /// or f32 (logits).
+    /// or f32 (logits). Through cuBLAS for batches the matrix-vector kernel does not take, which
+    /// has no bias epilogue here (Mamba-2 projections have none; a bias keeps the eager step).
     pub fn linear(
         &self,
         x: &Tensor,
@@ -163,10 +235,79 @@ impl StepStream {
         out: &Tensor,
     ) -> Result<()> {
         need(x.dim(0)? == self.batch, "linear")?;
-        need(
-            linear::enqueue(&self.linear, &self.dev, x, w, bias, out)?,
-            "linear",
-        )
+        let ok = match (&self.matvec, &self.blas) {
+            (Some(k), _) => linear::enqueue(&k[0], &self.dev, x, w, bias, out)?,
+            (None, Some(blas)) => bias.is_none() && blas.gemm(&self.dev, x, w, out)?,
+            (None, None) => false,
+        };
+        need(ok, "linear")
+    }
+
+    /// The residual norm fused into the projection after it: `h = hidden + residual` (written
+    /// to `residual_out`), `out = (h / rms(h) * norm_w) · wᵀ (+ bias)`. Only where
+    /// [`StepStream::fuses_res_norm`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_res_norm(
+        &self,
+        hidden: &Tensor,
+        residual: Option<&Tensor>,
+        norm_w: &Tensor,
+        eps: f64,
+        residual_out: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        out: &Tensor,
+    ) -> Result<()> {
+        let Some(k) = self.matvec.as_ref().filter(|_| self.fused.0) else {
+            return need(false, "linear_res_norm");
+        };
+        need(hidden.dim(0)? == self.batch, "linear_res_norm")?;
+        let ok = linear::enqueue_resnorm(
+            &k[1],
+            &self.dev,
+            hidden,
+            residual,
+            norm_w,
+            residual_out,
+            eps,
+            w,
+            bias,
+            out,
+        )?;
+        need(ok, "linear_res_norm")
+    }
+
+    /// The output projection of a mixer whose step ran without its norm
+    /// ([`StepStream::mixer_decode_step_unnormed`]): the grouped gated norm of the step's y,
+    /// read from `scratch`, fused into `out = norm(y, z) · wᵀ (+ bias)`. `z` `(batch, d_inner)`
+    /// and `norm_w` `(d_inner)` as in the step's arguments.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_group_norm(
+        &self,
+        scratch: &StepScratch,
+        z: &Tensor,
+        norm_w: &Tensor,
+        eps: f64,
+        norm_before_gate: bool,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        out: &Tensor,
+    ) -> Result<()> {
+        let Some(k) = self.matvec.as_ref().filter(|_| self.fused.1) else {
+            return need(false, "linear_group_norm");
+        };
+        let g = GroupNormInput {
+            ybuf: &scratch.ybuf,
+            hsum: &scratch.hsum,
+            nparts: scratch.hsum.dim(1)?,
+            ngroups: scratch.ngroups,
+            z,
+            norm_w,
+            eps,
+            norm_before_gate,
+        };
+        let ok = linear::enqueue_gnorm(&k[2], &self.dev, &g, w, bias, out)?;
+        need(ok, "linear_group_norm")
     }
 
     /// The fused mixer step (conv update, state update, gated norm) into `out`
@@ -177,6 +318,30 @@ impl StepStream {
         params: &SsdParams,
         scratch: &StepScratch,
         out: &Tensor,
+    ) -> Result<()> {
+        self.enqueue_step(args, params, scratch, out, true)
+    }
+
+    /// The fused mixer step without its gated norm: y and its partial sums of squares stay in
+    /// `scratch` for [`StepStream::linear_group_norm`]. Only where [`StepStream::fuses_group_norm`].
+    pub fn mixer_decode_step_unnormed(
+        &self,
+        args: &DecodeStepArgs,
+        params: &SsdParams,
+        scratch: &StepScratch,
+    ) -> Result<()> {
+        need(self.fused.1, "mixer_decode_step_unnormed")?;
+        // `out` is not written; the kernel only needs a tensor of the right shape and dtype.
+        self.enqueue_step(args, params, scratch, &scratch.ybuf, false)
+    }
+
+    fn enqueue_step(
+        &self,
+        args: &DecodeStepArgs,
+        params: &SsdParams,
+        scratch: &StepScratch,
+        out: &Tensor,
+        write_norm: bool,
     ) -> Result<()> {
         let StepDims {
             batch,
@@ -201,10 +366,11 @@ impl StepStream {
                 && contig(Some(args.norm_weight))
                 && out.is_contiguous()
                 && out.dims() == [batch, d_inner]
-                && out.dtype() == args.xbc.dtype()
+                && (out.dtype() == args.xbc.dtype() || !write_norm)
                 && scratch.ybuf.dims() == [batch, d_inner]
-                && scratch.hsum.dims() == [batch, nheads]
-                && scratch.count.dims() == [batch, args.ngroups],
+                && scratch.hsum.dims() == [batch, nheads * scratch.split]
+                && scratch.count.dims() == [batch, args.ngroups]
+                && scratch.ngroups == args.ngroups,
             "mixer_decode_step",
         )?;
         let s = StepScratchPtrs {
@@ -212,9 +378,14 @@ impl StepStream {
             hsum: ptr(&scratch.hsum, &self.dev)?,
             count: ptr(&scratch.count, &self.dev)?,
         };
-        let ok = decode_step::enqueue(
-            &self.step, &self.dev, args, params, nheads, headdim, d_state, out, s,
-        )?;
+        let shape = StepShape {
+            nheads,
+            headdim,
+            d_state,
+            split: scratch.split,
+            write_norm,
+        };
+        let ok = decode_step::enqueue(&self.step, &self.dev, args, params, shape, out, s)?;
         need(ok, "mixer_decode_step")
     }
 
@@ -241,6 +412,7 @@ impl StepStream {
         let ctx = self.stream.context();
         Ok(StepGraph {
             graph,
+            _blas: self.blas.clone(),
             stream: self.stream.clone(),
             candle: self.dev.cuda_stream(),
             before: ctx.new_event(None).w()?,
@@ -253,6 +425,7 @@ impl StepStream {
 /// on the device's Candle stream and before the work enqueued there afterwards.
 pub struct StepGraph {
     graph: CudaGraph,
+    _blas: Option<Arc<StreamBlas>>, // cuBLAS handle and workspace of the captured GEMMs
     stream: Arc<CudaStream>,
     candle: Arc<CudaStream>,
     before: CudaEvent,

@@ -61,6 +61,7 @@ pub(crate) fn ptr(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
         CudaStorageSlice::BF16(s) => (s.device_ptr(&stream).0, 2),
         CudaStorageSlice::U32(s) => (s.device_ptr(&stream).0, 4),
         CudaStorageSlice::I64(s) => (s.device_ptr(&stream).0, 8),
+        CudaStorageSlice::U8(s) => (s.device_ptr(&stream).0, 1),
         _ => candle_core::bail!("mamba2-ops cuda: unsupported dtype {:?}", cs.dtype()),
     };
     Ok(base + off * size)
@@ -117,16 +118,118 @@ pub(crate) fn rows2(t: &Tensor) -> Result<(Tensor, usize, usize, usize)> {
     }
 }
 
-/// A kernel and the stream of the device it runs on (Candle's one stream per device).
+/// A kernel and the stream of the device it runs on (Candle's one stream per device), launched
+/// with programmatic dependent launch when `pdl` is set (see `pdl_wait` in `common.cuh`).
 pub(crate) struct Kernel {
     stream: Arc<CudaStream>,
     func: CudaFunction,
+    pdl: bool,
+}
+
+/// One kernel argument of a PDL launch (`cuLaunchKernelEx` takes pointers to the values).
+pub(crate) enum KArg {
+    U64(u64),
+    I64(i64),
+    I32(i32),
+    F32(f32),
+}
+
+macro_rules! karg_from {
+    ($($t:ty => $v:ident),*) => {$(
+        impl From<$t> for KArg {
+            fn from(x: $t) -> Self {
+                KArg::$v(x)
+            }
+        }
+    )*};
+}
+karg_from!(u64 => U64, i64 => I64, i32 => I32, f32 => F32);
+
+impl KArg {
+    fn as_mut_ptr(&mut self) -> *mut std::ffi::c_void {
+        match self {
+            KArg::U64(v) => v as *mut u64 as _,
+            KArg::I64(v) => v as *mut i64 as _,
+            KArg::I32(v) => v as *mut i32 as _,
+            KArg::F32(v) => v as *mut f32 as _,
+        }
+    }
 }
 
 impl Kernel {
     pub(crate) fn builder(&self) -> LaunchArgs<'_> {
         self.stream.launch_builder(&self.func)
     }
+
+    pub(crate) fn pdl(&self) -> bool {
+        self.pdl
+    }
+
+    /// Blocks of `block` threads and `smem` bytes of dynamic shared memory that fit on one SM
+    /// at once (the driver's occupancy calculator), at least 1.
+    pub(crate) fn blocks_per_sm(&self, block: u32, smem: usize) -> Result<usize> {
+        let n = self
+            .func
+            .occupancy_max_active_blocks_per_multiprocessor(block, smem, None)
+            .w()?;
+        Ok((n as usize).max(1))
+    }
+
+    /// Launches with the programmatic-stream-serialisation attribute: the kernel may start
+    /// while the previous one on the stream finishes (captured into a graph as a programmatic
+    /// edge). The kernel must call `pdl_wait` before touching its predecessor's data.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's signature; every address must belong to a live tensor of
+    /// the size the kernel reads.
+    pub(crate) unsafe fn launch_pdl(&self, c: LaunchConfig, args: &mut [KArg]) -> Result<()> {
+        let mut ptrs: Vec<*mut std::ffi::c_void> = args.iter_mut().map(KArg::as_mut_ptr).collect();
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: c.grid_dim.0,
+            gridDimY: c.grid_dim.1,
+            gridDimZ: c.grid_dim.2,
+            blockDimX: c.block_dim.0,
+            blockDimY: c.block_dim.1,
+            blockDimZ: c.block_dim.2,
+            sharedMemBytes: c.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        self.stream.context().bind_to_thread().w()?;
+        // SAFETY: see the function's contract; `ptrs` and `attr` outlive the call.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                self.func.cu_function(),
+                ptrs.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+            .result()
+            .w()
+        }
+    }
+}
+
+/// Whether the device can launch programmatic dependents (compute capability 9.0 and up).
+pub(crate) fn pdl_capable(dev: &CudaDevice) -> Result<bool> {
+    let ctx = dev.cuda_stream().context().clone();
+    let major = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .w()?;
+    Ok(major >= 9)
+}
+
+/// Number of streaming multiprocessors of the device.
+pub(crate) fn sm_count(dev: &CudaDevice) -> Result<usize> {
+    let ctx = dev.cuda_stream().context().clone();
+    let n = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    Ok(n.max(1) as usize)
 }
 
 /// The kernel `name` of the PTX module `module`, loaded (JIT-compiled by the driver) once per
@@ -136,22 +239,25 @@ pub(crate) fn func(dev: &CudaDevice, module: &str, ptx: &str, name: &str) -> Res
     Ok(Kernel {
         stream: dev.cuda_stream(),
         func: f.into_cuda_function(),
+        pdl: false,
     })
 }
 
 /// [`func`] launched on `stream` instead of the device's own stream (the private stream that a
-/// decode step is captured on).
+/// decode step is captured on), with programmatic dependent launch when `pdl` is set.
 pub(crate) fn func_on(
     dev: &CudaDevice,
     stream: &Arc<CudaStream>,
     module: &str,
     ptx: &str,
     name: &str,
+    pdl: bool,
 ) -> Result<Kernel> {
     let f = dev.get_or_load_custom_func(name, &format!("mamba2_ops_{module}"), ptx)?;
     Ok(Kernel {
         stream: stream.clone(),
         func: f.into_cuda_function(),
+        pdl,
     })
 }
 
@@ -204,14 +310,22 @@ macro_rules! launch {
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
         $crate::cuda::launch::count_launch();
-        let mut builder = $func.builder();
-        $(
-            let arg = $arg;
-            builder.arg(&arg);
-        )*
-        // SAFETY: the argument list matches the kernel's signature in kernels/cuda (checked by
-        // the parity tests); every address belongs to a live tensor of the size the kernel reads.
-        unsafe { builder.launch($cfg) }.w().map(|_| ())
+        let kernel = &$func;
+        if kernel.pdl() {
+            let mut args = [$($crate::cuda::launch::KArg::from($arg)),*];
+            // SAFETY: as below.
+            unsafe { kernel.launch_pdl($cfg, &mut args) }
+        } else {
+            let mut builder = kernel.builder();
+            $(
+                let arg = $arg;
+                builder.arg(&arg);
+            )*
+            // SAFETY: the argument list matches the kernel's signature in kernels/cuda (checked
+            // by the parity tests); every address belongs to a live tensor of the size the
+            // kernel reads.
+            unsafe { builder.launch($cfg) }.w().map(|_| ())
+        }
     }};
 }
 pub(crate) use launch;
@@ -229,6 +343,17 @@ pub(crate) fn count_launch() {
 /// per decode step, and tests checking that the fast path (not the fallback) ran.
 pub fn launch_count() -> u64 {
     LAUNCHES.with(|c| c.get())
+}
+
+/// A diagnostic switch read once from the environment (`0` turns it off, `1` on, anything
+/// else or unset keeps `default`): lets one binary compare the captured step's layouts on the
+/// GPU (`MAMBA2_CUDA_PDL`, `MAMBA2_CUDA_FUSED_NORMS`).
+pub(crate) fn env_switch(name: &str, default: bool) -> bool {
+    match std::env::var(name).as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => default,
+    }
 }
 
 /// Whether outputs are poisoned (NaN-filled) before the kernels write them: tests set

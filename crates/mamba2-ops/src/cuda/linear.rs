@@ -2,8 +2,9 @@
 //! products that stream the weight once at close to copy bandwidth. More rows go to cuBLAS
 //! (Candle's matmul).
 
-use super::launch::{cfg, code, device, func, launch, opt_ptr, output, ptr, ptx, suffix};
-use super::launch::{Kernel, Result};
+use super::launch::{allow_smem, cfg, code, device, func, launch, opt_ptr, output, ptr, ptx};
+use super::launch::{sm_count, suffix, Kernel, Result};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Tensor};
 
@@ -59,6 +60,183 @@ fn aligned_rows(x: &Tensor, dev: &CudaDevice) -> Result<bool> {
     Ok(s[1] == 1 && (s[0] * size).is_multiple_of(16) && ptr(x, dev)?.is_multiple_of(16))
 }
 
+/// Whether `w` `(n, k)` can be streamed by the kernels: contiguous, 16-byte aligned, rows a
+/// multiple of 16 bytes.
+fn streamable(w: &Tensor, dev: &CudaDevice) -> Result<bool> {
+    let k = w.dim(1)?;
+    Ok(w.is_contiguous()
+        && (k * w.dtype().size_in_bytes()).is_multiple_of(16)
+        && ptr(w, dev)?.is_multiple_of(16))
+}
+
+/// Whether `y` `(rows, n)` of x's dtype or f32 can take the output of a `(rows, n)` product.
+fn output_ok(y: &Tensor, rows: usize, n: usize, x_dtype: DType) -> bool {
+    y.dims() == [rows, n]
+        && y.layout().stride()[1] == 1
+        && (y.dtype() == DType::F32 || y.dtype() == x_dtype)
+}
+
+/// Persistent grid of a prologue projection to `n` outputs with `smem` bytes of dynamic shared
+/// memory (after raising the kernel's limit where needed): as many blocks as fit on the device
+/// at once, each computing the normalised input once and walking several groups of 4 output
+/// rows; `None` when the device cannot.
+fn grid(f: &Kernel, dev: &CudaDevice, n: usize, smem: usize) -> Result<Option<LaunchConfig>> {
+    if !allow_smem(dev, f, smem)? {
+        return Ok(None);
+    }
+    let resident = f.blocks_per_sm(256, smem)? * sm_count(dev)?;
+    Ok(cfg((n.div_ceil(4).min(resident) as u64, 1, 1), 256, smem))
+}
+
+/// Most groups of the norm that `linear_gnorm` computes in its prologue.
+const GNORM_MAX_GROUPS: usize = 16;
+
+/// The residual RMSNorm in front of a mixer, fused into its input projection
+/// (`linear_resnorm_b<BB>`): `h = hidden + residual` (rounded to `rout`'s dtype, written to
+/// `rout` by the kernel's first block), `x = h / rms(h) * norm_w`, `y = x · wᵀ (+ bias)`.
+/// `hidden` `(rows, k)` contiguous, `residual` like it or absent, `norm_w` `(k)` of the
+/// activation dtype, `rout` `(rows, k)` contiguous and distinct from the inputs. `false`
+/// (nothing enqueued) when a precondition fails.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn enqueue_resnorm(
+    f: &Kernel,
+    dev: &CudaDevice,
+    hidden: &Tensor,
+    residual: Option<&Tensor>,
+    norm_w: &Tensor,
+    rout: &Tensor,
+    eps: f64,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+) -> Result<bool> {
+    let (rows_n, k) = hidden.dims2()?;
+    let (n, kw) = w.dims2()?;
+    let dt = hidden.dtype();
+    if rows_n == 0
+        || rows_n > MAX_ROWS
+        || kw != k
+        || w.dtype() != dt
+        || norm_w.dtype() != dt
+        || norm_w.dims() != [k]
+        || !streamable(w, dev)?
+        || !hidden.is_contiguous()
+        || !norm_w.is_contiguous()
+        || !rout.is_contiguous()
+        || rout.dims() != [rows_n, k]
+        || residual.is_some_and(|r| !r.is_contiguous() || r.dims() != [rows_n, k])
+        || bias.is_some_and(|b| !b.is_contiguous())
+        || !output_ok(y, rows_n, n, dt)
+    {
+        return Ok(false);
+    }
+    let Some(c) = grid(f, dev, n, rows_n * k * dt.size_in_bytes())? else {
+        return Ok(false);
+    };
+    launch!(
+        f,
+        c,
+        ptr(hidden, dev)?,
+        opt_ptr(residual, dev)?,
+        code(residual.map_or(DType::F32, |r| r.dtype())),
+        ptr(rout, dev)?,
+        code(rout.dtype()),
+        ptr(norm_w, dev)?,
+        code(norm_w.dtype()),
+        eps as f32,
+        rows_n as i32,
+        ptr(w, dev)?,
+        opt_ptr(bias, dev)?,
+        code(bias.map_or(DType::F32, |b| b.dtype())),
+        ptr(y, dev)?,
+        code(y.dtype()),
+        y.layout().stride()[0] as i64,
+        n as i64,
+        k as i64,
+    )?;
+    Ok(true)
+}
+
+/// What `linear_gnorm` reads of the fused mixer step that ran before it (launched with
+/// `write_norm` off): its f32 y and partial sums of squares, and the norm's parameters.
+pub(crate) struct GroupNormInput<'a> {
+    pub ybuf: &'a Tensor, // (rows, d_inner) f32, gated unless norm_before_gate
+    pub hsum: &'a Tensor, // (rows, nparts) f32, the parts of each group contiguous
+    pub nparts: usize,
+    pub ngroups: usize,
+    pub z: &'a Tensor,      // (rows, d_inner) activation dtype, unit inner stride
+    pub norm_w: &'a Tensor, // (d_inner) activation dtype
+    pub eps: f64,
+    pub norm_before_gate: bool,
+}
+
+/// The mixer's grouped gated RMSNorm fused into its output projection (`linear_gnorm_b<BB>`):
+/// `x = gated_rms_norm(y, z)`, `y_out = x · wᵀ (+ bias)`. `false` (nothing enqueued) when a
+/// precondition fails.
+pub(crate) fn enqueue_gnorm(
+    f: &Kernel,
+    dev: &CudaDevice,
+    g: &GroupNormInput,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+) -> Result<bool> {
+    let (rows_n, k) = g.ybuf.dims2()?;
+    let (n, kw) = w.dims2()?;
+    let dt = g.z.dtype();
+    let z_ok = g.z.dims() == [rows_n, k] && g.z.layout().stride()[1] == 1;
+    if rows_n == 0
+        || rows_n > MAX_ROWS
+        || kw != k
+        || w.dtype() != dt
+        || g.norm_w.dtype() != dt
+        || g.norm_w.dims() != [k]
+        || g.ybuf.dtype() != DType::F32
+        || g.hsum.dtype() != DType::F32
+        || g.ngroups == 0
+        || g.ngroups > GNORM_MAX_GROUPS
+        || !k.is_multiple_of(g.ngroups)
+        || !g.nparts.is_multiple_of(g.ngroups)
+        || g.hsum.dims() != [rows_n, g.nparts]
+        || !z_ok
+        || !streamable(w, dev)?
+        || !g.ybuf.is_contiguous()
+        || !g.hsum.is_contiguous()
+        || !g.norm_w.is_contiguous()
+        || bias.is_some_and(|b| !b.is_contiguous())
+        || !output_ok(y, rows_n, n, dt)
+    {
+        return Ok(false);
+    }
+    let Some(c) = grid(f, dev, n, rows_n * k * dt.size_in_bytes())? else {
+        return Ok(false);
+    };
+    launch!(
+        f,
+        c,
+        ptr(g.ybuf, dev)?,
+        ptr(g.hsum, dev)?,
+        g.nparts as i64,
+        g.ngroups as i64,
+        ptr(g.z, dev)?,
+        g.z.layout().stride()[0] as i64,
+        g.norm_before_gate as i32,
+        ptr(g.norm_w, dev)?,
+        code(g.norm_w.dtype()),
+        g.eps as f32,
+        rows_n as i32,
+        ptr(w, dev)?,
+        opt_ptr(bias, dev)?,
+        code(bias.map_or(DType::F32, |b| b.dtype())),
+        ptr(y, dev)?,
+        code(y.dtype()),
+        y.layout().stride()[0] as i64,
+        n as i64,
+        k as i64,
+    )?;
+    Ok(true)
+}
+
 /// Enqueues `y = x · wᵀ (+ bias)` on `f`'s stream (`f` the `linear_b<BB>` variant for x's row
 /// count): `x` `(rows, k)`, `w` `(n, k)`, `y` `(rows, n)` of x's dtype or f32. `false` (nothing
 /// enqueued) when a precondition fails: rows in 1..=4, w contiguous, 16-byte aligned rows of x
@@ -72,18 +250,15 @@ pub(crate) fn enqueue(
     y: &Tensor,
 ) -> Result<bool> {
     let (rows_n, k) = x.dims2()?;
-    let (n, _) = w.dims2()?;
-    let size = x.dtype().size_in_bytes();
+    let (n, kw) = w.dims2()?;
     if rows_n == 0
         || rows_n > MAX_ROWS
-        || !w.is_contiguous()
-        || !(k * size).is_multiple_of(16)
-        || !ptr(w, dev)?.is_multiple_of(16)
+        || kw != k
+        || w.dtype() != x.dtype()
+        || !streamable(w, dev)?
         || !aligned_rows(x, dev)?
         || bias.is_some_and(|b| !b.is_contiguous())
-        || y.dims() != [rows_n, n]
-        || y.layout().stride()[1] != 1
-        || !matches!(y.dtype(), DType::F32) && y.dtype() != x.dtype()
+        || !output_ok(y, rows_n, n, x.dtype())
     {
         return Ok(false);
     }

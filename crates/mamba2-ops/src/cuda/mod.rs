@@ -2,6 +2,7 @@
 //! launched on the Candle device's stream). Each function returns `Ok(None)` when its
 //! preconditions do not hold, and the dispatcher then falls back to the reference.
 
+mod blas;
 mod conv1d;
 mod decode_step;
 mod embedding;

@@ -4,7 +4,8 @@
 //! buffers, so it lives in the [`Mamba2Cache`] it was captured for (whose state tensors are
 //! updated in place and never replaced) and remembers which model it belongs to. It is built at
 //! the first step of a cache and replayed for every later one; configurations its kernels do not
-//! take (batch > 4, unaligned widths, mixed dtypes) keep the eager step.
+//! take (unaligned widths, mixed dtypes, projection biases beyond 4 sequences) keep the eager
+//! step.
 
 use super::Mamba2Model;
 use crate::cache::Mamba2Cache;
@@ -108,36 +109,62 @@ fn capture(
     let logits = zeros((batch, model.vocab_rows()), DType::F32)?;
     let scratch = s.scratch(c.d_inner, c.nheads, c.ngroups)?;
     let parts = model.projection_views(&zxbcdt)?; // z, xBC, dt: views of zxbcdt
+    let (fuse_res, fuse_group) = (s.fuses_res_norm(), s.fuses_group_norm());
+    // The residual norm in front of a projection: fused into it, or a kernel of its own.
+    let norm_then_linear = |s: &StepStream,
+                            res_in: Option<&Tensor>,
+                            norm_w: &Tensor,
+                            res_out: &Tensor,
+                            w: &Tensor,
+                            bias: Option<&Tensor>,
+                            out: &Tensor|
+     -> mamba2_ops::Result<()> {
+        if fuse_res {
+            s.linear_res_norm(&hidden, res_in, norm_w, c.norm_eps, res_out, w, bias, out)
+        } else {
+            s.rms_norm_residual(&hidden, res_in, norm_w, c.norm_eps, &normed, res_out)?;
+            s.linear(&normed, w, bias, out)
+        }
+    };
     let graph = s.capture(|s| {
         s.embedding(&model.embeddings, &ids, &hidden)?;
         for (i, block) in model.blocks.iter().enumerate() {
             let m = &block.mixer;
             // The residual ping-pongs: the norm reads one buffer and writes the other.
             let res_in = (i > 0).then(|| &residual[(i + 1) % 2]);
-            s.rms_norm_residual(
-                &hidden,
-                res_in,
-                &block.norm_weight,
-                c.norm_eps,
-                &normed,
-                &residual[i % 2],
-            )?;
-            s.linear(&normed, m.in_proj.weight(), m.in_proj.bias(), &zxbcdt)?;
+            let (w_in, b_in) = (m.in_proj.weight(), m.in_proj.bias());
+            let res_out = &residual[i % 2];
+            norm_then_linear(s, res_in, &block.norm_weight, res_out, w_in, b_in, &zxbcdt)?;
             let args = model.decode_step_args(m, &parts, cache.layer_mut(i));
-            s.mixer_decode_step(&args, &model.ssd_params, &scratch, &y)?;
-            s.linear(&y, m.out_proj.weight(), m.out_proj.bias(), &hidden)?;
+            let (w_out, b_out) = (m.out_proj.weight(), m.out_proj.bias());
+            if fuse_group {
+                s.mixer_decode_step_unnormed(&args, &model.ssd_params, &scratch)?;
+                s.linear_group_norm(
+                    &scratch,
+                    args.z,
+                    args.norm_weight,
+                    args.eps,
+                    args.norm_before_gate,
+                    w_out,
+                    b_out,
+                    &hidden,
+                )?;
+            } else {
+                s.mixer_decode_step(&args, &model.ssd_params, &scratch, &y)?;
+                s.linear(&y, w_out, b_out, &hidden)?;
+            }
         }
         let n = model.blocks.len();
         let res_in = (n > 0).then(|| &residual[(n + 1) % 2]);
-        s.rms_norm_residual(
-            &hidden,
+        norm_then_linear(
+            s,
             res_in,
             &model.norm_f,
-            c.norm_eps,
-            &normed,
             &residual[n % 2],
-        )?;
-        s.linear(&normed, &model.lm_head, None, &logits)
+            &model.lm_head,
+            None,
+            &logits,
+        )
     })?;
     Ok(CudaStepGraph {
         model: graph_key(model),
