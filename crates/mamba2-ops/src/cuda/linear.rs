@@ -69,11 +69,28 @@ fn streamable(w: &Tensor, dev: &CudaDevice) -> Result<bool> {
         && ptr(w, dev)?.is_multiple_of(16))
 }
 
-/// Whether `y` `(rows, n)` of x's dtype or f32 can take the output of a `(rows, n)` product.
-fn output_ok(y: &Tensor, rows: usize, n: usize, x_dtype: DType) -> bool {
-    y.dims() == [rows, n]
+/// The preconditions every matrix-vector kernel shares, for `rows` rows of width `k` in `dt`:
+/// 1..=4 rows, `w` `(n, k)` of `dt` streamable, bias contiguous, `y` `(rows, n)` with unit inner
+/// stride of `dt` or f32.
+fn projection_ok(
+    dev: &CudaDevice,
+    rows: usize,
+    k: usize,
+    dt: DType,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+) -> Result<bool> {
+    let (n, kw) = w.dims2()?;
+    Ok(rows > 0
+        && rows <= MAX_ROWS
+        && kw == k
+        && w.dtype() == dt
+        && streamable(w, dev)?
+        && bias.is_none_or(|b| b.is_contiguous())
+        && y.dims() == [rows, n]
         && y.layout().stride()[1] == 1
-        && (y.dtype() == DType::F32 || y.dtype() == x_dtype)
+        && (y.dtype() == DType::F32 || y.dtype() == dt))
 }
 
 /// Persistent grid of a prologue projection to `n` outputs with `smem` bytes of dynamic shared
@@ -111,22 +128,16 @@ pub(crate) fn enqueue_resnorm(
     y: &Tensor,
 ) -> Result<bool> {
     let (rows_n, k) = hidden.dims2()?;
-    let (n, kw) = w.dims2()?;
+    let n = w.dim(0)?;
     let dt = hidden.dtype();
-    if rows_n == 0
-        || rows_n > MAX_ROWS
-        || kw != k
-        || w.dtype() != dt
+    if !projection_ok(dev, rows_n, k, dt, w, bias, y)?
         || norm_w.dtype() != dt
         || norm_w.dims() != [k]
-        || !streamable(w, dev)?
         || !hidden.is_contiguous()
         || !norm_w.is_contiguous()
         || !rout.is_contiguous()
         || rout.dims() != [rows_n, k]
         || residual.is_some_and(|r| !r.is_contiguous() || r.dims() != [rows_n, k])
-        || bias.is_some_and(|b| !b.is_contiguous())
-        || !output_ok(y, rows_n, n, dt)
     {
         return Ok(false);
     }
@@ -182,13 +193,10 @@ pub(crate) fn enqueue_gnorm(
     y: &Tensor,
 ) -> Result<bool> {
     let (rows_n, k) = g.ybuf.dims2()?;
-    let (n, kw) = w.dims2()?;
+    let n = w.dim(0)?;
     let dt = g.z.dtype();
     let z_ok = g.z.dims() == [rows_n, k] && g.z.layout().stride()[1] == 1;
-    if rows_n == 0
-        || rows_n > MAX_ROWS
-        || kw != k
-        || w.dtype() != dt
+    if !projection_ok(dev, rows_n, k, dt, w, bias, y)?
         || g.norm_w.dtype() != dt
         || g.norm_w.dims() != [k]
         || g.ybuf.dtype() != DType::F32
@@ -199,12 +207,9 @@ pub(crate) fn enqueue_gnorm(
         || !g.nparts.is_multiple_of(g.ngroups)
         || g.hsum.dims() != [rows_n, g.nparts]
         || !z_ok
-        || !streamable(w, dev)?
         || !g.ybuf.is_contiguous()
         || !g.hsum.is_contiguous()
         || !g.norm_w.is_contiguous()
-        || bias.is_some_and(|b| !b.is_contiguous())
-        || !output_ok(y, rows_n, n, dt)
     {
         return Ok(false);
     }
@@ -250,16 +255,8 @@ pub(crate) fn enqueue(
     y: &Tensor,
 ) -> Result<bool> {
     let (rows_n, k) = x.dims2()?;
-    let (n, kw) = w.dims2()?;
-    if rows_n == 0
-        || rows_n > MAX_ROWS
-        || kw != k
-        || w.dtype() != x.dtype()
-        || !streamable(w, dev)?
-        || !aligned_rows(x, dev)?
-        || bias.is_some_and(|b| !b.is_contiguous())
-        || !output_ok(y, rows_n, n, x.dtype())
-    {
+    let n = w.dim(0)?;
+    if !projection_ok(dev, rows_n, k, x.dtype(), w, bias, y)? || !aligned_rows(x, dev)? {
         return Ok(false);
     }
     let Some(c) = cfg((n.div_ceil(4) as u64, 1, 1), 256, 0) else {
