@@ -16,7 +16,7 @@ use safetensors::SafeTensors;
 use crate::error::{Error, Result};
 
 mod pages;
-use pages::{in_huge_pages, release_pages};
+use pages::{cpu_tensor_from_bytes, in_huge_pages, release_pages};
 
 /// The weight files a folder may hold, in the order [`Weights::from_dir`] tries them.
 pub const WEIGHT_FILE_CANDIDATES: [&str; 4] = [
@@ -230,13 +230,18 @@ impl Weights {
                 let (start, end) = info.data_offsets;
                 // Offsets were validated against the file length when it was opened.
                 let (lo, hi) = (data_start + start, data_start + end);
-                let dev = if on_cpu_first {
-                    &Device::Cpu
+                let t = if self.device.is_cpu() {
+                    // Already in huge-page-advised memory where that applies.
+                    cpu_tensor_from_bytes(&mmap[lo..hi], stored, shape)
                 } else {
-                    &self.device
-                };
-                let t = Tensor::from_raw_buffer(&mmap[lo..hi], stored, shape, dev)
-                    .map_err(|e| load_err(e.to_string()))?;
+                    let dev = if on_cpu_first {
+                        &Device::Cpu
+                    } else {
+                        &self.device
+                    };
+                    Tensor::from_raw_buffer(&mmap[lo..hi], stored, shape, dev)
+                }
+                .map_err(|e| load_err(e.to_string()))?;
                 release_pages(mmap, lo, hi);
                 t
             }
@@ -278,10 +283,13 @@ impl Weights {
                     .ok_or_else(|| load_err("listed but not readable".into()))?
             }
         };
+        // A safetensors tensor loaded in its stored dtype on the CPU is already in place.
+        let in_place =
+            self.device.is_cpu() && dtype == stored && matches!(source, Source::Safetensors { .. });
         let t = raw
             .to_dtype(dtype)
             .and_then(|t| t.to_device(&self.device))
-            .and_then(in_huge_pages)
+            .and_then(|t| if in_place { Ok(t) } else { in_huge_pages(t) })
             .map_err(|e| load_err(e.to_string()))?;
         if self.check_finite && t.dtype().is_float() {
             // In the load dtype, after the conversion: an f32 weight past f16's range becomes

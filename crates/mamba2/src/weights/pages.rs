@@ -3,10 +3,12 @@
 //! huge pages. Both are best effort: `madvise` on Unix (the huge-page advice on Linux only);
 //! elsewhere they do nothing.
 
-use candle_core::Tensor;
-#[cfg(target_os = "linux")]
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
+
+/// Smallest tensor worth moving into huge pages (one 2 MiB page may fit inside it).
+#[cfg(target_os = "linux")]
+const MIN_BYTES: usize = 2 << 20;
 
 /// A large CPU tensor moved into memory advised for transparent huge pages (Linux), before the
 /// first touch, so the kernel backs it with 2 MiB pages where it is configured to on request
@@ -20,7 +22,6 @@ use memmap2::Mmap;
 pub(super) fn in_huge_pages(t: Tensor) -> candle_core::Result<Tensor> {
     #[cfg(target_os = "linux")]
     {
-        const MIN_BYTES: usize = 2 << 20;
         if t.device().is_cpu() && t.elem_count() * t.dtype().size_in_bytes() >= MIN_BYTES {
             return match t.dtype() {
                 DType::F32 => huge_copy::<f32>(&t),
@@ -33,9 +34,52 @@ pub(super) fn in_huge_pages(t: Tensor) -> candle_core::Result<Tensor> {
     Ok(t)
 }
 
+/// A CPU tensor of `dtype` and `shape` holding `bytes` (native byte order, as
+/// `Tensor::from_raw_buffer`), built directly in huge-page-advised memory where
+/// [`in_huge_pages`] would move it: one copy out of the mapped file instead of two.
+pub(super) fn cpu_tensor_from_bytes(
+    bytes: &[u8],
+    dtype: DType,
+    shape: &[usize],
+) -> candle_core::Result<Tensor> {
+    #[cfg(target_os = "linux")]
+    if bytes.len() >= MIN_BYTES {
+        let t = match dtype {
+            DType::F32 => advised_from_bytes::<f32>(bytes, shape),
+            DType::F16 => advised_from_bytes::<half::f16>(bytes, shape),
+            DType::BF16 => advised_from_bytes::<half::bf16>(bytes, shape),
+            _ => None,
+        };
+        if let Some(t) = t {
+            return t;
+        }
+    }
+    Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)
+}
+
+/// `None` when `bytes` is not a whole number of `T` (`from_raw_buffer` then reports it).
+#[cfg(target_os = "linux")]
+fn advised_from_bytes<T: candle_core::WithDType>(
+    bytes: &[u8],
+    shape: &[usize],
+) -> Option<candle_core::Result<Tensor>> {
+    let size = std::mem::size_of::<T>();
+    if !bytes.len().is_multiple_of(size) {
+        return None;
+    }
+    let n = bytes.len() / size;
+    let mut v = advised_vec::<T>(n);
+    // SAFETY: the capacity is n elements = bytes.len() bytes, all of which are written here;
+    // every bit pattern is a valid f32 / f16 / bf16.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, bytes.len());
+        v.set_len(n);
+    }
+    Some(Tensor::from_vec(v, shape, &Device::Cpu))
+}
+
 #[cfg(target_os = "linux")]
 fn huge_copy<T: candle_core::WithDType>(t: &Tensor) -> candle_core::Result<Tensor> {
-    const HUGE: usize = 2 << 20;
     let t = t.contiguous()?;
     let n = t.elem_count();
     let (storage, layout) = t.storage_and_layout();
@@ -43,18 +87,26 @@ fn huge_copy<T: candle_core::WithDType>(t: &Tensor) -> candle_core::Result<Tenso
         candle_core::bail!("huge_copy: not a CPU tensor")
     };
     let start = layout.start_offset();
-    let src = &cpu.as_slice::<T>()?[start..start + n];
-    let mut v: Vec<T> = Vec::with_capacity(n);
-    let (p, len) = (v.as_mut_ptr() as usize, n * std::mem::size_of::<T>());
+    let mut v = advised_vec::<T>(n);
+    v.extend_from_slice(&cpu.as_slice::<T>()?[start..start + n]);
+    drop(storage);
+    Tensor::from_vec(v, t.shape(), &Device::Cpu)
+}
+
+/// An empty vector with room for `n` elements whose whole 2 MiB pages are advised for
+/// transparent huge pages before anything touches them.
+#[cfg(target_os = "linux")]
+fn advised_vec<T>(n: usize) -> Vec<T> {
+    const HUGE: usize = 2 << 20;
+    let v: Vec<T> = Vec::with_capacity(n);
+    let (p, len) = (v.as_ptr() as usize, n * std::mem::size_of::<T>());
     let (a, b) = (p.next_multiple_of(HUGE), (p + len) / HUGE * HUGE);
     if b > a {
         // SAFETY: [a, b) lies inside v's allocation; MADV_HUGEPAGE only changes how the kernel
         // backs the range, never its contents.
         unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
     }
-    v.extend_from_slice(src);
-    drop(storage);
-    Tensor::from_vec(v, t.shape(), &Device::Cpu)
+    v
 }
 
 /// Drops this process's resident pages of `mmap[lo..hi]` once a tensor has been copied out of
