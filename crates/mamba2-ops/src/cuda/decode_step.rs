@@ -37,6 +37,9 @@ pub(crate) fn split(
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .map_or(1, |v| v.clamp(1, MAX_SPLIT));
+    if most == 1 {
+        return Ok(1); // the default: no device query on every eager step
+    }
     Ok(sm_count(dev)?
         .div_ceil(blocks)
         .clamp(1, most)

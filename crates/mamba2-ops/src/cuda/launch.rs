@@ -214,33 +214,33 @@ impl Kernel {
     }
 }
 
+/// One attribute of the device (`cuDeviceGetAttribute`).
+fn device_attribute(dev: &CudaDevice, attr: sys::CUdevice_attribute) -> Result<i32> {
+    dev.cuda_stream().context().attribute(attr).w()
+}
+
 /// Whether the device can launch programmatic dependents (compute capability 9.0 and up).
 pub(crate) fn pdl_capable(dev: &CudaDevice) -> Result<bool> {
-    let ctx = dev.cuda_stream().context().clone();
-    let major = ctx
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-        .w()?;
+    let major = device_attribute(
+        dev,
+        sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+    )?;
     Ok(major >= 9)
 }
 
 /// Number of streaming multiprocessors of the device.
 pub(crate) fn sm_count(dev: &CudaDevice) -> Result<usize> {
-    let ctx = dev.cuda_stream().context().clone();
-    let n = ctx
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .w()?;
+    let n = device_attribute(
+        dev,
+        sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+    )?;
     Ok(n.max(1) as usize)
 }
 
 /// The kernel `name` of the PTX module `module`, loaded (JIT-compiled by the driver) once per
-/// device and cached by Candle.
+/// device and cached by Candle, launched on the device's stream.
 pub(crate) fn func(dev: &CudaDevice, module: &str, ptx: &str, name: &str) -> Result<Kernel> {
-    let f = dev.get_or_load_custom_func(name, &format!("mamba2_ops_{module}"), ptx)?;
-    Ok(Kernel {
-        stream: dev.cuda_stream(),
-        func: f.into_cuda_function(),
-        pdl: false,
-    })
+    func_on(dev, &dev.cuda_stream(), module, ptx, name, false)
 }
 
 /// [`func`] launched on `stream` instead of the device's own stream (the private stream that a
@@ -264,10 +264,10 @@ pub(crate) fn func_on(
 /// Allows `bytes` of dynamic shared memory for `f` (needed above 48 KiB); fails when the device
 /// allows less, so the caller can fall back.
 pub(crate) fn allow_smem(dev: &CudaDevice, f: &Kernel, bytes: usize) -> Result<bool> {
-    let ctx = dev.cuda_stream().context().clone();
-    let max = ctx
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .w()?;
+    let max = device_attribute(
+        dev,
+        sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+    )?;
     if bytes > max as usize {
         return Ok(false);
     }
