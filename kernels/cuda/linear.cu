@@ -5,6 +5,7 @@
 #define LIN_THREADS 256
 #define LIN_ROWS 4  // output rows (rows of w) per block
 #define LIN_UNROLL 2  // 16-byte vectors per row and thread in flight
+#define PP_REGS 4     // partial sums of squares per row and thread held in registers
 
 // 16 bytes of T unpacked to f32: VEC<T> elements.
 template <typename T> struct Vec16;
@@ -36,8 +37,6 @@ template <> struct Vec16<__half> {
     }
 };
 
-#define LIN_MAX_GROUPS 16  // groups of the norm in the gnorm prologue
-
 // LIN_UNROLL vectors (from v0, 256 apart) of each of the block's LIN_ROWS weight rows.
 template <typename T>
 __device__ __forceinline__ void load_w(uint4 (&raw)[LIN_UNROLL][LIN_ROWS], const T* __restrict__ w,
@@ -54,14 +53,49 @@ __device__ __forceinline__ void load_w(uint4 (&raw)[LIN_UNROLL][LIN_ROWS], const
     }
 }
 
-// Sums each thread's LIN_ROWS x BB partial dot products over the block and stores rows
-// n0 .. n0 + LIN_ROWS of y (+ bias).
-template <int BB>
-__device__ __forceinline__ void reduce_store(float (&acc)[LIN_ROWS][BB],
-                                             float (&red)[LIN_THREADS / 32][LIN_ROWS * BB],
-                                             i64 n0, int B, i64 N, const void* bias, int b_dt,
-                                             void* y, int y_dt, i64 ys) {
+// What a projection does around its dot products (`linear_rows` template argument). The two
+// epilogues let a captured decode step drop its norm kernels: an RMSNorm is a per-row scale of
+// its input, so the producer writes the input times the norm weight, unscaled, with partial
+// sums of squares, and the projection that consumes it multiplies its dot products by the row's
+// 1 / rms at the end (by then the partial sums have long arrived).
+#define EPI_PLAIN 0     // y = x · wᵀ (+ bias)
+#define EPI_SCALED 1    // y = (x · wᵀ) / rms (+ bias), rms from `psum` (see EpiArgs)
+#define EPI_RESIDUAL 2  // as EPI_SCALED (unscaled when psum is null), then the residual stream
+                        // of the next block: o = T(y), h = round(o + res, ro_dt) to rout,
+                        // y = T(h * nw), this block's sum of h² to psum_out; block 0 also shifts
+                        // the B/C conv states that the mixer step before it left unshifted
+
+struct EpiArgs {
+    // EPI_SCALED / EPI_RESIDUAL: rms of row b = sqrt(sum(psum[b, :np]) / dim + eps); psum
+    // (B, np) f32, or null for no scale (EPI_RESIDUAL only)
+    const float* psum; i64 np; float dim; float eps;
+    // EPI_RESIDUAL: res, rout (B, N) contiguous of r_dt / ro_dt (distinct buffers); nw (N) of
+    // nw_dt (the next norm's weight); psum_out (B, gridDim.x) f32
+    const void* res; int r_dt; void* rout; int ro_dt; const void* nw; int nw_dt;
+    float* psum_out;
+    // EPI_RESIDUAL: conv_state (B, conv_dim, kc) f32 or null (no shift); its channels ch0 ..
+    // ch0 + nch take their next value from xbc (B, conv_dim) T, row stride xbc_s
+    float* conv_state; const void* xbc; i64 xbc_s; i64 conv_dim; i64 ch0; int nch; int kc;
+};
+
+// The operands of the epilogue of output (row n0 + t / BB, sequence t % BB) for thread
+// t < LIN_ROWS x BB, loaded before the products so that no load sits between the reduction and
+// the stores: bias and next norm weight before `pdl_wait` (weights), the residual after it.
+struct EpiVals {
+    float bias, nw, res;
+};
+
+// Sums each thread's LIN_ROWS x BB partial dot products (and, when scaled, its BB partial sums
+// of `psum`) over the block and stores rows n0 .. n0 + LIN_ROWS of y through the epilogue.
+// `ev` holds this thread's epilogue operands, loaded before the products (see EpiVals).
+template <typename T, int BB, int EPI>
+__device__ __forceinline__ void reduce_store(float (&acc)[LIN_ROWS][BB], const float (&pp)[BB],
+                                             float (&red)[LIN_THREADS / 32][(LIN_ROWS + 1) * BB],
+                                             i64 n0, int B, i64 N, const EpiVals& ev, void* y,
+                                             int y_dt, i64 ys, const EpiArgs& ea) {
+    __shared__ float hsq[LIN_ROWS * BB];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const bool scaled = EPI != EPI_PLAIN && ea.psum;
 #pragma unroll
     for (int r = 0; r < LIN_ROWS; ++r)
 #pragma unroll
@@ -69,149 +103,89 @@ __device__ __forceinline__ void reduce_store(float (&acc)[LIN_ROWS][BB],
             const float s = warp_sum(acc[r][b]);
             if (lane == 0) red[warp][r * BB + b] = s;
         }
+    if (scaled) {
+#pragma unroll
+        for (int b = 0; b < BB; ++b) {
+            const float s = warp_sum(pp[b]);
+            if (lane == 0) red[warp][LIN_ROWS * BB + b] = s;
+        }
+    }
     __syncthreads();
     for (int t = threadIdx.x; t < LIN_ROWS * BB; t += LIN_THREADS) {
         const int r = t / BB, b = t % BB;
         const i64 n = n0 + r;
+        if (EPI == EPI_RESIDUAL) hsq[t] = 0.0f;
         if (b >= B || n >= N) continue;
         float s = 0.0f;
 #pragma unroll
         for (int k = 0; k < LIN_THREADS / 32; ++k) s += red[k][t];
-        if (bias) s += load_any(bias, b_dt, n);
-        store_any(y, y_dt, b * ys + n, s);
-    }
-}
-
-// Elements of a prologue row per thread and pass: all their loads are issued before any use
-// (a loop of dependent-looking loads pays an L2 latency per element).
-#define PRO_REGS 16
-
-// Prologue of `linear_resnorm`: rows b < B of x = rmsnorm(h) * norm_w, h = round(hidden +
-// residual, ro_dt), into shared memory as T; block 0 also writes h to `rout`. The arithmetic and
-// its order are those of rms_norm.cu `res_norm` (thread t takes elements t, t + 256, ... in
-// turn; the same block reduction), so the fused and the unfused step give the same bits.
-template <typename T, int BB>
-__device__ void resnorm_prologue(const T* __restrict__ hidden, const void* __restrict__ res,
-                                 int r_dt, const void* __restrict__ nw, int nw_dt,
-                                 void* __restrict__ rout, int ro_dt, float eps, int B, i64 K,
-                                 T* xs) {
-    __shared__ float scratch[32];
-    const bool write_res = blockIdx.x == 0 && rout;
-    float ss[BB], inv[BB];
+        if (scaled) {
+            float tot = 0.0f;
 #pragma unroll
-    for (int b = 0; b < BB; ++b) ss[b] = 0.0f;
-    // h of row b for this thread's elements i0 + j * 256, j < valid.
-    auto load_h = [&](int b, i64 i0, int valid, float (&h)[PRO_REGS]) {
-#pragma unroll
-        for (int j = 0; j < PRO_REGS; ++j)
-            h[j] = j < valid ? to_f32(hidden[b * K + i0 + (i64)j * LIN_THREADS]) : 0.0f;
-        if (res) {
-            float r[PRO_REGS];
-            load_many<PRO_REGS>(res, r_dt, b * K + i0, LIN_THREADS, valid, r);
-#pragma unroll
-            for (int j = 0; j < PRO_REGS; ++j) h[j] += r[j];
+            for (int k = 0; k < LIN_THREADS / 32; ++k) tot += red[k][LIN_ROWS * BB + b];
+            s *= 1.0f / sqrtf(tot / ea.dim + ea.eps);
         }
-#pragma unroll
-        for (int j = 0; j < PRO_REGS; ++j) h[j] = round_any(ro_dt, h[j]);
-    };
-    auto valid_at = [&](i64 i0) {
-        return (int)min((i64)PRO_REGS, (K - i0 + LIN_THREADS - 1) / LIN_THREADS);
-    };
-    for (i64 i0 = threadIdx.x; i0 < K; i0 += (i64)PRO_REGS * LIN_THREADS) {
-        const int valid = valid_at(i0);
-#pragma unroll
-        for (int b = 0; b < BB; ++b) {
-            if (b >= B) break;
-            float h[PRO_REGS];
-            load_h(b, i0, valid, h);
-#pragma unroll
-            for (int j = 0; j < PRO_REGS; ++j) {
-                ss[b] += h[j] * h[j];
-                if (write_res && j < valid)
-                    store_any(rout, ro_dt, b * K + i0 + (i64)j * LIN_THREADS, h[j]);
-            }
+        s += ev.bias;
+        if (EPI == EPI_RESIDUAL) {
+            const float o = to_f32(from_f32<T>(s));
+            const float hv = round_any(ea.ro_dt, o + ev.res);
+            store_any(ea.rout, ea.ro_dt, b * N + n, hv);
+            reinterpret_cast<T*>(y)[b * ys + n] = from_f32<T>(hv * ev.nw);
+            hsq[t] = hv * hv;
+        } else {
+            store_any(y, y_dt, b * ys + n, s);
         }
     }
+    if (EPI == EPI_RESIDUAL) {
+        __syncthreads();
+        if (threadIdx.x < B) {
+            float s = 0.0f;
 #pragma unroll
-    for (int b = 0; b < BB; ++b) {
-        const float t = block_sum(ss[b], scratch);
-        inv[b] = 1.0f / sqrtf(t / (float)K + eps);
-    }
-    for (i64 i0 = threadIdx.x; i0 < K; i0 += (i64)PRO_REGS * LIN_THREADS) {
-        const int valid = valid_at(i0);
-        float wv[PRO_REGS];
-        load_many<PRO_REGS>(nw, nw_dt, i0, LIN_THREADS, valid, wv);
-#pragma unroll
-        for (int b = 0; b < BB; ++b) {
-            if (b >= B) break;
-            float h[PRO_REGS];
-            load_h(b, i0, valid, h);  // from L1/L2: read just above
-#pragma unroll
-            for (int j = 0; j < PRO_REGS; ++j)
-                if (j < valid) xs[b * K + i0 + (i64)j * LIN_THREADS] = from_f32<T>(h[j] * inv[b] * wv[j]);
+            for (int r = 0; r < LIN_ROWS; ++r) s += hsq[r * BB + threadIdx.x];
+            ea.psum_out[threadIdx.x * (i64)gridDim.x + blockIdx.x] = s;
         }
     }
 }
 
-// Prologue of `linear_gnorm`: rows b < B of x = the grouped gated RMSNorm of the mixer's y, from
-// the fused step's f32 y (`ybuf`, already gated unless norm_before_gate) and its partial sums of
-// squares (`hsum`, `nparts` per row, the parts of group g contiguous), into shared memory as T.
-// The expression and the group total (`warp_total`) are those of the fused step's own norm.
-template <typename T, int BB>
-__device__ void gnorm_prologue(const float* __restrict__ ybuf, const float* __restrict__ hsum,
-                               i64 nparts, i64 ngroups, const T* __restrict__ z, i64 zs,
-                               const void* __restrict__ nw, int nw_dt, float eps, int nbg, int B,
-                               i64 K, T* xs) {
-    __shared__ float ginv[BB * LIN_MAX_GROUPS];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const i64 ppg = nparts / ngroups, gs = K / ngroups;
-    for (i64 q = warp; q < (i64)B * ngroups; q += LIN_THREADS / 32) {
-        const i64 b = q / ngroups, g = q % ngroups;
-        const float total = warp_total(hsum + b * nparts + g * ppg, ppg);
-        if (lane == 0) ginv[q] = 1.0f / sqrtf(total / (float)gs + eps);
-    }
-    __syncthreads();
-    for (i64 i0 = threadIdx.x; i0 < K; i0 += (i64)PRO_REGS * LIN_THREADS) {
-        const int valid = (int)min((i64)PRO_REGS, (K - i0 + LIN_THREADS - 1) / LIN_THREADS);
-        float wv[PRO_REGS];
-        load_many<PRO_REGS>(nw, nw_dt, i0, LIN_THREADS, valid, wv);
-#pragma unroll
-        for (int b = 0; b < BB; ++b) {
-            if (b >= B) break;
-            float v[PRO_REGS], gz[PRO_REGS];
-#pragma unroll
-            for (int j = 0; j < PRO_REGS; ++j) {
-                const i64 i = i0 + (i64)j * LIN_THREADS;
-                v[j] = j < valid ? __ldcg(&ybuf[b * K + i]) : 0.0f;
-                gz[j] = j < valid && nbg ? to_f32(z[b * zs + i]) : 0.0f;
-            }
-#pragma unroll
-            for (int j = 0; j < PRO_REGS; ++j) {
-                const i64 i = i0 + (i64)j * LIN_THREADS;
-                if (j < valid) {
-                    const float g = nbg ? silu_f(gz[j]) : 1.0f;
-                    xs[b * K + i] = from_f32<T>(v[j] * ginv[b * ngroups + i / gs] * wv[j] * g);
-                }
-            }
-        }
+template <int BB, int EPI>
+__device__ __forceinline__ void epi_weights(EpiVals& ev, i64 n0, i64 N, const void* bias,
+                                            int b_dt, const EpiArgs& ea) {
+    const int t = threadIdx.x, r = t / BB;
+    const bool in = t < LIN_ROWS * BB && n0 + r < N;
+    ev.bias = in && bias ? load_any(bias, b_dt, n0 + r) : 0.0f;
+    ev.nw = in && EPI == EPI_RESIDUAL ? load_any(ea.nw, ea.nw_dt, n0 + r) : 0.0f;
+    ev.res = 0.0f;
+}
+
+template <int BB, int EPI>
+__device__ __forceinline__ void epi_residual(EpiVals& ev, i64 n0, int B, i64 N,
+                                             const EpiArgs& ea) {
+    const int t = threadIdx.x, r = t / BB, b = t % BB;
+    if (EPI == EPI_RESIDUAL && t < LIN_ROWS * BB && b < B && n0 + r < N)
+        ev.res = load_any(ea.res, ea.r_dt, b * N + n0 + r);
+}
+
+// Block 0 of an EPI_RESIDUAL projection: the shift of the B/C conv states (see STEP_DEFER in
+// decode_step.cu), after `pdl_wait`: every block of the step has read them by then.
+template <typename T>
+__device__ __forceinline__ void conv_shift_bc(int B, const EpiArgs& ea) {
+    const T* xbc = reinterpret_cast<const T*>(ea.xbc);
+    for (i64 i = threadIdx.x; i < (i64)B * ea.nch; i += LIN_THREADS) {
+        const i64 b = i / ea.nch, ch = ea.ch0 + i % ea.nch;
+        float* st = ea.conv_state + (b * ea.conv_dim + ch) * ea.kc;
+        const float xv = to_f32(xbc[b * ea.xbc_s + ch]);
+        for (int k = 0; k < ea.kc - 1; ++k) st[k] = st[k + 1];
+        st[ea.kc - 1] = xv;
     }
 }
 
-#define PRO_RESNORM 1
-#define PRO_GNORM 2
-
-struct ProArgs {
-    // PRO_RESNORM: x is the hidden state; residual, norm weight, residual output
-    const void* res; int r_dt; void* rout; int ro_dt;
-    // PRO_GNORM: the fused step's scratch and the gate
-    const float* ybuf; const float* hsum; i64 nparts; i64 ngroups; const void* z; i64 zs;
-    int nbg;
-    // both
-    const void* nw; int nw_dt; float eps;
-};
-
-// linear_b<BB>_<dtype>
-// Reference: linear.rs `linear_slow` (f32 accumulation, output rounded once).
+// linear_b<BB>_<dtype>, linear_scaled_b<BB>_<dtype>, linear_res_b<BB>_<dtype>
+// Reference: linear.rs `linear_slow` (f32 accumulation, output rounded once). The scaled and
+//   residual variants are the projections of a captured decode step (graph.rs, "epilogue
+//   norms"): scaled = `rms_norm_residual_slow`'s normalisation then `linear_slow`, with x the
+//   unscaled h * norm_w; residual = `linear_slow` (after `gated_rms_norm_slow`'s scale, x the
+//   step's y * gate * norm_w) then the next block's residual add, its norm input h * norm_w and
+//   partial sums of h² (EpiArgs).
 // Arguments:
 //   x    (B, K) T, row stride xs (elements); B <= BB (1, 2 or 4: beyond, cuBLAS's GEMM tiles
 //        win, see BENCHMARKS.md); rows 16-byte aligned
@@ -223,13 +197,15 @@ struct ProArgs {
 //   bytes of a weight row), so the weight is read exactly once, streaming (__ldcs: it is not
 //   reused, x is); each thread keeps LIN_ROWS x BB f32 partial sums, x vectors are reused across
 //   the LIN_ROWS rows from registers. Warp shuffles, then shared memory, reduce across threads.
-// Shared memory: 8 warps x LIN_ROWS x BB floats = 512 B at BB = 4.
-template <typename T, int BB>
+//   The scaled variants read their partial sums of squares right after `pdl_wait` and apply
+//   the scale after the reduction, so the norm costs no latency in front of the products.
+// Shared memory: 8 warps x (LIN_ROWS + 1) x BB floats + LIN_ROWS x BB floats = 704 B at BB = 4.
+template <typename T, int BB, int EPI>
 __device__ void linear_rows(const T* __restrict__ x, i64 xs, int B, const T* __restrict__ w,
                             const void* __restrict__ bias, int b_dt, void* __restrict__ y,
-                            int y_dt, i64 ys, i64 N, i64 K) {
+                            int y_dt, i64 ys, i64 N, i64 K, const EpiArgs& ea) {
     constexpr int V = Vec16<T>::N;
-    __shared__ float red[LIN_THREADS / 32][LIN_ROWS * BB];
+    __shared__ float red[LIN_THREADS / 32][(LIN_ROWS + 1) * BB];
     const i64 n0 = (i64)blockIdx.x * LIN_ROWS;
     const i64 nvec = K / V;
     float acc[LIN_ROWS][BB];
@@ -245,8 +221,23 @@ __device__ void linear_rows(const T* __restrict__ x, i64 xs, int B, const T* __r
     // kernel's tail.
     uint4 raw[LIN_UNROLL][LIN_ROWS];
     load_w<T>(raw, w, n0, N, K, threadIdx.x, nvec);
+    EpiVals ev;
+    epi_weights<BB, EPI>(ev, n0, N, bias, b_dt, ea);
     pdl_launch_dependents();
     pdl_wait();
+    // The partial sums of squares of the scale and the residual: loaded now into registers,
+    // used only after the products (a sum here would stall before the first product).
+    const bool scaled = EPI != EPI_PLAIN && ea.psum;
+    float pv[BB][PP_REGS];
+#pragma unroll
+    for (int b = 0; b < BB; ++b)
+#pragma unroll
+        for (int u = 0; u < PP_REGS; ++u) {
+            const i64 j = threadIdx.x + (i64)u * LIN_THREADS;
+            pv[b][u] = scaled && b < B && j < ea.np ? __ldcg(&ea.psum[b * ea.np + j]) : 0.0f;
+        }
+    epi_residual<BB, EPI>(ev, n0, B, N, ea);
+    if (EPI == EPI_RESIDUAL && ea.conv_state && blockIdx.x == 0) conv_shift_bc<T>(B, ea);
     for (i64 v0 = threadIdx.x; v0 < nvec; v0 += LIN_UNROLL * LIN_THREADS) {
         if (v0 != threadIdx.x) load_w<T>(raw, w, n0, N, K, v0, nvec);
 #pragma unroll
@@ -269,140 +260,59 @@ __device__ void linear_rows(const T* __restrict__ x, i64 xs, int B, const T* __r
             }
         }
     }
-    reduce_store<BB>(acc, red, n0, B, N, bias, b_dt, y, y_dt, ys);
-}
-
-// linear_resnorm_b<BB>_<dtype>, linear_gnorm_b<BB>_<dtype>: the projections of a captured
-// decode step with the norm in front of them computed in a prologue.
-// Reference: rms_norm.rs `rms_norm_residual_slow` then linear.rs `linear_slow` (resnorm: x =
-//   the normed hidden state, block 0 writing the residual), or `gated_rms_norm_slow` then
-//   `linear_slow` (gnorm: x = the mixer's normed, gated y).
-// Arguments: w, bias, y, N, K as `linear_b`, y contiguous rows (ys) and:
-//   resnorm: hidden (B, K) T contiguous, res (B, K) dtype r_dt or null, rout (B, K) dtype ro_dt
-//            (written by block 0), nw (K) T
-//   gnorm:   ybuf (B, K) f32, hsum (B, nparts) f32, z (B, K) T with row stride zs, nw (K) T
-// Block layout: a persistent grid (a few blocks per SM, sized by the host from the occupancy),
-//   256 threads. Each block computes the normalised x once into shared memory (a few thousand
-//   elements per row from L2: once per block, not once per LIN_ROWS outputs), then walks its
-//   share of the output rows LIN_ROWS at a time, one 16-byte weight vector per row and thread
-//   per chunk, the next chunk's weights loaded while the current one is multiplied (the block
-//   lives through several row groups, so without this each chunk pays a DRAM latency). The
-//   first chunk is loaded before `pdl_wait`: no kernel writes weights.
-// Shared memory: B x K T (dynamic: 4 KiB for one row of 2048 bf16), 8 x LIN_ROWS x BB floats,
-//   BB x 16 floats.
-template <typename T, int BB, int MODE>
-__device__ void linear_rows_pro(const T* __restrict__ x, int B, const T* __restrict__ w,
-                                const void* __restrict__ bias, int b_dt, void* __restrict__ y,
-                                int y_dt, i64 ys, i64 N, i64 K, const ProArgs& pa) {
-    constexpr int V = Vec16<T>::N;
-    __shared__ float red[LIN_THREADS / 32][LIN_ROWS * BB];
-    extern __shared__ uint4 lin_xs[];
-    const i64 nvec = K / V;
-    const i64 n_rg = (N + LIN_ROWS - 1) / LIN_ROWS;
-    const i64 per_rg = (nvec + LIN_THREADS - 1) / LIN_THREADS;  // chunks per row group
-    const i64 my_rg = blockIdx.x < n_rg ? (n_rg - 1 - blockIdx.x) / gridDim.x + 1 : 0;
-    const i64 total = my_rg * per_rg;
-    // Chunk t of this block: row group blockIdx.x + (t / per_rg) * gridDim.x, vectors
-    // (t % per_rg) * 256 + threadIdx.x of its LIN_ROWS rows.
-    auto load = [&](i64 t, uint4 (&dst)[LIN_ROWS]) {
-        const i64 n0 = (blockIdx.x + (t / per_rg) * (i64)gridDim.x) * LIN_ROWS;
-        const i64 v = (t % per_rg) * LIN_THREADS + threadIdx.x;
+    float pp[BB];
 #pragma unroll
-        for (int r = 0; r < LIN_ROWS; ++r) {
-            dst[r] = make_uint4(0, 0, 0, 0);
-            if (t < total && v < nvec && n0 + r < N)
-                dst[r] = __ldcs(reinterpret_cast<const uint4*>(w + (n0 + r) * K) + v);
-        }
-    };
-    uint4 cur[LIN_ROWS], nxt[LIN_ROWS];
-    load(0, cur);
-    pdl_launch_dependents();
-    pdl_wait();
-    T* xs = reinterpret_cast<T*>(lin_xs);
-    if (MODE == PRO_RESNORM)
-        resnorm_prologue<T, BB>(x, pa.res, pa.r_dt, pa.nw, pa.nw_dt, pa.rout, pa.ro_dt, pa.eps,
-                                B, K, xs);
-    else
-        gnorm_prologue<T, BB>(pa.ybuf, pa.hsum, pa.nparts, pa.ngroups,
-                              reinterpret_cast<const T*>(pa.z), pa.zs, pa.nw, pa.nw_dt, pa.eps,
-                              pa.nbg, B, K, xs);
-    __syncthreads();
-
-    float acc[LIN_ROWS][BB];
+    for (int b = 0; b < BB; ++b) {
+        pp[b] = 0.0f;
 #pragma unroll
-    for (int r = 0; r < LIN_ROWS; ++r)
-#pragma unroll
-        for (int b = 0; b < BB; ++b) acc[r][b] = 0.0f;
-    for (i64 t = 0; t < total; ++t) {
-        load(t + 1, nxt);
-        const i64 c = t % per_rg;
-        const i64 v = c * LIN_THREADS + threadIdx.x;
-        if (v < nvec) {
-            float wf[LIN_ROWS][V];
-#pragma unroll
-            for (int r = 0; r < LIN_ROWS; ++r) Vec16<T>::unpack(cur[r], wf[r]);
-#pragma unroll
-            for (int b = 0; b < BB; ++b) {
-                if (b < B) {
-                    float xf[V];
-                    Vec16<T>::unpack(reinterpret_cast<const uint4*>(xs + b * K)[v], xf);
-#pragma unroll
-                    for (int r = 0; r < LIN_ROWS; ++r)
-#pragma unroll
-                        for (int e = 0; e < V; ++e) acc[r][b] = fmaf(wf[r][e], xf[e], acc[r][b]);
-                }
-            }
-        }
-        if (c == per_rg - 1) {
-            const i64 n0 = (blockIdx.x + (t / per_rg) * (i64)gridDim.x) * LIN_ROWS;
-            reduce_store<BB>(acc, red, n0, B, N, bias, b_dt, y, y_dt, ys);
-            __syncthreads();  // `red` is reused by the next row group
-#pragma unroll
-            for (int r = 0; r < LIN_ROWS; ++r)
-#pragma unroll
-                for (int b = 0; b < BB; ++b) acc[r][b] = 0.0f;
-        }
-#pragma unroll
-        for (int r = 0; r < LIN_ROWS; ++r) cur[r] = nxt[r];
+        for (int u = 0; u < PP_REGS; ++u) pp[b] += pv[b][u];
+        if (scaled && b < B)  // parts beyond the registers' share (np > 1024)
+            for (i64 j = threadIdx.x + (i64)PP_REGS * LIN_THREADS; j < ea.np; j += LIN_THREADS)
+                pp[b] += __ldcg(&ea.psum[b * ea.np + j]);
     }
+    reduce_store<T, BB, EPI>(acc, pp, red, n0, B, N, ev, y, y_dt, ys, ea);
 }
 
 #define LINEAR(NAME, T, BB)                                                                    \
     extern "C" __global__ void __launch_bounds__(LIN_THREADS)                                  \
         NAME(const T* x, i64 xs, int B, const T* w, const void* bias, int b_dt, void* y,       \
              int y_dt, i64 ys, i64 N, i64 K) {                                                 \
-        linear_rows<T, BB>(x, xs, B, w, bias, b_dt, y, y_dt, ys, N, K);                        \
+        const EpiArgs ea = {};                                                                 \
+        linear_rows<T, BB, EPI_PLAIN>(x, xs, B, w, bias, b_dt, y, y_dt, ys, N, K, ea);         \
     }
-#define LINEAR_RESNORM(NAME, T, BB)                                                            \
+#define LINEAR_SCALED(NAME, T, BB)                                                             \
     extern "C" __global__ void __launch_bounds__(LIN_THREADS)                                  \
-        NAME(const T* hidden, const void* res, int r_dt, void* rout, int ro_dt, const void* nw, \
-             int nw_dt, float eps, int B, const T* w, const void* bias, int b_dt, void* y,     \
-             int y_dt, i64 ys, i64 N, i64 K) {                                                 \
-        ProArgs pa = {};                                                                       \
-        pa.res = res; pa.r_dt = r_dt; pa.rout = rout; pa.ro_dt = ro_dt;                        \
-        pa.nw = nw; pa.nw_dt = nw_dt; pa.eps = eps;                                            \
-        linear_rows_pro<T, BB, PRO_RESNORM>(hidden, B, w, bias, b_dt, y, y_dt, ys, N, K, pa);  \
+        NAME(const T* x, i64 xs, int B, const T* w, const void* bias, int b_dt, void* y,       \
+             int y_dt, i64 ys, i64 N, i64 K, const float* psum, i64 np, float dim, float eps) { \
+        EpiArgs ea = {};                                                                       \
+        ea.psum = psum; ea.np = np; ea.dim = dim; ea.eps = eps;                                \
+        linear_rows<T, BB, EPI_SCALED>(x, xs, B, w, bias, b_dt, y, y_dt, ys, N, K, ea);        \
     }
-#define LINEAR_GNORM(NAME, T, BB)                                                              \
+#define LINEAR_RESIDUAL(NAME, T, BB)                                                           \
     extern "C" __global__ void __launch_bounds__(LIN_THREADS)                                  \
-        NAME(const float* ybuf, const float* hsum, i64 nparts, i64 ngroups, const T* z,        \
-             i64 zs, int nbg, const void* nw, int nw_dt, float eps, int B, const T* w,         \
-             const void* bias, int b_dt, void* y, int y_dt, i64 ys, i64 N, i64 K) {            \
-        ProArgs pa = {};                                                                       \
-        pa.ybuf = ybuf; pa.hsum = hsum; pa.nparts = nparts; pa.ngroups = ngroups;              \
-        pa.z = z; pa.zs = zs; pa.nbg = nbg; pa.nw = nw; pa.nw_dt = nw_dt; pa.eps = eps;        \
-        linear_rows_pro<T, BB, PRO_GNORM>(nullptr, B, w, bias, b_dt, y, y_dt, ys, N, K, pa);   \
+        NAME(const T* x, i64 xs, int B, const T* w, const void* bias, int b_dt, void* y,       \
+             i64 ys, i64 N, i64 K, const float* psum, i64 np, float dim, float eps,            \
+             const void* res, int r_dt, void* rout, int ro_dt, const void* nw, int nw_dt,      \
+             float* psum_out, float* conv_state, const T* xbc, i64 xbc_s, i64 conv_dim,        \
+             i64 ch0, int nch, int kc) {                                                       \
+        EpiArgs ea = {};                                                                       \
+        ea.psum = psum; ea.np = np; ea.dim = dim; ea.eps = eps;                                \
+        ea.res = res; ea.r_dt = r_dt; ea.rout = rout; ea.ro_dt = ro_dt;                        \
+        ea.nw = nw; ea.nw_dt = nw_dt; ea.psum_out = psum_out;                                  \
+        ea.conv_state = conv_state; ea.xbc = xbc; ea.xbc_s = xbc_s; ea.conv_dim = conv_dim;    \
+        ea.ch0 = ch0; ea.nch = nch; ea.kc = kc;                                                \
+        linear_rows<T, BB, EPI_RESIDUAL>(x, xs, B, w, bias, b_dt, y, 0, ys, N, K, ea);         \
     }
 #define LINEAR_ALL(BB)                                                   \
     LINEAR(linear_b##BB##_f32, float, BB)                                \
     LINEAR(linear_b##BB##_f16, __half, BB)                               \
     LINEAR(linear_b##BB##_bf16, __nv_bfloat16, BB)                       \
-    LINEAR_RESNORM(linear_resnorm_b##BB##_f32, float, BB)                \
-    LINEAR_RESNORM(linear_resnorm_b##BB##_f16, __half, BB)               \
-    LINEAR_RESNORM(linear_resnorm_b##BB##_bf16, __nv_bfloat16, BB)       \
-    LINEAR_GNORM(linear_gnorm_b##BB##_f32, float, BB)                    \
-    LINEAR_GNORM(linear_gnorm_b##BB##_f16, __half, BB)                   \
-    LINEAR_GNORM(linear_gnorm_b##BB##_bf16, __nv_bfloat16, BB)
+    LINEAR_SCALED(linear_scaled_b##BB##_f32, float, BB)                  \
+    LINEAR_SCALED(linear_scaled_b##BB##_f16, __half, BB)                 \
+    LINEAR_SCALED(linear_scaled_b##BB##_bf16, __nv_bfloat16, BB)         \
+    LINEAR_RESIDUAL(linear_res_b##BB##_f32, float, BB)                   \
+    LINEAR_RESIDUAL(linear_res_b##BB##_f16, __half, BB)                  \
+    LINEAR_RESIDUAL(linear_res_b##BB##_bf16, __nv_bfloat16, BB)
 LINEAR_ALL(1)
 LINEAR_ALL(2)
 LINEAR_ALL(4)

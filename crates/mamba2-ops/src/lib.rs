@@ -49,7 +49,9 @@ pub use cuda::launch_count as cuda_launch_count;
 /// A decode step captured as one CUDA graph (see the module docs of `cuda/graph.rs`).
 #[cfg(feature = "cuda")]
 pub mod cuda_graph {
-    pub use crate::cuda::graph::{StepGraph, StepScratch, StepStream};
+    pub use crate::cuda::graph::{
+        ConvShift, ResidualEpilogue, RowScale, StepGraph, StepScratch, StepStream,
+    };
 }
 pub use decode_step::{mixer_decode_step, mixer_decode_step_slow, DecodeStepArgs};
 pub use error::{OpError, Result};

@@ -1,6 +1,8 @@
 //! The fused CUDA mixer decode step against its reference (the ops one after another, on the
 //! CPU), for f32/f16/bf16, over several consecutive steps with the inputs as views of one
-//! projection row, as the model produces them. Skips when no CUDA device can be opened.
+//! projection row, as the model produces them; in both of its modes: normalising (the eager
+//! step), and with the norm and the B/C conv-state shift deferred to its consumer (the captured
+//! step's norm-epilogue layout, one group). Skips when no CUDA device can be opened.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
@@ -18,10 +20,12 @@ fn fused_decode_step_matches_composed_ops() {
         return;
     }
     // Both layouts of the kernel: one block per head, and heads split over up to 4 blocks
-    // where batch x heads is below the SM count (split() reads this at every launch).
-    for split in ["1", "4"] {
+    // where batch x heads is below the SM count; and both variants, `n128` (the default for
+    // d_state <= 128) and the general one (both switches are read at every launch).
+    for (split, n128) in [("1", "1"), ("4", "1"), ("1", "0")] {
         std::env::set_var("MAMBA2_CUDA_STEP_SPLIT", split);
-        println!("blocks per head: up to {split}");
+        std::env::set_var("MAMBA2_CUDA_STEP_N128", n128);
+        println!("blocks per head: up to {split}, n128 variant: {n128}");
         check_cases();
     }
 }
@@ -35,6 +39,8 @@ fn check_cases() {
         (3, 24, 64, 8, 128, 4, false),
         (2, 10, 32, 2, 64, 3, true),
         (16, 48, 64, 1, 128, 4, false),
+        (2, 10, 32, 1, 64, 3, true),
+        (2, 4, 64, 1, 256, 4, false),
     ];
     for (batch, nheads, headdim, ngroups, d_state, d_conv, nbg) in cases {
         let d_inner = nheads * headdim;
@@ -62,10 +68,11 @@ fn check_cases() {
             };
             let (conv_c, ssm_c) = (conv0.copy().unwrap(), ssm0.copy().unwrap());
             let (conv_g, ssm_g) = (on(&conv0, DType::F32, &dev), on(&ssm0, DType::F32, &dev));
+            let (conv_d, ssm_d) = (on(&conv0, DType::F32, &dev), on(&ssm0, DType::F32, &dev));
             for step in 0..3 {
                 // One projection row (batch, z | xBC | dt): the op reads its views.
                 let proj = rand_t(&mut rng, &[batch, d_inner + conv_dim + nheads], 1.5);
-                let run = |dev: &Device, conv: &Tensor, ssm: &Tensor, fused: bool| -> Tensor {
+                let run = |dev: &Device, conv: &Tensor, ssm: &Tensor, mode: Mode| -> Tensor {
                     let p = on(&proj, dtype, dev);
                     let z = p.narrow(1, 0, d_inner).unwrap();
                     let xbc = p.narrow(1, d_inner, conv_dim).unwrap();
@@ -94,22 +101,95 @@ fn check_cases() {
                         ngroups,
                         norm_before_gate: nbg,
                     };
-                    if fused {
-                        let before = cuda_launch_count();
-                        let y = mixer_decode_step(&args, &params).unwrap();
-                        assert_eq!(cuda_launch_count() - before, 1, "fused step: one launch");
-                        y
-                    } else {
-                        mixer_decode_step_slow(&args, &params).unwrap()
+                    match mode {
+                        Mode::Reference => mixer_decode_step_slow(&args, &params).unwrap(),
+                        Mode::Fused => {
+                            let before = cuda_launch_count();
+                            let y = mixer_decode_step(&args, &params).unwrap();
+                            assert_eq!(cuda_launch_count() - before, 1, "fused step: one launch");
+                            y
+                        }
+                        Mode::Deferred => deferred_step(dev, &args, &params, nheads),
                     }
                 };
-                let y_ref = run(&Device::Cpu, &conv_c, &ssm_c, false);
-                let y = run(&dev, &conv_g, &ssm_g, true);
+                let conv_before = conv_d.to_device(&Device::Cpu).unwrap();
+                let y_ref = run(&Device::Cpu, &conv_c, &ssm_c, Mode::Reference);
+                let y = run(&dev, &conv_g, &ssm_g, Mode::Fused);
                 let name = format!("decode step {step} b{batch} h{nheads} p{headdim} g{ngroups} n{d_state} k{d_conv} nbg={nbg} {dtype:?}");
                 check(&format!("{name} y"), &y, &y_ref, tol);
                 check(&format!("{name} conv state"), &conv_g, &conv_c, 1e-7);
                 check(&format!("{name} ssm state"), &ssm_g, &ssm_c, 1e-5);
+                // The deferred mode serves the captured step's matrix-vector layout: one group,
+                // up to 4 sequences.
+                if ngroups == 1 && batch <= 4 {
+                    let y_d = run(&dev, &conv_d, &ssm_d, Mode::Deferred);
+                    check(
+                        &format!("{name} deferred y"),
+                        &y_d,
+                        &y_ref.to_dtype(DType::F32).unwrap(),
+                        tol,
+                    );
+                    check(&format!("{name} deferred ssm state"), &ssm_d, &ssm_c, 1e-5);
+                    // x channels shifted by the step, B/C channels left as they were.
+                    let x_ch = |t: &Tensor| t.narrow(1, 0, d_inner).unwrap();
+                    let bc_ch = |t: &Tensor| t.narrow(1, d_inner, conv_dim - d_inner).unwrap();
+                    check(
+                        &format!("{name} deferred conv state x"),
+                        &x_ch(&conv_d),
+                        &x_ch(&conv_c),
+                        1e-7,
+                    );
+                    check(
+                        &format!("{name} deferred conv state B/C"),
+                        &bc_ch(&conv_d),
+                        &bc_ch(&conv_before),
+                        1e-7,
+                    );
+                    // The consumer's shift, done here from the reference, for the next step.
+                    conv_d
+                        .slice_set(&conv_c.to_device(&dev).unwrap(), 0, 0)
+                        .unwrap();
+                }
             }
         }
     }
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Reference,
+    Fused,
+    Deferred,
+}
+
+/// The step in its deferred mode, as the captured step records it (a one-kernel graph,
+/// replayed once): returns its unscaled output times the 1 / rms of its own partial sums
+/// (what the output projection applies), f32, comparable with the normalised reference.
+fn deferred_step(dev: &Device, args: &DecodeStepArgs, params: &SsdParams, nheads: usize) -> Tensor {
+    let Device::Cuda(cuda) = dev else {
+        unreachable!("the deferred step runs on CUDA")
+    };
+    let (batch, d_inner) = args.z.dims2().unwrap();
+    let s = cuda_graph::StepStream::new(cuda, args.xbc.dtype(), batch).unwrap();
+    let scratch = s.scratch(d_inner, nheads, args.ngroups).unwrap();
+    // Poisoned: an element the kernel does not write is NaN.
+    let out = Tensor::full(f32::NAN, (batch, d_inner), dev)
+        .unwrap()
+        .to_dtype(args.xbc.dtype())
+        .unwrap();
+    let mut g = s
+        .capture(|s| s.mixer_decode_step_deferred(args, params, &scratch, &out))
+        .unwrap();
+    g.replay().unwrap();
+    let sums = scratch.sums().sum_keepdim(1).unwrap(); // (batch, 1)
+    let inv = ((sums / d_inner as f64).unwrap() + args.eps)
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .recip()
+        .unwrap();
+    out.to_dtype(DType::F32)
+        .unwrap()
+        .broadcast_mul(&inv)
+        .unwrap()
 }

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs the CUDA test binaries and model benchmarks on the device machine (see ../README.md and
-# ../../../../shared/tools/CUDA.md): binaries carried as .carry/bins.tar.xz (bin/mamba2 and the
-# cuda_* test executables), logs to $OUT. Usage: device_run.sh tests|bench13|bench27
+# ../../../../shared/tools/CUDA.md): binaries carried as .carry/bins.tar.xz (bin/mamba2, the
+# cuda_* test executables and bin/candle-transformers-mamba2-bench), logs to $OUT. Usage:
+# device_run.sh MODE... with MODE tests|quick|bench13|bench27|ab13|ab16|ncu|ncu16|all13|all27 (all*: every engine, one shape;
+# HF needs .carry/pylib from fetch_mamba_ssm_triton.sh for mamba_ssm's Triton kernels)
 set -u
-mode=${1:-tests}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" .carry/x
 [ -x .carry/x/bin/mamba2 ] || tar -C .carry/x -xJf .carry/bins.tar.xz
@@ -16,14 +17,23 @@ bench() { # shape batch extra... (under $LAYOUT, an environment assignment list,
         --batch "$batch" --runs 3 --warmup 1 "$@" 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
 }
 [ -n "${LAYOUT:-}" ] && echo "layout: $LAYOUT" | tee -a "$OUT/bench.jsonl"
+for mode in "${@:-tests}"; do
+echo "== $mode"
 case $mode in
+quick)  # the tests of the captured step's kernels only
+    for t in cuda_linear_epilogue cuda_decode_step cuda_graph; do
+        MAMBA2_CUDA_POISON=1 timeout 240 $B/$t --nocapture --test-threads=1 > "$OUT/$t.log" 2>&1
+        echo "$t: exit $?"; tail -3 "$OUT/$t.log"
+    done ;;
 tests)
-    for t in cuda_linear cuda_decode_step cuda_graph; do
+    for t in cuda_linear cuda_linear_epilogue cuda_decode_step cuda_graph; do
         MAMBA2_CUDA_POISON=1 timeout 240 $B/$t --nocapture --test-threads=1 > "$OUT/$t.log" 2>&1
         echo "$t: exit $?"; tail -3 "$OUT/$t.log"
     done
-    timeout 120 $B/cuda_linear --ignored bench_linear_vs_cublas --nocapture > "$OUT/linear_bench.log" 2>&1
-    grep "linear bf16" "$OUT/linear_bench.log"
+    if [ -n "${LINEAR_BENCH:-}" ]; then
+        timeout 120 $B/cuda_linear --ignored bench_linear_vs_cublas --nocapture > "$OUT/linear_bench.log" 2>&1
+        grep "linear bf16" "$OUT/linear_bench.log"
+    fi
     MAMBA2_CUDA_POISON=1 timeout 240 $B/cuda_parity --test-threads=8 > "$OUT/cuda_parity.log" 2>&1
     echo "cuda_parity: exit $?"; tail -3 "$OUT/cuda_parity.log"
     timeout 200 python3 kernels/cuda/bench/fixtures_cuda.py $B/mamba2 > "$OUT/fixtures.log" 2>&1
@@ -34,7 +44,7 @@ bench13)
 ab13)  # decode layouts of the captured step, 1.3b batch 1 (short prefill: decode is compared);
       # the fastest layout's environment goes to $OUT/best_env
     best=0; : > "$OUT/best_env"
-    for env in "" "MAMBA2_CUDA_FUSED_NORMS=res" "MAMBA2_CUDA_FUSED_NORMS=0" "MAMBA2_CUDA_FUSED_NORMS=0 MAMBA2_CUDA_PDL=0"; do
+    for env in "" "MAMBA2_CUDA_STEP_SPLIT=2" "MAMBA2_CUDA_NORM_EPILOGUES=0" "MAMBA2_CUDA_NORM_EPILOGUES=0 MAMBA2_CUDA_PDL=0"; do
         r=$(env $env $B/mamba2 bench --shape 1.3b --device cuda --dtype bf16 --prefill 64 --decode 128 \
             --batch 1 --runs 3 --warmup 1 2>&1 | tail -1 | grep -o '"decode_tok_s":[0-9.]*' | cut -d: -f2)
         echo "layout ${env:-default}: decode $r tok/s" | tee -a "$OUT/layouts.txt"
@@ -42,9 +52,29 @@ ab13)  # decode layouts of the captured step, 1.3b batch 1 (short prefill: decod
     done ;;
 bench27)
     bench 2.7b 1; bench 2.7b 16 ;;
-ncu)  # per-kernel GPU time of two captured decode layers (1.3b, bf16, batch 1)
-    timeout 200 /usr/local/cuda/bin/ncu --clock-control none -k regex:'linear_|mixer_decode|rms_norm_res' \
-        --launch-skip 60 --launch-count 9 --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
-        $B/mamba2 bench --shape 1.3b --device cuda --dtype bf16 --prefill 8 --decode 6 --runs 1 --warmup 0 > "$OUT/ncu.txt" 2>&1
-    grep -E "^  [a-z]|gpu__time|dram__" "$OUT/ncu.txt" ;;
+ncu|ncu16)  # per-kernel GPU time of captured decode layers (1.3b, bf16, batch 1 or 16)
+    batch=1; [ "$mode" = ncu16 ] && batch=16
+    filter="-k regex:linear_|mixer_decode|rms_norm_res"; [ $batch = 16 ] && filter=""  # cuBLAS: any name
+    timeout 200 /usr/local/cuda/bin/ncu --clock-control none $filter \
+        --launch-skip 80 --launch-count 12 --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+        $B/mamba2 bench --shape 1.3b --device cuda --dtype bf16 --prefill 8 --decode 6 --batch $batch --runs 1 --warmup 0 > "$OUT/$mode.txt" 2>&1
+    grep -E "^  [a-zA-Z_]|gpu__time|dram__" "$OUT/$mode.txt" ;;
+ab16)  # the step's n128 variant against the general one, 1.3b batch 16 decode
+    for env in "" "MAMBA2_CUDA_STEP_N128=0"; do
+        r=$(env $env $B/mamba2 bench --shape 1.3b --device cuda --dtype bf16 --prefill 16 --decode 64 \
+            --batch 16 --runs 3 --warmup 1 2>&1 | tail -1 | grep -o '"decode_tok_s":[0-9.]*' | cut -d: -f2)
+        echo "batch 16 ${env:-default}: decode $r tok/s" | tee -a "$OUT/layouts.txt"
+    done ;;
+all13|all27)  # every engine at one shape, bf16, random weights, in this one call
+    shape=1.3b; [ "$mode" = all27 ] && shape=2.7b
+    bench $shape 1; bench $shape 16 --prefill 64
+    # candle-transformers: prefill 2048 needs > 141 GB at chunk 64 (run 13) and fails at chunk
+    # 256 (32-bit launch sizes): its prefill is measured at 256 tokens, decode after it.
+    timeout 150 $B/candle-transformers-mamba2-bench $shape bf16 256 32 1 64 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
+    timeout 100 $B/candle-transformers-mamba2-bench $shape bf16 16 16 1 16 16 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
+    export PYTHONPATH=$PWD/.carry/pylib${PYTHONPATH:+:$PYTHONPATH}
+    timeout 200 python3 kernels/cuda/bench/hf_mamba2.py --shape $shape --prefill 2048 --decode 64 --batch 1 --runs 2 2>&1 | grep "^hf" | tee -a "$OUT/bench.jsonl"
+    timeout 150 python3 kernels/cuda/bench/hf_mamba2.py --shape $shape --prefill 64 --decode 32 --batch 16 --runs 2 2>&1 | grep "^hf" | tee -a "$OUT/bench.jsonl"
+    ;;
 esac
+done

@@ -3,8 +3,8 @@
 //! enqueue half is shared with the captured decode step (`graph.rs`), which owns its scratch.
 
 use super::launch::{
-    cfg, code, device, func, launch, opt_ptr, output, ptr, ptx, rows, sm_count, suffix, Kernel,
-    Result,
+    cfg, code, device, env_switch, func, launch, opt_ptr, output, ptr, ptx, rows, sm_count, suffix,
+    Kernel, Result,
 };
 use super::state_update::dt_params;
 use crate::decode_step::{validate, DecodeStepArgs, StepDims};
@@ -19,26 +19,29 @@ const MAX_K: usize = 8;
 /// Most blocks per head (see [`split`]).
 pub(crate) const MAX_SPLIT: usize = 4;
 
-/// Blocks per head of the fused step. The kernel can spread a head over up to [`MAX_SPLIT`]
-/// blocks (for batch x heads below the SM count), but on the H200 that measured slower (1.3b
-/// batch 1: 19 us per step at 3 blocks per head against 14 us unsplit, run 15 in
-/// BENCHMARKS.md: every block of a group repeats the B/C convolution and counts in on one
-/// atomic), so it is off unless `MAMBA2_CUDA_STEP_SPLIT` asks for it (the kernel's tests do,
-/// to cover both layouts). At most the rows of a head.
+/// Blocks per head of the fused step: up to [`MAX_SPLIT`] where batch x heads is below the SM
+/// count, at most the rows of a head. How many at most depends on the mode: in
+/// [`StepMode::Defer`] the blocks of a head share nothing, and two per head measured faster (1.3b
+/// batch 1, captured: 814 -> 839 tok/s, run 20 in BENCHMARKS.md); in [`StepMode::Norm`] every
+/// block of a group counts in on one atomic and the last one normalises the group, and splitting
+/// measured slower (19 us per step at 3 blocks per head against 14 us unsplit, run 15), so it is
+/// 1 there. `MAMBA2_CUDA_STEP_SPLIT` overrides the most for both (the kernel's tests cover 1 and
+/// 4).
 pub(crate) fn split(
     dev: &CudaDevice,
     nheads: usize,
     batch: usize,
     headdim: usize,
+    mode: StepMode,
 ) -> Result<usize> {
     let blocks = (nheads * batch).max(1);
-    // The most blocks per head allowed (1 = the unsplit kernel).
+    let default = if mode == StepMode::Defer { 2 } else { 1 };
     let most = std::env::var("MAMBA2_CUDA_STEP_SPLIT")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .map_or(1, |v| v.clamp(1, MAX_SPLIT));
+        .map_or(default, |v| v.clamp(1, MAX_SPLIT));
     if most == 1 {
-        return Ok(1); // the default: no device query on every eager step
+        return Ok(1); // no device query on every eager step
     }
     Ok(sm_count(dev)?
         .div_ceil(blocks)
@@ -81,18 +84,19 @@ fn launch_step(
     if !supported(args, batch, d_state, headdim, d_inner)? {
         return Ok(None);
     }
-    let split = split(&dev, nheads, batch, headdim)?;
+    let split = split(&dev, nheads, batch, headdim, StepMode::Norm)?;
     let out = output((batch, d_inner), args.xbc.dtype(), &dev)?;
     let ybuf = output((batch, d_inner), DType::F32, &dev)?;
     let hsum = output((batch, nheads * split), DType::F32, &dev)?;
     // Arrival counters must start at zero: a stream-ordered memset, not a kernel.
     let count = dev.alloc_zeros::<u32>(batch * args.ngroups)?;
     let count_ptr = count.device_ptr(&dev.cuda_stream()).0;
+    let k = args.conv_state.dim(2)?;
     let f = func(
         &dev,
         "decode_step",
         ptx::DECODE_STEP,
-        &format!("mixer_decode_step_{sfx}"),
+        &kernel_name(sfx, narrow(d_state, k)),
     )?;
     let scratch = StepScratchPtrs {
         ybuf: ptr(&ybuf, &dev)?,
@@ -104,11 +108,27 @@ fn launch_step(
         headdim,
         d_state,
         split,
-        write_norm: true,
+        mode: StepMode::Norm,
     };
     let launched = enqueue(&f, &dev, args, params, shape, &out, scratch)?;
     drop(count); // stream-ordered free, after the kernel
     Ok(launched.then_some(out))
+}
+
+/// Whether the step takes the `n128` variant (d_state <= 128, d_conv <= 4: every released
+/// Mamba-2 model): half the state registers, two blocks per SM, for large batches (1.3b batch
+/// 16 is 1,024 blocks). `MAMBA2_CUDA_STEP_N128=0` keeps the general variant, for comparisons.
+pub(crate) fn narrow(d_state: usize, d_conv: usize) -> bool {
+    d_state <= 128 && d_conv <= 4 && env_switch("MAMBA2_CUDA_STEP_N128", true)
+}
+
+/// The kernel of the step for activation suffix `sfx`, narrow (`n128`) or general.
+pub(crate) fn kernel_name(sfx: &str, narrow: bool) -> String {
+    if narrow {
+        format!("mixer_decode_step_n128_{sfx}")
+    } else {
+        format!("mixer_decode_step_{sfx}")
+    }
 }
 
 /// Preconditions of the fused kernel (else the composed ops run): the op-level checks of the
@@ -137,21 +157,31 @@ pub(crate) fn supported(
         && args.norm_weight.dims() == [d_inner])
 }
 
-/// Head layout of a fused-step launch: `split` blocks per head (at most [`MAX_SPLIT`]); with
-/// `write_norm` false the kernel leaves `out` unwritten and the gated norm to its consumer
-/// (`linear_gnorm`).
+/// What the fused step leaves to the kernel after it (`mode` of `decode_step.cu`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum StepMode {
+    /// The step normalises into `out` and shifts every conv state (`STEP_NORM`).
+    Norm = 1,
+    /// `out = y * gate * norm_w` unscaled, per-block sums of squares in `hsum`; the group's
+    /// 1 / rms and the B/C conv-state shift are left to the output projection
+    /// (`linear_res_b<BB>`, `STEP_DEFER`).
+    Defer = 2,
+}
+
+/// Head layout of a fused-step launch: `split` blocks per head (at most [`MAX_SPLIT`]), and
+/// what the step leaves to its consumer.
 #[derive(Clone, Copy)]
 pub(crate) struct StepShape {
     pub nheads: usize,
     pub headdim: usize,
     pub d_state: usize,
     pub split: usize,
-    pub write_norm: bool,
+    pub mode: StepMode,
 }
 
 /// Device addresses of the fused step's scratch: `ybuf` `(batch, d_inner)` f32, `hsum`
 /// `(batch, nheads * split)` f32, `count` `(batch, ngroups)` u32 (zero before the launch; the kernel
-/// leaves it zero).
+/// leaves it zero). [`StepMode::Defer`] uses only `hsum`.
 #[derive(Clone, Copy)]
 pub(crate) struct StepScratchPtrs {
     pub ybuf: u64,
@@ -176,7 +206,7 @@ pub(crate) fn enqueue(
         headdim,
         d_state,
         split,
-        write_norm,
+        mode,
     } = shape;
     let batch = args.xbc.dim(0)?;
     let k = args.conv_state.dim(2)?;
@@ -229,7 +259,7 @@ pub(crate) fn enqueue(
         args.eps as f32,
         args.norm_before_gate as i32,
         split as i32,
-        write_norm as i32,
+        mode as i32,
         softplus,
         clamp,
         lo,

@@ -13,25 +13,30 @@
 //! enqueue functions refuse views that would need a temporary copy.
 //!
 //! A layer's kernels, by batch size:
-//! - up to `linear::MAX_ROWS` sequences: residual norm, matrix-vector input projection, fused
-//!   mixer step, matrix-vector output projection; on sm_90+ each launched as a programmatic
-//!   dependent of the previous one (it starts while that one ends and loads its weights or
-//!   states before waiting for its inputs: 1.3b batch 1, 569 -> 624 tok/s, run 17);
-//! - more sequences: the same with cuBLAS GEMMs on this stream (see `blas.rs`) for the
-//!   projections (1.3b batch 16: 3,107 tok/s eager -> 3,423 captured, run 17).
+//! - up to `linear::MAX_ROWS` sequences, "norm epilogues" (the default; `MAMBA2_CUDA_NORM_EPILOGUES=0`
+//!   switches back to the four-kernel layout below): matrix-vector input projection, fused mixer
+//!   step, matrix-vector output projection. Neither norm has a kernel: an RMSNorm scales its
+//!   input by one number per row (per group), so its producer writes the input times the norm
+//!   weight with per-block partial sums of squares, and the projection that consumes it
+//!   multiplies its dot products by 1 / rms after the reduction (`linear_scaled`, `linear_res`).
+//!   The output projection's epilogue also adds the residual and writes the next block's norm
+//!   input, and (with one group, where its scale is one per row) the fused step defers its gated
+//!   norm and its B/C conv-state shift to it, so the step has no cross-block arrival counting. On
+//!   sm_90+ each kernel is a programmatic dependent of the previous one (it starts while that
+//!   one ends and loads its weights or states before waiting for its inputs).
+//! - up to `linear::MAX_ROWS` sequences, four-kernel layout: residual norm, input projection,
+//!   fused mixer step with its norm, output projection (1.3b batch 1: 624 tok/s, run 17).
+//! - more sequences: the four-kernel layout with cuBLAS GEMMs on this stream (see `blas.rs`)
+//!   for the projections (1.3b batch 16: 3,107 tok/s eager -> 3,423 captured, run 17).
 //!
-//! The norms can also be fused into the projections' prologues (`linear_resnorm`,
-//! `linear_gnorm`: three kernels per layer instead of four), selected with
-//! `MAMBA2_CUDA_FUSED_NORMS=1` (both) or `res` (the residual norm only). Measured on the H200
-//! they lose (1.3b batch 1: 515 and 612 tok/s against 624, run 17): each block of a projection
-//! recomputes the norm of the whole row from L2 before its first multiply. They stay as an
-//! option for other shapes and later work, tested by `tests/cuda_graph.rs` like the default.
+//! (Session 3 fused the norms into the projections' prologues instead: every block recomputed
+//! the row's norm from L2 before its first multiply, and that lost, 515-612 against 624 tok/s.)
 
 use super::blas::StreamBlas;
-use super::decode_step::{self, StepScratchPtrs, StepShape};
+use super::decode_step::{self, StepMode, StepScratchPtrs, StepShape};
 use super::launch::Result as CResult;
 use super::launch::{env_switch, func_on, pdl_capable, ptr, ptx, suffix, Kernel};
-use super::linear::GroupNormInput;
+pub use super::linear::{ConvShift, ResidualEpilogue, RowScale};
 use super::{embedding, linear, rms_norm};
 use crate::decode_step::{validate, DecodeStepArgs, StepDims};
 use crate::{OpError, Result, SsdParams};
@@ -42,20 +47,8 @@ use std::sync::Arc;
 
 const OP: &str = "cuda_graph";
 
-/// Which norms the captured step fuses into the projections by default (residual norm, group
-/// norm): none, see the module docs.
-const FUSE_NORMS: (bool, bool) = (false, false);
-
-/// `MAMBA2_CUDA_FUSED_NORMS`: `0` none, `1` both, `res` the residual norm only; else the
-/// default. Read at every capture.
-fn fused_norms() -> (bool, bool) {
-    match std::env::var("MAMBA2_CUDA_FUSED_NORMS").as_deref() {
-        Ok("0") => (false, false),
-        Ok("1") => (true, true),
-        Ok("res") => (true, false),
-        _ => FUSE_NORMS,
-    }
-}
+/// Whether the captured step uses the norm-epilogue layout by default (see the module docs).
+const NORM_EPILOGUES: bool = true;
 
 fn need(ok: bool, what: &'static str) -> Result<()> {
     if ok {
@@ -77,16 +70,17 @@ pub struct StepStream {
     batch: usize,
     embedding: Kernel,
     res_norm: Kernel,
-    step: Kernel,
-    /// The matrix-vector kernels (plain, residual-norm and group-norm prologues) for batches
-    /// up to `linear::MAX_ROWS`; cuBLAS beyond.
+    step: [Kernel; 2], // the fused mixer step: general, n128
+    /// The matrix-vector kernels (plain, scaled, residual epilogue) for batches up to
+    /// `linear::MAX_ROWS`; cuBLAS beyond.
     matvec: Option<[Kernel; 3]>,
     blas: Option<Arc<StreamBlas>>,
-    fused: (bool, bool), // (residual norm, group norm) fused into the projections
+    epilogues: bool, // the norm-epilogue layout (module docs)
 }
 
 /// Scratch of the fused mixer step: f32 `y` and per-block sums of squares, and the per-group
-/// arrival counters (zeroed once: the kernel re-arms them).
+/// arrival counters (zeroed once: the kernel re-arms them); the deferred step uses the sums
+/// only.
 pub struct StepScratch {
     ybuf: Tensor,  // (batch, d_inner) f32
     hsum: Tensor,  // (batch, nheads * split) f32
@@ -107,19 +101,19 @@ impl StepStream {
         })?;
         need(batch > 0, "batch")?;
         let stream = dev.cuda_stream().context().new_stream().w()?;
-        // Batches the matrix-vector kernels take get the fused-norm layout (unless switched
-        // off for a comparison); the others run cuBLAS, which does not join a PDL chain.
+        // Batches the matrix-vector kernels take get the norm-epilogue layout (unless switched
+        // off for a comparison: read at every capture); the others run cuBLAS, which does not
+        // join a PDL chain.
         let bb = linear::variant(batch);
-        let (fuse_res, fuse_group) = fused_norms();
-        let fused = (bb.is_some() && fuse_res, bb.is_some() && fuse_group);
+        let epilogues = bb.is_some() && env_switch("MAMBA2_CUDA_NORM_EPILOGUES", NORM_EPILOGUES);
         let pdl = bb.is_some() && pdl_capable(dev)? && env_switch("MAMBA2_CUDA_PDL", true);
         let k =
             |module: &str, src: &str, name: String| func_on(dev, &stream, module, src, &name, pdl);
         let matvec = match bb {
             Some(bb) => Some([
                 k("linear", ptx::LINEAR, format!("linear_b{bb}_{sfx}"))?,
-                k("linear", ptx::LINEAR, format!("linear_resnorm_b{bb}_{sfx}"))?,
-                k("linear", ptx::LINEAR, format!("linear_gnorm_b{bb}_{sfx}"))?,
+                k("linear", ptx::LINEAR, format!("linear_scaled_b{bb}_{sfx}"))?,
+                k("linear", ptx::LINEAR, format!("linear_res_b{bb}_{sfx}"))?,
             ]),
             None => None,
         };
@@ -134,14 +128,22 @@ impl StepStream {
                 ptx::RMS_NORM,
                 format!("rms_norm_residual_{sfx}"),
             )?,
-            step: k(
-                "decode_step",
-                ptx::DECODE_STEP,
-                format!("mixer_decode_step_{sfx}"),
-            )?,
+            // Both variants: the layer's d_state is known only at enqueue.
+            step: [
+                k(
+                    "decode_step",
+                    ptx::DECODE_STEP,
+                    decode_step::kernel_name(sfx, false),
+                )?,
+                k(
+                    "decode_step",
+                    ptx::DECODE_STEP,
+                    decode_step::kernel_name(sfx, true),
+                )?,
+            ],
             matvec,
             blas,
-            fused,
+            epilogues,
             dev: dev.clone(),
             stream,
             batch,
@@ -153,16 +155,23 @@ impl StepStream {
         self.batch
     }
 
-    /// Whether the residual norm is fused into the projection after it
-    /// ([`StepStream::linear_res_norm`]) rather than run as a kernel of its own.
-    pub fn fuses_res_norm(&self) -> bool {
-        self.fused.0
+    /// Whether the step is recorded in the norm-epilogue layout (module docs): the caller
+    /// then uses [`StepStream::linear_scaled`], [`StepStream::linear_residual`] and (one group)
+    /// [`StepStream::mixer_decode_step_deferred`] instead of the norm kernels.
+    pub fn norm_epilogues(&self) -> bool {
+        self.epilogues
     }
 
-    /// Whether the mixer's gated norm is fused into its output projection
-    /// ([`StepStream::mixer_decode_step_unnormed`], [`StepStream::linear_group_norm`]).
-    pub fn fuses_group_norm(&self) -> bool {
-        self.fused.1
+    /// Zeroed partial sums of squares `(batch, parts)` f32 written by
+    /// [`StepStream::linear_residual`] for an output width `n` (and read by the scaled
+    /// projection after it).
+    pub fn residual_parts(&self, n: usize) -> Result<Tensor> {
+        let device = Device::Cuda(self.dev.clone());
+        Ok(Tensor::zeros(
+            (self.batch, linear::parts_out(n)),
+            DType::F32,
+            &device,
+        )?)
     }
 
     /// Zeroed scratch for the fused mixer step of a layer with these sizes.
@@ -170,7 +179,13 @@ impl StepStream {
         let device = Device::Cuda(self.dev.clone());
         let b = self.batch;
         need(nheads > 0 && d_inner.is_multiple_of(nheads), "scratch")?;
-        let split = decode_step::split(&self.dev, nheads, b, d_inner / nheads)?;
+        // The deferred step (norm epilogues, one group) may spread a head over more blocks.
+        let mode = if self.epilogues && ngroups == 1 {
+            StepMode::Defer
+        } else {
+            StepMode::Norm
+        };
+        let split = decode_step::split(&self.dev, nheads, b, d_inner / nheads, mode)?;
         Ok(StepScratch {
             ybuf: Tensor::zeros((b, d_inner), DType::F32, &device)?,
             hsum: Tensor::zeros((b, nheads * split), DType::F32, &device)?,
@@ -243,71 +258,52 @@ impl StepStream {
         need(ok, "linear")
     }
 
-    /// The residual norm fused into the projection after it: `h = hidden + residual` (written
-    /// to `residual_out`), `out = (h / rms(h) * norm_w) · wᵀ (+ bias)`. Only where
-    /// [`StepStream::fuses_res_norm`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear_res_norm(
+    /// `out = (x · wᵀ) / rms (+ bias)`: an RMSNorm fused with the projection after it, `x`
+    /// `(batch, k)` being the norm's input times its weight, unscaled, and `scale.parts` the
+    /// partial sums of squares of the input (as [`StepStream::linear_residual`] writes them).
+    /// Only in the norm-epilogue layout.
+    pub fn linear_scaled(
         &self,
-        hidden: &Tensor,
-        residual: Option<&Tensor>,
-        norm_w: &Tensor,
-        eps: f64,
-        residual_out: &Tensor,
+        x: &Tensor,
+        scale: &RowScale,
         w: &Tensor,
         bias: Option<&Tensor>,
         out: &Tensor,
     ) -> Result<()> {
-        let Some(k) = self.matvec.as_ref().filter(|_| self.fused.0) else {
-            return need(false, "linear_res_norm");
+        let Some(k) = self.matvec.as_ref().filter(|_| self.epilogues) else {
+            return need(false, "linear_scaled");
         };
-        need(hidden.dim(0)? == self.batch, "linear_res_norm")?;
-        let ok = linear::enqueue_resnorm(
-            &k[1],
-            &self.dev,
-            hidden,
-            residual,
-            norm_w,
-            residual_out,
-            eps,
-            w,
-            bias,
-            out,
-        )?;
-        need(ok, "linear_res_norm")
+        need(x.dim(0)? == self.batch, "linear_scaled")?;
+        need(
+            linear::enqueue_scaled(&k[1], &self.dev, x, scale, w, bias, out)?,
+            "linear_scaled",
+        )
     }
 
-    /// The output projection of a mixer whose step ran without its norm
-    /// ([`StepStream::mixer_decode_step_unnormed`]): the grouped gated norm of the step's y,
-    /// read from `scratch`, fused into `out = norm(y, z) · wᵀ (+ bias)`. `z` `(batch, d_inner)`
-    /// and `norm_w` `(d_inner)` as in the step's arguments.
+    /// A mixer's output projection with the next block's residual add in its epilogue:
+    /// `o = (x · wᵀ) [/ rms] (+ bias)`, then `epi` (`h = o + residual`, `out = h *
+    /// next_norm_w`, partial sums of h²) and the conv-state `shift` a deferred step left.
+    /// `scale` is the deferred step's (one group), absent after a step that normalised. Only in
+    /// the norm-epilogue layout.
     #[allow(clippy::too_many_arguments)]
-    pub fn linear_group_norm(
+    pub fn linear_residual(
         &self,
-        scratch: &StepScratch,
-        z: &Tensor,
-        norm_w: &Tensor,
-        eps: f64,
-        norm_before_gate: bool,
+        x: &Tensor,
+        scale: Option<&RowScale>,
         w: &Tensor,
         bias: Option<&Tensor>,
+        epi: &ResidualEpilogue,
+        shift: Option<&ConvShift>,
         out: &Tensor,
     ) -> Result<()> {
-        let Some(k) = self.matvec.as_ref().filter(|_| self.fused.1) else {
-            return need(false, "linear_group_norm");
+        let Some(k) = self.matvec.as_ref().filter(|_| self.epilogues) else {
+            return need(false, "linear_residual");
         };
-        let g = GroupNormInput {
-            ybuf: &scratch.ybuf,
-            hsum: &scratch.hsum,
-            nparts: scratch.hsum.dim(1)?,
-            ngroups: scratch.ngroups,
-            z,
-            norm_w,
-            eps,
-            norm_before_gate,
-        };
-        let ok = linear::enqueue_gnorm(&k[2], &self.dev, &g, w, bias, out)?;
-        need(ok, "linear_group_norm")
+        need(x.dim(0)? == self.batch, "linear_residual")?;
+        need(
+            linear::enqueue_residual(&k[2], &self.dev, x, scale, w, bias, epi, shift, out)?,
+            "linear_residual",
+        )
     }
 
     /// The fused mixer step (conv update, state update, gated norm) into `out`
@@ -319,20 +315,26 @@ impl StepStream {
         scratch: &StepScratch,
         out: &Tensor,
     ) -> Result<()> {
-        self.enqueue_step(args, params, scratch, out, true)
+        self.enqueue_step(args, params, scratch, out, StepMode::Norm)
     }
 
-    /// The fused mixer step without its gated norm: y and its partial sums of squares stay in
-    /// `scratch` for [`StepStream::linear_group_norm`]. Only where [`StepStream::fuses_group_norm`].
-    pub fn mixer_decode_step_unnormed(
+    /// The fused mixer step with its norm deferred to the output projection: `out` `(batch,
+    /// d_inner)` = y * gate * norm_w, unscaled, the per-block sums of squares in `scratch`
+    /// ([`StepScratch::sums`], the projection's [`RowScale`] over `d_inner`), the B/C conv
+    /// states left for the projection's [`ConvShift`]. One group only (one scale per row), in
+    /// the norm-epilogue layout.
+    pub fn mixer_decode_step_deferred(
         &self,
         args: &DecodeStepArgs,
         params: &SsdParams,
         scratch: &StepScratch,
+        out: &Tensor,
     ) -> Result<()> {
-        need(self.fused.1, "mixer_decode_step_unnormed")?;
-        // `out` is not written; the kernel only needs a tensor of the right shape and dtype.
-        self.enqueue_step(args, params, scratch, &scratch.ybuf, false)
+        need(
+            self.epilogues && args.ngroups == 1,
+            "mixer_decode_step_deferred",
+        )?;
+        self.enqueue_step(args, params, scratch, out, StepMode::Defer)
     }
 
     fn enqueue_step(
@@ -341,7 +343,7 @@ impl StepStream {
         params: &SsdParams,
         scratch: &StepScratch,
         out: &Tensor,
-        write_norm: bool,
+        mode: StepMode,
     ) -> Result<()> {
         let StepDims {
             batch,
@@ -366,7 +368,7 @@ impl StepStream {
                 && contig(Some(args.norm_weight))
                 && out.is_contiguous()
                 && out.dims() == [batch, d_inner]
-                && (out.dtype() == args.xbc.dtype() || !write_norm)
+                && out.dtype() == args.xbc.dtype()
                 && scratch.ybuf.dims() == [batch, d_inner]
                 && scratch.hsum.dims() == [batch, nheads * scratch.split]
                 && scratch.count.dims() == [batch, args.ngroups]
@@ -383,9 +385,10 @@ impl StepStream {
             headdim,
             d_state,
             split: scratch.split,
-            write_norm,
+            mode,
         };
-        let ok = decode_step::enqueue(&self.step, &self.dev, args, params, shape, out, s)?;
+        let f = &self.step[decode_step::narrow(d_state, args.conv_state.dim(2)?) as usize];
+        let ok = decode_step::enqueue(f, &self.dev, args, params, shape, out, s)?;
         need(ok, "mixer_decode_step")
     }
 
@@ -418,6 +421,14 @@ impl StepStream {
             before: ctx.new_event(None).w()?,
             after: ctx.new_event(None).w()?,
         })
+    }
+}
+
+impl StepScratch {
+    /// The per-block sums of squares of the step's y `(batch, nheads * split)` f32: the parts
+    /// of the deferred step's [`RowScale`].
+    pub fn sums(&self) -> &Tensor {
+        &self.hsum
     }
 }
 

@@ -165,16 +165,6 @@ impl Kernel {
         self.pdl
     }
 
-    /// Blocks of `block` threads and `smem` bytes of dynamic shared memory that fit on one SM
-    /// at once (the driver's occupancy calculator), at least 1.
-    pub(crate) fn blocks_per_sm(&self, block: u32, smem: usize) -> Result<usize> {
-        let n = self
-            .func
-            .occupancy_max_active_blocks_per_multiprocessor(block, smem, None)
-            .w()?;
-        Ok((n as usize).max(1))
-    }
-
     /// Launches with the programmatic-stream-serialisation attribute: the kernel may start
     /// while the previous one on the stream finishes (captured into a graph as a programmatic
     /// edge). The kernel must call `pdl_wait` before touching its predecessor's data.

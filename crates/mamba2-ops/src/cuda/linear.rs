@@ -2,9 +2,8 @@
 //! products that stream the weight once at close to copy bandwidth. More rows go to cuBLAS
 //! (Candle's matmul).
 
-use super::launch::{allow_smem, cfg, code, device, func, launch, opt_ptr, output, ptr, ptx};
-use super::launch::{sm_count, suffix, Kernel, Result};
-use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use super::launch::{cfg, code, device, func, launch, opt_ptr, output, ptr, ptx, suffix};
+use super::launch::{Kernel, Result};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Tensor};
 
@@ -93,68 +92,76 @@ fn projection_ok(
         && (y.dtype() == DType::F32 || y.dtype() == dt))
 }
 
-/// Persistent grid of a prologue projection to `n` outputs with `smem` bytes of dynamic shared
-/// memory (after raising the kernel's limit where needed): as many blocks as fit on the device
-/// at once, each computing the normalised input once and walking several groups of 4 output
-/// rows; `None` when the device cannot.
-fn grid(f: &Kernel, dev: &CudaDevice, n: usize, smem: usize) -> Result<Option<LaunchConfig>> {
-    if !allow_smem(dev, f, smem)? {
-        return Ok(None);
-    }
-    let resident = f.blocks_per_sm(256, smem)? * sm_count(dev)?;
-    Ok(cfg((n.div_ceil(4).min(resident) as u64, 1, 1), 256, smem))
+/// The RMS scale that a scaled projection (`linear_scaled_b<BB>`, `linear_res_b<BB>`) applies
+/// to its dot products: row `b` is divided by `sqrt(sum(parts[b, :]) / dim + eps)`. The
+/// producer of x wrote x times the norm weight, unscaled, and these partial sums of squares.
+pub struct RowScale<'a> {
+    pub parts: &'a Tensor, // (rows, nparts) f32, contiguous
+    pub dim: usize,        // elements per normalised row (group)
+    pub eps: f64,
 }
 
-/// Most groups of the norm that `linear_gnorm` computes in its prologue.
-const GNORM_MAX_GROUPS: usize = 16;
+/// The residual epilogue of `linear_res_b<BB>`, run on the projection's rounded output `o`:
+/// `h = o + residual` (rounded to `residual_out`'s dtype) into `residual_out`, `y = h *
+/// next_norm_w` (the next norm's input, unscaled) and each block's sum of h² into `parts_out`.
+pub struct ResidualEpilogue<'a> {
+    pub residual: &'a Tensor,     // (rows, n) contiguous
+    pub residual_out: &'a Tensor, // (rows, n) contiguous, distinct from `residual`
+    pub next_norm_w: &'a Tensor,  // (n)
+    pub parts_out: &'a Tensor,    // (rows, parts_out(n)) f32, contiguous
+}
 
-/// The residual RMSNorm in front of a mixer, fused into its input projection
-/// (`linear_resnorm_b<BB>`): `h = hidden + residual` (rounded to `rout`'s dtype, written to
-/// `rout` by the kernel's first block), `x = h / rms(h) * norm_w`, `y = x · wᵀ (+ bias)`.
-/// `hidden` `(rows, k)` contiguous, `residual` like it or absent, `norm_w` `(k)` of the
-/// activation dtype, `rout` `(rows, k)` contiguous and distinct from the inputs. `false`
-/// (nothing enqueued) when a precondition fails.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn enqueue_resnorm(
+/// Columns of [`ResidualEpilogue::parts_out`] for `n` outputs: one per block of 4 rows.
+pub(crate) fn parts_out(n: usize) -> usize {
+    n.div_ceil(4)
+}
+
+/// The B/C conv-state shift a deferred mixer step leaves to the projection after it (done by
+/// its block 0): channels `ch0 .. ch0 + nch` of `conv_state` `(rows, conv_dim, k)` f32 take
+/// their next value from `xbc` `(rows, conv_dim)` (unit inner stride, activation dtype).
+pub struct ConvShift<'a> {
+    pub conv_state: &'a Tensor,
+    pub xbc: &'a Tensor,
+    pub ch0: usize,
+    pub nch: usize,
+}
+
+fn scale_ok(s: &RowScale, rows: usize) -> Result<bool> {
+    Ok(s.parts.dtype() == DType::F32
+        && s.parts.is_contiguous()
+        && s.parts.rank() == 2
+        && s.parts.dim(0)? == rows
+        && s.dim > 0)
+}
+
+/// `y = (x · wᵀ) / rms (+ bias)` (`linear_scaled_b<BB>`): the RMSNorm whose input times weight
+/// is `x` and whose partial sums of squares are `scale.parts`, fused with the projection after
+/// it. Shapes as [`enqueue`]; `false` (nothing enqueued) when a precondition fails.
+pub(crate) fn enqueue_scaled(
     f: &Kernel,
     dev: &CudaDevice,
-    hidden: &Tensor,
-    residual: Option<&Tensor>,
-    norm_w: &Tensor,
-    rout: &Tensor,
-    eps: f64,
+    x: &Tensor,
+    scale: &RowScale,
     w: &Tensor,
     bias: Option<&Tensor>,
     y: &Tensor,
 ) -> Result<bool> {
-    let (rows_n, k) = hidden.dims2()?;
+    let (rows_n, k) = x.dims2()?;
     let n = w.dim(0)?;
-    let dt = hidden.dtype();
-    if !projection_ok(dev, rows_n, k, dt, w, bias, y)?
-        || norm_w.dtype() != dt
-        || norm_w.dims() != [k]
-        || !hidden.is_contiguous()
-        || !norm_w.is_contiguous()
-        || !rout.is_contiguous()
-        || rout.dims() != [rows_n, k]
-        || residual.is_some_and(|r| !r.is_contiguous() || r.dims() != [rows_n, k])
+    if !projection_ok(dev, rows_n, k, x.dtype(), w, bias, y)?
+        || !aligned_rows(x, dev)?
+        || !scale_ok(scale, rows_n)?
     {
         return Ok(false);
     }
-    let Some(c) = grid(f, dev, n, rows_n * k * dt.size_in_bytes())? else {
+    let Some(c) = cfg((n.div_ceil(4) as u64, 1, 1), 256, 0) else {
         return Ok(false);
     };
     launch!(
         f,
         c,
-        ptr(hidden, dev)?,
-        opt_ptr(residual, dev)?,
-        code(residual.map_or(DType::F32, |r| r.dtype())),
-        ptr(rout, dev)?,
-        code(rout.dtype()),
-        ptr(norm_w, dev)?,
-        code(norm_w.dtype()),
-        eps as f32,
+        ptr(x, dev)?,
+        x.layout().stride()[0] as i64,
         rows_n as i32,
         ptr(w, dev)?,
         opt_ptr(bias, dev)?,
@@ -164,80 +171,106 @@ pub(crate) fn enqueue_resnorm(
         y.layout().stride()[0] as i64,
         n as i64,
         k as i64,
+        ptr(scale.parts, dev)?,
+        scale.parts.dim(1)? as i64,
+        scale.dim as f32,
+        scale.eps as f32,
     )?;
     Ok(true)
 }
 
-/// What `linear_gnorm` reads of the fused mixer step that ran before it (launched with
-/// `write_norm` off): its f32 y and partial sums of squares, and the norm's parameters.
-pub(crate) struct GroupNormInput<'a> {
-    pub ybuf: &'a Tensor, // (rows, d_inner) f32, gated unless norm_before_gate
-    pub hsum: &'a Tensor, // (rows, nparts) f32, the parts of each group contiguous
-    pub nparts: usize,
-    pub ngroups: usize,
-    pub z: &'a Tensor,      // (rows, d_inner) activation dtype, unit inner stride
-    pub norm_w: &'a Tensor, // (d_inner) activation dtype
-    pub eps: f64,
-    pub norm_before_gate: bool,
-}
-
-/// The mixer's grouped gated RMSNorm fused into its output projection (`linear_gnorm_b<BB>`):
-/// `x = gated_rms_norm(y, z)`, `y_out = x · wᵀ (+ bias)`. `false` (nothing enqueued) when a
-/// precondition fails.
-pub(crate) fn enqueue_gnorm(
+/// The output projection of a mixer with the next block's residual add behind it
+/// (`linear_res_b<BB>`): `o = (x · wᵀ) [/ rms] (+ bias)` rounded to x's dtype, then the
+/// [`ResidualEpilogue`] (whose `y` is the next norm's unscaled input, x's dtype) and, when
+/// given, the [`ConvShift`]. `false` (nothing enqueued) when a precondition fails.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn enqueue_residual(
     f: &Kernel,
     dev: &CudaDevice,
-    g: &GroupNormInput,
+    x: &Tensor,
+    scale: Option<&RowScale>,
     w: &Tensor,
     bias: Option<&Tensor>,
+    epi: &ResidualEpilogue,
+    shift: Option<&ConvShift>,
     y: &Tensor,
 ) -> Result<bool> {
-    let (rows_n, k) = g.ybuf.dims2()?;
+    let (rows_n, k) = x.dims2()?;
     let n = w.dim(0)?;
-    let dt = g.z.dtype();
-    let z_ok = g.z.dims() == [rows_n, k] && g.z.layout().stride()[1] == 1;
+    let dt = x.dtype();
+    let same = |t: &Tensor| t.dims() == [rows_n, n] && t.is_contiguous();
+    let epi_ok = same(epi.residual)
+        && same(epi.residual_out)
+        && epi.next_norm_w.dims() == [n]
+        && epi.next_norm_w.is_contiguous()
+        && epi.parts_out.dtype() == DType::F32
+        && epi.parts_out.dims() == [rows_n, parts_out(n)]
+        && epi.parts_out.is_contiguous();
+    let shift_ok = match shift {
+        None => true,
+        Some(s) => {
+            let (b, conv_dim, kc) = s.conv_state.dims3()?;
+            s.conv_state.dtype() == DType::F32
+                && s.conv_state.is_contiguous()
+                && b == rows_n
+                && kc > 0
+                && s.ch0 + s.nch <= conv_dim
+                && s.xbc.dtype() == dt
+                && s.xbc.dims() == [rows_n, conv_dim]
+                && s.xbc.layout().stride()[1] == 1
+        }
+    };
+    let scale_fits = match scale {
+        Some(s) => scale_ok(s, rows_n)?,
+        None => true,
+    };
     if !projection_ok(dev, rows_n, k, dt, w, bias, y)?
-        || g.norm_w.dtype() != dt
-        || g.norm_w.dims() != [k]
-        || g.ybuf.dtype() != DType::F32
-        || g.hsum.dtype() != DType::F32
-        || g.ngroups == 0
-        || g.ngroups > GNORM_MAX_GROUPS
-        || !k.is_multiple_of(g.ngroups)
-        || !g.nparts.is_multiple_of(g.ngroups)
-        || g.hsum.dims() != [rows_n, g.nparts]
-        || !z_ok
-        || !g.ybuf.is_contiguous()
-        || !g.hsum.is_contiguous()
-        || !g.norm_w.is_contiguous()
+        || y.dtype() != dt
+        || !aligned_rows(x, dev)?
+        || !epi_ok
+        || !shift_ok
+        || !scale_fits
     {
         return Ok(false);
     }
-    let Some(c) = grid(f, dev, n, rows_n * k * dt.size_in_bytes())? else {
+    let Some(c) = cfg((parts_out(n) as u64, 1, 1), 256, 0) else {
         return Ok(false);
+    };
+    let (conv_dim, kc) = match shift {
+        Some(s) => (s.conv_state.dim(1)?, s.conv_state.dim(2)?),
+        None => (0, 0),
     };
     launch!(
         f,
         c,
-        ptr(g.ybuf, dev)?,
-        ptr(g.hsum, dev)?,
-        g.nparts as i64,
-        g.ngroups as i64,
-        ptr(g.z, dev)?,
-        g.z.layout().stride()[0] as i64,
-        g.norm_before_gate as i32,
-        ptr(g.norm_w, dev)?,
-        code(g.norm_w.dtype()),
-        g.eps as f32,
+        ptr(x, dev)?,
+        x.layout().stride()[0] as i64,
         rows_n as i32,
         ptr(w, dev)?,
         opt_ptr(bias, dev)?,
         code(bias.map_or(DType::F32, |b| b.dtype())),
         ptr(y, dev)?,
-        code(y.dtype()),
         y.layout().stride()[0] as i64,
         n as i64,
         k as i64,
+        opt_ptr(scale.map(|s| s.parts), dev)?,
+        scale.map_or(Ok(0), |s| s.parts.dim(1))? as i64,
+        scale.map_or(1.0, |s| s.dim as f32),
+        scale.map_or(0.0, |s| s.eps as f32),
+        ptr(epi.residual, dev)?,
+        code(epi.residual.dtype()),
+        ptr(epi.residual_out, dev)?,
+        code(epi.residual_out.dtype()),
+        ptr(epi.next_norm_w, dev)?,
+        code(epi.next_norm_w.dtype()),
+        ptr(epi.parts_out, dev)?,
+        opt_ptr(shift.map(|s| s.conv_state), dev)?,
+        opt_ptr(shift.map(|s| s.xbc), dev)?,
+        shift.map_or(0, |s| s.xbc.layout().stride()[0]) as i64,
+        conv_dim as i64,
+        shift.map_or(0, |s| s.ch0) as i64,
+        shift.map_or(0, |s| s.nch) as i32,
+        kc as i32,
     )?;
     Ok(true)
 }

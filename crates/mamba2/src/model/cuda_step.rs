@@ -11,7 +11,9 @@ use super::Mamba2Model;
 use crate::cache::Mamba2Cache;
 use crate::Result;
 use candle_core::{DType, Device, Tensor, TensorId};
-use mamba2_ops::cuda_graph::{StepGraph, StepScratch, StepStream};
+use mamba2_ops::cuda_graph::{
+    ConvShift, ResidualEpilogue, RowScale, StepGraph, StepScratch, StepStream,
+};
 use mamba2_ops::OpError;
 
 /// A captured decode step and everything its addresses point into.
@@ -19,7 +21,7 @@ pub(crate) struct CudaStepGraph {
     model: [TensorId; 2], // embeddings and lm_head of the model it was captured for
     ids: Tensor,          // (batch) u32: refilled before each replay
     logits: Tensor,       // (batch, vocab_rows) f32: written by each replay
-    _buffers: Vec<Tensor>,
+    _buffers: Buffers,
     _scratch: StepScratch,
     graph: StepGraph,
 }
@@ -98,82 +100,169 @@ fn capture(
     let s = StepStream::new(dev, dtype, batch)?;
     let zeros = |shape: (usize, usize), dt: DType| Tensor::zeros(shape, dt, device);
     let ids = Tensor::zeros(batch, DType::U32, device)?;
-    let hidden = zeros((batch, c.d_model), dtype)?; // embedding, then each mixer's output
-    let residual = [
-        zeros((batch, c.d_model), res_dtype)?,
-        zeros((batch, c.d_model), res_dtype)?,
-    ];
-    let normed = zeros((batch, c.d_model), dtype)?;
-    let zxbcdt = zeros((batch, c.d_in_proj()), dtype)?;
-    let y = zeros((batch, c.d_inner), dtype)?;
-    let logits = zeros((batch, model.vocab_rows()), DType::F32)?;
-    let scratch = s.scratch(c.d_inner, c.nheads, c.ngroups)?;
-    let parts = model.projection_views(&zxbcdt)?; // z, xBC, dt: views of zxbcdt
-    let (fuse_res, fuse_group) = (s.fuses_res_norm(), s.fuses_group_norm());
-    // The residual norm in front of a projection: fused into it, or a kernel of its own.
-    let norm_then_linear = |s: &StepStream,
-                            res_in: Option<&Tensor>,
-                            norm_w: &Tensor,
-                            res_out: &Tensor,
-                            w: &Tensor,
-                            bias: Option<&Tensor>,
-                            out: &Tensor|
-     -> mamba2_ops::Result<()> {
-        if fuse_res {
-            s.linear_res_norm(&hidden, res_in, norm_w, c.norm_eps, res_out, w, bias, out)
-        } else {
-            s.rms_norm_residual(&hidden, res_in, norm_w, c.norm_eps, &normed, res_out)?;
-            s.linear(&normed, w, bias, out)
-        }
+    let buf = Buffers {
+        hidden: zeros((batch, c.d_model), dtype)?,
+        residual: [
+            zeros((batch, c.d_model), res_dtype)?,
+            zeros((batch, c.d_model), res_dtype)?,
+        ],
+        normed: zeros((batch, c.d_model), dtype)?,
+        sums: s.residual_parts(c.d_model)?,
+        zxbcdt: zeros((batch, c.d_in_proj()), dtype)?,
+        y: zeros((batch, c.d_inner), dtype)?,
+        logits: zeros((batch, model.vocab_rows()), DType::F32)?,
     };
+    let scratch = s.scratch(c.d_inner, c.nheads, c.ngroups)?;
+    let parts = model.projection_views(&buf.zxbcdt)?; // z, xBC, dt: views of zxbcdt
+    let epilogues = s.norm_epilogues() && !model.blocks.is_empty();
     let graph = s.capture(|s| {
-        s.embedding(&model.embeddings, &ids, &hidden)?;
-        for (i, block) in model.blocks.iter().enumerate() {
-            let m = &block.mixer;
-            // The residual ping-pongs: the norm reads one buffer and writes the other.
-            let res_in = (i > 0).then(|| &residual[(i + 1) % 2]);
-            let (w_in, b_in) = (m.in_proj.weight(), m.in_proj.bias());
-            let res_out = &residual[i % 2];
-            norm_then_linear(s, res_in, &block.norm_weight, res_out, w_in, b_in, &zxbcdt)?;
-            let args = model.decode_step_args(m, &parts, cache.layer_mut(i));
-            let (w_out, b_out) = (m.out_proj.weight(), m.out_proj.bias());
-            if fuse_group {
-                s.mixer_decode_step_unnormed(&args, &model.ssd_params, &scratch)?;
-                s.linear_group_norm(
-                    &scratch,
-                    args.z,
-                    args.norm_weight,
-                    args.eps,
-                    args.norm_before_gate,
-                    w_out,
-                    b_out,
-                    &hidden,
-                )?;
-            } else {
-                s.mixer_decode_step(&args, &model.ssd_params, &scratch, &y)?;
-                s.linear(&y, w_out, b_out, &hidden)?;
-            }
-        }
-        let n = model.blocks.len();
-        let res_in = (n > 0).then(|| &residual[(n + 1) % 2]);
-        norm_then_linear(
+        s.embedding(&model.embeddings, &ids, &buf.hidden)?;
+        let rec = Recorder {
+            model,
             s,
-            res_in,
-            &model.norm_f,
-            &residual[n % 2],
-            &model.lm_head,
-            None,
-            &logits,
-        )
+            scratch: &scratch,
+            parts: &parts,
+            buf: &buf,
+        };
+        if epilogues {
+            rec.layers_with_norm_epilogues(cache)
+        } else {
+            rec.layers_with_norm_kernels(cache)
+        }
     })?;
     Ok(CudaStepGraph {
         model: graph_key(model),
         ids,
-        logits,
-        _buffers: [vec![hidden, normed, zxbcdt, y], residual.to_vec()].concat(),
+        logits: buf.logits.clone(),
+        _buffers: buf,
         _scratch: scratch,
         graph,
     })
+}
+
+/// The buffers a captured step reads and writes between its kernels.
+struct Buffers {
+    hidden: Tensor, // (batch, d_model): the embedding (and, four-kernel layout, each mixer's output)
+    residual: [Tensor; 2], // (batch, d_model) of the residual dtype: read by one layer, written by the next
+    normed: Tensor, // (batch, d_model): each norm's output (four-kernel layout) or its unscaled input
+    sums: Tensor,   // (batch, d_model / 4) f32: partial sums of squares of the residual
+    zxbcdt: Tensor, // (batch, d_in_proj): the input projection
+    y: Tensor,      // (batch, d_inner): the mixer step's output
+    logits: Tensor, // (batch, vocab_rows) f32
+}
+
+/// What recording the layers needs.
+struct Recorder<'a> {
+    model: &'a Mamba2Model,
+    s: &'a StepStream,
+    scratch: &'a StepScratch,
+    parts: &'a (Tensor, Tensor, Tensor), // z, xBC, dt: views of zxbcdt
+    buf: &'a Buffers,
+}
+
+impl Recorder<'_> {
+    /// The four-kernel layer (residual norm, input projection, fused step with its norm,
+    /// output projection): batches beyond the matrix-vector kernels, or
+    /// `MAMBA2_CUDA_NORM_EPILOGUES=0`.
+    fn layers_with_norm_kernels(&self, cache: &mut Mamba2Cache) -> mamba2_ops::Result<()> {
+        let (model, s, b) = (self.model, self.s, self.buf);
+        let eps = model.config().norm_eps;
+        for (i, block) in model.blocks.iter().enumerate() {
+            let m = &block.mixer;
+            // The residual ping-pongs: the norm reads one buffer and writes the other.
+            let res_in = (i > 0).then(|| &b.residual[(i + 1) % 2]);
+            let res_out = &b.residual[i % 2];
+            s.rms_norm_residual(
+                &b.hidden,
+                res_in,
+                &block.norm_weight,
+                eps,
+                &b.normed,
+                res_out,
+            )?;
+            s.linear(&b.normed, m.in_proj.weight(), m.in_proj.bias(), &b.zxbcdt)?;
+            let args = model.decode_step_args(m, self.parts, cache.layer_mut(i));
+            s.mixer_decode_step(&args, &model.ssd_params, self.scratch, &b.y)?;
+            s.linear(&b.y, m.out_proj.weight(), m.out_proj.bias(), &b.hidden)?;
+        }
+        let n = model.blocks.len();
+        let res_in = (n > 0).then(|| &b.residual[(n + 1) % 2]);
+        let res_out = &b.residual[n % 2];
+        s.rms_norm_residual(&b.hidden, res_in, &model.norm_f, eps, &b.normed, res_out)?;
+        s.linear(&b.normed, &model.lm_head, None, &b.logits)
+    }
+
+    /// The norm-epilogue layer (see `mamba2_ops::cuda_graph`): input projection scaled by the
+    /// residual norm whose input the previous output projection wrote, fused step (its gated
+    /// norm deferred to the output projection when there is one group), output projection
+    /// adding the residual. Only the first layer's norm is a kernel of its own (its input is
+    /// the embedding). At least one layer.
+    fn layers_with_norm_epilogues(&self, cache: &mut Mamba2Cache) -> mamba2_ops::Result<()> {
+        let (model, s, b) = (self.model, self.s, self.buf);
+        let c = model.config();
+        let blocks = &model.blocks;
+        // `normed` holds each norm's input times its weight, unscaled, and `sums` the partial
+        // sums of squares of that input: both written by the previous output projection.
+        let res_scale = RowScale {
+            parts: &b.sums,
+            dim: c.d_model,
+            eps: c.norm_eps,
+        };
+        let first_norm = &blocks[0].norm_weight;
+        s.rms_norm_residual(
+            &b.hidden,
+            None,
+            first_norm,
+            c.norm_eps,
+            &b.normed,
+            &b.residual[0],
+        )?;
+        for (i, block) in blocks.iter().enumerate() {
+            let m = &block.mixer;
+            let (w_in, b_in) = (m.in_proj.weight(), m.in_proj.bias());
+            if i == 0 {
+                s.linear(&b.normed, w_in, b_in, &b.zxbcdt)?;
+            } else {
+                s.linear_scaled(&b.normed, &res_scale, w_in, b_in, &b.zxbcdt)?;
+            }
+            let args = model.decode_step_args(m, self.parts, cache.layer_mut(i));
+            let epi = ResidualEpilogue {
+                residual: &b.residual[i % 2],
+                residual_out: &b.residual[(i + 1) % 2],
+                next_norm_w: blocks.get(i + 1).map_or(&model.norm_f, |b| &b.norm_weight),
+                parts_out: &b.sums,
+            };
+            let (w_out, b_out) = (m.out_proj.weight(), m.out_proj.bias());
+            if c.ngroups == 1 {
+                s.mixer_decode_step_deferred(&args, &model.ssd_params, self.scratch, &b.y)?;
+                let scale = RowScale {
+                    parts: self.scratch.sums(),
+                    dim: c.d_inner,
+                    eps: args.eps,
+                };
+                let shift = ConvShift {
+                    conv_state: args.conv_state,
+                    xbc: args.xbc,
+                    ch0: c.d_inner,
+                    nch: 2 * c.ngroups * c.d_state,
+                };
+                s.linear_residual(
+                    &b.y,
+                    Some(&scale),
+                    w_out,
+                    b_out,
+                    &epi,
+                    Some(&shift),
+                    &b.normed,
+                )?;
+            } else {
+                // One scale per group: the step normalises, the projection adds the residual.
+                s.mixer_decode_step(&args, &model.ssd_params, self.scratch, &b.y)?;
+                s.linear_residual(&b.y, None, w_out, b_out, &epi, None, &b.normed)?;
+            }
+        }
+        s.linear_scaled(&b.normed, &res_scale, &model.lm_head, None, &b.logits)
+    }
 }
 
 /// Identity of the weights a captured step reads (clones of a model share them).

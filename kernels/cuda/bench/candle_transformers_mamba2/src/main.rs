@@ -2,6 +2,7 @@
 //! `mamba2 bench`: warm-up, then timed runs of (prefill N tokens, decode M tokens greedy),
 //! medians. Weights are zeros from a `VarMap` (no checkpoint of this size here; the work per
 //! token does not depend on the values). Usage: BIN 1.3b|2.7b bf16|f32 PREFILL DECODE RUNS CHUNK
+//! [BATCH] (default 1; decode tok/s counts every sequence's tokens)
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
@@ -17,6 +18,7 @@ fn main() -> Result<()> {
     let dtype = if a[2] == "f32" { DType::F32 } else { DType::BF16 };
     let (prefill, decode, runs, chunk): (usize, usize, usize, usize) =
         (a[3].parse()?, a[4].parse()?, a[5].parse()?, a[6].parse()?);
+    let batch: usize = a.get(7).map_or(Ok(1), |b| b.parse())?;
     let dev = Device::new_cuda(0)?;
     let cfg: Config = serde_json::from_value(serde_json::json!({
         "d_model": d_model, "n_layer": n_layer, "vocab_size": 50277, "d_state": 128,
@@ -24,19 +26,21 @@ fn main() -> Result<()> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, dtype, &dev);
     let model = Model::new(&cfg, vb.pp("backbone"))?;
-    let ids: Vec<u32> = (0..prefill).map(|i| (i as u32 * 7919 + 13) % 50277).collect();
-    let ids = Tensor::from_vec(ids, (1, prefill), &dev)?;
+    let ids: Vec<u32> = (0..batch * prefill)
+        .map(|i| (i as u32 * 7919 + 13) % 50277)
+        .collect();
+    let ids = Tensor::from_vec(ids, (batch, prefill), &dev)?; // (batch, prefill)
     let (mut ps, mut ds) = (vec![], vec![]);
     for run in 0..runs + 1 {
-        let mut state = State::new(1, &cfg, dtype, &dev)?;
+        let mut state = State::new(batch, &cfg, dtype, &dev)?;
         dev.synchronize()?;
         let t0 = Instant::now();
-        let logits = model.forward_prefill(&ids, &mut state, chunk)?; // (1, prefill, vocab)
-        let mut next = logits.narrow(1, prefill - 1, 1)?.squeeze(1)?.argmax(D::Minus1)?; // (1)
+        let logits = model.forward_prefill(&ids, &mut state, chunk)?; // (batch, prefill, vocab)
+        let mut next = logits.narrow(1, prefill - 1, 1)?.squeeze(1)?.argmax(D::Minus1)?; // (batch)
         dev.synchronize()?;
         let t1 = Instant::now();
         for _ in 0..decode {
-            let logits = model.forward(&next, &mut state)?; // (1, vocab)
+            let logits = model.forward(&next, &mut state)?; // (batch, vocab)
             next = logits.argmax(D::Minus1)?;
         }
         next.to_vec1::<u32>()?;
@@ -53,8 +57,9 @@ fn main() -> Result<()> {
     };
     let (p, d) = (med(&mut ps.clone()), med(&mut ds.clone()));
     println!("{}", serde_json::json!({"engine": "candle-transformers 0.11 mamba2", "shape": a[1],
-        "dtype": a[2], "chunk": chunk, "prefill_tokens": prefill, "decode_tokens": decode,
-        "prefill_tok_s": prefill as f64 / p, "decode_tok_s": decode as f64 / d,
+        "dtype": a[2], "batch": batch, "chunk": chunk, "prefill_tokens": prefill,
+        "decode_tokens": decode, "prefill_tok_s": (batch * prefill) as f64 / p,
+        "decode_tok_s": (batch * decode) as f64 / d,
         "prefill_s": ps, "decode_s": ds}));
     Ok(())
 }
