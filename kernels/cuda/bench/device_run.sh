@@ -2,7 +2,7 @@
 # Runs the CUDA test binaries and model benchmarks on the device machine (see ../README.md and
 # ../../../../shared/tools/CUDA.md): binaries carried as .carry/bins.tar.xz (bin/mamba2, the
 # cuda_* test executables and bin/candle-transformers-mamba2-bench), logs to $OUT. Usage:
-# device_run.sh MODE... with MODE tests|quick|bench13|bench27|ab13|ab16|ncu|ncu16|all13|all27 (all*: every engine, one shape;
+# device_run.sh MODE... with MODE tests|quick|bench13|bench27|ab13|ab16|ncu|ncu16|b16ct13|ct16|all13|all27 (all*: every engine, one shape;
 # HF needs .carry/pylib from fetch_mamba_ssm_triton.sh for mamba_ssm's Triton kernels)
 set -u
 OUT=${OUT:-/tmp/out}
@@ -11,9 +11,10 @@ mkdir -p "$OUT" .carry/x
 B=$PWD/.carry/x/bin
 export LD_LIBRARY_PATH="$(python3 -c 'import nvidia,os;print(next(d for d in (os.path.join(p,"cu13","lib") for p in nvidia.__path__) if os.path.exists(os.path.join(d,"libcublas.so.13"))))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/gpu.txt" 2>&1
-bench() { # shape batch extra... (under $LAYOUT, an environment assignment list, if set)
+bench() { # shape batch extra... (under $LAYOUT, an environment assignment list, if set;
+           # $PREFILL prompt tokens, 2048 unless set)
     local shape=$1 batch=$2; shift 2
-    env ${LAYOUT:-} $B/mamba2 bench --shape "$shape" --device cuda --dtype bf16 --prefill 2048 --decode 128 \
+    env ${LAYOUT:-} $B/mamba2 bench --shape "$shape" --device cuda --dtype bf16 --prefill ${PREFILL:-2048} --decode 128 \
         --batch "$batch" --runs 3 --warmup 1 "$@" 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
 }
 [ -n "${LAYOUT:-}" ] && echo "layout: $LAYOUT" | tee -a "$OUT/bench.jsonl"
@@ -65,13 +66,23 @@ ab16)  # the step's n128 variant against the general one, 1.3b batch 16 decode
             --batch 16 --runs 3 --warmup 1 2>&1 | tail -1 | grep -o '"decode_tok_s":[0-9.]*' | cut -d: -f2)
         echo "batch 16 ${env:-default}: decode $r tok/s" | tee -a "$OUT/layouts.txt"
     done ;;
+ct16)  # candle-transformers batch 16 decode from an empty state (its batched prefill fails)
+    for shape in 1.3b 2.7b; do
+        timeout 100 $B/candle-transformers-mamba2-bench $shape bf16 0 32 1 16 16 > "$OUT/ct16_$shape.log" 2>&1
+        tail -1 "$OUT/ct16_$shape.log" | tee -a "$OUT/bench.jsonl"; grep -m3 -iE "error|panick" "$OUT/ct16_$shape.log"
+    done ;;
+b16ct13)  # batch 16 of ours and of candle-transformers, 1.3b
+    PREFILL=64 bench 1.3b 16
+    timeout 100 $B/candle-transformers-mamba2-bench 1.3b bf16 16 16 1 16 16 > "$OUT/ct16_1.3b.log" 2>&1
+    tail -1 "$OUT/ct16_1.3b.log" | tee -a "$OUT/bench.jsonl"; grep -m3 -iE "error|panick" "$OUT/ct16_1.3b.log" ;;
 all13|all27)  # every engine at one shape, bf16, random weights, in this one call
     shape=1.3b; [ "$mode" = all27 ] && shape=2.7b
-    bench $shape 1; bench $shape 16 --prefill 64
+    bench $shape 1; PREFILL=64 bench $shape 16
     # candle-transformers: prefill 2048 needs > 141 GB at chunk 64 (run 13) and fails at chunk
     # 256 (32-bit launch sizes): its prefill is measured at 256 tokens, decode after it.
     timeout 150 $B/candle-transformers-mamba2-bench $shape bf16 256 32 1 64 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
-    timeout 100 $B/candle-transformers-mamba2-bench $shape bf16 16 16 1 16 16 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
+    timeout 100 $B/candle-transformers-mamba2-bench $shape bf16 16 16 1 16 16 > "$OUT/ct16_$shape.log" 2>&1
+    tail -1 "$OUT/ct16_$shape.log" | tee -a "$OUT/bench.jsonl"; grep -m3 -iE "error|panick" "$OUT/ct16_$shape.log"
     export PYTHONPATH=$PWD/.carry/pylib${PYTHONPATH:+:$PYTHONPATH}
     timeout 200 python3 kernels/cuda/bench/hf_mamba2.py --shape $shape --prefill 2048 --decode 64 --batch 1 --runs 2 2>&1 | grep "^hf" | tee -a "$OUT/bench.jsonl"
     timeout 150 python3 kernels/cuda/bench/hf_mamba2.py --shape $shape --prefill 64 --decode 32 --batch 16 --runs 2 2>&1 | grep "^hf" | tee -a "$OUT/bench.jsonl"

@@ -337,7 +337,7 @@ pub fn launch_count() -> u64 {
 
 /// A diagnostic switch read once from the environment (`0` turns it off, `1` on, anything
 /// else or unset keeps `default`): lets one binary compare the captured step's layouts on the
-/// GPU (`MAMBA2_CUDA_PDL`, `MAMBA2_CUDA_FUSED_NORMS`).
+/// GPU (`MAMBA2_CUDA_PDL`, `MAMBA2_CUDA_NORM_EPILOGUES`, `MAMBA2_CUDA_STEP_N128`).
 pub(crate) fn env_switch(name: &str, default: bool) -> bool {
     match std::env::var(name).as_deref() {
         Ok("0") => false,

@@ -2,7 +2,8 @@
 //! `mamba2 bench`: warm-up, then timed runs of (prefill N tokens, decode M tokens greedy),
 //! medians. Weights are zeros from a `VarMap` (no checkpoint of this size here; the work per
 //! token does not depend on the values). Usage: BIN 1.3b|2.7b bf16|f32 PREFILL DECODE RUNS CHUNK
-//! [BATCH] (default 1; decode tok/s counts every sequence's tokens)
+//! [BATCH] (default 1; decode tok/s counts every sequence's tokens). PREFILL 0 decodes from
+//! an empty state (its chunked prefill fails at batch > 1: a non-contiguous matmul).
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
@@ -35,8 +36,12 @@ fn main() -> Result<()> {
         let mut state = State::new(batch, &cfg, dtype, &dev)?;
         dev.synchronize()?;
         let t0 = Instant::now();
-        let logits = model.forward_prefill(&ids, &mut state, chunk)?; // (batch, prefill, vocab)
-        let mut next = logits.narrow(1, prefill - 1, 1)?.squeeze(1)?.argmax(D::Minus1)?; // (batch)
+        let mut next = if prefill == 0 {
+            Tensor::zeros(batch, DType::U32, &dev)? // (batch)
+        } else {
+            let logits = model.forward_prefill(&ids, &mut state, chunk)?; // (batch, prefill, vocab)
+            logits.narrow(1, prefill - 1, 1)?.squeeze(1)?.argmax(D::Minus1)? // (batch)
+        };
         dev.synchronize()?;
         let t1 = Instant::now();
         for _ in 0..decode {
@@ -58,7 +63,7 @@ fn main() -> Result<()> {
     let (p, d) = (med(&mut ps.clone()), med(&mut ds.clone()));
     println!("{}", serde_json::json!({"engine": "candle-transformers 0.11 mamba2", "shape": a[1],
         "dtype": a[2], "batch": batch, "chunk": chunk, "prefill_tokens": prefill,
-        "decode_tokens": decode, "prefill_tok_s": (batch * prefill) as f64 / p,
+        "decode_tokens": decode, "prefill_tok_s": (batch * prefill) as f64 / p.max(1e-12),
         "decode_tok_s": (batch * decode) as f64 / d,
         "prefill_s": ps, "decode_s": ds}));
     Ok(())
