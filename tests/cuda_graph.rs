@@ -112,7 +112,10 @@ fn captured_step_matches_eager_step_and_cpu() {
     // Both layouts of the captured layer (read at each capture): norm kernels of their own,
     // norms in the projections' epilogues (the default).
     for epilogues in [false, true] {
-        std::env::set_var("MAMBA2_CUDA_NORM_EPILOGUES", if epilogues { "1" } else { "0" });
+        std::env::set_var(
+            "MAMBA2_CUDA_NORM_EPILOGUES",
+            if epilogues { "1" } else { "0" },
+        );
         println!("norm epilogues: {epilogues}");
         check_layout(&dev, epilogues);
     }
@@ -143,7 +146,11 @@ fn check_layout(dev: &Device, epilogues: bool) {
                 // only by the eager path rounding them to the model dtype before f32); with the
                 // epilogues, the norms' scale is applied after the products instead of before
                 // (other rounding points) at batches up to 4, so the reference's tolerance.
-                let ts_eager = if epilogues && batch <= 4 { ts } else { ts * 0.1 };
+                let ts_eager = if epilogues && batch <= 4 {
+                    ts
+                } else {
+                    ts * 0.1
+                };
                 compare(&format!("{what} graph vs eager"), &g, &e, tl, ts_eager);
                 compare(
                     &format!("{what} graph vs cpu"),
