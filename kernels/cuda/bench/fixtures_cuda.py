@@ -1,18 +1,19 @@
 """The committed HF fixtures (tests/fixtures/*) end to end on CUDA through the CLI:
-`mamba2 logits --device cuda` for both checkpoint layouts and f32/bf16, against HF's f32 logits
-(prefill path and prefill-then-step path), with the tolerances of tests/hf_fixtures.rs.
+`mamba2 logits --device cuda` for both checkpoint layouts and f32/bf16/f16, against HF's f32
+logits (prefill path and prefill-then-step path), with the tolerances of tests/hf_fixtures.rs.
 
-    python3 kernels/cuda/bench/fixtures_cuda.py path/to/mamba2
+    python3 kernels/cuda/bench/fixtures_cuda.py path/to/mamba2 [dtype ...]
 Exits non-zero if any case fails.
 """
 import os, subprocess, sys, tempfile
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-TOL = {"f32": 5e-5, "bf16": 0.15}  # max |ours - HF f32|, as tests/hf_fixtures.rs
+TOL = {"f32": 5e-5, "bf16": 0.15, "f16": 0.03}  # max |ours - HF f32|, as tests/hf_fixtures.rs
 
 def main():
     exe = sys.argv[1]
+    dtypes = sys.argv[2:] or ["f32", "bf16", "f16"]
     root = "tests/fixtures"
     fails = 0
     for case in sorted(os.listdir(root)):
@@ -25,7 +26,7 @@ def main():
             inp = os.path.join(tmp, "in.safetensors")
             save_file({"input_ids": ref["input_ids"].astype(np.int64)}, inp)
             for layout in ("hf", "ssm"):
-                for dtype in ("f32", "bf16"):
+                for dtype in dtypes:
                     out = os.path.join(tmp, f"out_{layout}_{dtype}.safetensors")
                     r = subprocess.run([exe, "logits", "--model", os.path.join(root, case, layout),
                                         "--device", "cuda", "--dtype", dtype, "--offline",
