@@ -142,13 +142,20 @@ fn capture(
 
 /// The buffers a captured step reads and writes between its kernels.
 struct Buffers {
-    hidden: Tensor, // (batch, d_model): the embedding (and, four-kernel layout, each mixer's output)
-    residual: [Tensor; 2], // (batch, d_model) of the residual dtype: read by one layer, written by the next
-    normed: Tensor, // (batch, d_model): each norm's output (four-kernel layout) or its unscaled input
-    sums: Tensor,   // (batch, d_model / 4) f32: partial sums of squares of the residual
-    zxbcdt: Tensor, // (batch, d_in_proj): the input projection
-    y: Tensor,      // (batch, d_inner): the mixer step's output
-    logits: Tensor, // (batch, vocab_rows) f32
+    /// (batch, d_model): the embedding (and, four-kernel layout, each mixer's output).
+    hidden: Tensor,
+    /// (batch, d_model) of the residual dtype: one layer reads one, writes the other.
+    residual: [Tensor; 2],
+    /// (batch, d_model): each norm's output (four-kernel layout) or its unscaled input.
+    normed: Tensor,
+    /// (batch, d_model / 4) f32: partial sums of squares of the residual (norm epilogues).
+    sums: Tensor,
+    /// (batch, d_in_proj): the input projection.
+    zxbcdt: Tensor,
+    /// (batch, d_inner): the mixer step's output.
+    y: Tensor,
+    /// (batch, vocab_rows) f32.
+    logits: Tensor,
 }
 
 /// What recording the layers needs.
