@@ -13,17 +13,17 @@
 //! enqueue functions refuse views that would need a temporary copy.
 //!
 //! A layer's kernels, by batch size:
-//! - up to `linear::MAX_ROWS` sequences, "norm epilogues" (the default; `MAMBA2_CUDA_NORM_EPILOGUES=0`
-//!   switches back to the four-kernel layout below): matrix-vector input projection, fused mixer
-//!   step, matrix-vector output projection. Neither norm has a kernel: an RMSNorm scales its
-//!   input by one number per row (per group), so its producer writes the input times the norm
-//!   weight with per-block partial sums of squares, and the projection that consumes it
-//!   multiplies its dot products by 1 / rms after the reduction (`linear_scaled`, `linear_res`).
-//!   The output projection's epilogue also adds the residual and writes the next block's norm
-//!   input, and (with one group, where its scale is one per row) the fused step defers its gated
-//!   norm and its B/C conv-state shift to it, so the step has no cross-block arrival counting. On
-//!   sm_90+ each kernel is a programmatic dependent of the previous one (it starts while that
-//!   one ends and loads its weights or states before waiting for its inputs).
+//! - up to `linear::MAX_ROWS` sequences, "norm epilogues" (the default;
+//!   `MAMBA2_CUDA_NORM_EPILOGUES=0` switches back to the four-kernel layout below): matrix-vector
+//!   input projection, fused mixer step, matrix-vector output projection. Neither norm has a kernel:
+//!   an RMSNorm scales its input by one number per row (per group), so its producer writes the input
+//!   times the norm weight with per-block partial sums of squares, and the projection that consumes
+//!   it multiplies its dot products by 1 / rms after the reduction (`linear_scaled`, `linear_res`).
+//!   The output projection's epilogue also adds the residual and writes the next block's norm input,
+//!   and (with one group, where its scale is one per row) the fused step defers its gated norm and
+//!   its B/C conv-state shift to it, so the step has no cross-block arrival counting. On sm_90+ each
+//!   kernel is a programmatic dependent of the previous one (it starts while that one ends and loads
+//!   its weights or states before waiting for its inputs).
 //! - up to `linear::MAX_ROWS` sequences, four-kernel layout: residual norm, input projection,
 //!   fused mixer step with its norm, output projection (1.3b batch 1: 624 tok/s, run 17).
 //! - more sequences: the four-kernel layout with cuBLAS GEMMs on this stream (see `blas.rs`)
