@@ -2,9 +2,9 @@
 //! `linear_res_b*` in `kernels/cuda/linear.cu`) against references computed on the CPU from
 //! `linear_slow`: the 1 / rms scale from partial sums of squares, the residual add with the next
 //! norm's unscaled input and its partial sums, and the B/C conv-state shift, for f32/f16/bf16,
-//! batch 1, 3 and 4, with and without bias and scale, f32 and 16-bit residuals. Each call is
-//! recorded as a one-kernel graph on a `StepStream` and replayed; outputs start as NaN.
-//! Skips without a CUDA device.
+//! batch 1, 3 and 4, with and without bias and scale, f32 and 16-bit residuals; and the step's
+//! embedding rows against `index_select`. Each call is recorded as a one-kernel graph on a
+//! `StepStream` and replayed; outputs start as NaN. Skips without a CUDA device.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, D};
@@ -214,6 +214,48 @@ fn scaled_and_residual_projections_match_reference() {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The captured step's first node (`embedding_rows_*`) against `index_select` on the CPU, for
+/// each dtype, batch 1 / 3 / 17, ids at both ends of the table; an id past the table is refused
+/// by the model before it gets here, and the kernel writes NaN for it rather than reading out
+/// of bounds.
+#[test]
+fn embedding_rows_match_index_select() {
+    std::env::set_var("MAMBA2_CUDA_POISON", "1");
+    let dev = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("skipping: no CUDA device ({e})");
+            return;
+        }
+    };
+    let Device::Cuda(cuda) = &dev else {
+        unreachable!()
+    };
+    let mut rng = StdRng::seed_from_u64(31);
+    let (rows, dim) = (1003, 776);
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        let table = rand_t(&mut rng, &[rows, dim], 1.0).to_dtype(dt).unwrap();
+        let table_d = table.to_device(&dev).unwrap();
+        for batch in [1usize, 3, 17] {
+            let ids: Vec<u32> = (0..batch as u32)
+                .map(|i| match i % 3 {
+                    0 => 0,
+                    1 => rows as u32 - 1,
+                    _ => (i * 389) % rows as u32,
+                })
+                .collect();
+            let ids_c = Tensor::from_vec(ids, batch, &Device::Cpu).unwrap();
+            let ids_d = ids_c.to_device(&dev).unwrap();
+            let out = nan(&[batch, dim], dt, &dev);
+            let s = StepStream::new(cuda, dt, batch).unwrap();
+            let mut g = s.capture(|s| s.embedding(&table_d, &ids_d, &out)).unwrap();
+            g.replay().unwrap();
+            let want = table.index_select(&ids_c, 0).unwrap();
+            check(&format!("embedding {dt:?} batch {batch}"), &out, &want, 0.0);
         }
     }
 }
