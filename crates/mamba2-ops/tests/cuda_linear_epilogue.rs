@@ -68,19 +68,26 @@ fn check(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
     assert!(e <= tol, "{what}: rel err {e} > {tol}");
 }
 
-#[test]
-fn scaled_and_residual_projections_match_reference() {
+/// The CUDA device (as a Candle device and as its CUDA handle), with outputs poisoned; `None`
+/// (the test skips) without one.
+fn cuda() -> Option<(Device, candle_core::CudaDevice)> {
     std::env::set_var("MAMBA2_CUDA_POISON", "1");
-    let dev = match Device::new_cuda(0) {
-        Ok(d) => d,
+    match Device::new_cuda(0) {
+        Ok(Device::Cuda(c)) => Some((Device::Cuda(c.clone()), c)),
+        Ok(_) => None,
         Err(e) => {
             println!("skipping: no CUDA device ({e})");
-            return;
+            None
         }
+    }
+}
+
+#[test]
+fn scaled_and_residual_projections_match_reference() {
+    let Some((dev, cuda)) = cuda() else {
+        return;
     };
-    let Device::Cuda(cuda) = &dev else {
-        unreachable!()
-    };
+    let cuda = &cuda;
     let mut rng = StdRng::seed_from_u64(29);
     // (k, n, nparts): in_proj-like (n not a multiple of 4), out_proj of 1.3b, a small one.
     let shapes = [(2048, 4250, 512), (4096, 2048, 64), (256, 36, 3)];
@@ -224,17 +231,10 @@ fn scaled_and_residual_projections_match_reference() {
 /// of bounds.
 #[test]
 fn embedding_rows_match_index_select() {
-    std::env::set_var("MAMBA2_CUDA_POISON", "1");
-    let dev = match Device::new_cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            println!("skipping: no CUDA device ({e})");
-            return;
-        }
+    let Some((dev, cuda)) = cuda() else {
+        return;
     };
-    let Device::Cuda(cuda) = &dev else {
-        unreachable!()
-    };
+    let cuda = &cuda;
     let mut rng = StdRng::seed_from_u64(31);
     let (rows, dim) = (1003, 776);
     for dt in [DType::F32, DType::F16, DType::BF16] {
