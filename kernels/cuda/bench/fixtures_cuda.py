@@ -45,7 +45,7 @@ def main():
                         errs.append(float(np.abs(g[..., :v] - w[..., :v]).max()) if g.shape[:-1] == w.shape[:-1] else float("inf"))
                     ok = all(e <= TOL[dtype] for e in errs)
                     fails += not ok
-                    print(f"{'ok  ' if ok else 'FAIL'} {case} {layout} {dtype}: max|d| prefill {errs[0]:.2e} decode {errs[1]:.2e} (tol {TOL[dtype]:.0e})")
+                    print(f"{'ok  ' if ok else 'FAIL'} {case} {layout} {dtype}: max|d| prefill {errs[0]:.2e} decode {errs[1]:.2e} (tol {TOL[dtype]:g})")
     print(f"fixtures on cuda: {'all pass' if fails == 0 else f'{fails} failing'}")
     sys.exit(1 if fails else 0)
 
