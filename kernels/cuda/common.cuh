@@ -114,6 +114,14 @@ __device__ __forceinline__ float round_any(int dtype, float v) {
     return v;
 }
 
+// One conv channel's state `st` (K floats, oldest first) moved on by one token: shifted left, x
+// appended. The decode step's B/C channels are shifted this way by whoever runs after every
+// reader of the old state (the step's last block, or the output projection: decode_step.cu).
+__device__ __forceinline__ void conv_state_push(float* st, float xv, int K) {
+    for (int k = 0; k < K - 1; ++k) st[k] = st[k + 1];
+    st[K - 1] = xv;
+}
+
 // Programmatic dependent launch (sm_90+): a kernel launched with the programmatic-serialisation
 // attribute may start while its predecessor in the stream still runs. `pdl_wait` blocks until
 // the predecessor has completed and its writes are visible, so everything a kernel reads from

@@ -242,9 +242,7 @@ __device__ void decode_step(const T* __restrict__ xbc, i64 xs_b, const void* __r
     __threadfence();
     for (int i = threadIdx.x; i < 2 * N; i += blockDim.x) {
         const i64 ch = d_inner + (i < N ? g * N + i : ngroups * N + g * N + (i - N));
-        float* st = cs + ch * K;
-        for (int k = 0; k < K - 1; ++k) st[k] = st[k + 1];
-        st[K - 1] = to_f32(xr[ch]);
+        conv_state_push(cs + ch * K, to_f32(xr[ch]), K);
     }
     const i64 ppg = hpg * split;
     if (warp == 0) {

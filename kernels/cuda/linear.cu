@@ -172,10 +172,8 @@ __device__ __forceinline__ void conv_shift_bc(int B, const EpiArgs& ea) {
     const T* xbc = reinterpret_cast<const T*>(ea.xbc);
     for (i64 i = threadIdx.x; i < (i64)B * ea.nch; i += LIN_THREADS) {
         const i64 b = i / ea.nch, ch = ea.ch0 + i % ea.nch;
-        float* st = ea.conv_state + (b * ea.conv_dim + ch) * ea.kc;
-        const float xv = to_f32(xbc[b * ea.xbc_s + ch]);
-        for (int k = 0; k < ea.kc - 1; ++k) st[k] = st[k + 1];
-        st[ea.kc - 1] = xv;
+        conv_state_push(ea.conv_state + (b * ea.conv_dim + ch) * ea.kc,
+                        to_f32(xbc[b * ea.xbc_s + ch]), ea.kc);
     }
 }
 

@@ -637,7 +637,7 @@ impl Mamba2Model {
         cache: crate::cache::LayerCache<'_>,
     ) -> Result<Tensor> {
         let zxbcdt = project(u, m.in_proj.weight(), m.in_proj.bias())?; // (batch, d_in_proj)
-                                                                        // z, xBC, dt: (batch, d_inner), (batch, conv_dim), (batch, nheads) views
+                                                                        // z, xBC, dt: (batch, d_inner), (batch, conv_dim), (batch, nheads) views of zxbcdt
         let parts = self.projection_views(&zxbcdt)?;
         let args = self.decode_step_args(m, &parts, cache);
         let y = mixer_decode_step(&args, &self.ssd_params)?; // (batch, d_inner)

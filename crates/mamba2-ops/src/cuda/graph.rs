@@ -54,11 +54,16 @@ fn need(ok: bool, what: &'static str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(OpError::Param {
-            op: OP,
-            param: what,
-            message: "precondition of the captured step does not hold".into(),
-        })
+        Err(unmet(what))
+    }
+}
+
+/// The error of a precondition `what` of the captured step that does not hold.
+fn unmet(what: &'static str) -> OpError {
+    OpError::Param {
+        op: OP,
+        param: what,
+        message: "precondition of the captured step does not hold".into(),
     }
 }
 
@@ -270,10 +275,7 @@ impl StepStream {
         bias: Option<&Tensor>,
         out: &Tensor,
     ) -> Result<()> {
-        let Some(k) = self.matvec.as_ref().filter(|_| self.epilogues) else {
-            return need(false, "linear_scaled");
-        };
-        need(x.dim(0)? == self.batch, "linear_scaled")?;
+        let k = self.epilogue_matvec(x, "linear_scaled")?;
         need(
             linear::enqueue_scaled(&k[1], &self.dev, x, scale, w, bias, out)?,
             "linear_scaled",
@@ -296,14 +298,20 @@ impl StepStream {
         shift: Option<&ConvShift>,
         out: &Tensor,
     ) -> Result<()> {
-        let Some(k) = self.matvec.as_ref().filter(|_| self.epilogues) else {
-            return need(false, "linear_residual");
-        };
-        need(x.dim(0)? == self.batch, "linear_residual")?;
+        let k = self.epilogue_matvec(x, "linear_residual")?;
         need(
             linear::enqueue_residual(&k[2], &self.dev, x, scale, w, bias, epi, shift, out)?,
             "linear_residual",
         )
+    }
+
+    /// The matrix-vector kernels of the norm-epilogue layout, for an input `x` of this step's
+    /// batch; the precondition error of `what` otherwise.
+    fn epilogue_matvec(&self, x: &Tensor, what: &'static str) -> Result<&[Kernel; 3]> {
+        let batch_ok = x.dims().first() == Some(&self.batch);
+        (self.matvec.as_ref())
+            .filter(|_| self.epilogues && batch_ok)
+            .ok_or_else(|| unmet(what))
     }
 
     /// The fused mixer step (conv update, state update, gated norm) into `out`

@@ -4,6 +4,7 @@
 
 use super::launch::{cfg, code, device, func, launch, opt_ptr, output, ptr, ptx, suffix};
 use super::launch::{Kernel, Result};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Tensor};
 
@@ -111,9 +112,30 @@ pub struct ResidualEpilogue<'a> {
     pub parts_out: &'a Tensor,    // (rows, parts_out(n)) f32, contiguous
 }
 
-/// Columns of [`ResidualEpilogue::parts_out`] for `n` outputs: one per block of 4 rows.
+/// Output rows per block of the matrix-vector kernels (`LIN_ROWS` in `linear.cu`).
+const ROWS_PER_BLOCK: usize = 4;
+
+/// Blocks of a matrix-vector launch for `n` outputs, hence the columns of
+/// [`ResidualEpilogue::parts_out`] (one partial sum per block).
 pub(crate) fn parts_out(n: usize) -> usize {
-    n.div_ceil(4)
+    n.div_ceil(ROWS_PER_BLOCK)
+}
+
+/// The launch of a matrix-vector kernel for `x` `(rows, k)` and `w` `(n, k)` (one block per
+/// [`ROWS_PER_BLOCK`] outputs, 256 threads); `None` when a precondition every variant shares
+/// fails ([`projection_ok`], 16-byte aligned rows of x) or the grid exceeds CUDA's limits.
+fn matvec_launch(
+    dev: &CudaDevice,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+) -> Result<Option<LaunchConfig>> {
+    let (rows_n, k) = x.dims2()?;
+    if !projection_ok(dev, rows_n, k, x.dtype(), w, bias, y)? || !aligned_rows(x, dev)? {
+        return Ok(None);
+    }
+    Ok(cfg((parts_out(w.dim(0)?) as u64, 1, 1), 256, 0))
 }
 
 /// The B/C conv-state shift a deferred mixer step leaves to the projection after it (done by
@@ -148,13 +170,10 @@ pub(crate) fn enqueue_scaled(
 ) -> Result<bool> {
     let (rows_n, k) = x.dims2()?;
     let n = w.dim(0)?;
-    if !projection_ok(dev, rows_n, k, x.dtype(), w, bias, y)?
-        || !aligned_rows(x, dev)?
-        || !scale_ok(scale, rows_n)?
-    {
+    if !scale_ok(scale, rows_n)? {
         return Ok(false);
     }
-    let Some(c) = cfg((n.div_ceil(4) as u64, 1, 1), 256, 0) else {
+    let Some(c) = matvec_launch(dev, x, w, bias, y)? else {
         return Ok(false);
     };
     launch!(
@@ -224,16 +243,10 @@ pub(crate) fn enqueue_residual(
         Some(s) => scale_ok(s, rows_n)?,
         None => true,
     };
-    if !projection_ok(dev, rows_n, k, dt, w, bias, y)?
-        || y.dtype() != dt
-        || !aligned_rows(x, dev)?
-        || !epi_ok
-        || !shift_ok
-        || !scale_fits
-    {
+    if y.dtype() != dt || !epi_ok || !shift_ok || !scale_fits {
         return Ok(false);
     }
-    let Some(c) = cfg((parts_out(n) as u64, 1, 1), 256, 0) else {
+    let Some(c) = matvec_launch(dev, x, w, bias, y)? else {
         return Ok(false);
     };
     let (conv_dim, kc) = match shift {
@@ -289,10 +302,7 @@ pub(crate) fn enqueue(
 ) -> Result<bool> {
     let (rows_n, k) = x.dims2()?;
     let n = w.dim(0)?;
-    if !projection_ok(dev, rows_n, k, x.dtype(), w, bias, y)? || !aligned_rows(x, dev)? {
-        return Ok(false);
-    }
-    let Some(c) = cfg((n.div_ceil(4) as u64, 1, 1), 256, 0) else {
+    let Some(c) = matvec_launch(dev, x, w, bias, y)? else {
         return Ok(false);
     };
     launch!(
