@@ -2,7 +2,7 @@
 # Runs the CUDA test binaries and model benchmarks on the device machine (see ../README.md and
 # ../../../../shared/tools/CUDA.md): binaries carried as .carry/bins.tar.xz (bin/mamba2, the
 # cuda_* test executables and bin/candle-transformers-mamba2-bench), logs to $OUT. Usage:
-# device_run.sh MODE... with MODE tests|quick|bench13|bench27|ab13|ab16|ncu|ncu16|b16ct13|ct16|all13|all27 (all*: every engine, one shape;
+# device_run.sh MODE... with MODE tests|quick|ncufull|bench13|bench27|ab13|ab16|ncu|ncu16|b16ct13|ct16|all13|all27 (all*: every engine, one shape;
 # HF needs .carry/pylib from fetch_mamba_ssm_triton.sh for mamba_ssm's Triton kernels)
 set -u
 OUT=${OUT:-/tmp/out}
@@ -37,7 +37,7 @@ tests)
     fi
     MAMBA2_CUDA_POISON=1 timeout 240 $B/cuda_parity --test-threads=8 > "$OUT/cuda_parity.log" 2>&1
     echo "cuda_parity: exit $?"; tail -3 "$OUT/cuda_parity.log"
-    timeout 200 python3 kernels/cuda/bench/fixtures_cuda.py $B/mamba2 > "$OUT/fixtures.log" 2>&1
+    timeout 400 python3 kernels/cuda/bench/fixtures_cuda.py $B/mamba2 > "$OUT/fixtures.log" 2>&1
     echo "fixtures: exit $?"; tail -3 "$OUT/fixtures.log"
     ;;
 bench13)
@@ -60,6 +60,14 @@ ncu|ncu16)  # per-kernel GPU time of captured decode layers (1.3b, bf16, batch 1
         --launch-skip 80 --launch-count 12 --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
         $B/mamba2 bench --shape 1.3b --device cuda --dtype bf16 --prefill 8 --decode 6 --batch $batch --runs 1 --warmup 0 > "$OUT/$mode.txt" 2>&1
     grep -E "^  [a-zA-Z_]|gpu__time|dram__" "$OUT/$mode.txt" ;;
+ncufull)  # stall reasons, occupancy and memory traffic of one captured layer (1.3b, bf16,
+          # batch 1) and of the eager batch-16 layer (cuBLAS GEMMs included)
+    secs="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats"
+    timeout 200 /usr/local/cuda/bin/ncu --clock-control none -k regex:"linear_|mixer_decode" --launch-skip 60 --launch-count 3 $secs \
+        $B/mamba2 bench --shape 1.3b --device cuda --dtype bf16 --prefill 8 --decode 4 --batch 1 --runs 1 --warmup 0 > "$OUT/ncufull.txt" 2>&1
+    timeout 200 /usr/local/cuda/bin/ncu --clock-control none --launch-skip 120 --launch-count 8 $secs \
+        $B/mamba2 bench --shape 1.3b --device cuda --dtype bf16 --prefill 8 --decode 4 --batch 16 --runs 1 --warmup 0 --eager > "$OUT/ncufull16.txt" 2>&1
+    grep -E "^  [a-zA-Z_]|Duration|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Waves Per SM" "$OUT/ncufull.txt" "$OUT/ncufull16.txt" ;;
 ab16)  # the step's n128 variant against the general one, 1.3b batch 16 decode
     for env in "" "MAMBA2_CUDA_STEP_N128=0"; do
         r=$(env $env $B/mamba2 bench --shape 1.3b --device cuda --dtype bf16 --prefill 16 --decode 64 \
