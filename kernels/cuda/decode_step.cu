@@ -96,11 +96,12 @@ __device__ void decode_step(const T* __restrict__ xbc, i64 xs_b, const void* __r
     __shared__ float sB[DS_MAX_N], sC[DS_MAX_N], sx[DS_MAX_P], scratch[32];
     __shared__ int is_last;
     __shared__ float group_inv;
-    const i64 h = blockIdx.x / split, b = blockIdx.y;
+    // Head and group indices in 32 bits (a 64-bit division is a ~70-instruction call).
+    const i64 h = (int)blockIdx.x / split, b = blockIdx.y;
     const int part = blockIdx.x % split;
     const int rows = (P + split - 1) / split;
     const int p_lo = min(P, part * rows), p_hi = min(P, p_lo + rows);
-    const i64 hpg = nheads / ngroups, g = h / hpg;
+    const i64 hpg = (int)nheads / (int)ngroups, g = (int)h / (int)hpg;
     const i64 nparts = nheads * split;
     const i64 d_inner = nheads * P, conv_dim = d_inner + 2 * ngroups * N;
     const T* xr = xbc + b * xs_b;
@@ -141,23 +142,18 @@ __device__ void decode_step(const T* __restrict__ xbc, i64 xs_b, const void* __r
     const float a_h = A[h];
     const float dv = D ? load_any(D, d_dt, h) : 0.0f;
     const float dtb = dt_bias ? load_any(dt_bias, db_dt, h) : 0.0f;
-    float nw0[DS_ROWS];
-    load_many<DS_ROWS>(norm_w, nw_dt, h * P + p_lo + warp, WARPS,
-                       lane == 0 ? max(0, min(DS_ROWS, (p_hi - p_lo - warp + WARPS - 1) / WARPS))
-                                 : 0,
-                       nw0);
+    // Lane r < DS_ROWS finishes row p_lo + warp + r * WARPS of each tile (below): the norm
+    // weight of its first-tile row.
+    const int p_mine = p_lo + warp + lane * WARPS;
+    const bool row_lane = lane < DS_ROWS && p_mine < p_hi;
+    const float nw0 = row_lane && mode == STEP_DEFER ? load_any(norm_w, nw_dt, h * P + p_mine) : 0.0f;
     pdl_launch_dependents();
     pdl_wait();
 
     // After the wait, every input of the predecessor at once: this thread's xbc values, dt and
-    // (lane 0) the gates of its warp's first rows.
+    // (lanes r < DS_ROWS) the gate of the first-tile row the lane finishes.
     const float dt_raw = load_any(dt, dt_dt, b * dts_b + h);
-    float z0[DS_ROWS];
-#pragma unroll
-    for (int r = 0; r < DS_ROWS; ++r) {
-        const int p = p_lo + warp + r * WARPS;
-        z0[r] = lane == 0 && p < p_hi ? to_f32(z[b * zs_b + h * P + p]) : 0.0f;
-    }
+    const float z0 = row_lane ? to_f32(z[b * zs_b + h * P + p_mine]) : 0.0f;
 
     // 1. conv + SiLU: x channels of this block's rows (state shifted here: this block owns
     //    them), B and C channels of the group (state left for the group's last block or the
@@ -189,35 +185,44 @@ __device__ void decode_step(const T* __restrict__ xbc, i64 xs_b, const void* __r
     for (int p0 = p_lo + warp; p0 < p_hi; p0 += DS_ROWS * WARPS) {
         const bool first = p0 == p_lo + warp;
         if (!first) load_tile(p0);
+        float acc[DS_ROWS];
 #pragma unroll
         for (int r = 0; r < DS_ROWS; ++r) {
             const int p = p0 + r * WARPS;
-            if (p >= p_hi) break;
-            float* s = ssm_state + ((b * nheads + h) * P + p) * (i64)N;
-            const float xv = sx[p], xdt = xv * dtv;
-            float acc = 0.0f;
+            acc[r] = 0.0f;
+            if (p < p_hi) {  // uniform over the warp
+                float* s = ssm_state + ((b * nheads + h) * P + p) * (i64)N;
+                const float xdt = sx[p] * dtv;
 #pragma unroll
-            for (int j = 0; j < NS; ++j) {
-                const int n = lane + 32 * j;
-                if (n < N) {
-                    const float v = sv[r][j] * decay + xdt * sB[n];
-                    s[n] = v;
-                    acc += v * sC[n];
+                for (int j = 0; j < NS; ++j) {
+                    const int n = lane + 32 * j;
+                    if (n < N) {
+                        const float v = sv[r][j] * decay + xdt * sB[n];
+                        s[n] = v;
+                        acc[r] += v * sC[n];
+                    }
                 }
             }
-            acc = warp_sum(acc);
-            if (lane == 0) {
-                const i64 c = h * P + p;
-                const float y = to_f32(from_f32<T>(acc + dv * xv));
-                const float gate = silu_f(first ? z0[r] : to_f32(z[b * zs_b + c]));
-                const float yg = y * gate;
-                ss += norm_before_gate ? y * y : yg * yg;
-                if (mode == STEP_DEFER)
-                    out[b * d_inner + c] =
-                        from_f32<T>(yg * (first ? nw0[r] : load_any(norm_w, nw_dt, c)));
-                else
-                    ybuf[b * d_inner + c] = norm_before_gate ? y : yg;
-            }
+        }
+        // Every lane gets every row's sum; lane r then finishes row r, so the rows' gates,
+        // roundings and stores run side by side instead of one after another on lane 0.
+#pragma unroll
+        for (int r = 0; r < DS_ROWS; ++r) acc[r] = warp_sum(acc[r]);
+        const int p = p0 + lane * WARPS;
+        if (lane < DS_ROWS && p < p_hi) {
+            float a = acc[0];
+#pragma unroll
+            for (int r = 1; r < DS_ROWS; ++r)
+                if (lane == r) a = acc[r];
+            const i64 c = h * P + p;
+            const float y = to_f32(from_f32<T>(a + dv * sx[p]));
+            const float gate = silu_f(first ? z0 : to_f32(z[b * zs_b + c]));
+            const float yg = y * gate;
+            ss += norm_before_gate ? y * y : yg * yg;
+            if (mode == STEP_DEFER)
+                out[b * d_inner + c] = from_f32<T>(yg * (first ? nw0 : load_any(norm_w, nw_dt, c)));
+            else
+                ybuf[b * d_inner + c] = norm_before_gate ? y : yg;
         }
     }
     if (mode == STEP_DEFER) {

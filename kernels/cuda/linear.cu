@@ -3,9 +3,7 @@
 #include "common.cuh"
 
 #define LIN_THREADS 256
-#define LIN_ROWS 4  // output rows (rows of w) per block
-#define LIN_UNROLL 2  // 16-byte vectors per row and thread in flight
-#define PP_REGS 4     // partial sums of squares per row and thread held in registers
+#define LIN_ROWS 4  // output rows (rows of w) per group: multiplied and reduced together
 
 // 16 bytes of T unpacked to f32: VEC<T> elements.
 template <typename T> struct Vec16;
@@ -37,22 +35,6 @@ template <> struct Vec16<__half> {
     }
 };
 
-// LIN_UNROLL vectors (from v0, 256 apart) of each of the block's LIN_ROWS weight rows.
-template <typename T>
-__device__ __forceinline__ void load_w(uint4 (&raw)[LIN_UNROLL][LIN_ROWS], const T* __restrict__ w,
-                                       i64 n0, i64 N, i64 K, i64 v0, i64 nvec) {
-#pragma unroll
-    for (int u = 0; u < LIN_UNROLL; ++u) {
-        const i64 v = v0 + (i64)u * LIN_THREADS;
-#pragma unroll
-        for (int r = 0; r < LIN_ROWS; ++r) {
-            raw[u][r] = make_uint4(0, 0, 0, 0);
-            if (v < nvec && n0 + r < N)
-                raw[u][r] = __ldcs(reinterpret_cast<const uint4*>(w + (n0 + r) * K) + v);
-        }
-    }
-}
-
 // What a projection does around its dot products (`linear_rows` template argument). The two
 // epilogues let a captured decode step drop its norm kernels: an RMSNorm is a per-row scale of
 // its input, so the producer writes the input times the norm weight, unscaled, with partial
@@ -78,91 +60,70 @@ struct EpiArgs {
     float* conv_state; const void* xbc; i64 xbc_s; i64 conv_dim; i64 ch0; int nch; int kc;
 };
 
-// The operands of the epilogue of output (row n0 + t / BB, sequence t % BB) for thread
-// t < LIN_ROWS x BB, loaded before the products so that no load sits between the reduction and
-// the stores: bias and next norm weight before `pdl_wait` (weights), the residual after it.
+// The operands of the epilogue of output (row n0 + t / BB, sequence t % BB) of a row group for
+// thread t < LIN_ROWS x BB, loaded with the group's first weight tile, so that no load sits
+// between the reduction and the stores: bias and next norm weight are weights, the residual is
+// loaded after `pdl_wait`.
 struct EpiVals {
     float bias, nw, res;
 };
 
-// Sums each thread's LIN_ROWS x BB partial dot products (and, when scaled, its BB partial sums
-// of `psum`) over the block and stores rows n0 .. n0 + LIN_ROWS of y through the epilogue.
-// `ev` holds this thread's epilogue operands, loaded before the products (see EpiVals).
-template <typename T, int BB, int EPI>
-__device__ __forceinline__ void reduce_store(float (&acc)[LIN_ROWS][BB], const float (&pp)[BB],
-                                             float (&red)[LIN_THREADS / 32][(LIN_ROWS + 1) * BB],
-                                             i64 n0, int B, i64 N, const EpiVals& ev, void* y,
-                                             int y_dt, i64 ys, const EpiArgs& ea) {
-    __shared__ float hsq[LIN_ROWS * BB];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const bool scaled = EPI != EPI_PLAIN && ea.psum;
-#pragma unroll
-    for (int r = 0; r < LIN_ROWS; ++r)
-#pragma unroll
-        for (int b = 0; b < BB; ++b) {
-            const float s = warp_sum(acc[r][b]);
-            if (lane == 0) red[warp][r * BB + b] = s;
-        }
-    if (scaled) {
-#pragma unroll
-        for (int b = 0; b < BB; ++b) {
-            const float s = warp_sum(pp[b]);
-            if (lane == 0) red[warp][LIN_ROWS * BB + b] = s;
-        }
-    }
-    __syncthreads();
-    for (int t = threadIdx.x; t < LIN_ROWS * BB; t += LIN_THREADS) {
-        const int r = t / BB, b = t % BB;
-        const i64 n = n0 + r;
-        if (EPI == EPI_RESIDUAL) hsq[t] = 0.0f;
-        if (b >= B || n >= N) continue;
-        float s = 0.0f;
-#pragma unroll
-        for (int k = 0; k < LIN_THREADS / 32; ++k) s += red[k][t];
-        if (scaled) {
-            float tot = 0.0f;
-#pragma unroll
-            for (int k = 0; k < LIN_THREADS / 32; ++k) tot += red[k][LIN_ROWS * BB + b];
-            s *= 1.0f / sqrtf(tot / ea.dim + ea.eps);
-        }
-        s += ev.bias;
-        if (EPI == EPI_RESIDUAL) {
-            const float o = to_f32(from_f32<T>(s));
-            const float hv = round_any(ea.ro_dt, o + ev.res);
-            store_any(ea.rout, ea.ro_dt, b * N + n, hv);
-            reinterpret_cast<T*>(y)[b * ys + n] = from_f32<T>(hv * ev.nw);
-            hsq[t] = hv * hv;
-        } else {
-            store_any(y, y_dt, b * ys + n, s);
-        }
-    }
-    if (EPI == EPI_RESIDUAL) {
-        __syncthreads();
-        if (threadIdx.x < B) {
-            float s = 0.0f;
-#pragma unroll
-            for (int r = 0; r < LIN_ROWS; ++r) s += hsq[r * BB + threadIdx.x];
-            ea.psum_out[threadIdx.x * (i64)gridDim.x + blockIdx.x] = s;
-        }
-    }
-}
-
 template <int BB, int EPI>
-__device__ __forceinline__ void epi_weights(EpiVals& ev, i64 n0, i64 N, const void* bias,
+__device__ __forceinline__ void epi_weights(EpiVals& ev, i64 n0, i64 n_end, const void* bias,
                                             int b_dt, const EpiArgs& ea) {
     const int t = threadIdx.x, r = t / BB;
-    const bool in = t < LIN_ROWS * BB && n0 + r < N;
+    const bool in = t < LIN_ROWS * BB && n0 + r < n_end;
     ev.bias = in && bias ? load_any(bias, b_dt, n0 + r) : 0.0f;
     ev.nw = in && EPI == EPI_RESIDUAL ? load_any(ea.nw, ea.nw_dt, n0 + r) : 0.0f;
     ev.res = 0.0f;
 }
 
 template <int BB, int EPI>
-__device__ __forceinline__ void epi_residual(EpiVals& ev, i64 n0, int B, i64 N,
+__device__ __forceinline__ void epi_residual(EpiVals& ev, i64 n0, i64 n_end, int B, i64 N,
                                              const EpiArgs& ea) {
     const int t = threadIdx.x, r = t / BB, b = t % BB;
-    if (EPI == EPI_RESIDUAL && t < LIN_ROWS * BB && b < B && n0 + r < N)
+    if (EPI == EPI_RESIDUAL && t < LIN_ROWS * BB && b < B && n0 + r < n_end)
         ev.res = load_any(ea.res, ea.r_dt, b * N + n0 + r);
+}
+
+// Sums each thread's partial dot products of one row group (rows n0 .. n0 + LIN_ROWS, those
+// below n_end) over the block and stores them through the epilogue; thread t < LIN_ROWS x BB
+// finishes output (row n0 + t / BB, sequence t % BB) and, for EPI_RESIDUAL, adds its h² to
+// `hsq`. One barrier per group: `red` is the buffer of this group's parity, and the barrier of
+// the next group orders its writers after this group's readers.
+template <typename T, int BB, int EPI>
+__device__ __forceinline__ void finish_group(float (&acc)[LIN_ROWS][BB],
+                                             float (&red)[LIN_THREADS / 32][LIN_ROWS * BB],
+                                             i64 n0, i64 n_end, int B, i64 N, const EpiVals& ev,
+                                             const float* inv_rms, void* y, int y_dt, i64 ys,
+                                             const EpiArgs& ea, float& hsq) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int r = 0; r < LIN_ROWS; ++r)
+#pragma unroll
+        for (int b = 0; b < BB; ++b) {
+            const float s = warp_sum(acc[r][b]);
+            if (lane == 0) red[warp][r * BB + b] = s;
+            acc[r][b] = 0.0f;
+        }
+    __syncthreads();
+    const int t = threadIdx.x, r = t / BB, b = t % BB;
+    const i64 n = n0 + r;
+    if (t >= LIN_ROWS * BB || b >= B || n >= n_end) return;
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < LIN_THREADS / 32; ++k) s += red[k][t];
+    if (EPI != EPI_PLAIN && ea.psum) s *= inv_rms[b];
+    s += ev.bias;
+    if (EPI == EPI_RESIDUAL) {
+        const float o = to_f32(from_f32<T>(s));
+        const float hv = round_any(ea.ro_dt, o + ev.res);
+        store_any(ea.rout, ea.ro_dt, b * N + n, hv);
+        reinterpret_cast<T*>(y)[b * ys + n] = from_f32<T>(hv * ev.nw);
+        hsq += hv * hv;
+    } else {
+        store_any(y, y_dt, b * ys + n, s);
+    }
 }
 
 // Block 0 of an EPI_RESIDUAL projection: the shift of the B/C conv states (see STEP_DEFER in
@@ -187,99 +148,158 @@ __device__ __forceinline__ void conv_shift_bc(int B, const EpiArgs& ea) {
 // Arguments:
 //   x    (B, K) T, row stride xs (elements); B <= BB (1, 2 or 4: beyond, cuBLAS's GEMM tiles
 //        win, see BENCHMARKS.md); rows 16-byte aligned
-//   w    (N, K) T contiguous, 16-byte aligned; K a multiple of 16 bytes' worth of T
+//   w    (N, K) T contiguous, 16-byte aligned; K a multiple of 16 bytes' worth of T, K / (16
+//        bytes' worth) < 2^31
 //   bias (N) dtype b_dt, or null
 //   y    (B, N) dtype y_dt (T, or f32 for logits), row stride ys (output)
-// Block layout: grid (ceil(N / LIN_ROWS)), 256 threads. The block's threads walk K together in
-//   16-byte vectors (thread t takes vectors t, t + 256, ...: each warp load is 512 contiguous
-//   bytes of a weight row), so the weight is read exactly once, streaming (__ldcs: it is not
-//   reused, x is); each thread keeps LIN_ROWS x BB f32 partial sums, x vectors are reused across
-//   the LIN_ROWS rows from registers. Warp shuffles, then shared memory, reduce across threads.
-//   The scaled variants read their partial sums of squares right after `pdl_wait` and apply
-//   the scale after the reduction, so the norm costs no latency in front of the products.
-// Shared memory: 8 warps x (LIN_ROWS + 1) x BB floats + LIN_ROWS x BB floats = 704 B at BB = 4.
+// Block layout: any grid (the host launches as many blocks as the GPU holds at once, or one
+//   per LIN_ROWS rows when the weight is smaller), 256 threads. Block i owns the contiguous
+//   rows [N i / G, N (i + 1) / G), balanced to a row whatever N, and walks them in groups of
+//   LIN_ROWS rows. A group is cut along K into tiles of 256 16-byte vectors per row (thread t
+//   takes vector t of the tile: each warp load is 512 contiguous bytes of a row); the next tile's
+//   weights (and epilogue operands, and x when K spans several tiles) are loaded into registers
+//   before the current one is multiplied, so a block keeps two tiles in flight and a group's
+//   reduction overlaps the next group's loads. Weights stream (__ldcs: read once), x is reused
+//   from L1/registers. The first tile is loaded before `pdl_wait` (no kernel writes weights):
+//   under programmatic dependent launch it overlaps the previous kernel's tail. The scaled
+//   variants reduce their partial sums of squares once per block, while that tile is in flight.
+// Shared memory: 2 x 8 warps x LIN_ROWS x BB floats + 2 x BB + LIN_ROWS x BB floats
+//   = 1.1 KiB at BB = 4.
 template <typename T, int BB, int EPI>
 __device__ void linear_rows(const T* __restrict__ x, i64 xs, int B, const T* __restrict__ w,
                             const void* __restrict__ bias, int b_dt, void* __restrict__ y,
                             int y_dt, i64 ys, i64 N, i64 K, const EpiArgs& ea) {
     constexpr int V = Vec16<T>::N;
-    __shared__ float red[LIN_THREADS / 32][(LIN_ROWS + 1) * BB];
-    const i64 n0 = (i64)blockIdx.x * LIN_ROWS;
-    const i64 nvec = K / V;
+    __shared__ float red[2][LIN_THREADS / 32][LIN_ROWS * BB];
+    __shared__ float inv_rms[BB], parts[LIN_THREADS / 32][BB], hsq_all[LIN_ROWS * BB];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int nvec = (int)(K / V);
+    const int nchunk = (nvec + LIN_THREADS - 1) / LIN_THREADS;
+    const i64 r_lo = N * blockIdx.x / gridDim.x, r_hi = N * (blockIdx.x + 1) / gridDim.x;
+    const int ngrp = (int)((r_hi - r_lo + LIN_ROWS - 1) / LIN_ROWS);
+    const int ntile = ngrp * nchunk;
+
+    // Tile (group gi, chunk c): rows r_lo + LIN_ROWS gi + r, vectors c * 256 + tid.
+    auto load_w = [&](uint4 (&wr)[LIN_ROWS], int gi, int c) {
+        const i64 n0 = r_lo + (i64)gi * LIN_ROWS;
+        const int v = c * LIN_THREADS + tid;
+#pragma unroll
+        for (int r = 0; r < LIN_ROWS; ++r)
+            wr[r] = v < nvec && n0 + r < r_hi
+                        ? __ldcs(reinterpret_cast<const uint4*>(w + (n0 + r) * K) + v)
+                        : make_uint4(0, 0, 0, 0);
+    };
+    auto load_x = [&](uint4 (&xr)[BB], int c) {
+        const int v = c * LIN_THREADS + tid;
+#pragma unroll
+        for (int b = 0; b < BB; ++b)
+            xr[b] = b < B && v < nvec ? __ldg(reinterpret_cast<const uint4*>(x + b * xs) + v)
+                                      : make_uint4(0, 0, 0, 0);
+    };
+
+    // Two tile buffers used in turn (the loop body is instantiated for both orders, so they
+    // stay in registers): tile t + 1's loads go out before tile t's data is first touched.
+    uint4 wa[LIN_ROWS], wb[LIN_ROWS], xa[BB], xb[BB];
+    EpiVals ev;  // the current group's epilogue operands (threads t < LIN_ROWS x BB)
+    load_w(wa, 0, 0);
+    epi_weights<BB, EPI>(ev, r_lo, r_hi, bias, b_dt, ea);
+    pdl_launch_dependents();
+    pdl_wait();
+    load_x(xa, 0);
+    epi_residual<BB, EPI>(ev, r_lo, r_hi, B, N, ea);
+    const bool scaled = EPI != EPI_PLAIN && ea.psum;
+    if (scaled) {
+        // rms of row b = sqrt(sum(psum[b, :np]) / dim + eps), summed in a fixed order.
+        float pp[BB];
+#pragma unroll
+        for (int b = 0; b < BB; ++b) {
+            pp[b] = 0.0f;
+            if (b < B)
+                for (i64 j = tid; j < ea.np; j += LIN_THREADS) pp[b] += __ldcg(&ea.psum[b * ea.np + j]);
+            pp[b] = warp_sum(pp[b]);
+            if (lane == 0) parts[warp][b] = pp[b];
+        }
+        __syncthreads();
+        if (tid < BB) {
+            float tot = 0.0f;
+#pragma unroll
+            for (int k = 0; k < LIN_THREADS / 32; ++k) tot += parts[k][tid];
+            inv_rms[tid] = 1.0f / sqrtf(tot / ea.dim + ea.eps);
+        }
+        // inv_rms is read after the first group's barrier.
+    }
+    if (EPI == EPI_RESIDUAL && ea.conv_state && blockIdx.x == 0) conv_shift_bc<T>(B, ea);
+
     float acc[LIN_ROWS][BB];
 #pragma unroll
     for (int r = 0; r < LIN_ROWS; ++r)
 #pragma unroll
         for (int b = 0; b < BB; ++b) acc[r][b] = 0.0f;
-
-    // LIN_UNROLL vectors per row per iteration, all loads issued before the arithmetic: a
-    // row of 2048 bf16 is a single vector per thread, so without this the block's whole life
-    // is one DRAM latency plus its reduction. The first ones are loaded before `pdl_wait` (no
-    // kernel writes weights): under programmatic dependent launch they overlap the previous
-    // kernel's tail.
-    uint4 raw[LIN_UNROLL][LIN_ROWS];
-    load_w<T>(raw, w, n0, N, K, threadIdx.x, nvec);
-    EpiVals ev;
-    epi_weights<BB, EPI>(ev, n0, N, bias, b_dt, ea);
-    pdl_launch_dependents();
-    pdl_wait();
-    // The partial sums of squares of the scale and the residual: loaded now into registers,
-    // used only after the products (a sum here would stall before the first product).
-    const bool scaled = EPI != EPI_PLAIN && ea.psum;
-    float pv[BB][PP_REGS];
-#pragma unroll
-    for (int b = 0; b < BB; ++b)
-#pragma unroll
-        for (int u = 0; u < PP_REGS; ++u) {
-            const i64 j = threadIdx.x + (i64)u * LIN_THREADS;
-            pv[b][u] = scaled && b < B && j < ea.np ? __ldcg(&ea.psum[b * ea.np + j]) : 0.0f;
+    float hsq = 0.0f;
+    int gi = 0, c = 0;  // the current tile
+    auto tile = [&](uint4 (&wc)[LIN_ROWS], uint4 (&xc)[BB], uint4 (&wn)[LIN_ROWS],
+                    uint4 (&xn)[BB], int t) {
+        int gn = gi, cn = c + 1;
+        if (cn == nchunk) {
+            cn = 0;
+            ++gn;
         }
-    epi_residual<BB, EPI>(ev, n0, B, N, ea);
-    if (EPI == EPI_RESIDUAL && ea.conv_state && blockIdx.x == 0) conv_shift_bc<T>(B, ea);
-    for (i64 v0 = threadIdx.x; v0 < nvec; v0 += LIN_UNROLL * LIN_THREADS) {
-        if (v0 != threadIdx.x) load_w<T>(raw, w, n0, N, K, v0, nvec);
+        if (t + 1 < ntile) {
+            load_w(wn, gn, cn);
+            load_x(xn, cn);  // an L1 hit when K is a single tile
+        }
+        float wf[LIN_ROWS][V];
 #pragma unroll
-        for (int u = 0; u < LIN_UNROLL; ++u) {
-            const i64 v = v0 + (i64)u * LIN_THREADS;
-            if (v >= nvec) break;
-            float wf[LIN_ROWS][V];
+        for (int r = 0; r < LIN_ROWS; ++r) Vec16<T>::unpack(wc[r], wf[r]);
 #pragma unroll
-            for (int r = 0; r < LIN_ROWS; ++r) Vec16<T>::unpack(raw[u][r], wf[r]);
+        for (int b = 0; b < BB; ++b) {
+            float xf[V];
+            Vec16<T>::unpack(xc[b], xf);
 #pragma unroll
-            for (int b = 0; b < BB; ++b) {
-                if (b < B) {
-                    float xf[V];
-                    Vec16<T>::unpack(__ldg(reinterpret_cast<const uint4*>(x + b * xs) + v), xf);
+            for (int r = 0; r < LIN_ROWS; ++r)
 #pragma unroll
-                    for (int r = 0; r < LIN_ROWS; ++r)
+                for (int e = 0; e < V; ++e) acc[r][b] = fmaf(wf[r][e], xf[e], acc[r][b]);
+        }
+        if (c == nchunk - 1) {
+            const i64 n0 = r_lo + (i64)gi * LIN_ROWS;
+            finish_group<T, BB, EPI>(acc, red[gi & 1], n0, r_hi, B, N, ev, inv_rms, y, y_dt,
+                                     ys, ea, hsq);
+            // The next group's operands, a whole group ahead of their use.
+            epi_weights<BB, EPI>(ev, n0 + LIN_ROWS, r_hi, bias, b_dt, ea);
+            epi_residual<BB, EPI>(ev, n0 + LIN_ROWS, r_hi, B, N, ea);
+        }
+        gi = gn;
+        c = cn;
+    };
+    for (int t = 0; t < ntile; t += 2) {
+        tile(wa, xa, wb, xb, t);
+        if (t + 1 < ntile) tile(wb, xb, wa, xa, t + 1);
+    }
+    if (EPI == EPI_RESIDUAL) {
+        // This block's sum of h² per sequence: one partial sum per block.
+        if (tid < LIN_ROWS * BB) hsq_all[tid] = hsq;
+        __syncthreads();
+        if (tid < B) {
+            float s = 0.0f;
 #pragma unroll
-                        for (int e = 0; e < V; ++e) acc[r][b] = fmaf(wf[r][e], xf[e], acc[r][b]);
-                }
-            }
+            for (int r = 0; r < LIN_ROWS; ++r) s += hsq_all[r * BB + tid];
+            ea.psum_out[tid * (i64)gridDim.x + blockIdx.x] = s;
         }
     }
-    float pp[BB];
-#pragma unroll
-    for (int b = 0; b < BB; ++b) {
-        pp[b] = 0.0f;
-#pragma unroll
-        for (int u = 0; u < PP_REGS; ++u) pp[b] += pv[b][u];
-        if (scaled && b < B)  // parts beyond the registers' share (np > 1024)
-            for (i64 j = threadIdx.x + (i64)PP_REGS * LIN_THREADS; j < ea.np; j += LIN_THREADS)
-                pp[b] += __ldcg(&ea.psum[b * ea.np + j]);
-    }
-    reduce_store<T, BB, EPI>(acc, pp, red, n0, B, N, ev, y, y_dt, ys, ea);
 }
 
+// Blocks per SM the registers must allow: with two tiles in flight per block, 3-4 blocks per
+// SM keep the weight stream at the copy bandwidth.
+#define LIN_MINB(BB) ((BB) == 1 ? 4 : (BB) == 2 ? 3 : 2)
 #define LINEAR(NAME, T, BB)                                                                    \
-    extern "C" __global__ void __launch_bounds__(LIN_THREADS)                                  \
+    extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_MINB(BB))                                \
         NAME(const T* x, i64 xs, int B, const T* w, const void* bias, int b_dt, void* y,       \
              int y_dt, i64 ys, i64 N, i64 K) {                                                 \
         const EpiArgs ea = {};                                                                 \
         linear_rows<T, BB, EPI_PLAIN>(x, xs, B, w, bias, b_dt, y, y_dt, ys, N, K, ea);         \
     }
 #define LINEAR_SCALED(NAME, T, BB)                                                             \
-    extern "C" __global__ void __launch_bounds__(LIN_THREADS)                                  \
+    extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_MINB(BB))                                \
         NAME(const T* x, i64 xs, int B, const T* w, const void* bias, int b_dt, void* y,       \
              int y_dt, i64 ys, i64 N, i64 K, const float* psum, i64 np, float dim, float eps) { \
         EpiArgs ea = {};                                                                       \
@@ -287,7 +307,7 @@ __device__ void linear_rows(const T* __restrict__ x, i64 xs, int B, const T* __r
         linear_rows<T, BB, EPI_SCALED>(x, xs, B, w, bias, b_dt, y, y_dt, ys, N, K, ea);        \
     }
 #define LINEAR_RESIDUAL(NAME, T, BB)                                                           \
-    extern "C" __global__ void __launch_bounds__(LIN_THREADS)                                  \
+    extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_MINB(BB))                                \
         NAME(const T* x, i64 xs, int B, const T* w, const void* bias, int b_dt, void* y,       \
              i64 ys, i64 N, i64 K, const float* psum, i64 np, float dim, float eps,            \
              const void* res, int r_dt, void* rout, int ro_dt, const void* nw, int nw_dt,      \

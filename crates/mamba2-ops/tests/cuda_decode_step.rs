@@ -33,7 +33,8 @@ fn fused_decode_step_matches_composed_ops() {
 fn check_cases() {
     let dev = Device::new_cuda(0).unwrap();
     let mut rng = StdRng::seed_from_u64(13);
-    // (batch, nheads, headdim, ngroups, d_state, d_conv, norm_before_gate)
+    // (batch, nheads, headdim, ngroups, d_state, d_conv, norm_before_gate); headdim 128 gives
+    // a warp more than one tile of rows (the rows after the first load their gates late).
     let cases = [
         (1, 64, 64, 1, 128, 4, false),
         (3, 24, 64, 8, 128, 4, false),
@@ -41,6 +42,8 @@ fn check_cases() {
         (16, 48, 64, 1, 128, 4, false),
         (2, 10, 32, 1, 64, 3, true),
         (2, 4, 64, 1, 256, 4, false),
+        (2, 6, 128, 1, 64, 4, false),
+        (3, 6, 128, 2, 64, 4, true),
     ];
     for (batch, nheads, headdim, ngroups, d_state, d_conv, nbg) in cases {
         let d_inner = nheads * headdim;

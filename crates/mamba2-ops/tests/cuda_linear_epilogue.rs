@@ -89,8 +89,15 @@ fn scaled_and_residual_projections_match_reference() {
     };
     let cuda = &cuda;
     let mut rng = StdRng::seed_from_u64(29);
-    // (k, n, nparts): in_proj-like (n not a multiple of 4), out_proj of 1.3b, a small one.
-    let shapes = [(2048, 4250, 512), (4096, 2048, 64), (256, 36, 3)];
+    // (k, n, nparts): in_proj-like (n not a multiple of 4: blocks walk several row groups, the
+    // last one partial), out_proj of 1.3b, 2.7b's in_proj width (a row is 1.25 tiles of 256
+    // vectors in 16-bit types), a small one (one group per block).
+    let shapes = [
+        (2048, 4250, 512),
+        (4096, 2048, 64),
+        (2560, 3001, 97),
+        (256, 36, 3),
+    ];
     for (k, n, nparts) in shapes {
         for dt in [DType::F32, DType::F16, DType::BF16] {
             for rows in [1, 3, 4] {
@@ -143,7 +150,7 @@ fn scaled_and_residual_projections_match_reference() {
                         let nw = r(&mut rng, &[n], 1.0);
                         let (resd, nwd) = (on(&res), on(&nw));
                         let rout = nan(&[rows, n], res_dt, &dev);
-                        let parts_out = nan(&[rows, n.div_ceil(4)], DType::F32, &dev);
+                        let parts_out = nan(s.residual_parts(n).unwrap().dims(), DType::F32, &dev);
                         let out = nan(&[rows, n], dt, &dev);
                         // A conv state (rows, conv_dim, 4) and an xbc view with a wider row.
                         let (conv_dim, ch0, nch) = (96, 32, 48);

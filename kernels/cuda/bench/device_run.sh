@@ -2,7 +2,7 @@
 # Runs the CUDA test binaries and model benchmarks on the device machine (see ../README.md and
 # ../../../../shared/tools/CUDA.md): binaries carried as .carry/bins.tar.xz (bin/mamba2, the
 # cuda_* test executables and bin/candle-transformers-mamba2-bench), logs to $OUT. Usage:
-# device_run.sh MODE... with MODE tests|quick|ncufull|bench13|bench27|ab13|ab16|ncu|ncu16|b16ct13|ct16|all13|all27 (all*: every engine, one shape;
+# device_run.sh MODE... with MODE tests|quick|lin|ab5|abgrid|ncufull|bench13|bench27|ab13|ab16|ncu|ncu16|b16ct13|ct16|all13|all27 (all*: every engine, one shape;
 # HF needs .carry/pylib from fetch_mamba_ssm_triton.sh for mamba_ssm's Triton kernels)
 set -u
 OUT=${OUT:-/tmp/out}
@@ -25,6 +25,30 @@ quick)  # the tests of the captured step's kernels only
     for t in cuda_linear_epilogue cuda_decode_step cuda_graph; do
         MAMBA2_CUDA_POISON=1 timeout 240 $B/$t --nocapture --test-threads=1 > "$OUT/$t.log" 2>&1
         echo "$t: exit $?"; tail -3 "$OUT/$t.log"
+    done ;;
+lin)  # the tests of the matrix-vector kernels and of the captured step
+    for t in cuda_linear cuda_linear_epilogue cuda_graph; do
+        MAMBA2_CUDA_POISON=1 timeout 240 $B/$t --nocapture --test-threads=1 > "$OUT/$t.log" 2>&1
+        echo "$t: exit $?"; tail -3 "$OUT/$t.log"
+    done ;;
+abgrid)  # matrix-vector grids: resident blocks walking row ranges vs one block per 4 rows
+    for shape in 1.3b 2.7b; do
+        for env in "" "MAMBA2_CUDA_MATVEC_RESIDENT=0"; do
+            r=$(env $env $B/mamba2 bench --shape $shape --device cuda --dtype bf16 --prefill 64 --decode 128 \
+                --batch 1 --runs 3 --warmup 1 2>&1 | tail -1 | grep -o '"decode_tok_s":[0-9.]*' | cut -d: -f2)
+            echo "$shape batch 1 ${env:-default}: decode $r tok/s" | tee -a "$OUT/layouts.txt"
+        done
+    done ;;
+ab5)  # batch 1 (default grid and one block per 4 rows) and batch 16 decode, both shapes
+    for shape in 1.3b 2.7b; do
+        for env in "" "MAMBA2_CUDA_MATVEC_RESIDENT=0"; do
+            r=$(env $env $B/mamba2 bench --shape $shape --device cuda --dtype bf16 --prefill 64 --decode 128 \
+                --batch 1 --runs 3 --warmup 1 2>&1 | tail -1 | grep -o '"decode_tok_s":[0-9.]*' | cut -d: -f2)
+            echo "$shape batch 1 ${env:-default}: decode $r tok/s" | tee -a "$OUT/layouts.txt"
+        done
+        r=$($B/mamba2 bench --shape $shape --device cuda --dtype bf16 --prefill 64 --decode 64 \
+            --batch 16 --runs 3 --warmup 1 2>&1 | tail -1 | grep -o '"decode_tok_s":[0-9.]*' | cut -d: -f2)
+        echo "$shape batch 16: decode $r tok/s" | tee -a "$OUT/layouts.txt"
     done ;;
 tests)
     for t in cuda_linear cuda_linear_epilogue cuda_decode_step cuda_graph; do
@@ -65,9 +89,9 @@ ncufull)  # stall reasons, occupancy and memory traffic of one captured layer (1
     secs="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats"
     timeout 200 /usr/local/cuda/bin/ncu --clock-control none -k regex:"linear_|mixer_decode" --launch-skip 60 --launch-count 3 $secs \
         $B/mamba2 bench --shape 1.3b --device cuda --dtype bf16 --prefill 8 --decode 4 --batch 1 --runs 1 --warmup 0 > "$OUT/ncufull.txt" 2>&1
-    timeout 200 /usr/local/cuda/bin/ncu --clock-control none --launch-skip 120 --launch-count 8 $secs \
+    [ -n "${NCU_B1_ONLY:-}" ] || timeout 200 /usr/local/cuda/bin/ncu --clock-control none -k regex:"mixer_decode|nvjet|gemm|xmma|cutlass|rms_norm_res" --launch-skip 300 --launch-count 12 $secs \
         $B/mamba2 bench --shape 1.3b --device cuda --dtype bf16 --prefill 8 --decode 4 --batch 16 --runs 1 --warmup 0 --eager > "$OUT/ncufull16.txt" 2>&1
-    grep -E "^  [a-zA-Z_]|Duration|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Waves Per SM" "$OUT/ncufull.txt" "$OUT/ncufull16.txt" ;;
+    grep -E "^  [a-zA-Z_]|Duration|DRAM Throughput|Issued Warp|Registers Per|Waves Per SM" "$OUT"/ncufull*.txt ;;
 ab16)  # the step's n128 variant against the general one, 1.3b batch 16 decode
     for env in "" "MAMBA2_CUDA_STEP_N128=0"; do
         r=$(env $env $B/mamba2 bench --shape 1.3b --device cuda --dtype bf16 --prefill 16 --decode 64 \

@@ -169,14 +169,15 @@ impl StepStream {
 
     /// Zeroed partial sums of squares `(batch, parts)` f32 written by
     /// [`StepStream::linear_residual`] for an output width `n` (and read by the scaled
-    /// projection after it).
+    /// projection after it); one column when the step has no matrix-vector kernels (cuBLAS
+    /// batches, which keep their norm kernels).
     pub fn residual_parts(&self, n: usize) -> Result<Tensor> {
         let device = Device::Cuda(self.dev.clone());
-        Ok(Tensor::zeros(
-            (self.batch, linear::parts_out(n)),
-            DType::F32,
-            &device,
-        )?)
+        let parts = match &self.matvec {
+            Some(k) => linear::matvec_blocks(&self.dev, &k[2], n)?,
+            None => 1,
+        };
+        Ok(Tensor::zeros((self.batch, parts), DType::F32, &device)?)
     }
 
     /// Zeroed scratch for the fused mixer step of a layer with these sizes.

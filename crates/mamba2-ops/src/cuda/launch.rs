@@ -165,6 +165,16 @@ impl Kernel {
         self.pdl
     }
 
+    /// Blocks of `threads` threads (no dynamic shared memory) that the whole GPU holds at once:
+    /// the SM count times the occupancy that the kernel's registers and shared memory allow.
+    pub(crate) fn resident_blocks(&self, dev: &CudaDevice, threads: u32) -> Result<usize> {
+        let per_sm = self
+            .func
+            .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+            .w()?;
+        Ok(sm_count(dev)? * (per_sm.max(1) as usize))
+    }
+
     /// Launches with the programmatic-stream-serialisation attribute: the kernel may start
     /// while the previous one on the stream finishes (captured into a graph as a programmatic
     /// edge). The kernel must call `pdl_wait` before touching its predecessor's data.

@@ -2,7 +2,9 @@
 //! products that stream the weight once at close to copy bandwidth. More rows go to cuBLAS
 //! (Candle's matmul).
 
-use super::launch::{cfg, code, device, func, launch, opt_ptr, output, ptr, ptx, suffix};
+use super::launch::{
+    cfg, code, device, env_switch, func, launch, opt_ptr, output, ptr, ptx, suffix,
+};
 use super::launch::{Kernel, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::CudaDevice;
@@ -109,23 +111,31 @@ pub struct ResidualEpilogue<'a> {
     pub residual: &'a Tensor,     // (rows, n) contiguous
     pub residual_out: &'a Tensor, // (rows, n) contiguous, distinct from `residual`
     pub next_norm_w: &'a Tensor,  // (n)
-    pub parts_out: &'a Tensor,    // (rows, parts_out(n)) f32, contiguous
+    pub parts_out: &'a Tensor,    // (rows, StepStream::residual_parts(n) columns) f32, contiguous
 }
 
-/// Output rows per block of the matrix-vector kernels (`LIN_ROWS` in `linear.cu`).
-const ROWS_PER_BLOCK: usize = 4;
+/// Output rows reduced together by the matrix-vector kernels (`LIN_ROWS` in `linear.cu`).
+const ROWS_PER_GROUP: usize = 4;
 
-/// Blocks of a matrix-vector launch for `n` outputs, hence the columns of
-/// [`ResidualEpilogue::parts_out`] (one partial sum per block).
-pub(crate) fn parts_out(n: usize) -> usize {
-    n.div_ceil(ROWS_PER_BLOCK)
+/// Blocks of a matrix-vector launch of `f` for `n` outputs, hence the columns of
+/// [`ResidualEpilogue::parts_out`] (one partial sum per block): as many as the GPU holds at
+/// once (each block then walks a balanced range of rows with two weight tiles in flight), or
+/// one per [`ROWS_PER_GROUP`] rows when there are fewer groups. `MAMBA2_CUDA_MATVEC_RESIDENT=0`
+/// always launches one block per group (session 4's grid, for comparisons on the GPU).
+pub(crate) fn matvec_blocks(dev: &CudaDevice, f: &Kernel, n: usize) -> Result<usize> {
+    let groups = n.div_ceil(ROWS_PER_GROUP).max(1);
+    if !env_switch("MAMBA2_CUDA_MATVEC_RESIDENT", true) {
+        return Ok(groups);
+    }
+    Ok(groups.min(f.resident_blocks(dev, 256)?))
 }
 
-/// The launch of a matrix-vector kernel for `x` `(rows, k)` and `w` `(n, k)` (one block per
-/// [`ROWS_PER_BLOCK`] outputs, 256 threads); `None` when a precondition every variant shares
+/// The launch of a matrix-vector kernel `f` for `x` `(rows, k)` and `w` `(n, k)`
+/// ([`matvec_blocks`] blocks of 256 threads); `None` when a precondition every variant shares
 /// fails ([`projection_ok`], 16-byte aligned rows of x) or the grid exceeds CUDA's limits.
 fn matvec_launch(
     dev: &CudaDevice,
+    f: &Kernel,
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
@@ -135,7 +145,15 @@ fn matvec_launch(
     if !projection_ok(dev, rows_n, k, x.dtype(), w, bias, y)? || !aligned_rows(x, dev)? {
         return Ok(None);
     }
-    Ok(cfg((parts_out(w.dim(0)?) as u64, 1, 1), 256, 0))
+    // The kernels index 16-byte vectors of a row with 32-bit integers.
+    if k / (16 / x.dtype().size_in_bytes()) >= 1 << 31 {
+        return Ok(None);
+    }
+    Ok(cfg(
+        (matvec_blocks(dev, f, w.dim(0)?)? as u64, 1, 1),
+        256,
+        0,
+    ))
 }
 
 /// The B/C conv-state shift a deferred mixer step leaves to the projection after it (done by
@@ -173,7 +191,7 @@ pub(crate) fn enqueue_scaled(
     if !scale_ok(scale, rows_n)? {
         return Ok(false);
     }
-    let Some(c) = matvec_launch(dev, x, w, bias, y)? else {
+    let Some(c) = matvec_launch(dev, f, x, w, bias, y)? else {
         return Ok(false);
     };
     launch!(
@@ -223,7 +241,7 @@ pub(crate) fn enqueue_residual(
         && epi.next_norm_w.dims() == [n]
         && epi.next_norm_w.is_contiguous()
         && epi.parts_out.dtype() == DType::F32
-        && epi.parts_out.dims() == [rows_n, parts_out(n)]
+        && epi.parts_out.dims() == [rows_n, matvec_blocks(dev, f, n)?]
         && epi.parts_out.is_contiguous();
     let shift_ok = match shift {
         None => true,
@@ -246,7 +264,7 @@ pub(crate) fn enqueue_residual(
     if y.dtype() != dt || !epi_ok || !shift_ok || !scale_fits {
         return Ok(false);
     }
-    let Some(c) = matvec_launch(dev, x, w, bias, y)? else {
+    let Some(c) = matvec_launch(dev, f, x, w, bias, y)? else {
         return Ok(false);
     };
     let (conv_dim, kc) = match shift {
@@ -302,7 +320,7 @@ pub(crate) fn enqueue(
 ) -> Result<bool> {
     let (rows_n, k) = x.dims2()?;
     let n = w.dim(0)?;
-    let Some(c) = matvec_launch(dev, x, w, bias, y)? else {
+    let Some(c) = matvec_launch(dev, f, x, w, bias, y)? else {
         return Ok(false);
     };
     launch!(
