@@ -2,7 +2,7 @@
 # Runs the CUDA test binaries and model benchmarks on the device machine (see ../README.md and
 # ../../../../shared/tools/CUDA.md): binaries carried as .carry/bins.tar.xz (bin/mamba2, the
 # cuda_* test executables and bin/candle-transformers-mamba2-bench), logs to $OUT. Usage:
-# device_run.sh MODE... with MODE tests|quick|lin|ab5|abgrid|ncufull|bench13|bench27|ab13|ab16|ncu|ncu16|b16ct13|ct16|all13|all27 (all*: every engine, one shape;
+# device_run.sh MODE... with MODE tests|quick|lin|ab5|ncufull|bench13|bench27|ab13|ab16|ncu|ncu16|b16ct13|ct16|all13|all27 (all*: every engine, one shape;
 # HF needs .carry/pylib from fetch_mamba_ssm_triton.sh for mamba_ssm's Triton kernels)
 set -u
 OUT=${OUT:-/tmp/out}
@@ -17,44 +17,33 @@ bench() { # shape batch extra... (under $LAYOUT, an environment assignment list,
     env ${LAYOUT:-} $B/mamba2 bench --shape "$shape" --device cuda --dtype bf16 --prefill ${PREFILL:-2048} --decode 128 \
         --batch "$batch" --runs 3 --warmup 1 "$@" 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
 }
+unit_tests() { # test executables, each with outputs NaN-poisoned, logs to $OUT
+    for t in "$@"; do
+        MAMBA2_CUDA_POISON=1 timeout 240 $B/$t --nocapture --test-threads=1 > "$OUT/$t.log" 2>&1
+        echo "$t: exit $?"; tail -3 "$OUT/$t.log"
+    done
+}
+decode_rate() { # "env assignments" shape batch decode-tokens: decode tok/s after a 64-token prompt
+    env $1 $B/mamba2 bench --shape "$2" --device cuda --dtype bf16 --prefill 64 --decode "$4" \
+        --batch "$3" --runs 3 --warmup 1 2>&1 | tail -1 | grep -o '"decode_tok_s":[0-9.]*' | cut -d: -f2
+}
 [ -n "${LAYOUT:-}" ] && echo "layout: $LAYOUT" | tee -a "$OUT/bench.jsonl"
 for mode in "${@:-tests}"; do
 echo "== $mode"
 case $mode in
 quick)  # the tests of the captured step's kernels only
-    for t in cuda_linear_epilogue cuda_decode_step cuda_graph; do
-        MAMBA2_CUDA_POISON=1 timeout 240 $B/$t --nocapture --test-threads=1 > "$OUT/$t.log" 2>&1
-        echo "$t: exit $?"; tail -3 "$OUT/$t.log"
-    done ;;
+    unit_tests cuda_linear_epilogue cuda_decode_step cuda_graph ;;
 lin)  # the tests of the matrix-vector kernels and of the captured step
-    for t in cuda_linear cuda_linear_epilogue cuda_graph; do
-        MAMBA2_CUDA_POISON=1 timeout 240 $B/$t --nocapture --test-threads=1 > "$OUT/$t.log" 2>&1
-        echo "$t: exit $?"; tail -3 "$OUT/$t.log"
-    done ;;
-abgrid)  # matrix-vector grids: resident blocks walking row ranges vs one block per 4 rows
-    for shape in 1.3b 2.7b; do
-        for env in "" "MAMBA2_CUDA_MATVEC_RESIDENT=0"; do
-            r=$(env $env $B/mamba2 bench --shape $shape --device cuda --dtype bf16 --prefill 64 --decode 128 \
-                --batch 1 --runs 3 --warmup 1 2>&1 | tail -1 | grep -o '"decode_tok_s":[0-9.]*' | cut -d: -f2)
-            echo "$shape batch 1 ${env:-default}: decode $r tok/s" | tee -a "$OUT/layouts.txt"
-        done
-    done ;;
+    unit_tests cuda_linear cuda_linear_epilogue cuda_graph ;;
 ab5)  # batch 1 (default grid and one block per 4 rows) and batch 16 decode, both shapes
     for shape in 1.3b 2.7b; do
         for env in "" "MAMBA2_CUDA_MATVEC_RESIDENT=0"; do
-            r=$(env $env $B/mamba2 bench --shape $shape --device cuda --dtype bf16 --prefill 64 --decode 128 \
-                --batch 1 --runs 3 --warmup 1 2>&1 | tail -1 | grep -o '"decode_tok_s":[0-9.]*' | cut -d: -f2)
-            echo "$shape batch 1 ${env:-default}: decode $r tok/s" | tee -a "$OUT/layouts.txt"
+            echo "$shape batch 1 ${env:-default}: decode $(decode_rate "$env" $shape 1 128) tok/s" | tee -a "$OUT/layouts.txt"
         done
-        r=$($B/mamba2 bench --shape $shape --device cuda --dtype bf16 --prefill 64 --decode 64 \
-            --batch 16 --runs 3 --warmup 1 2>&1 | tail -1 | grep -o '"decode_tok_s":[0-9.]*' | cut -d: -f2)
-        echo "$shape batch 16: decode $r tok/s" | tee -a "$OUT/layouts.txt"
+        echo "$shape batch 16: decode $(decode_rate "" $shape 16 64) tok/s" | tee -a "$OUT/layouts.txt"
     done ;;
 tests)
-    for t in cuda_linear cuda_linear_epilogue cuda_decode_step cuda_graph; do
-        MAMBA2_CUDA_POISON=1 timeout 240 $B/$t --nocapture --test-threads=1 > "$OUT/$t.log" 2>&1
-        echo "$t: exit $?"; tail -3 "$OUT/$t.log"
-    done
+    unit_tests cuda_linear cuda_linear_epilogue cuda_decode_step cuda_graph
     if [ -n "${LINEAR_BENCH:-}" ]; then
         timeout 120 $B/cuda_linear --ignored bench_linear_vs_cublas --nocapture > "$OUT/linear_bench.log" 2>&1
         grep "linear bf16" "$OUT/linear_bench.log"
@@ -70,8 +59,7 @@ ab13)  # decode layouts of the captured step, 1.3b batch 1 (short prefill: decod
       # the fastest layout's environment goes to $OUT/best_env
     best=0; : > "$OUT/best_env"
     for env in "" "MAMBA2_CUDA_STEP_SPLIT=2" "MAMBA2_CUDA_NORM_EPILOGUES=0" "MAMBA2_CUDA_NORM_EPILOGUES=0 MAMBA2_CUDA_PDL=0"; do
-        r=$(env $env $B/mamba2 bench --shape 1.3b --device cuda --dtype bf16 --prefill 64 --decode 128 \
-            --batch 1 --runs 3 --warmup 1 2>&1 | tail -1 | grep -o '"decode_tok_s":[0-9.]*' | cut -d: -f2)
+        r=$(decode_rate "$env" 1.3b 1 128)
         echo "layout ${env:-default}: decode $r tok/s" | tee -a "$OUT/layouts.txt"
         if python3 -c "import sys; sys.exit(0 if float('${r:-0}') > $best else 1)"; then best=$r; echo "$env" > "$OUT/best_env"; fi
     done ;;
@@ -94,9 +82,7 @@ ncufull)  # stall reasons, occupancy and memory traffic of one captured layer (1
     grep -E "^  [a-zA-Z_]|Duration|DRAM Throughput|Issued Warp|Registers Per|Waves Per SM" "$OUT"/ncufull*.txt ;;
 ab16)  # the step's n128 variant against the general one, 1.3b batch 16 decode
     for env in "" "MAMBA2_CUDA_STEP_N128=0"; do
-        r=$(env $env $B/mamba2 bench --shape 1.3b --device cuda --dtype bf16 --prefill 16 --decode 64 \
-            --batch 16 --runs 3 --warmup 1 2>&1 | tail -1 | grep -o '"decode_tok_s":[0-9.]*' | cut -d: -f2)
-        echo "batch 16 ${env:-default}: decode $r tok/s" | tee -a "$OUT/layouts.txt"
+        echo "batch 16 ${env:-default}: decode $(decode_rate "$env" 1.3b 16 64) tok/s" | tee -a "$OUT/layouts.txt"
     done ;;
 ct16)  # candle-transformers batch 16 decode from an empty state (its batched prefill fails)
     for shape in 1.3b 2.7b; do
