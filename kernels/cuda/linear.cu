@@ -61,9 +61,9 @@ struct EpiArgs {
 };
 
 // The operands of the epilogue of output (row n0 + t / BB, sequence t % BB) of a row group for
-// thread t < LIN_ROWS x BB, loaded with the group's first weight tile, so that no load sits
-// between the reduction and the stores: bias and next norm weight are weights, the residual is
-// loaded after `pdl_wait`.
+// thread t < LIN_ROWS x BB, loaded by that thread right after it stored the previous group (the
+// first group's: bias and next norm weight before `pdl_wait`, the residual after it), so that
+// no load sits between a group's reduction and its stores.
 struct EpiVals {
     float bias, nw, res;
 };
@@ -157,9 +157,9 @@ __device__ __forceinline__ void conv_shift_bc(int B, const EpiArgs& ea) {
 //   rows [N i / G, N (i + 1) / G), balanced to a row whatever N, and walks them in groups of
 //   LIN_ROWS rows. A group is cut along K into tiles of 256 16-byte vectors per row (thread t
 //   takes vector t of the tile: each warp load is 512 contiguous bytes of a row); the next tile's
-//   weights (and epilogue operands, and x when K spans several tiles) are loaded into registers
-//   before the current one is multiplied, so a block keeps two tiles in flight and a group's
-//   reduction overlaps the next group's loads. Weights stream (__ldcs: read once), x is reused
+//   weights and x are loaded into registers before the current one is multiplied, so a block
+//   keeps two tiles in flight and a group's reduction overlaps the next group's loads (the
+//   epilogue operands: EpiVals). Weights stream (__ldcs: read once), x is reused
 //   from L1/registers. The first tile is loaded before `pdl_wait` (no kernel writes weights):
 //   under programmatic dependent launch it overlaps the previous kernel's tail. The scaled
 //   variants reduce their partial sums of squares once per block, while that tile is in flight.
