@@ -146,7 +146,8 @@ __device__ void decode_step(const T* __restrict__ xbc, i64 xs_b, const void* __r
     // weight of its first-tile row.
     const int p_mine = p_lo + warp + lane * WARPS;
     const bool row_lane = lane < DS_ROWS && p_mine < p_hi;
-    const float nw0 = row_lane && mode == STEP_DEFER ? load_any(norm_w, nw_dt, h * P + p_mine) : 0.0f;
+    const float nw0 =
+        row_lane && mode == STEP_DEFER ? load_any(norm_w, nw_dt, h * P + p_mine) : 0.0f;
     pdl_launch_dependents();
     pdl_wait();
 

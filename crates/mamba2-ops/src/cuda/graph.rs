@@ -91,7 +91,6 @@ pub struct StepScratch {
     hsum: Tensor,  // (batch, nheads * split) f32
     count: Tensor, // (batch, ngroups) u32
     split: usize,  // blocks per head
-    ngroups: usize,
 }
 
 impl StepStream {
@@ -197,7 +196,6 @@ impl StepStream {
             hsum: Tensor::zeros((b, nheads * split), DType::F32, &device)?,
             count: Tensor::zeros((b, ngroups), DType::U32, &device)?,
             split,
-            ngroups,
         })
     }
 
@@ -380,8 +378,7 @@ impl StepStream {
                 && out.dtype() == args.xbc.dtype()
                 && scratch.ybuf.dims() == [batch, d_inner]
                 && scratch.hsum.dims() == [batch, nheads * scratch.split]
-                && scratch.count.dims() == [batch, args.ngroups]
-                && scratch.ngroups == args.ngroups,
+                && scratch.count.dims() == [batch, args.ngroups],
             "mixer_decode_step",
         )?;
         let s = StepScratchPtrs {

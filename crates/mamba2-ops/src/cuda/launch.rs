@@ -345,9 +345,10 @@ pub fn launch_count() -> u64 {
     LAUNCHES.with(|c| c.get())
 }
 
-/// A diagnostic switch read once from the environment (`0` turns it off, `1` on, anything
-/// else or unset keeps `default`): lets one binary compare the captured step's layouts on the
-/// GPU (`MAMBA2_CUDA_PDL`, `MAMBA2_CUDA_NORM_EPILOGUES`, `MAMBA2_CUDA_STEP_N128`).
+/// A diagnostic switch read from the environment at each call (`0` turns it off, `1` on,
+/// anything else or unset keeps `default`): lets one binary compare the captured step's layouts
+/// on the GPU (`MAMBA2_CUDA_PDL`, `MAMBA2_CUDA_NORM_EPILOGUES`, `MAMBA2_CUDA_STEP_N128`,
+/// `MAMBA2_CUDA_MATVEC_RESIDENT`).
 pub(crate) fn env_switch(name: &str, default: bool) -> bool {
     match std::env::var(name).as_deref() {
         Ok("0") => false,

@@ -117,6 +117,9 @@ pub struct ResidualEpilogue<'a> {
 /// Output rows reduced together by the matrix-vector kernels (`LIN_ROWS` in `linear.cu`).
 const ROWS_PER_GROUP: usize = 4;
 
+/// Threads per block of the matrix-vector kernels (`LIN_THREADS` in `linear.cu`).
+const THREADS: u32 = 256;
+
 /// Blocks of a matrix-vector launch of `f` for `n` outputs, hence the columns of
 /// [`ResidualEpilogue::parts_out`] (one partial sum per block): as many as the GPU holds at
 /// once (each block then walks a balanced range of rows with two weight tiles in flight), or
@@ -127,12 +130,13 @@ pub(crate) fn matvec_blocks(dev: &CudaDevice, f: &Kernel, n: usize) -> Result<us
     if !env_switch("MAMBA2_CUDA_MATVEC_RESIDENT", true) {
         return Ok(groups);
     }
-    Ok(groups.min(f.resident_blocks(dev, 256)?))
+    Ok(groups.min(f.resident_blocks(dev, THREADS)?))
 }
 
 /// The launch of a matrix-vector kernel `f` for `x` `(rows, k)` and `w` `(n, k)`
-/// ([`matvec_blocks`] blocks of 256 threads); `None` when a precondition every variant shares
-/// fails ([`projection_ok`], 16-byte aligned rows of x) or the grid exceeds CUDA's limits.
+/// ([`matvec_blocks`] blocks of [`THREADS`] threads); `None` when a precondition every variant
+/// shares fails ([`projection_ok`], 16-byte aligned rows of x) or the grid exceeds CUDA's
+/// limits.
 fn matvec_launch(
     dev: &CudaDevice,
     f: &Kernel,
@@ -151,7 +155,7 @@ fn matvec_launch(
     }
     Ok(cfg(
         (matvec_blocks(dev, f, w.dim(0)?)? as u64, 1, 1),
-        256,
+        THREADS,
         0,
     ))
 }
@@ -241,7 +245,6 @@ pub(crate) fn enqueue_residual(
         && epi.next_norm_w.dims() == [n]
         && epi.next_norm_w.is_contiguous()
         && epi.parts_out.dtype() == DType::F32
-        && epi.parts_out.dims() == [rows_n, matvec_blocks(dev, f, n)?]
         && epi.parts_out.is_contiguous();
     let shift_ok = match shift {
         None => true,
@@ -267,6 +270,10 @@ pub(crate) fn enqueue_residual(
     let Some(c) = matvec_launch(dev, f, x, w, bias, y)? else {
         return Ok(false);
     };
+    // One partial sum per block of this launch.
+    if epi.parts_out.dims() != [rows_n, c.grid_dim.0 as usize] {
+        return Ok(false);
+    }
     let (conv_dim, kc) = match shift {
         Some(s) => (s.conv_state.dim(1)?, s.conv_state.dim(2)?),
         None => (0, 0),

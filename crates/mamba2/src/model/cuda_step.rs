@@ -148,7 +148,8 @@ struct Buffers {
     residual: [Tensor; 2],
     /// (batch, d_model): each norm's output (four-kernel layout) or its unscaled input.
     normed: Tensor,
-    /// (batch, d_model / 4) f32: partial sums of squares of the residual (norm epilogues).
+    /// (batch, parts) f32: partial sums of squares of the residual, one per block of the
+    /// output projection (norm epilogues; `StepStream::residual_parts`).
     sums: Tensor,
     /// (batch, d_in_proj): the input projection.
     zxbcdt: Tensor,
