@@ -2,9 +2,10 @@
 //! one by one) and against the CPU model: logits and final conv/SSM states after a prefill and
 //! several steps, for f32 and bf16, batch 1 / 3 (matrix-vector projections, programmatic
 //! dependent launches; both layouts of the norms: kernels of their own, or epilogues of the
-//! projections with the gated norm deferred at one group and kept in the step at two) and 16 / 17 (cuBLAS projections captured on
-//! the step's stream), ngroups 1 and 2, d_state 64 and 128, nheads not a multiple of
-//! 32, with and without conv bias and fp32 residual. Skips without a CUDA device (`cargo test --features cuda --test cuda_graph`).
+//! projections with the gated norm deferred at one group and kept in the step at two) and
+//! 16 / 17 (cuBLAS projections captured on the step's stream), ngroups 1 and 2, d_state 64 and
+//! 128, nheads not a multiple of 32, with and without conv bias and fp32 residual. Skips without
+//! a CUDA device (`cargo test --features cuda --test cuda_graph`).
 #![cfg(feature = "cuda")]
 
 mod common;

@@ -21,14 +21,7 @@ fn tol(dt: DType) -> f32 {
 }
 
 fn cuda() -> Option<Device> {
-    std::env::set_var("MAMBA2_CUDA_POISON", "1");
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            println!("skipping CUDA linear test: no CUDA device ({e})");
-            None
-        }
-    }
+    support::poisoned_cuda("CUDA linear test")
 }
 
 /// Runs one case; `fast` says whether the fast path must serve it (one launch) or fall back.

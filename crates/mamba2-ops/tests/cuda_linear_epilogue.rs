@@ -13,7 +13,7 @@ use mamba2_ops::linear_slow;
 use rand::{rngs::StdRng, SeedableRng};
 
 mod support;
-use support::{rel_err, symmetric as rand_t, uniform};
+use support::{check_rel as check, symmetric as rand_t, uniform};
 
 /// Tolerance per dtype: each output is rounded once or twice to the dtype.
 fn tol(dt: DType) -> f32 {
@@ -55,30 +55,12 @@ fn scaled_ref(x: &Tensor, w: &Tensor, inv: Option<&Tensor>, bias: Option<&Tensor
     y
 }
 
-fn check(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    let got = got
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let want = want.to_dtype(DType::F32).unwrap();
-    assert_eq!(got.dims(), want.dims(), "{what}");
-    let e = rel_err(&got, &want);
-    println!("{what}: rel err {e:.2e}");
-    assert!(e <= tol, "{what}: rel err {e} > {tol}");
-}
-
 /// The CUDA device (as a Candle device and as its CUDA handle), with outputs poisoned; `None`
 /// (the test skips) without one.
 fn cuda() -> Option<(Device, candle_core::CudaDevice)> {
-    std::env::set_var("MAMBA2_CUDA_POISON", "1");
-    match Device::new_cuda(0) {
-        Ok(Device::Cuda(c)) => Some((Device::Cuda(c.clone()), c)),
-        Ok(_) => None,
-        Err(e) => {
-            println!("skipping: no CUDA device ({e})");
-            None
-        }
+    match support::poisoned_cuda("CUDA linear epilogue test")? {
+        Device::Cuda(c) => Some((Device::Cuda(c.clone()), c)),
+        _ => None,
     }
 }
 

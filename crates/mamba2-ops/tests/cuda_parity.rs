@@ -54,15 +54,7 @@ impl Tol {
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 fn gpu() -> Option<Device> {
-    // Poison every output of the fast paths (read once by the crate, so set before any op).
-    std::env::set_var("MAMBA2_CUDA_POISON", "1");
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            println!("skipping CUDA parity test: no CUDA device ({e})");
-            None
-        }
-    }
+    support::poisoned_cuda("CUDA parity test")
 }
 
 /// `t` rounded to `dt` on the CPU (the reference input) and the same values on the GPU.

@@ -73,3 +73,17 @@ pub fn assert_close(what: &str, fast: &Tensor, reference: &Tensor, (atol, rtol):
         }
     }
 }
+
+/// The CUDA device with every output of the fast paths NaN-poisoned (`MAMBA2_CUDA_POISON`, read
+/// once by the crate, so set before any op), or `None` without one: the test `test` then skips
+/// and says why.
+pub fn poisoned_cuda(test: &str) -> Option<Device> {
+    std::env::set_var("MAMBA2_CUDA_POISON", "1");
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            println!("skipping {test}: no CUDA device ({e})");
+            None
+        }
+    }
+}
