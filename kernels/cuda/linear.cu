@@ -163,8 +163,8 @@ __device__ __forceinline__ void conv_shift_bc(int B, const EpiArgs& ea) {
 //   from L1/registers. The first tile is loaded before `pdl_wait` (no kernel writes weights):
 //   under programmatic dependent launch it overlaps the previous kernel's tail. The scaled
 //   variants reduce their partial sums of squares once per block, while that tile is in flight.
-// Shared memory: 2 x 8 warps x LIN_ROWS x BB floats + 2 x BB + LIN_ROWS x BB floats
-//   = 1.1 KiB at BB = 4.
+// Shared memory: 2 x 8 warps x LIN_ROWS x BB floats (red) + 9 x BB (inv_rms, parts) +
+//   LIN_ROWS x BB (hsq_all) = 308 floats, 1.2 KiB at BB = 4 (ptxas: 1,232 bytes).
 template <typename T, int BB, int EPI>
 __device__ void linear_rows(const T* __restrict__ x, i64 xs, int B, const T* __restrict__ w,
                             const void* __restrict__ bias, int b_dt, void* __restrict__ y,
