@@ -4,8 +4,12 @@
 Run by hand (not by CI), from the repository root:
 
     pip install -r scripts/requirements.txt
-    python3 scripts/make_fixtures.py            # all cases
+    python3 scripts/make_fixtures.py            # all cases (Mamba-2 and hybrid)
     python3 scripts/make_fixtures.py g2_ds16_seq3_b2   # only the named case(s)
+
+The hybrid cases (Granite-4.0-H, Nemotron-H, Falcon-H1, Bamba; tests/fixtures/hybrid/<case>/) are
+built by scripts/hybrid_fixtures.py, which main() calls after the Mamba-2 cases; their names are
+accepted here too. See tests/fixtures/hybrid/README.md.
 
 For every case it builds a tiny random Mamba-2 model on CPU in float32, overwrites every
 parameter with random values (so no weight is the trivial 0/1 that HF's init leaves), and writes:
@@ -661,8 +665,11 @@ def build_case(case: Case) -> dict:
 
 
 def main(argv):
+    from hybrid_cases import case_names as hybrid_case_names  # tests/fixtures/hybrid/ (scripts/hybrid_fixtures.py)
+
     wanted = set(argv[1:])
-    unknown = wanted - {c.name for c in CASES}
+    hybrid_wanted = wanted & set(hybrid_case_names())
+    unknown = wanted - {c.name for c in CASES} - hybrid_wanted
     if unknown:
         sys.exit(f"unknown case(s): {sorted(unknown)}")
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, safetensors {safetensors.__version__}")
@@ -675,6 +682,10 @@ def main(argv):
         print(f"== {case.name}")
         for k, v in info.items():
             print(f"   {k}: {v:.3g}" if isinstance(v, float) else f"   {k}: {v}")
+    if not wanted or hybrid_wanted:
+        import hybrid_fixtures  # patches only the four hybrid modeling modules, not modeling_mamba2
+
+        hybrid_fixtures.run(sorted(hybrid_wanted))
     total = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
     print(f"tests/fixtures total: {total / 1e6:.2f} MB")
 
