@@ -9,12 +9,15 @@
 //! `cargo bench -p mamba2-ops --bench cpu_ops -- linear` runs only the `linear` part,
 //! `-- decode` only the decode-token projection chain (weight GB/s vs the machine's read
 //! bandwidth), `-- step` only the one-token decode ops, `-- stages` one whole decode token split
-//! into its stages (see `cpu_ops/stages.rs`).
+//! into its stages (see `cpu_ops/stages.rs`), `-- attention` the attention-layer ops of the
+//! hybrid models (see `cpu_ops/attention.rs`).
 
 use candle_core::{DType, Device, Tensor};
 use mamba2_ops::*;
 use std::time::Instant;
 
+#[path = "cpu_ops/attention.rs"]
+mod attention;
 #[path = "cpu_ops/stages.rs"]
 mod stages;
 
@@ -143,6 +146,10 @@ fn bench_decode_projections() {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "attention") {
+        attention::bench_attention();
+        return;
+    }
     if std::env::args().any(|a| a == "stages") {
         stages::bench_stages();
         return;

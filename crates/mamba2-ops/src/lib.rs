@@ -5,6 +5,10 @@
 //! `ssd_chunk_scan`, ...) dispatch on the device of their input: a fast path when one is compiled
 //! in and its preconditions hold, the reference otherwise.
 //!
+//! The attention layers and MLPs of the hybrid models (Granite-4.0-H, Nemotron-H, Falcon-H1,
+//! Bamba) use [`causal_attention`], [`rotary_embedding`], [`swiglu`] and [`relu_squared`]; they
+//! have a CPU fast path, and their references run on the GPUs.
+//!
 //! Conventions shared by all ops:
 //! - activations are `(batch, seqlen, ...)` and may be f32, f16 or bf16;
 //! - recurrent state (conv state and SSM state) is always f32, and so is all accumulation;
@@ -22,6 +26,8 @@
 //! # Ok::<(), mamba2_ops::OpError>(())
 //! ```
 
+pub mod activation;
+pub mod attention;
 mod check;
 pub mod conv1d;
 mod cpu;
@@ -34,9 +40,16 @@ pub mod linear;
 mod metal;
 pub mod metal_params;
 pub mod rms_norm;
+pub mod rotary;
 pub mod ssd;
 pub mod state_update;
 
+pub use activation::{
+    relu_squared, relu_squared_slow, relu_squared_with, swiglu, swiglu_slow, swiglu_with,
+};
+pub use attention::{
+    causal_attention, causal_attention_slow, causal_attention_with, AttentionArgs,
+};
 pub use conv1d::{
     causal_conv1d, causal_conv1d_slow, causal_conv1d_update, causal_conv1d_update_slow,
     causal_conv1d_update_with, causal_conv1d_with, conv_states_varlen, conv_states_varlen_slow,
@@ -60,6 +73,7 @@ pub use rms_norm::{
     gated_rms_norm, gated_rms_norm_slow, gated_rms_norm_with, rms_norm_residual,
     rms_norm_residual_slow, rms_norm_residual_with, GatedRmsNormArgs,
 };
+pub use rotary::{rotary_embedding, rotary_embedding_slow, rotary_embedding_with, RotaryArgs};
 pub use ssd::{ssd_chunk_scan, ssd_chunk_scan_slow, ssd_chunk_scan_with, SsdArgs, SsdParams};
 pub use state_update::{
     selective_state_update, selective_state_update_slow, selective_state_update_with,
@@ -96,3 +110,20 @@ macro_rules! dispatch {
     }};
 }
 pub(crate) use dispatch;
+
+/// [`dispatch!`] for the ops that have a CPU fast path only (attention, rotary embedding, MLP
+/// activations): the reference runs on every other device.
+macro_rules! dispatch_cpu {
+    ($backend:expr, $device:expr, $name:ident ( $($arg:expr),* ), $slow:expr) => {{
+        let fast = match ($backend, $device) {
+            ($crate::Backend::Reference, _) => None,
+            (_, candle_core::Device::Cpu) => $crate::cpu::$name($($arg),*)?,
+            _ => None,
+        };
+        match fast {
+            Some(out) => Ok(out),
+            None => $slow,
+        }
+    }};
+}
+pub(crate) use dispatch_cpu;

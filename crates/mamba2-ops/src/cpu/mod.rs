@@ -9,7 +9,11 @@
 //! `seq_idx` is supported by the conv and the SSD scan (state restarts at a change of id).
 //! `linear` needs a contiguous (row-major) weight; a transposed or strided weight view takes the
 //! reference (Candle's matmul).
+//! `causal_attention` needs K and V with a unit-stride head_dim (narrowed KV-cache views are read
+//! in place, never copied); `rotary_embedding`, `swiglu` and `relu_squared` take any view.
 
+mod activation;
+mod attention;
 mod common;
 mod conv1d;
 mod linear;
@@ -17,12 +21,15 @@ mod rms_norm;
 mod ssd;
 mod state_update;
 
-use crate::{Conv1dArgs, GatedRmsNormArgs, Result, SsdArgs, SsdParams, StateUpdateArgs};
+use crate::{
+    AttentionArgs, Conv1dArgs, GatedRmsNormArgs, Result, RotaryArgs, SsdArgs, SsdParams,
+    StateUpdateArgs,
+};
 use candle_core::Tensor;
 use std::cell::Cell;
 
 /// Names of the ops, in the order of the fast-path counters.
-const OPS: [&str; 8] = [
+const OPS: [&str; 12] = [
     "causal_conv1d",
     "causal_conv1d_update",
     "conv_states_varlen",
@@ -31,12 +38,17 @@ const OPS: [&str; 8] = [
     "gated_rms_norm",
     "rms_norm_residual",
     "linear",
+    "causal_attention",
+    "rotary_embedding",
+    "swiglu",
+    "relu_squared",
 ];
 
 thread_local! {
     /// How often each op took its CPU fast path on this thread. Thread-local so that tests
     /// running in parallel do not see each other's calls.
-    static FAST_PATH_HITS: [Cell<usize>; 8] = const { [const { Cell::new(0) }; 8] };
+    static FAST_PATH_HITS: [Cell<usize>; OPS.len()] =
+        const { [const { Cell::new(0) }; OPS.len()] };
 }
 
 fn count<T>(op: usize, r: Result<Option<T>>) -> Result<Option<T>> {
@@ -114,4 +126,21 @@ pub(crate) fn rms_norm_residual(
 /// Any row count; falls back for a non-contiguous weight (see `cpu/linear.rs`).
 pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     count(7, linear::linear(x, weight, bias))
+}
+
+/// K and V read in place; falls back when their head_dim is strided (see `cpu/attention.rs`).
+pub(crate) fn causal_attention(args: &AttentionArgs) -> Result<Option<Tensor>> {
+    count(8, attention::causal_attention(args))
+}
+
+pub(crate) fn rotary_embedding(args: &RotaryArgs) -> Result<Option<Tensor>> {
+    count(9, activation::rotary_embedding(args))
+}
+
+pub(crate) fn swiglu(x: &Tensor) -> Result<Option<Tensor>> {
+    count(10, activation::swiglu(x))
+}
+
+pub(crate) fn relu_squared(x: &Tensor) -> Result<Option<Tensor>> {
+    count(11, activation::relu_squared(x))
 }

@@ -15,7 +15,12 @@ use rayon::prelude::*;
 const PAR_MIN_ELEMS: usize = 1 << 15;
 
 /// Runs `row_fn(row, scratch)` for every row, in parallel when the work is large enough.
-fn for_rows(rows: usize, dim: usize, scratch: usize, row_fn: impl Fn(usize, &mut [f32]) + Sync) {
+pub(super) fn for_rows(
+    rows: usize,
+    dim: usize,
+    scratch: usize,
+    row_fn: impl Fn(usize, &mut [f32]) + Sync,
+) {
     if rows * dim < PAR_MIN_ELEMS {
         with_scratch(scratch, |s| (0..rows).for_each(|r| row_fn(r, s)));
     } else {
@@ -27,7 +32,7 @@ fn for_rows(rows: usize, dim: usize, scratch: usize, row_fn: impl Fn(usize, &mut
 }
 
 /// Flat start of row `r` of a view whose rows (all but the last dimension) may be strided.
-fn row_start(v: &View, dims: &[usize], r: usize) -> usize {
+pub(super) fn row_start(v: &View, dims: &[usize], r: usize) -> usize {
     let lead = &dims[..dims.len() - 1];
     let mut idx = [0usize; 4];
     let mut rem = r;
@@ -39,7 +44,7 @@ fn row_start(v: &View, dims: &[usize], r: usize) -> usize {
 }
 
 /// Flattens to `(rows, dim)` when the rank exceeds what a view addresses.
-fn as_2d(t: &Tensor) -> candle_core::Result<Tensor> {
+pub(super) fn as_2d(t: &Tensor) -> candle_core::Result<Tensor> {
     if t.rank() <= 4 {
         Ok(t.clone())
     } else {
