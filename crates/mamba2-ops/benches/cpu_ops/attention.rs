@@ -74,11 +74,18 @@ pub fn bench_attention() {
                         causal_attention_slow(&args).unwrap();
                     })
                 };
-                let kv_bytes = 2 * kv_len * kv_heads * d * dtype.size_in_bytes();
+                // Decode streams the cache: K/V bytes per second; prefill is arithmetic:
+                // GFLOP/s of the causal half (q·k and p·v, 2 flops per multiply-add).
+                let rate = if q_len == 1 {
+                    let kv_bytes = 2 * kv_len * kv_heads * d * dtype.size_in_bytes();
+                    format!("{:5.1} GB/s of K/V", kv_bytes as f64 / fast / 1e6)
+                } else {
+                    let flops = 4.0 * heads as f64 * d as f64 * (q_len * (q_len + 1) / 2) as f64;
+                    format!("{:5.1} GFLOP/s", flops / fast / 1e6)
+                };
                 println!(
                     "attention {name} {what} q {q_len} kv {kv_len} {dtype:?}: fast {fast:8.3} ms \
-                     ({:5.1} GB/s of K/V; {cpu:7.3} CPU-ms per call), reference {slow:8.3} ms",
-                    kv_bytes as f64 / fast / 1e6
+                     ({rate}; {cpu:7.3} CPU-ms per call), reference {slow:8.3} ms"
                 );
             }
         }

@@ -88,6 +88,7 @@ struct Attn<'a> {
     off: usize,
     scale: f32,
     /// Whether this CPU runs the AVX-512 kernels (`x86`) and compilation of the loop.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     avx512: bool,
 }
 
@@ -274,8 +275,10 @@ impl Attn<'_> {
     }
 
     /// Why two compilations of one body (as in `cpu/ssd.rs`): the crate is built for the baseline
-    /// x86-64 target (SSE2); compiled with AVX-512, the dot products, the `exp_f32` of the
-    /// softmax and the row updates run on 16 lanes. Same operations, so the same results.
+    /// x86-64 target (SSE2); compiled with AVX-512, the `exp_f32` and reductions of the softmax
+    /// and the accumulator rescaling run on 16 lanes (same operations, same results). The
+    /// few-rows products are the FMA kernels of `x86.rs` there, the `lanes.rs` loops otherwise
+    /// (results differ by rounding only).
     #[inline(always)]
     fn run_body(&self, it: Item, (lo, hi): (usize, usize), scratch: &mut [f32], st: State) {
         let (dh, n) = (self.d.head_dim, it.positions);
