@@ -12,7 +12,9 @@ use std::time::Instant;
 pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Random weights of a real shape instead of a checkpoint: 130m, 370m, 780m, 1.3b, 2.7b.
+    /// Random weights of a real shape instead of a checkpoint: 130m, 370m, 780m, 1.3b, 2.7b,
+    /// granite-4.0-h-1b, granite-4.0-h-350m, nemotron-h-8b, nemotron-nano-9b-v2,
+    /// falcon-h1-0.5b, falcon-h1-1.5b, bamba-9b.
     #[arg(long, conflicts_with = "model")]
     shape: Option<String>,
     /// Prompt tokens per prefill.
@@ -102,7 +104,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let json = serde_json::json!({
         "model": name,
         "shape": {"d_model": c.d_model, "n_layer": c.n_layer, "d_state": c.d_state, "headdim": c.headdim,
-                  "nheads": c.nheads, "ngroups": c.ngroups, "vocab_rows": model.vocab_rows()},
+                  "nheads": c.nheads, "ngroups": c.ngroups, "vocab_rows": model.vocab_rows(),
+                  "family": c.family.model_type(), "layer_pattern": c.pattern_string()},
         "parameters": model.num_parameters(),
         "dtype": format!("{dtype:?}").to_lowercase(),
         "device": format!("{:?}", device.location()).to_lowercase(),

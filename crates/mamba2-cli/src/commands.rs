@@ -219,7 +219,6 @@ pub fn info(a: InfoArgs) -> Result<()> {
     let dtype = a.model.dtype()?;
     let model = load_model(&files, dtype, &a.model.device()?)?;
     let c = model.config();
-    let state_bytes = c.n_layer * (c.conv_dim() * c.d_conv + c.nheads * c.headdim * c.d_state) * 4;
     let info = serde_json::json!({
         "model": files.dir,
         "weights": files.weights,
@@ -228,7 +227,10 @@ pub fn info(a: InfoArgs) -> Result<()> {
         "parameters": model.num_parameters(),
         "dtype": format!("{dtype:?}").to_lowercase(),
         "weight_bytes": model.num_parameters() * dtype.size_in_bytes(),
-        "state_bytes_per_sequence": state_bytes,
+        "family": c.family.model_type(),
+        "layer_pattern": c.pattern_string(),
+        "state_bytes_per_sequence": c.ssm_state_bytes(),
+        "kv_bytes_per_token": c.kv_bytes_per_token(dtype.size_in_bytes()),
         "vocab_rows": model.vocab_rows(),
     });
     crate::print_stdout(&serde_json::to_string_pretty(&info)?)

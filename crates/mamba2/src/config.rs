@@ -10,13 +10,26 @@
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+mod blocks;
+mod flavors;
+mod hybrid;
 mod json;
+mod names;
+mod presets;
+mod validate;
+pub use blocks::{
+    AttentionConfig, BlockKind, BlockSpec, Family, MlpActivation, MlpConfig, Multipliers,
+    RopeConfig,
+};
+use flavors::detect_flavor;
+use flavors::{parse_hf, parse_mamba_ssm};
 pub use json::parse_json_lenient;
 use json::{parse_err, Fields};
+pub use names::BlockNames;
 
 /// Upper bound on every size field except the vocabulary (2^24).
 const MAX_DIM: usize = 1 << 24;
@@ -49,6 +62,22 @@ pub enum ConfigFlavor {
 pub struct Mamba2Config {
     /// Which file layout the config came from.
     pub flavor: ConfigFlavor,
+    /// The model family (pure Mamba-2 or one of the hybrids).
+    pub family: Family,
+    /// The residual blocks in order, for the hybrid families; empty for pure Mamba-2, whose
+    /// every layer is one Mamba block (see [`Mamba2Config::blocks`]).
+    pub pattern: Vec<BlockSpec>,
+    /// Attention block settings (hybrids with attention blocks).
+    pub attention: Option<AttentionConfig>,
+    /// MLP block settings (hybrids with MLP blocks).
+    pub mlp: Option<MlpConfig>,
+    /// Scalar multipliers (all 1 for Mamba-2).
+    pub multipliers: Multipliers,
+    /// Whether the Mamba output goes through the grouped gated RMSNorm (`false`: `y * silu(z)`
+    /// with no norm, Falcon-H1's `mamba_rms_norm: false`).
+    pub gated_norm: bool,
+    /// Bias in the Mamba `out_proj` (Falcon-H1's `projectors_bias`; else the same as `bias`).
+    pub out_proj_bias: bool,
     /// Residual stream width (`hidden_size` / `d_model`).
     pub d_model: usize,
     /// Number of Mamba-2 blocks (`num_hidden_layers` / `n_layer`).
@@ -75,7 +104,7 @@ pub struct Mamba2Config {
     pub chunk_size: usize,
     /// Clamp range of `dt` after softplus (`time_step_limit` / `ssm_cfg.dt_limit`).
     pub dt_limit: (f64, f64),
-    /// Bias in `in_proj` / `out_proj`.
+    /// Bias in `in_proj` (and in `out_proj`, except for Falcon-H1: see `out_proj_bias`).
     pub bias: bool,
     /// Bias in the depthwise conv1d.
     pub conv_bias: bool,
@@ -104,9 +133,14 @@ impl Mamba2Config {
         let Value::Object(obj) = &value else {
             return Err(parse_err(origin, "the top level is not a JSON object"));
         };
+        let f = Fields::new(obj, "", origin);
         let cfg = match detect_flavor(obj, origin)? {
-            ConfigFlavor::HfTransformers => parse_hf(&Fields::new(obj, "", origin))?,
-            ConfigFlavor::MambaSsm => parse_mamba_ssm(&Fields::new(obj, "", origin))?,
+            (ConfigFlavor::HfTransformers, Family::Mamba2) => parse_hf(&f)?,
+            (ConfigFlavor::MambaSsm, _) => parse_mamba_ssm(&f)?,
+            (_, Family::GraniteHybrid) => hybrid::parse_granite(&f)?,
+            (_, Family::NemotronH) => hybrid::parse_nemotron_h(&f)?,
+            (_, Family::FalconH1) => hybrid::parse_falcon_h1(&f)?,
+            (_, Family::Bamba) => hybrid::parse_bamba(&f)?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -146,32 +180,15 @@ impl Mamba2Config {
     /// # Ok::<(), mamba2::Error>(())
     /// ```
     pub fn tensor_shapes(&self, embedding_rows: usize) -> Vec<(String, Vec<usize>)> {
+        let root = self.default_root();
         let mut out = vec![(
-            "backbone.embeddings.weight".to_string(),
+            self.embedding_name(root),
             vec![embedding_rows, self.d_model],
         )];
-        for i in 0..self.n_layer {
-            let p = format!("backbone.layers.{i}");
-            let mut push = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
-            push("norm.weight", vec![self.d_model]);
-            push("mixer.in_proj.weight", vec![self.d_in_proj(), self.d_model]);
-            if self.bias {
-                push("mixer.in_proj.bias", vec![self.d_in_proj()]);
-            }
-            push("mixer.conv1d.weight", vec![self.conv_dim(), 1, self.d_conv]);
-            if self.conv_bias {
-                push("mixer.conv1d.bias", vec![self.conv_dim()]);
-            }
-            push("mixer.dt_bias", vec![self.nheads]);
-            push("mixer.A_log", vec![self.nheads]);
-            push("mixer.D", vec![self.nheads]);
-            push("mixer.norm.weight", vec![self.d_inner]);
-            push("mixer.out_proj.weight", vec![self.d_model, self.d_inner]);
-            if self.bias {
-                push("mixer.out_proj.bias", vec![self.d_model]);
-            }
+        for b in 0..self.n_blocks() {
+            out.extend(self.block_tensor_shapes(root, b));
         }
-        out.push(("backbone.norm_f.weight".to_string(), vec![self.d_model]));
+        out.push((self.final_norm_name(root), vec![self.d_model]));
         if !self.tie_embeddings {
             out.push((
                 "lm_head.weight".to_string(),
@@ -181,9 +198,84 @@ impl Mamba2Config {
         out
     }
 
+    /// The residual blocks in order: `n_layer` Mamba blocks for pure Mamba-2, the parsed layer
+    /// pattern for the hybrids.
+    ///
+    /// ```
+    /// let cfg = mamba2::config::Mamba2Config::from_json_str(
+    ///     r#"{"model_type": "nemotron_h", "hidden_size": 64, "vocab_size": 100,
+    ///         "hybrid_override_pattern": "M-M*-", "mamba_num_heads": 4, "mamba_head_dim": 32,
+    ///         "n_groups": 2, "ssm_state_size": 16, "num_attention_heads": 4,
+    ///         "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128}"#,
+    ///     "inline",
+    /// )?;
+    /// let letters: String = cfg.blocks().iter().map(|b| b.kind.letter()).collect();
+    /// assert_eq!(letters, "M-M*-");
+    /// # Ok::<(), mamba2::Error>(())
+    /// ```
+    pub fn blocks(&self) -> std::borrow::Cow<'_, [BlockSpec]> {
+        if self.family == Family::Mamba2 {
+            let all = (0..self.n_layer)
+                .map(|layer| BlockSpec {
+                    kind: BlockKind::Mamba,
+                    layer,
+                })
+                .collect();
+            std::borrow::Cow::Owned(all)
+        } else {
+            std::borrow::Cow::Borrowed(&self.pattern)
+        }
+    }
+
+    /// Bytes of recurrent state per sequence: conv + SSM states of every Mamba block, f32.
+    pub fn ssm_state_bytes(&self) -> usize {
+        let per_block = self.conv_dim() * self.d_conv + self.nheads * self.headdim * self.d_state;
+        let n = (0..self.n_blocks())
+            .filter(|&b| self.block_spec(b).kind.has_ssm())
+            .count();
+        n * per_block * 4
+    }
+
+    /// Bytes of KV cache per token of one sequence, with keys and values of `elem_bytes` each.
+    pub fn kv_bytes_per_token(&self, elem_bytes: usize) -> usize {
+        let Some(a) = &self.attention else { return 0 };
+        let n = (0..self.n_blocks())
+            .filter(|&b| self.block_spec(b).kind.has_kv())
+            .count();
+        n * 2 * a.num_kv_heads * a.head_dim * elem_bytes
+    }
+
+    /// Number of residual blocks (without materialising [`Mamba2Config::blocks`]).
+    pub fn n_blocks(&self) -> usize {
+        match self.family {
+            Family::Mamba2 => self.n_layer,
+            _ => self.pattern.len(),
+        }
+    }
+
+    /// Block `b` (`b < n_blocks()`), without materialising the list.
+    pub fn block_spec(&self, b: usize) -> BlockSpec {
+        match self.family {
+            Family::Mamba2 => BlockSpec {
+                kind: BlockKind::Mamba,
+                layer: b,
+            },
+            _ => self.pattern[b],
+        }
+    }
+
+    /// The layer pattern, one letter per block (`M` Mamba-2, `*` attention, `-` MLP, `P` Mamba-2
+    /// and attention in parallel).
+    pub fn pattern_string(&self) -> String {
+        self.blocks().iter().map(|b| b.kind.letter()).collect()
+    }
+
     /// The name this config's file uses for a canonical field (`"headdim"` is `"head_dim"` in
     /// HF configs and `"ssm_cfg.headdim"` in mamba_ssm configs).
     pub fn field_name(&self, canonical: &str) -> String {
+        if let Some(name) = self.hybrid_field_name(canonical) {
+            return name.to_string();
+        }
         let hf = self.flavor == ConfigFlavor::HfTransformers;
         let name = match (canonical, hf) {
             ("d_model", true) => "hidden_size",
@@ -207,6 +299,39 @@ impl Mamba2Config {
             _ => canonical,
         };
         name.to_string()
+    }
+
+    /// Field names of the hybrid families' configs.
+    fn hybrid_field_name(&self, canonical: &str) -> Option<&'static str> {
+        let nemotron = match self.family {
+            Family::Mamba2 => return None,
+            Family::NemotronH => true,
+            _ => false,
+        };
+        Some(match (canonical, nemotron) {
+            ("d_model", _) => "hidden_size",
+            ("n_layer", _) => "num_hidden_layers",
+            ("tie_embeddings", _) => "tie_word_embeddings",
+            ("d_state", false) => "mamba_d_state",
+            ("d_conv", false) => "mamba_d_conv",
+            ("expand", false) => "mamba_expand",
+            ("headdim", false) => "mamba_d_head",
+            ("nheads", false) => "mamba_n_heads",
+            ("ngroups", false) => "mamba_n_groups",
+            ("chunk_size", false) => "mamba_chunk_size",
+            ("dt_limit", false) => "time_step_limit",
+            ("norm_eps", false) => "rms_norm_eps",
+            ("d_state", true) => "ssm_state_size",
+            ("d_conv", true) => "conv_kernel",
+            ("expand", true) => "expand",
+            ("headdim", true) => "mamba_head_dim",
+            ("nheads", true) => "mamba_num_heads",
+            ("ngroups", true) => "n_groups",
+            ("chunk_size", true) => "chunk_size",
+            ("dt_limit", true) => "time_step_min",
+            ("norm_eps", true) => "layer_norm_epsilon",
+            _ => return None,
+        })
     }
 
     /// Checks sizes and cross-field consistency; errors name the field as the file spells it.
@@ -243,7 +368,10 @@ impl Mamba2Config {
                 format!("{} does not fit token ids (u32)", self.vocab_size),
             );
         }
-        if self.d_inner != self.nheads * self.headdim || self.d_model * self.expand != self.d_inner
+        if self.family != Family::Mamba2 {
+            self.validate_hybrid()?;
+        } else if self.d_inner != self.nheads * self.headdim
+            || self.d_model * self.expand != self.d_inner
         {
             let msg = match self.flavor {
                 ConfigFlavor::HfTransformers => format!(
@@ -301,6 +429,9 @@ impl Mamba2Config {
     pub fn preset(name: &str) -> Result<Self> {
         let key = name.trim().to_ascii_lowercase();
         let key = key.strip_prefix("mamba2-").unwrap_or(&key);
+        if let Some(cfg) = presets::hybrid_preset(key) {
+            return cfg;
+        }
         let (d_model, n_layer) = match key {
             "130m" => (768, 24),
             "370m" => (1024, 48),
@@ -310,13 +441,23 @@ impl Mamba2Config {
             _ => {
                 return Err(Error::field(
                     "preset",
-                    format!("unknown shape `{name}`; known: 130m, 370m, 780m, 1.3b, 2.7b"),
+                    format!(
+                        "unknown shape `{name}`; known: 130m, 370m, 780m, 1.3b, 2.7b, {}",
+                        presets::HYBRID_PRESETS.join(", ")
+                    ),
                 ))
             }
         };
         let (expand, headdim) = (2, 64);
         let cfg = Mamba2Config {
             flavor: ConfigFlavor::MambaSsm,
+            family: Family::Mamba2,
+            pattern: Vec::new(),
+            attention: None,
+            mlp: None,
+            multipliers: Multipliers::default(),
+            gated_norm: true,
+            out_proj_bias: false,
             d_model,
             n_layer,
             vocab_size: 50277,
@@ -357,190 +498,4 @@ pub fn read_generation_eos(path: &Path) -> Result<Vec<u32>> {
     Ok(Fields::new(obj, "", &origin)
         .token_ids("eos_token_id")?
         .unwrap_or_default())
-}
-
-fn detect_flavor(obj: &Map<String, Value>, origin: &str) -> Result<ConfigFlavor> {
-    match obj.get("model_type") {
-        Some(Value::String(t)) if t == "mamba2" => return Ok(ConfigFlavor::HfTransformers),
-        Some(Value::String(t)) => {
-            return Err(Error::Unsupported(format!(
-                "{origin}: model_type `{t}` is not a Mamba-2 model (expected `mamba2`)"
-            )))
-        }
-        Some(Value::Null) | None => {}
-        Some(other) => {
-            return Err(parse_err(
-                origin,
-                format!("field `model_type`: expected a string, got {other}"),
-            ))
-        }
-    }
-    match (
-        obj.contains_key("d_model") || obj.contains_key("ssm_cfg"),
-        obj.contains_key("hidden_size"),
-    ) {
-        (true, false) => Ok(ConfigFlavor::MambaSsm),
-        (false, true) => Ok(ConfigFlavor::HfTransformers),
-        (true, true) => Err(parse_err(
-            origin,
-            "has both `hidden_size` (HF transformers) and `d_model`/`ssm_cfg` (mamba_ssm) and no \
-             `model_type`; cannot tell which layout it is",
-        )),
-        (false, false) => Err(parse_err(
-            origin,
-            "not a Mamba-2 config: neither `hidden_size` (HF transformers Mamba2Config) nor \
-             `d_model` (mamba_ssm MambaConfig) is present",
-        )),
-    }
-}
-
-/// HF transformers `Mamba2Config`; defaults are those of transformers' class.
-fn parse_hf(f: &Fields<'_>) -> Result<Mamba2Config> {
-    let d_model = f.required("hidden_size", f.usize("hidden_size")?)?;
-    let n_layer = f.required("num_hidden_layers", f.usize("num_hidden_layers")?)?;
-    let vocab_size = f.required("vocab_size", f.usize("vocab_size")?)?;
-    let nheads = f.usize("num_heads")?.unwrap_or(128);
-    let headdim = f.usize("head_dim")?.unwrap_or(64);
-    if let Some(act) = f.string("hidden_act")? {
-        if act != "silu" && act != "swish" {
-            return Err(Error::field(
-                "hidden_act",
-                format!("`{act}` is not supported (only silu)"),
-            ));
-        }
-    }
-    Ok(Mamba2Config {
-        flavor: ConfigFlavor::HfTransformers,
-        d_model,
-        n_layer,
-        vocab_size,
-        pad_vocab_size_multiple: 1,
-        d_state: f.usize("state_size")?.unwrap_or(128),
-        d_conv: f.usize("conv_kernel")?.unwrap_or(4),
-        expand: f.usize("expand")?.unwrap_or(2),
-        headdim,
-        nheads,
-        ngroups: f.usize("n_groups")?.unwrap_or(8),
-        d_inner: nheads.saturating_mul(headdim),
-        chunk_size: f.usize("chunk_size")?.unwrap_or(256),
-        dt_limit: f
-            .f64_pair("time_step_limit")?
-            .unwrap_or((0.0, f64::INFINITY)),
-        bias: f.bool("use_bias")?.unwrap_or(false),
-        conv_bias: f.bool("use_conv_bias")?.unwrap_or(true),
-        norm_eps: f.f64("layer_norm_epsilon")?.unwrap_or(1e-5),
-        residual_in_fp32: f.bool("residual_in_fp32")?.unwrap_or(true),
-        tie_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
-        norm_before_gate: false,
-        bos_token_id: f.token_id("bos_token_id")?.unwrap_or(Some(0)),
-        eos_token_ids: f.token_ids("eos_token_id")?.unwrap_or_else(|| vec![2]),
-        pad_token_id: f.token_id("pad_token_id")?.unwrap_or(Some(1)),
-    })
-}
-
-/// mamba_ssm `MambaConfig`; `ssm_cfg` defaults are those of mamba_ssm's `Mamba2` module.
-fn parse_mamba_ssm(f: &Fields<'_>) -> Result<Mamba2Config> {
-    let d_model = f.required("d_model", f.usize("d_model")?)?;
-    let n_layer = f.required("n_layer", f.usize("n_layer")?)?;
-    let vocab_size = f.required("vocab_size", f.usize("vocab_size")?)?;
-    if f.usize("d_intermediate")?.unwrap_or(0) > 0 {
-        return Err(Error::field(
-            "d_intermediate",
-            "MLP blocks (d_intermediate > 0) are not supported",
-        ));
-    }
-    match f.get("attn_layer_idx") {
-        None => {}
-        Some(Value::Array(a)) if a.is_empty() => {}
-        Some(Value::Array(_)) => {
-            return Err(Error::field(
-                "attn_layer_idx",
-                "attention layers are not supported",
-            ))
-        }
-        Some(v) => return Err(f.type_err("attn_layer_idx", "a list of layer indices", v)),
-    }
-    if !f.bool("rms_norm")?.unwrap_or(true) {
-        return Err(Error::field(
-            "rms_norm",
-            "LayerNorm blocks (rms_norm: false) are not supported",
-        ));
-    }
-    let empty = Map::new();
-    let ssm_obj = f.object("ssm_cfg")?.unwrap_or(&empty);
-    let s = Fields::new(ssm_obj, "ssm_cfg.", f.origin);
-    match s.string("layer")? {
-        Some("Mamba2") => {}
-        Some(other) => {
-            return Err(Error::field(
-                "ssm_cfg.layer",
-                format!("`{other}` is not supported (only Mamba2)"),
-            ))
-        }
-        None => {
-            return Err(Error::field(
-                "ssm_cfg.layer",
-                "missing: mamba_ssm then builds Mamba1 layers, which are not supported",
-            ))
-        }
-    }
-    if !s.bool("rmsnorm")?.unwrap_or(true) {
-        return Err(Error::field(
-            "ssm_cfg.rmsnorm",
-            "Mamba2 without the gated RMSNorm is not supported",
-        ));
-    }
-    if s.bool("D_has_hdim")?.unwrap_or(false) {
-        return Err(Error::field(
-            "ssm_cfg.D_has_hdim",
-            "a per-channel D is not supported",
-        ));
-    }
-    if let Some(act) = s.string("activation")? {
-        if act != "silu" && act != "swish" {
-            return Err(Error::field(
-                "ssm_cfg.activation",
-                format!("`{act}` is not supported (only silu)"),
-            ));
-        }
-    }
-    let expand = s.usize("expand")?.unwrap_or(2);
-    let headdim = s.usize("headdim")?.unwrap_or(64);
-    let d_inner = expand.saturating_mul(d_model);
-    if let Some(d_ssm) = s.usize("d_ssm")? {
-        if d_ssm != d_inner {
-            return Err(Error::field(
-                "ssm_cfg.d_ssm",
-                format!(
-                    "{d_ssm} != expand * d_model = {d_inner}: gated-MLP channels are not supported"
-                ),
-            ));
-        }
-    }
-    Ok(Mamba2Config {
-        flavor: ConfigFlavor::MambaSsm,
-        d_model,
-        n_layer,
-        vocab_size,
-        pad_vocab_size_multiple: f.usize("pad_vocab_size_multiple")?.unwrap_or(8),
-        d_state: s.usize("d_state")?.unwrap_or(128),
-        d_conv: s.usize("d_conv")?.unwrap_or(4),
-        expand,
-        headdim,
-        // A headdim that does not divide d_inner is caught by validate(); 0 by the size check.
-        nheads: d_inner.checked_div(headdim).unwrap_or(0),
-        ngroups: s.usize("ngroups")?.unwrap_or(1),
-        d_inner,
-        chunk_size: s.usize("chunk_size")?.unwrap_or(256),
-        dt_limit: s.f64_pair("dt_limit")?.unwrap_or((0.0, f64::INFINITY)),
-        bias: s.bool("bias")?.unwrap_or(false),
-        conv_bias: s.bool("conv_bias")?.unwrap_or(true),
-        norm_eps: 1e-5,
-        residual_in_fp32: f.bool("residual_in_fp32")?.unwrap_or(true),
-        tie_embeddings: f.bool("tie_embeddings")?.unwrap_or(true),
-        norm_before_gate: s.bool("norm_before_gate")?.unwrap_or(false),
-        bos_token_id: f.token_id("bos_token_id")?.flatten(),
-        eos_token_ids: f.token_ids("eos_token_id")?.unwrap_or_default(),
-        pad_token_id: f.token_id("pad_token_id")?.flatten(),
-    })
 }

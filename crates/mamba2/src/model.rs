@@ -13,30 +13,19 @@ mod build;
 /// The decode step captured as a CUDA graph (reads the model's weights directly).
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda_step;
+/// The block kinds: Mamba-2 mixer, attention, MLP.
+mod mixers;
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::Linear;
-use mamba2_ops::{
-    causal_conv1d, gated_rms_norm, mixer_decode_step, rms_norm_residual, ssd_chunk_scan,
-    Conv1dArgs, DecodeStepArgs, GatedRmsNormArgs, SsdArgs, SsdParams,
-};
+use mamba2_ops::{rms_norm_residual, SsdParams};
+pub(crate) use mixers::MambaMixer;
+use mixers::{project_weight, Block, BlockCtx, Mixer, Pass};
 
-/// The mixer of one block: in_proj -> causal conv1d -> SSD -> gated RMSNorm -> out_proj.
-#[derive(Debug, Clone)]
-struct Mamba2Mixer {
-    in_proj: Linear,
-    conv_weight: Tensor,       // (conv_dim, d_conv)
-    conv_bias: Option<Tensor>, // (conv_dim)
-    dt_bias: Tensor,           // (nheads) f32
-    a: Tensor,                 // (nheads) f32, -exp(A_log)
-    d: Tensor,                 // (nheads) f32
-    norm_weight: Tensor,       // (d_inner)
-    out_proj: Linear,
-}
-
-#[derive(Debug, Clone)]
-struct Mamba2Block {
-    norm_weight: Tensor, // (d_model)
-    mixer: Mamba2Mixer,
+/// One layer of a pure Mamba-2 stack (see [`Mamba2Model::mamba_stack`]).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct StackLayer<'a> {
+    pub norm: &'a Tensor,
+    pub mixer: &'a MambaMixer,
+    pub gated_norm: &'a Tensor,
 }
 
 /// A loaded Mamba-2 causal language model. Immutable after loading: share it across threads
@@ -61,7 +50,7 @@ struct Mamba2Block {
 pub struct Mamba2Model {
     config: Mamba2Config,
     embeddings: Tensor, // (vocab_rows, d_model)
-    blocks: Vec<Mamba2Block>,
+    blocks: Vec<Block>,
     norm_f: Tensor,  // (d_model)
     lm_head: Tensor, // (vocab_rows, d_model)
     tied: bool,
@@ -95,26 +84,15 @@ impl Mamba2Model {
 
     /// Number of parameters (tied matrices counted once).
     pub fn num_parameters(&self) -> usize {
-        let tied = self.tied;
         let mut n = self.embeddings.elem_count() + self.norm_f.elem_count();
-        if !tied {
+        if !self.tied {
             n += self.lm_head.elem_count();
         }
-        for b in &self.blocks {
-            let m = &b.mixer;
-            n += b.norm_weight.elem_count()
-                + m.in_proj.weight().elem_count()
-                + m.in_proj.bias().map_or(0, |t| t.elem_count())
-                + m.conv_weight.elem_count()
-                + m.conv_bias.as_ref().map_or(0, |t| t.elem_count())
-                + m.dt_bias.elem_count()
-                + m.a.elem_count()
-                + m.d.elem_count()
-                + m.norm_weight.elem_count()
-                + m.out_proj.weight().elem_count()
-                + m.out_proj.bias().map_or(0, |t| t.elem_count());
-        }
-        n
+        n + self
+            .blocks
+            .iter()
+            .map(|b| b.norm_weight.elem_count() + b.mixer.num_parameters())
+            .sum::<usize>()
     }
 
     /// Bytes of weights read per decoded token (every matrix once; the embedding row is negligible).
@@ -168,12 +146,15 @@ impl Mamba2Model {
     }
 
     fn check_cache(&self, cache: &Mamba2Cache, batch: usize) -> Result<()> {
-        if cache.batch() != batch || cache.n_layer() != self.blocks.len() {
+        let n_ssm = self.blocks.iter().filter(|b| b.ssm_slot.is_some()).count();
+        let n_kv = self.blocks.iter().filter(|b| b.kv_slot.is_some()).count();
+        if cache.batch() != batch || cache.n_layer() != n_ssm || cache.n_kv() != n_kv {
             return Err(Error::InvalidInput(format!(
-                "cache holds {} sequences x {} layers, input has batch {batch} for a {}-layer model",
+                "cache holds {} sequences x {} SSM + {} KV states, input has batch {batch} for a \
+                 model with {n_ssm} Mamba and {n_kv} attention blocks",
                 cache.batch(),
                 cache.n_layer(),
-                self.blocks.len()
+                cache.n_kv(),
             )));
         }
         Ok(())
@@ -212,8 +193,9 @@ impl Mamba2Model {
         Ok(self.logits(&last)?.squeeze(1)?)
     }
 
-    /// Embeddings, blocks and final norm over a sequence; `(batch, seqlen, d_model)` in the model dtype.
-    fn backbone(&self, input_ids: &Tensor, mut cache: Option<&mut Mamba2Cache>) -> Result<Tensor> {
+    /// Embeddings, blocks and final norm over a sequence;
+    /// `(batch, seqlen, d_model)` in the model dtype.
+    fn backbone(&self, input_ids: &Tensor, cache: Option<&mut Mamba2Cache>) -> Result<Tensor> {
         let (batch, seqlen) = input_ids.dims2().map_err(|_| {
             Error::InvalidInput(format!(
                 "input_ids must be (batch, seqlen), got {:?}",
@@ -224,30 +206,47 @@ impl Mamba2Model {
         if let Some(c) = cache.as_deref() {
             self.check_cache(c, batch)?;
         }
-        let mut hidden = self
-            .embeddings
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((batch, seqlen, self.config.d_model))?;
+        let hidden =
+            self.embed(&ids.flatten_all()?)?
+                .reshape((batch, seqlen, self.config.d_model))?;
+        self.run_blocks(hidden, cache, Pass::Prefill)
+    }
+
+    /// Embedding rows of `ids` `(n)` → `(n, d_model)`, times the embedding multiplier.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let rows = self.embeddings.index_select(ids, 0)?;
+        let m = self.config.multipliers.embedding;
+        Ok(if m == 1.0 { rows } else { rows.affine(m, 0.0)? })
+    }
+
+    /// The layer loop, shared by prefill and decode: for every block the residual add + RMSNorm,
+    /// then the block; then the final norm. `hidden` is `(batch, seqlen, d_model)` (seqlen 1 in
+    /// a step); the cache, when given, advances by `seqlen`.
+    fn run_blocks(
+        &self,
+        mut hidden: Tensor,
+        mut cache: Option<&mut Mamba2Cache>,
+        pass: Pass,
+    ) -> Result<Tensor> {
+        let seqlen = hidden.dim(1)?;
+        let ctx = BlockCtx {
+            config: &self.config,
+            ssd_params: &self.ssd_params,
+            pass,
+            position_offset: cache.as_deref().map_or(0, |c| c.seqlen_offset()),
+        };
+        let (eps, fp32) = (self.config.norm_eps, self.config.residual_in_fp32);
         let mut residual: Option<Tensor> = None;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let (normed, res) = rms_norm_residual(
-                &hidden,
-                residual.as_ref(),
-                &block.norm_weight,
-                self.config.norm_eps,
-                self.config.residual_in_fp32,
-            )?;
+        for block in &self.blocks {
+            let (normed, res) =
+                rms_norm_residual(&hidden, residual.as_ref(), &block.norm_weight, eps, fp32)?;
             residual = Some(res);
-            let layer_cache = cache.as_deref_mut().map(|c| c.layer_mut(i));
-            hidden = self.mixer_prefill(&block.mixer, &normed, layer_cache)?;
+            let state = cache
+                .as_deref_mut()
+                .map(|c| c.block_mut(block.ssm_slot, block.kv_slot));
+            hidden = block.forward(&ctx, &normed, state)?;
         }
-        let (normed, _) = rms_norm_residual(
-            &hidden,
-            residual.as_ref(),
-            &self.norm_f,
-            self.config.norm_eps,
-            self.config.residual_in_fp32,
-        )?;
+        let (normed, _) = rms_norm_residual(&hidden, residual.as_ref(), &self.norm_f, eps, fp32)?;
         if let Some(c) = cache {
             c.advance(seqlen);
         }
@@ -256,115 +255,13 @@ impl Mamba2Model {
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         // (.., d_model) x (vocab_rows, d_model)^T
-        let logits = project(hidden, &self.lm_head, None)?;
-        Ok(logits.to_dtype(DType::F32)?)
-    }
-
-    /// Splits in_proj's output `(.., d_in_proj)` into `(z, xBC, dt)`.
-    fn split_projection(&self, zxbcdt: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (z, xbc, dt) = self.projection_views(zxbcdt)?;
-        Ok((z, xbc.contiguous()?, dt.contiguous()?))
-    }
-
-    /// `z`, `xBC` and `dt` of a projection `(..., d_in_proj)` as views of it (the fused decode
-    /// step reads them in place).
-    fn projection_views(&self, zxbcdt: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let c = &self.config;
-        let last = zxbcdt.rank() - 1;
-        let z = zxbcdt.narrow(last, 0, c.d_inner)?;
-        let xbc = zxbcdt.narrow(last, c.d_inner, c.conv_dim())?;
-        let dt = zxbcdt.narrow(last, c.d_inner + c.conv_dim(), c.nheads)?;
-        Ok((z, xbc, dt))
-    }
-
-    /// Arguments of the fused decode step of mixer `m`: the projection parts `xbc` / `dt` / `z`
-    /// (views of one `(batch, d_in_proj)` row each) and the layer's states.
-    fn decode_step_args<'a>(
-        &'a self,
-        m: &'a Mamba2Mixer,
-        (z, xbc, dt): &'a (Tensor, Tensor, Tensor),
-        state: crate::cache::LayerCache<'a>,
-    ) -> DecodeStepArgs<'a> {
-        let c = &self.config;
-        DecodeStepArgs {
-            xbc,
-            dt,
-            z,
-            conv_state: state.conv_state,
-            conv_weight: &m.conv_weight,
-            conv_bias: m.conv_bias.as_ref(),
-            ssm_state: state.ssm_state,
-            a: &m.a,
-            d: Some(&m.d),
-            dt_bias: Some(&m.dt_bias),
-            norm_weight: &m.norm_weight,
-            eps: c.norm_eps,
-            ngroups: c.ngroups,
-            norm_before_gate: c.norm_before_gate,
-        }
-    }
-
-    fn mixer_prefill(
-        &self,
-        m: &Mamba2Mixer,
-        u: &Tensor,
-        cache: Option<crate::cache::LayerCache<'_>>,
-    ) -> Result<Tensor> {
-        let c = &self.config;
-        let (batch, seqlen, _) = u.dims3()?;
-        let zxbcdt = project(u, m.in_proj.weight(), m.in_proj.bias())?; // (batch, seqlen, d_in_proj)
-        let (z, xbc, dt) = self.split_projection(&zxbcdt)?;
-        let (conv_state, ssm_state) = match &cache {
-            Some(lc) => (Some(lc.conv_state), Some(lc.ssm_state)),
-            None => (None, None),
-        };
-        let (xbc, new_conv) = causal_conv1d(&Conv1dArgs {
-            x: &xbc,
-            weight: &m.conv_weight,
-            bias: m.conv_bias.as_ref(),
-            initial_state: conv_state,
-            seq_idx: None,
-            silu: true,
-        })?; // (batch, seqlen, conv_dim)
-        let gn = c.ngroups * c.d_state;
-        let x = xbc
-            .narrow(2, 0, c.d_inner)?
-            .reshape((batch, seqlen, c.nheads, c.headdim))?;
-        let b = xbc
-            .narrow(2, c.d_inner, gn)?
-            .reshape((batch, seqlen, c.ngroups, c.d_state))?;
-        let cm = xbc
-            .narrow(2, c.d_inner + gn, gn)?
-            .reshape((batch, seqlen, c.ngroups, c.d_state))?;
-        let (y, new_ssm) = ssd_chunk_scan(
-            &SsdArgs {
-                x: &x,
-                dt: &dt,
-                a: &m.a,
-                b: &b,
-                c: &cm,
-                d: Some(&m.d),
-                z: None,
-                dt_bias: Some(&m.dt_bias),
-                initial_state: ssm_state,
-                seq_idx: None,
-            },
-            &self.ssd_params,
-        )?; // (batch, seqlen, nheads, headdim)
-        if let Some(lc) = cache {
-            lc.conv_state.slice_set(&new_conv, 0, 0)?;
-            lc.ssm_state.slice_set(&new_ssm, 0, 0)?;
-        }
-        let y = y.reshape((batch, seqlen, c.d_inner))?;
-        let y = gated_rms_norm(&GatedRmsNormArgs {
-            x: &y,
-            z: Some(&z.contiguous()?),
-            weight: &m.norm_weight,
-            eps: c.norm_eps,
-            group_size: c.d_inner / c.ngroups,
-            norm_before_gate: c.norm_before_gate,
-        })?; // (batch, seqlen, d_inner)
-        project(&y, m.out_proj.weight(), m.out_proj.bias())
+        let logits = project_weight(hidden, &self.lm_head)?.to_dtype(DType::F32)?;
+        let m = self.config.multipliers.logits;
+        Ok(if m == 1.0 {
+            logits
+        } else {
+            logits.affine(m, 0.0)?
+        })
     }
 
     /// One decode step: `input_ids` `(batch)` → f32 logits `(batch, vocab_rows)`; the cache
@@ -396,44 +293,31 @@ impl Mamba2Model {
                 return Ok(logits);
             }
         }
-        let mut hidden = self.embeddings.index_select(&ids, 0)?; // (batch, d_model)
-        let mut residual: Option<Tensor> = None;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let (normed, res) = rms_norm_residual(
-                &hidden,
-                residual.as_ref(),
-                &block.norm_weight,
-                self.config.norm_eps,
-                self.config.residual_in_fp32,
-            )?;
-            residual = Some(res);
-            hidden = self.mixer_step(&block.mixer, &normed, cache.layer_mut(i))?;
-        }
-        let (normed, _) = rms_norm_residual(
-            &hidden,
-            residual.as_ref(),
-            &self.norm_f,
-            self.config.norm_eps,
-            self.config.residual_in_fp32,
-        )?;
-        cache.advance(1);
-        self.logits(&normed)
+        let hidden = self.embed(&ids)?.unsqueeze(1)?; // (batch, 1, d_model)
+        let normed = self.run_blocks(hidden, Some(cache), Pass::Step)?;
+        self.logits(&normed.squeeze(1)?)
     }
 
-    /// The mixer for one token through the fused decode-step op (one launch on CUDA; the
-    /// composition of the unfused ops elsewhere).
-    fn mixer_step(
-        &self,
-        m: &Mamba2Mixer,
-        u: &Tensor,
-        cache: crate::cache::LayerCache<'_>,
-    ) -> Result<Tensor> {
-        let zxbcdt = project(u, m.in_proj.weight(), m.in_proj.bias())?; // (batch, d_in_proj)
-                                                                        // z, xBC, dt: (batch, d_inner), (batch, conv_dim), (batch, nheads) views of zxbcdt
-        let parts = self.projection_views(&zxbcdt)?;
-        let args = self.decode_step_args(m, &parts, cache);
-        let y = mixer_decode_step(&args, &self.ssd_params)?; // (batch, d_inner)
-        project(&y, m.out_proj.weight(), m.out_proj.bias())
+    /// The blocks as a pure Mamba-2 stack (every block a Mamba mixer with its gated norm, no
+    /// embedding or logits multiplier), the layout the captured CUDA step records; `None` for
+    /// anything else.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn mamba_stack(&self) -> Option<Vec<StackLayer<'_>>> {
+        let m = &self.config.multipliers;
+        if m.embedding != 1.0 || m.logits != 1.0 {
+            return None;
+        }
+        self.blocks
+            .iter()
+            .map(|b| match &b.mixer {
+                Mixer::Mamba(mixer) => Some(StackLayer {
+                    norm: &b.norm_weight,
+                    mixer,
+                    gated_norm: mixer.norm_weight.as_ref()?,
+                }),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Greedy argmax of f32 logits over the real vocabulary (padded rows excluded).
@@ -441,11 +325,4 @@ impl Mamba2Model {
         let v = self.config.vocab_size.min(logits.dim(D::Minus1)?);
         Ok(logits.narrow(D::Minus1, 0, v)?.argmax(D::Minus1)?)
     }
-}
-
-/// A projection `x · wᵀ (+ bias)`, `x` `(..., in)`, through the `linear` op: on CPU its
-/// streaming / tiled / GEMM kernels (f32 accumulation, also for 16-bit weights), on CUDA a
-/// matrix-vector kernel for decode rows and cuBLAS beyond, on Metal Candle's matmul.
-fn project(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    Ok(mamba2_ops::linear(x, w, bias)?)
 }

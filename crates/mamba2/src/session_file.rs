@@ -1,7 +1,13 @@
 //! Saving a [`Session`] to a file and restoring it: a safetensors file holding the f32 states,
-//! the tokens and the last logits, with metadata that ties it to the model it came from.
+//! the KV caches of attention blocks, the tokens and the last logits, with metadata that ties it
+//! to the model it came from.
+//!
+//! Format versions: `mamba2-rs-session-v2` (written) adds `key.{j}` / `value.{j}` for attention
+//! block `j` and the model family and layer pattern to the fingerprint. `v1` files (SSM states
+//! only) are still read for pure Mamba-2 models, whose state they fully describe; a hybrid model
+//! refuses them.
 
-use crate::cache::Mamba2Cache;
+use crate::cache::{KvCache, Mamba2Cache};
 use crate::model::Mamba2Model;
 use crate::session::Session;
 use crate::{Error, Result};
@@ -10,10 +16,26 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-const FORMAT: &str = "mamba2-rs-session-v1";
+const FORMAT: &str = "mamba2-rs-session-v2";
+const FORMAT_V1: &str = "mamba2-rs-session-v1";
 
 /// A fingerprint of everything that decides the shape and meaning of the state.
 fn model_fingerprint(model: &Mamba2Model) -> String {
+    let c = model.config();
+    let attn = c
+        .attention
+        .map(|a| format!(" attn={}x{}/{}", a.num_heads, a.head_dim, a.num_kv_heads))
+        .unwrap_or_default();
+    format!(
+        "family={} pattern={}{attn} {}",
+        c.family.model_type(),
+        c.pattern_string(),
+        model_fingerprint_v1(model)
+    )
+}
+
+/// The fingerprint of format v1 (pure Mamba-2 models).
+fn model_fingerprint_v1(model: &Mamba2Model) -> String {
     let c = model.config();
     format!(
         "d_model={} n_layer={} d_state={} d_conv={} headdim={} nheads={} ngroups={} vocab_rows={} params={}",
@@ -28,6 +50,13 @@ impl Session {
         self.flush()?;
         let cpu = Device::Cpu;
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for j in 0..self.cache().n_kv() {
+            let kv = self.cache().kv(j);
+            if let (Some(k), Some(v)) = (kv.keys()?, kv.values()?) {
+                tensors.insert(format!("key.{j}"), k.to_device(&cpu)?);
+                tensors.insert(format!("value.{j}"), v.to_device(&cpu)?);
+            }
+        }
         for i in 0..self.cache().n_layer() {
             tensors.insert(
                 format!("conv_state.{i}"),
@@ -78,10 +107,24 @@ impl Session {
         let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
             .map_err(|e| bad(format!("not a session file: {e}")))?;
         let meta = meta.metadata().clone().unwrap_or_default();
-        if meta.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(bad(format!("not a {FORMAT} file")));
-        }
-        let want = model_fingerprint(&model);
+        let want = match meta.get("format").map(String::as_str) {
+            Some(FORMAT) => model_fingerprint(&model),
+            Some(FORMAT_V1) if model.config().family == crate::config::Family::Mamba2 => {
+                model_fingerprint_v1(&model)
+            }
+            Some(FORMAT_V1) => {
+                return Err(bad(format!(
+                    "a {FORMAT_V1} file holds no attention caches; this {} model needs {FORMAT}",
+                    model.config().family.model_type()
+                )))
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "format `{other}` is not one this version reads ({FORMAT}, {FORMAT_V1})"
+                )))
+            }
+            None => return Err(bad(format!("not a {FORMAT} file"))),
+        };
         if meta.get("model") != Some(&want) {
             return Err(bad(format!(
                 "saved from another model ({}), this model is {want}",
@@ -106,8 +149,11 @@ impl Session {
             Ok(t.to_device(model.device())?)
         };
         let c = model.config();
+        let blocks = c.blocks();
+        let n_ssm = blocks.iter().filter(|b| b.kind.has_ssm()).count();
+        let n_kv = blocks.iter().filter(|b| b.kind.has_kv()).count();
         let (mut conv, mut ssm) = (Vec::new(), Vec::new());
-        for i in 0..c.n_layer {
+        for i in 0..n_ssm {
             conv.push(get(
                 &format!("conv_state.{i}"),
                 &[1, c.conv_dim(), c.d_conv],
@@ -170,7 +216,19 @@ impl Session {
                 }
             }
         };
-        let cache = Mamba2Cache::from_states(conv, ssm, offset)?;
+        let mut kv = Vec::new();
+        for j in 0..n_kv {
+            let Some(a) = c.attention else { break };
+            let shape = [1, offset, a.num_kv_heads, a.head_dim];
+            if offset == 0 {
+                kv.push(KvCache::default());
+                continue;
+            }
+            let k = get(&format!("key.{j}"), &shape, model.dtype())?;
+            let v = get(&format!("value.{j}"), &shape, model.dtype())?;
+            kv.push(KvCache::from_tensors(k, v)?);
+        }
+        let cache = Mamba2Cache::from_states(conv, ssm, kv, offset)?;
         Ok(Session::from_parts(model, cache, tokens, last_logits, rng))
     }
 }

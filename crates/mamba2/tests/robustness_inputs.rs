@@ -372,7 +372,7 @@ fn session_file_errors_name_the_file_and_the_reason() {
         &bad,
     )
     .unwrap();
-    expect(&bad, &model, "not a mamba2-rs-session-v1 file");
+    expect(&bad, &model, "not a mamba2-rs-session-v2 file");
     // A missing file is an Io error with the path.
     let missing = dir.path().join("nope.session");
     assert!(matches!(

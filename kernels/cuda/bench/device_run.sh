@@ -2,7 +2,7 @@
 # Runs the CUDA test binaries and model benchmarks on the device machine (see ../README.md and
 # ../../../../shared/tools/CUDA.md): binaries carried as .carry/bins.tar.xz (bin/mamba2, the
 # cuda_* test executables and bin/candle-transformers-mamba2-bench), logs to $OUT. Usage:
-# device_run.sh MODE... with MODE tests|quick|lin|ab5|ncufull|bench13|bench27|ab13|ab16|ncu|ncu16|b16ct13|ct16|all13|all27 (all*: every engine, one shape;
+# device_run.sh MODE... with MODE tests|hybfix|hyb8b|quick|lin|ab5|ncufull|bench13|bench27|ab13|ab16|ncu|ncu16|b16ct13|ct16|all13|all27 (all*: every engine, one shape;
 # HF needs .carry/pylib from fetch_mamba_ssm_triton.sh for mamba_ssm's Triton kernels)
 set -u
 OUT=${OUT:-/tmp/out}
@@ -65,6 +65,13 @@ ab13)  # decode layouts of the captured step, 1.3b batch 1 (short prefill: decod
     done ;;
 bench27)
     bench 2.7b 1; bench 2.7b 16 ;;
+hybfix)  # the HF fixtures (Mamba-2 and hybrid) end to end, f32 and bf16
+    timeout 400 python3 kernels/cuda/bench/fixtures_cuda.py $B/mamba2 f32 bf16 > "$OUT/fixtures.log" 2>&1
+    echo "fixtures: exit $?"; grep -v "^ok" "$OUT/fixtures.log" | tail -12 ;;
+hyb8b)  # nemotron-h-8b bf16 batch 1: ours, then HF (+ mamba_ssm Triton from .carry/pylib)
+    bench nemotron-h-8b 1
+    PYTHONPATH=.carry/pylib timeout 500 python3 kernels/cuda/bench/hf_hybrid.py --shape nemotron-h-8b \
+        --prefill 2048 --decode 128 2>&1 | tail -3 | tee -a "$OUT/hf.txt" ;;
 ncu|ncu16)  # per-kernel GPU time of captured decode layers (1.3b, bf16, batch 1 or 16)
     batch=1; [ "$mode" = ncu16 ] && batch=16
     filter="-k regex:linear_|mixer_decode|rms_norm_res"; [ $batch = 16 ] && filter=""  # cuBLAS: any name

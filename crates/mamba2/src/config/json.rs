@@ -190,6 +190,48 @@ impl<'a> Fields<'a> {
             .ok_or_else(|| self.type_err(key, "a list of two numbers [min, max]", v))
     }
 
+    /// A list of strings (`layer_types`).
+    pub(super) fn strings(&self, key: &str) -> Result<Option<Vec<&'a str>>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let list = match v {
+            Value::Array(a) => a.iter().map(|x| x.as_str()).collect::<Option<Vec<_>>>(),
+            _ => None,
+        };
+        list.map(Some)
+            .ok_or_else(|| self.type_err(key, "a list of strings", v))
+    }
+
+    /// A list of non-negative integers (`attn_layer_indices`).
+    pub(super) fn usizes(&self, key: &str) -> Result<Option<Vec<usize>>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let list = match v {
+            Value::Array(a) => a
+                .iter()
+                .map(|x| x.as_u64().and_then(|n| usize::try_from(n).ok()))
+                .collect::<Option<Vec<_>>>(),
+            _ => None,
+        };
+        list.map(Some)
+            .ok_or_else(|| self.type_err(key, "a list of non-negative integers", v))
+    }
+
+    /// A list of numbers (`ssm_multipliers`).
+    pub(super) fn f64s(&self, key: &str) -> Result<Option<Vec<f64>>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let list = match v {
+            Value::Array(a) => a.iter().map(float_value).collect::<Option<Vec<_>>>(),
+            _ => None,
+        };
+        list.map(Some)
+            .ok_or_else(|| self.type_err(key, "a list of numbers", v))
+    }
+
     /// A token id: `Ok(None)` when absent; `Some(None)` when explicitly `null`.
     pub(super) fn token_id(&self, key: &str) -> Result<Option<Option<u32>>> {
         match self.obj.get(key) {

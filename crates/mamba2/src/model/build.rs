@@ -1,13 +1,21 @@
 //! Building a [`Mamba2Model`]: from checkpoint weights (names and shapes checked tensor by
-//! tensor) or with random weights of a config's shapes.
+//! tensor) or with random weights of a config's shapes, through one builder.
+//!
+//! The multipliers inside linear maps are folded into the weights here, in f32 before the cast
+//! to the model dtype (exact in real arithmetic): Granite's `residual_multiplier` and
+//! Falcon-H1's `ssm_in` / `ssm_out` / `ssm_multipliers` / `attention_in` / `attention_out` /
+//! `key` / `mlp_multipliers`. q/k/v rows are fused into one projection, and so are the MLP's
+//! gate and up rows.
 
-use super::{Mamba2Block, Mamba2Mixer, Mamba2Model};
-use crate::config::Mamba2Config;
+use super::mixers::{Attention, Block, MambaMixer, Mixer, Mlp};
+use super::Mamba2Model;
+use crate::config::{BlockKind, Family, Mamba2Config, MlpActivation};
 use crate::weights::Weights;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 use mamba2_ops::SsdParams;
+use std::collections::HashMap;
 
 /// The activation dtypes the ops implement; anything else would fail later, inside an op.
 fn check_model_dtype(dtype: DType) -> Result<()> {
@@ -19,96 +27,389 @@ fn check_model_dtype(dtype: DType) -> Result<()> {
     }
 }
 
-fn layer_name(i: usize, rest: &str) -> String {
-    format!("backbone.layers.{i}.{rest}")
+/// Where the builder reads tensors from: a checkpoint or a random generator.
+trait TensorSource {
+    /// The tensor `name`, checked to have exactly `shape`, converted to `dtype`.
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor>;
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    fn device(&self) -> &Device;
+    fn describe(&self) -> String;
+}
+
+impl TensorSource for Weights {
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        Weights::tensor(self, name, shape, dtype)
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        Weights::shape(self, name)
+    }
+    fn device(&self) -> &Device {
+        Weights::device(self)
+    }
+    fn describe(&self) -> String {
+        let files: Vec<String> = self
+            .files()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        files.join(", ")
+    }
+}
+
+/// Random weights of the shapes a config implies; each tensor is drawn from a generator seeded
+/// by the model seed and the tensor's name, so it does not depend on load order.
+struct RandomSource {
+    shapes: HashMap<String, Vec<usize>>,
+    seed: u64,
+    device: Device,
+    /// Std of the output projections: 1/sqrt(in) / sqrt(2 * blocks), as GPT-2-style inits.
+    out_scale: f32,
+}
+
+impl RandomSource {
+    /// `(mean, std)` of tensor `name` of `shape`.
+    fn distribution(&self, name: &str, shape: &[usize]) -> (f32, f32) {
+        let leaf = name.rsplit('.').take(2).collect::<Vec<_>>();
+        let (last, module) = (leaf[0], leaf.get(1).copied().unwrap_or(""));
+        let fan_in = shape.get(1).copied().unwrap_or(1).max(1) as f32;
+        match (module, last) {
+            (_, "A_log") => (1.5, 0.5),
+            (_, "dt_bias") => (-3.0, 0.5),
+            (_, "D") => (1.0, 0.1),
+            ("conv1d", "weight") => (0.0, 0.3),
+            (_, "bias") => (0.0, 0.02),
+            ("embeddings" | "embed_tokens", _) => (0.0, 0.02),
+            ("lm_head", _) => (0.0, 0.02),
+            _ if shape.len() == 1 => (1.0, 0.05), // norm weights
+            ("out_proj" | "o_proj" | "down_proj" | "output_linear", _) => {
+                (0.0, fan_in.powf(-0.5) * self.out_scale)
+            }
+            _ => (0.0, fan_in.powf(-0.5)),
+        }
+    }
+}
+
+impl TensorSource for RandomSource {
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        match self.shapes.get(name) {
+            Some(s) if s == shape => {}
+            _ => {
+                return Err(Error::MissingTensor {
+                    name: name.into(),
+                    source_desc: "random weights".into(),
+                })
+            }
+        }
+        let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x1000_0000_01b3)
+        });
+        let mut rng = crate::random::SplitMix64::new(self.seed ^ name_hash);
+        let (mean, std) = self.distribution(name, shape);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| mean + std * rng.normal()).collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(&self.device)?)
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.shapes.get(name).cloned()
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn describe(&self) -> String {
+        "random weights".into()
+    }
+}
+
+/// Reads one model's tensors from a source, folding multipliers and fusing projections.
+struct Loader<'a> {
+    src: &'a dyn TensorSource,
+    c: &'a Mamba2Config,
+    dtype: DType,
+}
+
+impl Loader<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.src.tensor(name, shape, self.dtype)
+    }
+
+    fn f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.src.tensor(name, shape, DType::F32)
+    }
+
+    /// `name` times `scale`, in the model dtype (scaled in f32).
+    fn scaled(&self, name: &str, shape: &[usize], scale: f64) -> Result<Tensor> {
+        if scale == 1.0 {
+            return self.get(name, shape);
+        }
+        Ok(self
+            .f32(name, shape)?
+            .affine(scale, 0.0)?
+            .to_dtype(self.dtype)?)
+    }
+
+    /// An optional tensor, read only when the config says it is there.
+    fn opt(
+        &self,
+        name: &str,
+        shape: &[usize],
+        present: bool,
+        scale: f64,
+    ) -> Result<Option<Tensor>> {
+        present.then(|| self.scaled(name, shape, scale)).transpose()
+    }
+
+    /// Row-stacked projections `[a; b; ...]`, each `(name, rows, weight scale, bias scale)`.
+    fn stacked(
+        &self,
+        p: &str,
+        parts: &[(&str, usize, f64, f64)],
+        cols: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let mut ws = Vec::with_capacity(parts.len());
+        let mut bs = Vec::with_capacity(parts.len());
+        for &(name, rows, ws_scale, bs_scale) in parts {
+            ws.push(self.scaled(&format!("{p}{name}.weight"), &[rows, cols], ws_scale)?);
+            if bias {
+                bs.push(self.scaled(&format!("{p}{name}.bias"), &[rows], bs_scale)?);
+            }
+        }
+        let w = if ws.len() == 1 {
+            ws.remove(0)
+        } else {
+            Tensor::cat(&ws, 0)?
+        };
+        let b = match bs.len() {
+            0 => None,
+            1 => Some(bs.remove(0)),
+            _ => Some(Tensor::cat(&bs, 0)?),
+        };
+        Ok(Linear::new(w, b))
+    }
+
+    fn mamba(&self, p: &str) -> Result<MambaMixer> {
+        let c = self.c;
+        let m = &c.multipliers;
+        let (h, d_in_proj, conv_dim) = (c.d_model, c.d_in_proj(), c.conv_dim());
+        let in_proj = if m.ssm_in == 1.0 && m.ssm_zxbcdt == [1.0; 5] {
+            Linear::new(
+                self.get(&format!("{p}in_proj.weight"), &[d_in_proj, h])?,
+                self.opt(&format!("{p}in_proj.bias"), &[d_in_proj], c.bias, 1.0)?,
+            )
+        } else {
+            // Falcon-H1: in_proj(x * ssm_in) * mup, with mup constant over the z / x / B / C / dt
+            // slices of the output rows.
+            let gn = c.ngroups * c.d_state;
+            let widths = [c.d_inner, c.d_inner, gn, gn, c.nheads];
+            let rows: Vec<f32> = widths
+                .iter()
+                .zip(m.ssm_zxbcdt)
+                .flat_map(|(&w, s)| std::iter::repeat_n(s as f32, w))
+                .collect();
+            let mup = Tensor::from_vec(rows, (d_in_proj, 1), self.src.device())?;
+            let w = self
+                .f32(&format!("{p}in_proj.weight"), &[d_in_proj, h])?
+                .broadcast_mul(&mup)?
+                .affine(m.ssm_in, 0.0)?
+                .to_dtype(self.dtype)?;
+            let b = match c.bias {
+                true => Some(
+                    self.f32(&format!("{p}in_proj.bias"), &[d_in_proj])?
+                        .broadcast_mul(&mup.squeeze(1)?)?
+                        .to_dtype(self.dtype)?,
+                ),
+                false => None,
+            };
+            Linear::new(w, b)
+        };
+        let out_scale = m.ssm_out * m.residual;
+        let a_log = self.f32(&format!("{p}A_log"), &[c.nheads])?;
+        Ok(MambaMixer {
+            in_proj,
+            conv_weight: self
+                .get(&format!("{p}conv1d.weight"), &[conv_dim, 1, c.d_conv])?
+                .reshape((conv_dim, c.d_conv))?,
+            conv_bias: self.opt(&format!("{p}conv1d.bias"), &[conv_dim], c.conv_bias, 1.0)?,
+            dt_bias: self.f32(&format!("{p}dt_bias"), &[c.nheads])?,
+            a: a_log.exp()?.neg()?,
+            d: self.f32(&format!("{p}D"), &[c.nheads])?,
+            norm_weight: self.opt(&format!("{p}norm.weight"), &[c.d_inner], c.gated_norm, 1.0)?,
+            out_proj: Linear::new(
+                self.scaled(&format!("{p}out_proj.weight"), &[h, c.d_inner], out_scale)?,
+                self.opt(
+                    &format!("{p}out_proj.bias"),
+                    &[h],
+                    c.out_proj_bias,
+                    out_scale,
+                )?,
+            ),
+        })
+    }
+
+    fn attention(&self, p: &str) -> Result<Attention> {
+        let c = self.c;
+        let m = &c.multipliers;
+        let a = c
+            .attention
+            .as_ref()
+            .ok_or_else(|| Error::field("num_attention_heads", "missing"))?;
+        let (q, kv) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+        let (inp, key) = (m.attention_in, m.key);
+        let qkv = self.stacked(
+            p,
+            &[
+                ("q_proj", q, inp, 1.0),
+                ("k_proj", kv, inp * key, key),
+                ("v_proj", kv, inp, 1.0),
+            ],
+            c.d_model,
+            a.bias,
+        )?;
+        let out = m.attention_out * m.residual;
+        let o_proj = self.stacked(p, &[("o_proj", c.d_model, out, out)], q, a.bias)?;
+        Ok(Attention { qkv, o_proj })
+    }
+
+    fn mlp(&self, p: &str) -> Result<Mlp> {
+        let c = self.c;
+        let m = &c.multipliers;
+        let cfg = c
+            .mlp
+            .as_ref()
+            .ok_or_else(|| Error::field("intermediate_size", "missing"))?;
+        let (h, i, bias) = (c.d_model, cfg.intermediate_size, cfg.bias);
+        let down_scale = m.mlp_down * m.residual;
+        let (up, down) = match (c.family, cfg.activation) {
+            (Family::GraniteHybrid, _) => (
+                self.stacked(p, &[("input_linear", 2 * i, 1.0, 1.0)], h, false)?,
+                self.stacked(p, &[("output_linear", h, down_scale, 1.0)], i, false)?,
+            ),
+            (_, MlpActivation::ReluSquared) => (
+                self.stacked(p, &[("up_proj", i, 1.0, 1.0)], h, bias)?,
+                self.stacked(p, &[("down_proj", h, down_scale, down_scale)], i, bias)?,
+            ),
+            (_, MlpActivation::SwiGlu) => (
+                self.stacked(
+                    p,
+                    &[
+                        ("gate_proj", i, m.mlp_gate, m.mlp_gate),
+                        ("up_proj", i, 1.0, 1.0),
+                    ],
+                    h,
+                    bias,
+                )?,
+                self.stacked(p, &[("down_proj", h, down_scale, down_scale)], i, bias)?,
+            ),
+        };
+        Ok(Mlp {
+            up,
+            down,
+            activation: cfg.activation,
+        })
+    }
 }
 
 impl Mamba2Model {
     /// Builds the model from checkpoint weights, converting matrices to `dtype` on the weights'
     /// device. `A_log`, `D` and `dt_bias` are kept in f32 whatever `dtype` is.
     pub fn from_weights(config: &Mamba2Config, weights: &Weights, dtype: DType) -> Result<Self> {
+        // Nemotron-H checkpoints re-saved by transformers 5 may name the root `model`.
+        let root = match config.family {
+            Family::NemotronH
+                if !weights.contains(&config.embedding_name("backbone"))
+                    && weights.contains(&config.embedding_name("model")) =>
+            {
+                "model"
+            }
+            _ => config.default_root(),
+        };
+        Self::build(config, weights, root, dtype)
+    }
+
+    /// A model with random weights of the shapes `config` implies (for benchmarks and tests).
+    /// Deterministic for a given `seed`.
+    pub fn random(config: &Mamba2Config, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let mut c = config.clone();
+        // Random untied heads would double the vocabulary matrix for nothing a benchmark needs.
+        c.tie_embeddings = true;
+        let shapes = c.tensor_shapes(c.padded_vocab_size()).into_iter().collect();
+        let src = RandomSource {
+            shapes,
+            seed,
+            device: device.clone(),
+            out_scale: (2.0 * c.n_blocks() as f32).powf(-0.5),
+        };
+        let mut model = Self::build(&c, &src, c.default_root(), dtype)?;
+        model.config.tie_embeddings = config.tie_embeddings;
+        Ok(model)
+    }
+
+    fn build(
+        config: &Mamba2Config,
+        src: &dyn TensorSource,
+        root: &str,
+        dtype: DType,
+    ) -> Result<Self> {
         config.validate()?;
         check_model_dtype(dtype)?;
         let c = config;
-        let emb_name = "backbone.embeddings.weight";
-        let rows = match weights.shape(emb_name) {
-            Some(s) if s.len() == 2 => s[0],
+        let emb_name = c.embedding_name(root);
+        let rows = match src.shape(&emb_name) {
+            Some(s) if s.len() == 2 && s[0] >= c.vocab_size => s[0],
             Some(s) => {
                 return Err(Error::TensorShape {
-                    name: emb_name.into(),
+                    name: emb_name,
                     expected: vec![c.padded_vocab_size(), c.d_model],
                     got: s,
                 })
             }
             None => {
                 return Err(Error::MissingTensor {
-                    name: emb_name.into(),
-                    source_desc: source_desc(weights),
+                    name: emb_name,
+                    source_desc: src.describe(),
                 })
             }
         };
-        if rows < c.vocab_size {
-            return Err(Error::TensorShape {
-                name: emb_name.into(),
-                expected: vec![c.padded_vocab_size(), c.d_model],
-                got: vec![rows, c.d_model],
-            });
-        }
-        let embeddings = weights.tensor(emb_name, &[rows, c.d_model], dtype)?;
+        let embeddings = src.tensor(&emb_name, &[rows, c.d_model], dtype)?;
         // Tied checkpoints may still carry an lm_head.weight equal to the embedding: read it only
         // when untied, so tied models keep one copy.
-        let lm_head = if c.tie_embeddings {
-            None
-        } else if weights.contains("lm_head.weight") {
-            Some(weights.tensor("lm_head.weight", &[rows, c.d_model], dtype)?)
-        } else {
-            return Err(Error::MissingTensor {
-                name: "lm_head.weight".into(),
-                source_desc: source_desc(weights),
-            });
+        let lm_head = match c.tie_embeddings {
+            true => None,
+            false => Some(src.tensor("lm_head.weight", &[rows, c.d_model], dtype)?),
         };
-        // Not `with_capacity(n_layer)`: the config's layer count is only checked against the
-        // checkpoint tensor by tensor, and a hostile config must not reserve memory for it.
+        let loader = Loader { src, c, dtype };
+        // Not `with_capacity`: the config's layer count is only checked against the checkpoint
+        // tensor by tensor, and a hostile config must not reserve memory for it.
         let mut blocks = Vec::new();
-        for i in 0..c.n_layer {
-            let t = |rest: &str, shape: &[usize], dt: DType| {
-                weights.tensor(&layer_name(i, rest), shape, dt)
+        let (mut n_ssm, mut n_kv) = (0, 0);
+        for b in 0..c.n_blocks() {
+            let spec = c.block_spec(b);
+            let n = c.block_names(root, b);
+            let mixer = match spec.kind {
+                BlockKind::Mamba => Mixer::Mamba(loader.mamba(&n.mamba)?),
+                BlockKind::Attention => Mixer::Attention(loader.attention(&n.attention)?),
+                BlockKind::MambaAttention => {
+                    Mixer::MambaAttention(loader.mamba(&n.mamba)?, loader.attention(&n.attention)?)
+                }
+                BlockKind::Mlp => Mixer::Mlp(loader.mlp(&n.mlp)?),
             };
-            let opt =
-                |rest: &str, shape: &[usize], dt: DType, present: bool| -> Result<Option<Tensor>> {
-                    if present {
-                        t(rest, shape, dt).map(Some)
-                    } else {
-                        Ok(None)
-                    }
-                };
-            let (d_in_proj, conv_dim) = (c.d_in_proj(), c.conv_dim());
-            let in_proj = Linear::new(
-                t("mixer.in_proj.weight", &[d_in_proj, c.d_model], dtype)?,
-                opt("mixer.in_proj.bias", &[d_in_proj], dtype, c.bias)?,
-            );
-            let out_proj = Linear::new(
-                t("mixer.out_proj.weight", &[c.d_model, c.d_inner], dtype)?,
-                opt("mixer.out_proj.bias", &[c.d_model], dtype, c.bias)?,
-            );
-            let a_log = t("mixer.A_log", &[c.nheads], DType::F32)?;
-            let mixer = Mamba2Mixer {
-                in_proj,
-                conv_weight: t("mixer.conv1d.weight", &[conv_dim, 1, c.d_conv], dtype)?
-                    .reshape((conv_dim, c.d_conv))?,
-                conv_bias: opt("mixer.conv1d.bias", &[conv_dim], dtype, c.conv_bias)?,
-                dt_bias: t("mixer.dt_bias", &[c.nheads], DType::F32)?,
-                a: a_log.exp()?.neg()?,
-                d: t("mixer.D", &[c.nheads], DType::F32)?,
-                norm_weight: t("mixer.norm.weight", &[c.d_inner], dtype)?,
-                out_proj,
+            let slot = |has: bool, counter: &mut usize| {
+                has.then(|| {
+                    *counter += 1;
+                    *counter - 1
+                })
             };
-            blocks.push(Mamba2Block {
-                norm_weight: t("norm.weight", &[c.d_model], dtype)?,
+            blocks.push(Block {
+                norm_weight: src.tensor(&n.norm, &[c.d_model], dtype)?,
                 mixer,
+                ssm_slot: slot(spec.kind.has_ssm(), &mut n_ssm),
+                kv_slot: slot(spec.kind.has_kv(), &mut n_kv),
             });
         }
-        let norm_f = weights.tensor("backbone.norm_f.weight", &[c.d_model], dtype)?;
+        let norm_f = src.tensor(&c.final_norm_name(root), &[c.d_model], dtype)?;
         Ok(Self::assemble(
             c.clone(),
             embeddings,
@@ -116,14 +417,14 @@ impl Mamba2Model {
             norm_f,
             lm_head,
             dtype,
-            weights.device().clone(),
+            src.device().clone(),
         ))
     }
 
     fn assemble(
         config: Mamba2Config,
         embeddings: Tensor,
-        blocks: Vec<Mamba2Block>,
+        blocks: Vec<Block>,
         norm_f: Tensor,
         lm_head: Option<Tensor>,
         dtype: DType,
@@ -160,71 +461,4 @@ impl Mamba2Model {
             cuda_graphs: true,
         }
     }
-
-    /// A model with random weights of the shapes `config` implies (for benchmarks and tests).
-    /// Deterministic for a given `seed`.
-    pub fn random(config: &Mamba2Config, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
-        config.validate()?;
-        check_model_dtype(dtype)?;
-        let c = config;
-        let mut rng = crate::random::SplitMix64::new(seed);
-        let mut randn = |shape: &[usize], std: f32, mean: f32| -> Result<Tensor> {
-            let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n).map(|_| mean + std * rng.normal()).collect();
-            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)?)
-        };
-        let rows = c.padded_vocab_size();
-        let embeddings = randn(&[rows, c.d_model], 0.02, 0.0)?.to_dtype(dtype)?;
-        let mut blocks = Vec::with_capacity(c.n_layer);
-        for _ in 0..c.n_layer {
-            let (d_in_proj, conv_dim) = (c.d_in_proj(), c.conv_dim());
-            let in_std = (1.0 / c.d_model as f32).sqrt();
-            let out_std = (1.0 / c.d_inner as f32).sqrt() / (2.0 * c.n_layer as f32).sqrt();
-            let a_log = randn(&[c.nheads], 0.5, 1.5)?;
-            let mixer = Mamba2Mixer {
-                in_proj: Linear::new(
-                    randn(&[d_in_proj, c.d_model], in_std, 0.0)?.to_dtype(dtype)?,
-                    None,
-                ),
-                conv_weight: randn(&[conv_dim, c.d_conv], 0.3, 0.0)?.to_dtype(dtype)?,
-                conv_bias: c
-                    .conv_bias
-                    .then(|| randn(&[conv_dim], 0.1, 0.0))
-                    .transpose()?
-                    .map(|t| t.to_dtype(dtype))
-                    .transpose()?,
-                dt_bias: randn(&[c.nheads], 0.5, -3.0)?,
-                a: a_log.exp()?.neg()?,
-                d: randn(&[c.nheads], 0.1, 1.0)?,
-                norm_weight: randn(&[c.d_inner], 0.05, 1.0)?.to_dtype(dtype)?,
-                out_proj: Linear::new(
-                    randn(&[c.d_model, c.d_inner], out_std, 0.0)?.to_dtype(dtype)?,
-                    None,
-                ),
-            };
-            blocks.push(Mamba2Block {
-                norm_weight: randn(&[c.d_model], 0.05, 1.0)?.to_dtype(dtype)?,
-                mixer,
-            });
-        }
-        let norm_f = randn(&[c.d_model], 0.05, 1.0)?.to_dtype(dtype)?;
-        Ok(Self::assemble(
-            c.clone(),
-            embeddings,
-            blocks,
-            norm_f,
-            None,
-            dtype,
-            device.clone(),
-        ))
-    }
-}
-
-fn source_desc(weights: &Weights) -> String {
-    let files: Vec<String> = weights
-        .files()
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
-    files.join(", ")
 }

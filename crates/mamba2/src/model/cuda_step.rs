@@ -7,7 +7,8 @@
 //! take (unaligned widths, mixed dtypes, projection biases beyond 4 sequences) keep the eager
 //! step.
 
-use super::Mamba2Model;
+use super::mixers::projection_views;
+use super::{Mamba2Model, StackLayer};
 use crate::cache::Mamba2Cache;
 use crate::Result;
 use candle_core::{DType, Device, Tensor, TensorId};
@@ -54,6 +55,10 @@ pub(crate) fn step(
     let Device::Cuda(dev) = model.device() else {
         return Ok(None);
     };
+    // The captured layout is the pure Mamba-2 stack; hybrids take the eager step.
+    let Some(stack) = model.mamba_stack() else {
+        return Ok(None);
+    };
     let key = graph_key(model);
     let stale = match &cache.graph {
         GraphSlot::Ready(g) => g.model != key,
@@ -62,7 +67,7 @@ pub(crate) fn step(
     };
     if stale {
         cache.graph = GraphSlot::Untried;
-        cache.graph = match capture(model, cache, dev) {
+        cache.graph = match capture(model, &stack, cache, dev) {
             Ok(g) => GraphSlot::Ready(Box::new(g)),
             Err(crate::Error::Op(OpError::Param {
                 op: "cuda_graph",
@@ -85,6 +90,7 @@ pub(crate) fn step(
 
 fn capture(
     model: &Mamba2Model,
+    stack: &[StackLayer<'_>],
     cache: &mut Mamba2Cache,
     dev: &candle_core::CudaDevice,
 ) -> Result<CudaStepGraph> {
@@ -113,12 +119,13 @@ fn capture(
         logits: zeros((batch, model.vocab_rows()), DType::F32)?,
     };
     let scratch = s.scratch(c.d_inner, c.nheads, c.ngroups)?;
-    let parts = model.projection_views(&buf.zxbcdt)?; // z, xBC, dt: views of zxbcdt
-    let epilogues = s.norm_epilogues() && !model.blocks.is_empty();
+    let parts = projection_views(c, &buf.zxbcdt)?; // z, xBC, dt: views of zxbcdt
+    let epilogues = s.norm_epilogues() && !stack.is_empty();
     let graph = s.capture(|s| {
         s.embedding(&model.embeddings, &ids, &buf.hidden)?;
         let rec = Recorder {
             model,
+            stack,
             s,
             scratch: &scratch,
             parts: &parts,
@@ -162,6 +169,7 @@ struct Buffers {
 /// What recording the layers needs.
 struct Recorder<'a> {
     model: &'a Mamba2Model,
+    stack: &'a [StackLayer<'a>],
     s: &'a StepStream,
     scratch: &'a StepScratch,
     parts: &'a (Tensor, Tensor, Tensor), // z, xBC, dt: views of zxbcdt
@@ -174,26 +182,20 @@ impl Recorder<'_> {
     /// `MAMBA2_CUDA_NORM_EPILOGUES=0`.
     fn layers_with_norm_kernels(&self, cache: &mut Mamba2Cache) -> mamba2_ops::Result<()> {
         let (model, s, b) = (self.model, self.s, self.buf);
-        let eps = model.config().norm_eps;
-        for (i, block) in model.blocks.iter().enumerate() {
-            let m = &block.mixer;
+        let c = model.config();
+        let eps = c.norm_eps;
+        for (i, layer) in self.stack.iter().enumerate() {
+            let m = layer.mixer;
             // The residual ping-pongs: the norm reads one buffer and writes the other.
             let res_in = (i > 0).then(|| &b.residual[(i + 1) % 2]);
             let res_out = &b.residual[i % 2];
-            s.rms_norm_residual(
-                &b.hidden,
-                res_in,
-                &block.norm_weight,
-                eps,
-                &b.normed,
-                res_out,
-            )?;
+            s.rms_norm_residual(&b.hidden, res_in, layer.norm, eps, &b.normed, res_out)?;
             s.linear(&b.normed, m.in_proj.weight(), m.in_proj.bias(), &b.zxbcdt)?;
-            let args = model.decode_step_args(m, self.parts, cache.layer_mut(i));
+            let args = m.decode_step_args(c, self.parts, cache.layer_mut(i), layer.gated_norm);
             s.mixer_decode_step(&args, &model.ssd_params, self.scratch, &b.y)?;
             s.linear(&b.y, m.out_proj.weight(), m.out_proj.bias(), &b.hidden)?;
         }
-        let n = model.blocks.len();
+        let n = self.stack.len();
         let res_in = (n > 0).then(|| &b.residual[(n + 1) % 2]);
         let res_out = &b.residual[n % 2];
         s.rms_norm_residual(&b.hidden, res_in, &model.norm_f, eps, &b.normed, res_out)?;
@@ -208,7 +210,7 @@ impl Recorder<'_> {
     fn layers_with_norm_epilogues(&self, cache: &mut Mamba2Cache) -> mamba2_ops::Result<()> {
         let (model, s, b) = (self.model, self.s, self.buf);
         let c = model.config();
-        let blocks = &model.blocks;
+        let blocks = self.stack;
         // `normed` holds each norm's input times its weight, unscaled, and `sums` the partial
         // sums of squares of that input: both written by the previous output projection.
         let res_scale = RowScale {
@@ -216,7 +218,7 @@ impl Recorder<'_> {
             dim: c.d_model,
             eps: c.norm_eps,
         };
-        let first_norm = &blocks[0].norm_weight;
+        let first_norm = blocks[0].norm;
         s.rms_norm_residual(
             &b.hidden,
             None,
@@ -225,19 +227,19 @@ impl Recorder<'_> {
             &b.normed,
             &b.residual[0],
         )?;
-        for (i, block) in blocks.iter().enumerate() {
-            let m = &block.mixer;
+        for (i, layer) in blocks.iter().enumerate() {
+            let m = layer.mixer;
             let (w_in, b_in) = (m.in_proj.weight(), m.in_proj.bias());
             if i == 0 {
                 s.linear(&b.normed, w_in, b_in, &b.zxbcdt)?;
             } else {
                 s.linear_scaled(&b.normed, &res_scale, w_in, b_in, &b.zxbcdt)?;
             }
-            let args = model.decode_step_args(m, self.parts, cache.layer_mut(i));
+            let args = m.decode_step_args(c, self.parts, cache.layer_mut(i), layer.gated_norm);
             let epi = ResidualEpilogue {
                 residual: &b.residual[i % 2],
                 residual_out: &b.residual[(i + 1) % 2],
-                next_norm_w: blocks.get(i + 1).map_or(&model.norm_f, |b| &b.norm_weight),
+                next_norm_w: blocks.get(i + 1).map_or(&model.norm_f, |b| b.norm),
                 parts_out: &b.sums,
             };
             let (w_out, b_out) = (m.out_proj.weight(), m.out_proj.bias());

@@ -1,0 +1,398 @@
+//! The block kinds of the model graph, each written against the op API only: the Mamba-2 mixer,
+//! causal self-attention and the MLP. Every block maps a normed `(batch, seqlen, d_model)` input
+//! to the output that is added to the residual stream; in a decode step `seqlen` is 1.
+
+use crate::cache::{BlockState, KvCache, LayerCache};
+use crate::config::{AttentionConfig, Mamba2Config, MlpActivation};
+use crate::Result;
+use candle_core::{Tensor, D};
+use candle_nn::Linear;
+use mamba2_ops::{
+    causal_attention, causal_conv1d, causal_conv1d_update, gated_rms_norm, mixer_decode_step,
+    relu_squared, rotary_embedding, selective_state_update, ssd_chunk_scan, swiglu, AttentionArgs,
+    Conv1dArgs, DecodeStepArgs, GatedRmsNormArgs, RotaryArgs, SsdArgs, SsdParams, StateUpdateArgs,
+};
+
+/// Whether a block runs over a whole sequence (chunked scan) or one token per row (decode step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pass {
+    Prefill,
+    Step,
+}
+
+/// A projection `x · wᵀ (+ bias)`, `x` `(..., in)`, through the `linear` op: on CPU its
+/// streaming / tiled / GEMM kernels (f32 accumulation, also for 16-bit weights), on CUDA a
+/// matrix-vector kernel for decode rows and cuBLAS beyond, on Metal Candle's matmul.
+pub(crate) fn project(x: &Tensor, l: &Linear) -> Result<Tensor> {
+    Ok(mamba2_ops::linear(x, l.weight(), l.bias())?)
+}
+
+/// A projection without bias through the `linear` op (the LM head).
+pub(crate) fn project_weight(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(mamba2_ops::linear(x, w, None)?)
+}
+
+fn linear_params(l: &Linear) -> usize {
+    l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count())
+}
+
+/// The Mamba-2 mixer: in_proj -> causal conv1d -> SSD -> gated RMSNorm -> out_proj.
+#[derive(Debug, Clone)]
+pub(crate) struct MambaMixer {
+    pub in_proj: Linear,
+    pub conv_weight: Tensor,       // (conv_dim, d_conv)
+    pub conv_bias: Option<Tensor>, // (conv_dim)
+    pub dt_bias: Tensor,           // (nheads) f32
+    pub a: Tensor,                 // (nheads) f32, -exp(A_log)
+    pub d: Tensor,                 // (nheads) f32
+    /// `(d_inner)`; `None`: the output is `y * silu(z)` with no norm (Falcon-H1 option).
+    pub norm_weight: Option<Tensor>,
+    pub out_proj: Linear,
+}
+
+/// `z`, `xBC` and `dt` of a projection `(..., d_in_proj)` as views of it.
+pub(crate) fn projection_views(
+    c: &Mamba2Config,
+    zxbcdt: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let last = zxbcdt.rank() - 1;
+    let z = zxbcdt.narrow(last, 0, c.d_inner)?;
+    let xbc = zxbcdt.narrow(last, c.d_inner, c.conv_dim())?;
+    let dt = zxbcdt.narrow(last, c.d_inner + c.conv_dim(), c.nheads)?;
+    Ok((z, xbc, dt))
+}
+
+impl MambaMixer {
+    /// Arguments of the fused decode step: the projection parts `(z, xbc, dt)` (views of one
+    /// `(batch, d_in_proj)` row each) and the block's states. Only for mixers with a norm.
+    pub(crate) fn decode_step_args<'a>(
+        &'a self,
+        c: &Mamba2Config,
+        (z, xbc, dt): &'a (Tensor, Tensor, Tensor),
+        state: LayerCache<'a>,
+        norm_weight: &'a Tensor,
+    ) -> DecodeStepArgs<'a> {
+        DecodeStepArgs {
+            xbc,
+            dt,
+            z,
+            conv_state: state.conv_state,
+            conv_weight: &self.conv_weight,
+            conv_bias: self.conv_bias.as_ref(),
+            ssm_state: state.ssm_state,
+            a: &self.a,
+            d: Some(&self.d),
+            dt_bias: Some(&self.dt_bias),
+            norm_weight,
+            eps: c.norm_eps,
+            ngroups: c.ngroups,
+            norm_before_gate: c.norm_before_gate,
+        }
+    }
+
+    pub(crate) fn forward(
+        &self,
+        c: &Mamba2Config,
+        params: &SsdParams,
+        u: &Tensor, // (batch, seqlen, d_model)
+        state: Option<LayerCache<'_>>,
+        pass: Pass,
+    ) -> Result<Tensor> {
+        match (pass, state) {
+            (Pass::Step, Some(state)) => self.step(c, params, u, state),
+            (_, state) => self.prefill(c, params, u, state),
+        }
+    }
+
+    fn prefill(
+        &self,
+        c: &Mamba2Config,
+        params: &SsdParams,
+        u: &Tensor,
+        cache: Option<LayerCache<'_>>,
+    ) -> Result<Tensor> {
+        let (batch, seqlen, _) = u.dims3()?;
+        let zxbcdt = project(u, &self.in_proj)?; // (batch, seqlen, d_in_proj)
+        let (z, xbc, dt) = projection_views(c, &zxbcdt)?;
+        let (xbc, dt, z) = (xbc.contiguous()?, dt.contiguous()?, z.contiguous()?);
+        let (xbc, new_conv) = causal_conv1d(&Conv1dArgs {
+            x: &xbc,
+            weight: &self.conv_weight,
+            bias: self.conv_bias.as_ref(),
+            initial_state: cache.as_ref().map(|lc| lc.conv_state),
+            seq_idx: None,
+            silu: true,
+        })?; // (batch, seqlen, conv_dim)
+        let gn = c.ngroups * c.d_state;
+        let x = xbc
+            .narrow(2, 0, c.d_inner)?
+            .reshape((batch, seqlen, c.nheads, c.headdim))?;
+        let b = xbc
+            .narrow(2, c.d_inner, gn)?
+            .reshape((batch, seqlen, c.ngroups, c.d_state))?;
+        let cm = xbc
+            .narrow(2, c.d_inner + gn, gn)?
+            .reshape((batch, seqlen, c.ngroups, c.d_state))?;
+        // Without a norm the gate is applied by the scan itself: y * silu(z).
+        let z_heads = match self.norm_weight {
+            None => Some(z.reshape((batch, seqlen, c.nheads, c.headdim))?),
+            Some(_) => None,
+        };
+        let (y, new_ssm) = ssd_chunk_scan(
+            &SsdArgs {
+                x: &x,
+                dt: &dt,
+                a: &self.a,
+                b: &b,
+                c: &cm,
+                d: Some(&self.d),
+                z: z_heads.as_ref(),
+                dt_bias: Some(&self.dt_bias),
+                initial_state: cache.as_ref().map(|lc| lc.ssm_state),
+                seq_idx: None,
+            },
+            params,
+        )?; // (batch, seqlen, nheads, headdim)
+        if let Some(lc) = cache {
+            lc.conv_state.slice_set(&new_conv, 0, 0)?;
+            lc.ssm_state.slice_set(&new_ssm, 0, 0)?;
+        }
+        let y = y.reshape((batch, seqlen, c.d_inner))?;
+        let y = match &self.norm_weight {
+            Some(w) => gated_rms_norm(&GatedRmsNormArgs {
+                x: &y,
+                z: Some(&z),
+                weight: w,
+                eps: c.norm_eps,
+                group_size: c.d_inner / c.ngroups,
+                norm_before_gate: c.norm_before_gate,
+            })?,
+            None => y,
+        }; // (batch, seqlen, d_inner)
+        project(&y, &self.out_proj)
+    }
+
+    /// One token per row through the fused decode-step op (one launch on CUDA; the composition
+    /// of the unfused ops elsewhere).
+    fn step(
+        &self,
+        c: &Mamba2Config,
+        params: &SsdParams,
+        u: &Tensor, // (batch, 1, d_model)
+        state: LayerCache<'_>,
+    ) -> Result<Tensor> {
+        let zxbcdt = project(&u.squeeze(1)?, &self.in_proj)?; // (batch, d_in_proj)
+                                                              // z, xBC, dt: (batch, d_inner), (batch, conv_dim), (batch, nheads) views of zxbcdt
+        let parts = projection_views(c, &zxbcdt)?;
+        let y = match &self.norm_weight {
+            Some(w) => {
+                let args = self.decode_step_args(c, &parts, state, w);
+                mixer_decode_step(&args, params)? // (batch, d_inner)
+            }
+            None => self.step_ungated_norm(c, params, &parts, state)?,
+        };
+        Ok(project(&y, &self.out_proj)?.unsqueeze(1)?)
+    }
+
+    /// The step of a mixer without a norm: conv update, then the state update with the gate.
+    fn step_ungated_norm(
+        &self,
+        c: &Mamba2Config,
+        params: &SsdParams,
+        (z, xbc, dt): &(Tensor, Tensor, Tensor),
+        state: LayerCache<'_>,
+    ) -> Result<Tensor> {
+        let batch = xbc.dim(0)?;
+        let xbc = causal_conv1d_update(
+            &xbc.contiguous()?,
+            state.conv_state,
+            &self.conv_weight,
+            self.conv_bias.as_ref(),
+            true,
+        )?; // (batch, conv_dim)
+        let gn = c.ngroups * c.d_state;
+        let heads = (batch, c.nheads, c.headdim);
+        let x = xbc.narrow(1, 0, c.d_inner)?.reshape(heads)?;
+        let b = xbc
+            .narrow(1, c.d_inner, gn)?
+            .reshape((batch, c.ngroups, c.d_state))?;
+        let cm = xbc
+            .narrow(1, c.d_inner + gn, gn)?
+            .reshape((batch, c.ngroups, c.d_state))?;
+        let z = z.contiguous()?.reshape(heads)?;
+        let y = selective_state_update(
+            &StateUpdateArgs {
+                state: state.ssm_state,
+                x: &x,
+                dt: &dt.contiguous()?,
+                a: &self.a,
+                b: &b,
+                c: &cm,
+                d: Some(&self.d),
+                z: Some(&z),
+                dt_bias: Some(&self.dt_bias),
+            },
+            params,
+        )?; // (batch, nheads, headdim)
+        Ok(y.reshape((batch, c.d_inner))?)
+    }
+}
+
+/// Causal self-attention with fused q/k/v projection rows `[q | k | v]`.
+#[derive(Debug, Clone)]
+pub(crate) struct Attention {
+    pub qkv: Linear,
+    pub o_proj: Linear,
+}
+
+impl Attention {
+    pub(crate) fn forward(
+        &self,
+        a: &AttentionConfig,
+        x: &Tensor, // (batch, seqlen, d_model)
+        kv: Option<&mut KvCache>,
+        position_offset: usize,
+    ) -> Result<Tensor> {
+        let (batch, seqlen, _) = x.dims3()?;
+        let (nh, kvh, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
+        let qkv = project(x, &self.qkv)?; // (batch, seqlen, (nh + 2 kvh) hd)
+        let q = qkv
+            .narrow(D::Minus1, 0, nh * hd)?
+            .reshape((batch, seqlen, nh, hd))?;
+        let k = qkv
+            .narrow(D::Minus1, nh * hd, kvh * hd)?
+            .reshape((batch, seqlen, kvh, hd))?;
+        let v = qkv
+            .narrow(D::Minus1, (nh + kvh) * hd, kvh * hd)?
+            .reshape((batch, seqlen, kvh, hd))?;
+        let (q, k) = match a.rope {
+            Some(r) => {
+                let rope = |t: &Tensor| {
+                    rotary_embedding(&RotaryArgs {
+                        x: t,
+                        position_offset,
+                        rotary_dim: r.rotary_dim,
+                        theta: r.theta,
+                    })
+                };
+                (rope(&q)?, rope(&k)?)
+            }
+            None => (q, k),
+        };
+        let (k_all, v_all) = match kv {
+            Some(cache) => cache.append(&k, &v)?,
+            None => (k, v),
+        }; // (batch, kv_len, kvh, hd)
+        let o = causal_attention(&AttentionArgs {
+            q: &q,
+            k: &k_all,
+            v: &v_all,
+            scale: a.scale,
+        })?; // (batch, seqlen, nh, hd)
+        project(&o.reshape((batch, seqlen, nh * hd))?, &self.o_proj)
+    }
+}
+
+/// The feed-forward block: one up projection (`[gate | up]` rows for SwiGLU), the activation,
+/// the down projection.
+#[derive(Debug, Clone)]
+pub(crate) struct Mlp {
+    pub up: Linear,
+    pub down: Linear,
+    pub activation: MlpActivation,
+}
+
+impl Mlp {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = project(x, &self.up)?; // (..., 2 I) or (..., I)
+        let h = match self.activation {
+            MlpActivation::SwiGlu => swiglu(&h)?,
+            MlpActivation::ReluSquared => relu_squared(&h)?,
+        }; // (..., I)
+        project(&h, &self.down)
+    }
+}
+
+/// What a block computes between its norm and the residual add.
+#[derive(Debug, Clone)]
+pub(crate) enum Mixer {
+    Mamba(MambaMixer),
+    Attention(Attention),
+    /// Falcon-H1: both on the same input, outputs summed.
+    MambaAttention(MambaMixer, Attention),
+    Mlp(Mlp),
+}
+
+impl MambaMixer {
+    fn num_parameters(&self) -> usize {
+        linear_params(&self.in_proj)
+            + self.conv_weight.elem_count()
+            + self.conv_bias.as_ref().map_or(0, |t| t.elem_count())
+            + self.dt_bias.elem_count()
+            + self.a.elem_count()
+            + self.d.elem_count()
+            + self.norm_weight.as_ref().map_or(0, |t| t.elem_count())
+            + linear_params(&self.out_proj)
+    }
+}
+
+impl Mixer {
+    /// Parameters of the block's mixer (fused projections counted as their parts).
+    pub(crate) fn num_parameters(&self) -> usize {
+        let attn = |a: &Attention| linear_params(&a.qkv) + linear_params(&a.o_proj);
+        match self {
+            Mixer::Mamba(m) => m.num_parameters(),
+            Mixer::Attention(a) => attn(a),
+            Mixer::MambaAttention(m, a) => m.num_parameters() + attn(a),
+            Mixer::Mlp(m) => linear_params(&m.up) + linear_params(&m.down),
+        }
+    }
+}
+
+/// One residual block: RMSNorm weight, mixer, and its state slots in the cache.
+#[derive(Debug, Clone)]
+pub(crate) struct Block {
+    pub norm_weight: Tensor, // (d_model)
+    pub mixer: Mixer,
+    /// Index of the block's SSM state / KV cache in the cache, when it has one.
+    pub ssm_slot: Option<usize>,
+    pub kv_slot: Option<usize>,
+}
+
+/// Everything a block needs besides its weights and state.
+pub(crate) struct BlockCtx<'a> {
+    pub config: &'a Mamba2Config,
+    pub ssd_params: &'a SsdParams,
+    pub pass: Pass,
+    pub position_offset: usize,
+}
+
+impl Block {
+    pub(crate) fn forward(
+        &self,
+        ctx: &BlockCtx<'_>,
+        x: &Tensor,
+        state: Option<BlockState<'_>>,
+    ) -> Result<Tensor> {
+        let (ssm, kv) = match state {
+            Some(s) => (s.ssm, s.kv),
+            None => (None, None),
+        };
+        let c = ctx.config;
+        let attention_config = || {
+            c.attention
+                .as_ref()
+                .ok_or_else(|| crate::Error::Unsupported("attention block without settings".into()))
+        };
+        match &self.mixer {
+            Mixer::Mamba(m) => m.forward(c, ctx.ssd_params, x, ssm, ctx.pass),
+            Mixer::Attention(a) => a.forward(attention_config()?, x, kv, ctx.position_offset),
+            Mixer::MambaAttention(m, a) => {
+                let y = m.forward(c, ctx.ssd_params, x, ssm, ctx.pass)?;
+                let o = a.forward(attention_config()?, x, kv, ctx.position_offset)?;
+                Ok((y + o)?)
+            }
+            Mixer::Mlp(mlp) => mlp.forward(x),
+        }
+    }
+}
