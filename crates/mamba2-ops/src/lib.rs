@@ -111,13 +111,16 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
-/// [`dispatch!`] for the ops that have a CPU fast path only (attention, rotary embedding, MLP
-/// activations): the reference runs on every other device.
-macro_rules! dispatch_cpu {
+/// [`dispatch!`] for the ops with CPU and Metal fast paths only (attention, rotary embedding,
+/// MLP activations): the reference runs on every other device (CUDA has no kernels for them).
+macro_rules! dispatch_cpu_metal {
     ($backend:expr, $device:expr, $name:ident ( $($arg:expr),* ), $slow:expr) => {{
         let fast = match ($backend, $device) {
             ($crate::Backend::Reference, _) => None,
             (_, candle_core::Device::Cpu) => $crate::cpu::$name($($arg),*)?,
+            #[cfg(feature = "metal")]
+            (_, candle_core::Device::Metal(_)) => $crate::metal::$name($($arg),*)?,
+            #[allow(unreachable_patterns)]
             _ => None,
         };
         match fast {
@@ -126,4 +129,4 @@ macro_rules! dispatch_cpu {
         }
     }};
 }
-pub(crate) use dispatch_cpu;
+pub(crate) use dispatch_cpu_metal;

@@ -40,6 +40,26 @@ pub mod layout {
     pub const SSU_ROWS: u32 = 4;
     /// Largest `d_state` the decode kernels hold in registers (8 per lane).
     pub const MAX_D_STATE_DECODE: usize = 256;
+    /// `causal_attention_*`: threads per threadgroup (4 simdgroups).
+    pub const ATTN_THREADS: u32 = 128;
+    /// `causal_attention_decode_*`: query rows (head × position) per threadgroup.
+    pub const ATTN_DECODE_ROWS: u32 = 4;
+    /// `causal_attention_prefill_*`: query rows per threadgroup (8 per simdgroup).
+    pub const ATTN_PREFILL_ROWS: u32 = 32;
+    /// Largest `q_len` the attention dispatch sends to the decode kernel.
+    pub const ATTN_DECODE_MAX_Q: usize = 8;
+    /// Largest head_dim of the attention variants without the `_hd256` suffix.
+    pub const ATTN_SMALL_HEAD_DIM: usize = 128;
+    /// Largest head_dim of any attention variant.
+    pub const ATTN_MAX_HEAD_DIM: usize = 256;
+    /// Decode: the key splits aim at this many threadgroups in all ...
+    pub const ATTN_TARGET_GROUPS: usize = 256;
+    /// ... with at least this many keys per split ...
+    pub const ATTN_MIN_SPLIT_KEYS: usize = 128;
+    /// ... and at most this many splits.
+    pub const ATTN_MAX_SPLITS: usize = 64;
+    /// `rotary_embedding_*`, `swiglu_*`, `relu_squared_*`: threads per threadgroup.
+    pub const ELEMENTWISE_THREADS: u32 = 256;
 }
 
 /// Preconditions of the Metal fast paths on shapes: the dispatcher runs a kernel only when its
@@ -69,6 +89,16 @@ pub mod supports {
     /// `mamba2_decode_step_*`: both of the above.
     pub fn decode_step(d_state: usize, d_conv: usize) -> bool {
         state_update(d_state) && conv1d(d_conv)
+    }
+
+    /// `causal_attention_decode_*`: head_dim in registers, 8 elements per lane at most.
+    pub fn attention_decode(head_dim: usize) -> bool {
+        (1..=layout::ATTN_MAX_HEAD_DIM).contains(&head_dim)
+    }
+
+    /// `causal_attention_prefill_*`: head_dim in 8-wide simdgroup-matrix tiles.
+    pub fn attention_prefill(head_dim: usize) -> bool {
+        attention_decode(head_dim) && head_dim.is_multiple_of(8)
     }
 }
 
@@ -191,6 +221,63 @@ pub struct RmsNormResidualParams {
     pub eps: f32,
 }
 
+/// `attention.metal`: `causal_attention_{decode,merge,prefill}[_hd256]_<dtype>`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AttentionParams {
+    pub batch: u32,
+    pub q_len: u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub kv_len: u32,
+    /// Strides of k in elements: batch, position, head (the channel stride is 1).
+    pub k_sb: u32,
+    pub k_st: u32,
+    pub k_sh: u32,
+    /// Strides of v in elements.
+    pub v_sb: u32,
+    pub v_st: u32,
+    pub v_sh: u32,
+    /// Decode: key ranges per (batch, kv head, row block), the grid's x; 1 for prefill.
+    pub n_splits: u32,
+    /// Decode: keys per range.
+    pub split_len: u32,
+    pub scale: f32,
+}
+
+/// `rotary.metal`: `rotary_embedding_<dtype>`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RotaryParams {
+    pub batch: u32,
+    pub seqlen: u32,
+    pub n_heads: u32,
+    pub head_dim: u32,
+    pub rotary_dim: u32,
+    pub position_offset: u32,
+    /// Strides of x in elements: batch, token, head (the channel stride is 1).
+    pub x_sb: u32,
+    pub x_st: u32,
+    pub x_sh: u32,
+}
+
+/// `activation.metal`: `swiglu_<dtype>`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SwigluParams {
+    pub rows: u32,
+    /// Output columns (half the input's).
+    pub n: u32,
+}
+
+/// `activation.metal`: `relu_squared_<dtype>`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ReluSquaredParams {
+    pub count: u32,
+}
+
 impl KernelParams for Conv1dParams {}
 impl KernelParams for ConvUpdateParams {}
 impl KernelParams for ConvVarlenParams {}
@@ -199,6 +286,128 @@ impl KernelParams for StateUpdateParams {}
 impl KernelParams for DecodeStepParams {}
 impl KernelParams for GatedRmsNormParams {}
 impl KernelParams for RmsNormResidualParams {}
+impl KernelParams for AttentionParams {}
+impl KernelParams for RotaryParams {}
+impl KernelParams for SwigluParams {}
+impl KernelParams for ReluSquaredParams {}
+
+/// Sizes of a `causal_attention` call, for [`AttentionShape::launch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub q_len: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub kv_len: usize,
+}
+
+/// The kernel, grid and key splits of one attention dispatch (threadgroups of
+/// [`layout::ATTN_THREADS`] threads). When `n_splits > 1` the decode kernel writes partial
+/// results and `causal_attention_merge_*` runs over [`AttentionLaunch::merge_grid`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionLaunch {
+    /// Kernel name without its `_<dtype>` suffix.
+    pub kernel: &'static str,
+    /// Threadgroups per grid.
+    pub groups: [usize; 3],
+    /// Decode: key ranges (the grid's x); 1 for prefill.
+    pub n_splits: usize,
+    /// Decode: keys per range; `kv_len` for prefill.
+    pub split_len: usize,
+}
+
+impl AttentionShape {
+    /// Query rows per kv head (the query heads of a group times the positions).
+    pub fn rows(&self) -> usize {
+        self.n_heads / self.n_kv_heads * self.q_len
+    }
+
+    /// What the Metal dispatch runs: the decode kernel for `q_len <= 8` (and for any `q_len`
+    /// when head_dim is not a multiple of 8), the prefill kernel otherwise; `None` (the
+    /// reference runs) for an empty or unsupported shape.
+    pub fn launch(&self) -> Option<AttentionLaunch> {
+        if self.q_len <= layout::ATTN_DECODE_MAX_Q || !supports::attention_prefill(self.head_dim) {
+            let base = self.decode(1)?.groups.iter().product::<usize>();
+            let want = layout::ATTN_TARGET_GROUPS.div_ceil(base);
+            let most = self.kv_len.div_ceil(layout::ATTN_MIN_SPLIT_KEYS);
+            self.decode(want.min(most).clamp(1, layout::ATTN_MAX_SPLITS))
+        } else {
+            self.prefill()
+        }
+    }
+
+    fn valid(&self) -> bool {
+        self.batch > 0
+            && self.q_len > 0
+            && self.n_kv_heads > 0
+            && self.n_heads.is_multiple_of(self.n_kv_heads)
+            && self.n_heads > 0
+            && self.kv_len >= self.q_len
+    }
+
+    /// The decode kernel with `n_splits` key ranges (fewer when the keys run out first).
+    pub fn decode(&self, n_splits: usize) -> Option<AttentionLaunch> {
+        if !self.valid() || !supports::attention_decode(self.head_dim) || n_splits == 0 {
+            return None;
+        }
+        let split_len = self.kv_len.div_ceil(n_splits);
+        let n_splits = self.kv_len.div_ceil(split_len);
+        let kernel = if self.head_dim <= layout::ATTN_SMALL_HEAD_DIM {
+            "causal_attention_decode"
+        } else {
+            "causal_attention_decode_hd256"
+        };
+        let row_blocks = self.rows().div_ceil(layout::ATTN_DECODE_ROWS as usize);
+        Some(AttentionLaunch {
+            kernel,
+            groups: [n_splits, self.n_kv_heads * row_blocks, self.batch],
+            n_splits,
+            split_len,
+        })
+    }
+
+    /// The prefill kernel.
+    pub fn prefill(&self) -> Option<AttentionLaunch> {
+        if !self.valid() || !supports::attention_prefill(self.head_dim) {
+            return None;
+        }
+        let kernel = if self.head_dim <= layout::ATTN_SMALL_HEAD_DIM {
+            "causal_attention_prefill"
+        } else {
+            "causal_attention_prefill_hd256"
+        };
+        let blocks = self.rows().div_ceil(layout::ATTN_PREFILL_ROWS as usize);
+        Some(AttentionLaunch {
+            kernel,
+            groups: [blocks, self.n_kv_heads, self.batch],
+            n_splits: 1,
+            split_len: self.kv_len,
+        })
+    }
+
+    /// Grid and threadgroup width of `causal_attention_merge_*`: one thread per output element.
+    pub fn merge_grid(&self) -> ([usize; 3], usize) {
+        let tx = self.head_dim.next_multiple_of(32).min(256);
+        let rows = self.batch * self.q_len * self.n_heads;
+        ([self.head_dim.div_ceil(tx), rows, 1], tx)
+    }
+}
+
+/// `inv_freq[c] = 1 / theta^(2c / rotary_dim)` in f32, as torch computes it: the table the
+/// rotary kernel reads.
+pub fn rotary_inv_freq(rotary_dim: usize, theta: f64) -> Vec<f32> {
+    crate::rotary::inv_freq(rotary_dim, theta)
+}
+
+/// Threadgroup shape and grid (in threadgroups) of `rotary_embedding_*` for `items` work items
+/// per head row (`rotary_dim / 2 + head_dim - rotary_dim`) and `rows` head rows.
+pub fn rotary_grid(items: usize, rows: usize) -> ([usize; 3], [usize; 3]) {
+    let total = layout::ELEMENTWISE_THREADS as usize;
+    let tx = items.next_multiple_of(32).min(total);
+    let ty = (total / tx).max(1);
+    ([items.div_ceil(tx), rows.div_ceil(ty), 1], [tx, ty, 1])
+}
 
 /// The `(min, max)` clamp of the processed time step as the kernels take it: `(flag, min, max)`.
 /// `(0, inf)` means no clamp, as in [`crate::SsdParams`].
@@ -218,6 +427,45 @@ mod tests {
         assert_eq!(size_of::<SsdScanParams>(), 15 * 4);
         assert_eq!(size_of::<DecodeStepParams>(), 15 * 4);
         assert_eq!(size_of::<RmsNormResidualParams>(), 4 * 4);
+        assert_eq!(size_of::<AttentionParams>(), 15 * 4);
+        assert_eq!(size_of::<RotaryParams>(), 9 * 4);
+    }
+
+    #[test]
+    fn attention_launches() {
+        let shape = |q_len, n_heads, n_kv_heads, head_dim, kv_len| AttentionShape {
+            batch: 1,
+            q_len,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            kv_len,
+        };
+        // Nemotron-H-8B decode at 4k context: 8 groups, split 32 ways (128 keys each)
+        let l = shape(1, 32, 8, 128, 4096).launch().unwrap();
+        assert_eq!(l.kernel, "causal_attention_decode");
+        assert_eq!((l.groups, l.n_splits, l.split_len), ([32, 8, 1], 32, 128));
+        // a short context is not split below 128 keys per range
+        let l = shape(1, 32, 8, 128, 200).launch().unwrap();
+        assert_eq!((l.n_splits, l.split_len), (2, 100));
+        // prefill: 32 rows per block (8 positions x 4 heads)
+        let l = shape(100, 32, 8, 128, 100).launch().unwrap();
+        assert_eq!(
+            (l.kernel, l.groups),
+            ("causal_attention_prefill", [13, 8, 1])
+        );
+        assert_eq!(
+            shape(9, 4, 4, 256, 9).launch().unwrap().kernel,
+            "causal_attention_prefill_hd256"
+        );
+        // head_dim 36: the decode kernel for any q_len; head_dim 320: the reference
+        assert_eq!(
+            shape(50, 4, 2, 36, 50).launch().unwrap().kernel,
+            "causal_attention_decode"
+        );
+        assert!(shape(1, 4, 2, 320, 5).launch().is_none());
+        assert!(shape(1, 4, 3, 64, 5).launch().is_none());
+        assert_eq!(shape(3, 2, 1, 64, 5).merge_grid(), ([1, 6, 1], 64));
     }
 
     #[test]
@@ -230,6 +478,9 @@ mod tests {
         assert!(!supports::ssd_chunk_scan(24, 16) && !supports::ssd_chunk_scan(64, 12));
         assert!(!supports::state_update(257) && !supports::conv1d(9) && !supports::conv1d(0));
         assert!(!supports::decode_step(128, 9));
+        assert!(supports::attention_prefill(80) && supports::attention_prefill(256));
+        assert!(supports::attention_decode(36) && !supports::attention_prefill(36));
+        assert!(!supports::attention_decode(0) && !supports::attention_decode(264));
     }
 
     #[test]

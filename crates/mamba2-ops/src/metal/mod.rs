@@ -3,16 +3,23 @@
 //! preconditions do not hold (the dispatcher then runs the reference); arguments have already
 //! been validated by the op.
 //!
+//! The attention, rotary and activation fast paths of the hybrid models live in `attention.rs`
+//! and `pointwise.rs`.
+//!
 //! Binding: Candle custom ops take at most three tensors, and these kernels take up to twelve,
 //! so no `CustomOpN` is used: each tensor's Metal buffer and byte offset are taken from its
 //! storage (`storage_and_layout`), outputs are allocated on the device and wrapped with
 //! `Tensor::from_storage`. In-place states are bound as written buffers.
 
+mod attention;
 mod decode_step;
+mod pointwise;
 mod runtime;
 
+pub(crate) use attention::causal_attention;
 #[allow(unused_imports)]
 pub(crate) use decode_step::{mamba2_decode_step, DecodeStepArgs};
+pub(crate) use pointwise::{relu_squared, rotary_embedding, swiglu};
 
 use crate::metal_params::{self as mp, layout};
 use crate::{Conv1dArgs, GatedRmsNormArgs, Result, SsdArgs, SsdParams, StateUpdateArgs};

@@ -40,6 +40,18 @@ pub(crate) const DECODE_STEP: KernelSource = KernelSource {
     name: "decode_step.metal",
     text: include_str!("../../../../kernels/metal/decode_step.metal"),
 };
+pub(crate) const ATTENTION: KernelSource = KernelSource {
+    name: "attention.metal",
+    text: include_str!("../../../../kernels/metal/attention.metal"),
+};
+pub(crate) const ROTARY: KernelSource = KernelSource {
+    name: "rotary.metal",
+    text: include_str!("../../../../kernels/metal/rotary.metal"),
+};
+pub(crate) const ACTIVATION: KernelSource = KernelSource {
+    name: "activation.metal",
+    text: include_str!("../../../../kernels/metal/activation.metal"),
+};
 
 /// Libraries and pipelines of one device. A library is compiled on the first use of one of its
 /// kernels; a missing function (the bf16 variants on a compiler older than MSL 3.1) is
@@ -131,6 +143,30 @@ impl Arg {
                 storage: s.clone(),
                 offset,
             }),
+            _ => Err(
+                candle_core::Error::msg("metal kernel argument is not on a Metal device").into(),
+            ),
+        }
+    }
+
+    /// A tensor read in place through its strides (e.g. a view narrowed out of a KV cache): the
+    /// argument and the strides in elements, or `None` when the last dimension is not
+    /// unit-stride (the kernels read channels contiguously).
+    pub(crate) fn strided(t: &Tensor) -> Result<Option<(Arg, Vec<usize>)>> {
+        let (storage, layout) = t.storage_and_layout();
+        let stride = layout.stride().to_vec();
+        if stride.last().is_some_and(|&s| s != 1) {
+            return Ok(None);
+        }
+        let offset = layout.start_offset() * t.dtype().size_in_bytes();
+        match &*storage {
+            Storage::Metal(s) => Ok(Some((
+                Arg {
+                    storage: s.clone(),
+                    offset,
+                },
+                stride,
+            ))),
             _ => Err(
                 candle_core::Error::msg("metal kernel argument is not on a Metal device").into(),
             ),
