@@ -257,7 +257,7 @@ fn case(
     }
 }
 
-/// Small decode shapes: one and several key splits, GQA and MHA, head_dim 64 / 80 / 32 / 256.
+/// Small decode shapes: one and several key splits, GQA and MHA, head_dim 64/80/32/256/36.
 fn decode_cases() -> Vec<(Case, Kernel)> {
     vec![
         // one token, 37 cached positions of 50
@@ -277,10 +277,12 @@ fn decode_cases() -> Vec<(Case, Kernel)> {
             case(1, 2, 20, 24, 2, (2, 1), 256, false),
             Kernel::DecodeSplits(2),
         ),
+        // head_dim 36 (not a multiple of 8): the dispatch takes the decode kernel for 12 queries
+        (case(1, 12, 30, 32, 0, (4, 2), 36, false), Kernel::Decode),
     ]
 }
 
-/// Small prefill shapes: prompt, continued prefill, a single query, head_dim 64 / 80 / 128 / 256.
+/// Small prefill shapes: prompt, continued prefill, a single query, head_dim 64/80/128/256.
 fn prefill_cases() -> Vec<Case> {
     vec![
         // prompt of 13: rows 26 (a partial block), one key tile
@@ -291,6 +293,8 @@ fn prefill_cases() -> Vec<Case> {
         case(2, 1, 40, 48, 0, (4, 1), 128, false),
         // head_dim 256: 16-key tiles
         case(1, 9, 21, 24, 1, (2, 1), 256, false),
+        // rep 3: the block boundary (row 32) falls inside position 10's heads
+        case(1, 14, 14, 14, 0, (3, 1), 64, false),
     ]
 }
 
