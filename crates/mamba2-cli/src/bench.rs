@@ -111,7 +111,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "device": format!("{:?}", device.location()).to_lowercase(),
         "threads": candle_core::utils::get_num_threads(),
         "batch": a.batch,
-        "cuda_graph": device.is_cuda() && !a.eager,
+        "cuda_graph": device.is_cuda() && !a.eager && model.decode_graph_supported(),
         "prefill_tokens": a.prefill,
         "decode_tokens": a.decode,
         "runs": a.runs,

@@ -7,7 +7,7 @@
 //!
 //! The attention layers and MLPs of the hybrid models (Granite-4.0-H, Nemotron-H, Falcon-H1,
 //! Bamba) use [`causal_attention`], [`rotary_embedding`], [`swiglu`] and [`relu_squared`]; they
-//! have a CPU fast path, and their references run on the GPUs.
+//! have CPU and Metal fast paths, and their references run on CUDA.
 //!
 //! Conventions shared by all ops:
 //! - activations are `(batch, seqlen, ...)` and may be f32, f16 or bf16;

@@ -298,10 +298,15 @@ impl Mamba2Model {
         self.logits(&normed.squeeze(1)?)
     }
 
+    /// Whether [`Mamba2Model::step`] on CUDA can replay a captured graph of the whole step: pure
+    /// Mamba-2 models; hybrids decode with one launch per op.
+    pub fn decode_graph_supported(&self) -> bool {
+        self.mamba_stack().is_some()
+    }
+
     /// The blocks as a pure Mamba-2 stack (every block a Mamba mixer with its gated norm, no
     /// embedding or logits multiplier), the layout the captured CUDA step records; `None` for
     /// anything else.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn mamba_stack(&self) -> Option<Vec<StackLayer<'_>>> {
         let m = &self.config.multipliers;
         if m.embedding != 1.0 || m.logits != 1.0 {
