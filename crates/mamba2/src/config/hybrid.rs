@@ -471,23 +471,7 @@ pub(super) fn parse_falcon_h1(f: &Fields<'_>) -> Result<Mamba2Config> {
     c.gated_norm = f.bool("mamba_rms_norm")?.unwrap_or(false);
     c.norm_before_gate = f.bool("mamba_norm_before_gate")?.unwrap_or(true);
     c.pattern = mixer_then_mlp(&vec![BlockKind::MambaAttention; n_layer]);
-    let (heads, kv, head_dim) = attention(f, d_model, Some(8))?;
-    c.attention = Some(AttentionConfig {
-        num_heads: heads,
-        num_kv_heads: kv,
-        head_dim,
-        scale: (head_dim as f64).powf(-0.5),
-        rope: Some(RopeConfig {
-            theta: rope_theta(f)?,
-            rotary_dim: head_dim,
-        }),
-        bias: f.bool("attention_bias")?.unwrap_or(false),
-    });
-    c.mlp = Some(MlpConfig {
-        intermediate_size: f.usize("intermediate_size")?.unwrap_or(14336),
-        activation: MlpActivation::SwiGlu,
-        bias: f.bool("mlp_bias")?.unwrap_or(false),
-    });
+    (c.attention, c.mlp) = rope_attention_and_swiglu(f, d_model, 1)?;
     let [mlp_gate, mlp_down] = fixed_list::<2>(f, "mlp_multipliers")?.unwrap_or([1.0; 2]);
     c.multipliers = Multipliers {
         embedding: f.f64("embedding_multiplier")?.unwrap_or(1.0),
@@ -503,6 +487,33 @@ pub(super) fn parse_falcon_h1(f: &Fields<'_>) -> Result<Mamba2Config> {
         mlp_down,
     };
     Ok(c)
+}
+
+/// The attention of Falcon-H1 and Bamba (head_dim^-0.5 scale, RoPE on `head_dim / rotary_div`
+/// channels, 8 KV heads by default) and their SwiGLU MLP.
+fn rope_attention_and_swiglu(
+    f: &Fields<'_>,
+    d_model: usize,
+    rotary_div: usize,
+) -> Result<(Option<AttentionConfig>, Option<MlpConfig>)> {
+    let (heads, kv, head_dim) = attention(f, d_model, Some(8))?;
+    let attention = AttentionConfig {
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        scale: (head_dim as f64).powf(-0.5),
+        rope: Some(RopeConfig {
+            theta: rope_theta(f)?,
+            rotary_dim: head_dim / rotary_div,
+        }),
+        bias: f.bool("attention_bias")?.unwrap_or(false),
+    };
+    let mlp = MlpConfig {
+        intermediate_size: f.usize("intermediate_size")?.unwrap_or(14336),
+        activation: MlpActivation::SwiGlu,
+        bias: f.bool("mlp_bias")?.unwrap_or(false),
+    };
+    Ok((Some(attention), Some(mlp)))
 }
 
 /// IBM Bamba (`bamba`): attention at `attn_layer_indices`, Mamba-2 elsewhere, SwiGLU MLPs.
@@ -538,23 +549,7 @@ pub(super) fn parse_bamba(f: &Fields<'_>) -> Result<Mamba2Config> {
         (128, 1, 256, 256),
     )?;
     c.pattern = mixer_then_mlp(&mixers);
-    let (heads, kv, head_dim) = attention(f, d_model, Some(8))?;
     // transformers' BambaConfig sets partial_rotary_factor to 0.5 whatever the file says.
-    c.attention = Some(AttentionConfig {
-        num_heads: heads,
-        num_kv_heads: kv,
-        head_dim,
-        scale: (head_dim as f64).powf(-0.5),
-        rope: Some(RopeConfig {
-            theta: rope_theta(f)?,
-            rotary_dim: head_dim / 2,
-        }),
-        bias: f.bool("attention_bias")?.unwrap_or(false),
-    });
-    c.mlp = Some(MlpConfig {
-        intermediate_size: f.usize("intermediate_size")?.unwrap_or(14336),
-        activation: MlpActivation::SwiGlu,
-        bias: f.bool("mlp_bias")?.unwrap_or(false),
-    });
+    (c.attention, c.mlp) = rope_attention_and_swiglu(f, d_model, 2)?;
     Ok(c)
 }
