@@ -58,7 +58,7 @@ pub fn swiglu(x: &Tensor) -> Result<Tensor> {
 /// ```
 pub fn swiglu_with(x: &Tensor, backend: Backend) -> Result<Tensor> {
     validate_swiglu(x)?;
-    crate::dispatch_cpu_metal!(backend, x.device(), swiglu(x), swiglu_slow(x))
+    crate::dispatch!(backend, x.device(), swiglu(x), swiglu_slow(x))
 }
 
 /// Plain-tensor reference of [`swiglu`].
@@ -100,7 +100,7 @@ pub fn relu_squared(x: &Tensor) -> Result<Tensor> {
 /// ```
 pub fn relu_squared_with(x: &Tensor, backend: Backend) -> Result<Tensor> {
     check::float(OP_RELU2, "x", x)?;
-    crate::dispatch_cpu_metal!(backend, x.device(), relu_squared(x), relu_squared_slow(x))
+    crate::dispatch!(backend, x.device(), relu_squared(x), relu_squared_slow(x))
 }
 
 /// Plain-tensor reference of [`relu_squared`].

@@ -141,7 +141,7 @@ pub fn causal_attention(args: &AttentionArgs) -> Result<Tensor> {
 /// ```
 pub fn causal_attention_with(args: &AttentionArgs, backend: Backend) -> Result<Tensor> {
     validate(args)?;
-    crate::dispatch_cpu_metal!(
+    crate::dispatch!(
         backend,
         args.q.device(),
         causal_attention(args),

@@ -6,8 +6,8 @@
 //! in and its preconditions hold, the reference otherwise.
 //!
 //! The attention layers and MLPs of the hybrid models (Granite-4.0-H, Nemotron-H, Falcon-H1,
-//! Bamba) use [`causal_attention`], [`rotary_embedding`], [`swiglu`] and [`relu_squared`]; they
-//! have CPU and Metal fast paths, and their references run on CUDA.
+//! Bamba) use [`causal_attention`], [`rotary_embedding`], [`swiglu`] and [`relu_squared`], with
+//! CPU, CUDA and Metal fast paths like the Mamba-2 ops.
 //!
 //! Conventions shared by all ops:
 //! - activations are `(batch, seqlen, ...)` and may be f32, f16 or bf16;
@@ -110,23 +110,3 @@ macro_rules! dispatch {
     }};
 }
 pub(crate) use dispatch;
-
-/// [`dispatch!`] for the ops with CPU and Metal fast paths only (attention, rotary embedding,
-/// MLP activations): the reference runs on every other device (CUDA has no kernels for them).
-macro_rules! dispatch_cpu_metal {
-    ($backend:expr, $device:expr, $name:ident ( $($arg:expr),* ), $slow:expr) => {{
-        let fast = match ($backend, $device) {
-            ($crate::Backend::Reference, _) => None,
-            (_, candle_core::Device::Cpu) => $crate::cpu::$name($($arg),*)?,
-            #[cfg(feature = "metal")]
-            (_, candle_core::Device::Metal(_)) => $crate::metal::$name($($arg),*)?,
-            #[allow(unreachable_patterns)]
-            _ => None,
-        };
-        match fast {
-            Some(out) => Ok(out),
-            None => $slow,
-        }
-    }};
-}
-pub(crate) use dispatch_cpu_metal;

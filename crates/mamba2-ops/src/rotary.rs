@@ -103,7 +103,7 @@ pub fn rotary_embedding(args: &RotaryArgs) -> Result<Tensor> {
 /// ```
 pub fn rotary_embedding_with(args: &RotaryArgs, backend: Backend) -> Result<Tensor> {
     validate(args)?;
-    crate::dispatch_cpu_metal!(
+    crate::dispatch!(
         backend,
         args.x.device(),
         rotary_embedding(args),

@@ -2,7 +2,7 @@
 # Runs the CUDA test binaries and model benchmarks on the device machine (see ../README.md and
 # ../../../../shared/tools/CUDA.md): binaries carried as .carry/bins.tar.xz (bin/mamba2, the
 # cuda_* test executables and bin/candle-transformers-mamba2-bench), logs to $OUT. Usage:
-# device_run.sh MODE... with MODE tests|hybfix|hyb8b|quick|lin|ab5|ncufull|bench13|bench27|ab13|ab16|ncu|ncu16|b16ct13|ct16|all13|all27 (all*: every engine, one shape;
+# device_run.sh MODE... with MODE tests|hybops|hybfix|hyb8b|quick|lin|ab5|ncufull|bench13|bench27|ab13|ab16|ncu|ncu16|b16ct13|ct16|all13|all27 (all*: every engine, one shape;
 # HF needs .carry/pylib from fetch_mamba_ssm_triton.sh for mamba_ssm's Triton kernels)
 set -u
 OUT=${OUT:-/tmp/out}
@@ -31,6 +31,8 @@ decode_rate() { # "env assignments" shape batch decode-tokens: decode tok/s afte
 for mode in "${@:-tests}"; do
 echo "== $mode"
 case $mode in
+hybops)  # the kernels of the hybrid models' ops: attention, rotary, swiglu, relu_squared
+    unit_tests cuda_hybrid_ops ;;
 quick)  # the tests of the captured step's kernels only
     unit_tests cuda_linear_epilogue cuda_decode_step cuda_graph ;;
 lin)  # the tests of the matrix-vector kernels and of the captured step
@@ -43,7 +45,7 @@ ab5)  # batch 1 (default grid and one block per 4 rows) and batch 16 decode, bot
         echo "$shape batch 16: decode $(decode_rate "" $shape 16 64) tok/s" | tee -a "$OUT/layouts.txt"
     done ;;
 tests)
-    unit_tests cuda_linear cuda_linear_epilogue cuda_decode_step cuda_graph
+    unit_tests cuda_linear cuda_linear_epilogue cuda_decode_step cuda_graph cuda_hybrid_ops
     if [ -n "${LINEAR_BENCH:-}" ]; then
         timeout 120 $B/cuda_linear --ignored bench_linear_vs_cublas --nocapture > "$OUT/linear_bench.log" 2>&1
         grep "linear bf16" "$OUT/linear_bench.log"

@@ -2,6 +2,7 @@
 //! launched on the Candle device's stream). Each function returns `Ok(None)` when its
 //! preconditions do not hold, and the dispatcher then falls back to the reference.
 
+mod attention;
 mod blas;
 mod conv1d;
 mod decode_step;
@@ -11,11 +12,15 @@ pub(crate) mod launch;
 mod linear;
 
 pub use launch::launch_count;
+mod pointwise;
 mod rms_norm;
 mod ssd;
 mod state_update;
 
-use crate::{Conv1dArgs, GatedRmsNormArgs, Result, SsdArgs, SsdParams, StateUpdateArgs};
+use crate::{
+    AttentionArgs, Conv1dArgs, GatedRmsNormArgs, Result, RotaryArgs, SsdArgs, SsdParams,
+    StateUpdateArgs,
+};
 use candle_core::Tensor;
 
 pub(crate) fn causal_conv1d(args: &Conv1dArgs) -> Result<Option<(Tensor, Tensor)>> {
@@ -85,4 +90,20 @@ pub(crate) fn rms_norm_residual(
 
 pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     Ok(linear::linear(x, weight, bias)?)
+}
+
+pub(crate) fn causal_attention(args: &AttentionArgs) -> Result<Option<Tensor>> {
+    Ok(attention::causal_attention(args)?)
+}
+
+pub(crate) fn rotary_embedding(args: &RotaryArgs) -> Result<Option<Tensor>> {
+    Ok(pointwise::rotary_embedding(args)?)
+}
+
+pub(crate) fn swiglu(x: &Tensor) -> Result<Option<Tensor>> {
+    Ok(pointwise::swiglu(x)?)
+}
+
+pub(crate) fn relu_squared(x: &Tensor) -> Result<Option<Tensor>> {
+    Ok(pointwise::relu_squared(x)?)
 }
