@@ -11,19 +11,22 @@
 //! Tolerances, per element `|gpu - ref| <= atol + rtol |ref|` (`support::assert_close`), and
 //! on the relative L2 error of the whole output:
 //!
-//! | op                  | dtype | atol   | rtol   | rel L2 | why                                     |
-//! |---------------------|-------|--------|--------|--------|-----------------------------------------|
-//! | attention           | f32   | 1e-5   | 1e-4   | 1e-5   | f32 throughout; online softmax, expf    |
-//! | attention           | f16   | 2.5e-4 | 4e-3   | 2e-3   | output rounded once (2^-11); P in f16   |
-//! | attention           | bf16  | 2e-3   | 2e-2   | 1e-2   | one bf16 step (2^-8); P rounded to bf16 |
-//! | rotary, activations | f32   | 1e-6   | 1e-5   | 1e-6   | cosf/sinf/expf within an ulp or two     |
-//! | rotary, activations | f16   | 1e-5   | 1e-3   | 2e-4   | rare one-step rounding differences      |
-//! | rotary, activations | bf16  | 1e-5   | 8e-3   | 2e-4   | likewise, one bf16 step                 |
+//! | op                  | dtype | atol | rtol | rel L2 | why                                       |
+//! |---------------------|-------|------|------|--------|-------------------------------------------|
+//! | attention           | f32   | 1e-5 | 1e-4 | 1e-5   | f32 throughout; online softmax, expf      |
+//! | attention           | f16   | 1e-3 | 4e-3 | 2e-3   | output rounded once; P rounded (u 4.9e-4) |
+//! | attention           | bf16  | 6e-3 | 2e-2 | 1e-2   | likewise in bf16 (u 3.9e-3)               |
+//! | rotary, activations | f32   | 1e-6 | 1e-5 | 1e-6   | cosf/sinf/expf within an ulp or two       |
+//! | rotary, activations | f16   | 1e-5 | 1e-3 | 2e-4   | rare one-step rounding differences        |
+//! | rotary, activations | bf16  | 1e-5 | 8e-3 | 2e-4   | likewise, one bf16 step                   |
 //!
-//! The tensor-core prefill rounds the softmax weights P to the activation dtype for the P·V
-//! product (as FlashAttention does): that, not the output rounding, sets the f16/bf16 attention
-//! atol. Model shapes (heads / kv heads / head_dim): Nemotron-H-8B 32/8/128, Falcon-H1-1.5B
-//! 8/2/128, Bamba-9B 32/8/128 (partial rotary 64), plus head_dim 64, 80, 36 and 256.
+//! rtol covers the output rounding of both sides (two steps at most). The tensor-core prefill
+//! rounds the softmax weights P to the activation dtype for the P·V product (as FlashAttention
+//! does): with |v| <= 1 that moves an output by at most the unit roundoff u (|Σ δ_j p_j v_j| /
+//! Σ p_j <= u max |v|), which sets the f16/bf16 attention atol.
+//!
+//! Model shapes (heads / kv heads / head_dim): Nemotron-H-8B 32/8/128, Falcon-H1-1.5B 8/2/128,
+//! Bamba-9B 32/8/128 (partial rotary 64), plus head_dim 64, 80, 36 and 256.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
@@ -35,7 +38,7 @@ use support::{assert_close, rel_err, symmetric};
 
 /// `(atol, rtol, rel_l2)` per dtype, f32 / f16 / bf16 (see the table above).
 type Tol = [(f32, f32, f32); 3];
-const TOL_ATTENTION: Tol = [(1e-5, 1e-4, 1e-5), (2.5e-4, 4e-3, 2e-3), (2e-3, 2e-2, 1e-2)];
+const TOL_ATTENTION: Tol = [(1e-5, 1e-4, 1e-5), (1e-3, 4e-3, 2e-3), (6e-3, 2e-2, 1e-2)];
 const TOL_POINTWISE: Tol = [(1e-6, 1e-5, 1e-6), (1e-5, 1e-3, 2e-4), (1e-5, 8e-3, 2e-4)];
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];

@@ -27,8 +27,9 @@ const DECODE_MAX_Q: usize = 8;
 const MAX_HEAD_DIM: usize = 256;
 /// Threads per block of the attention kernels (`DEC_THREADS`, `SP_THREADS`, `MP_THREADS`).
 const THREADS: u32 = 128;
-/// Decode key splits: aim at this many blocks per SM in all ...
-const SPLIT_BLOCKS_PER_SM: usize = 3;
+/// Decode key splits: aim at this many blocks per SM in all (2: what the decode kernel's
+/// registers let an SM hold at once, so the splits run in one wave) ...
+const SPLIT_BLOCKS_PER_SM: usize = 2;
 /// ... with at least this many keys per split ...
 const MIN_SPLIT_KEYS: usize = 64;
 /// ... and at most this many splits.
