@@ -133,9 +133,7 @@ impl Mamba2Cache {
     /// A zeroed state for `batch` sequences: one SSM state per Mamba block and one empty KV
     /// cache per attention block of `config`.
     pub fn new(config: &Mamba2Config, batch: usize, device: &Device) -> Result<Self> {
-        let blocks = config.blocks();
-        let n_ssm = blocks.iter().filter(|b| b.kind.has_ssm()).count();
-        let n_kv = blocks.iter().filter(|b| b.kind.has_kv()).count();
+        let (n_ssm, n_kv) = (config.n_ssm_blocks(), config.n_kv_blocks());
         let mut conv_states = Vec::with_capacity(n_ssm);
         let mut ssm_states = Vec::with_capacity(n_ssm);
         for _ in 0..n_ssm {
@@ -247,26 +245,6 @@ impl Mamba2Cache {
     /// KV cache of attention block `i`.
     pub fn kv(&self, i: usize) -> &KvCache {
         &self.kv[i]
-    }
-
-    /// Bytes of state held: SSM states plus the filled part of the KV caches.
-    pub fn state_bytes(&self) -> usize {
-        let ssm: usize = self
-            .conv_states
-            .iter()
-            .chain(self.ssm_states.iter())
-            .map(|t| t.elem_count() * 4)
-            .sum();
-        let kv: usize = self
-            .kv
-            .iter()
-            .filter_map(|c| c.k.as_ref().map(|k| (k, c.len)))
-            .map(|(k, len)| {
-                let d = k.dims();
-                2 * d[0] * len * d[2] * d[3] * k.dtype().size_in_bytes()
-            })
-            .sum();
-        ssm + kv
     }
 
     /// A deep copy (the tensors of a clone of a `Tensor` share storage, which in-place updates would alias).

@@ -230,19 +230,27 @@ impl Mamba2Config {
     /// Bytes of recurrent state per sequence: conv + SSM states of every Mamba block, f32.
     pub fn ssm_state_bytes(&self) -> usize {
         let per_block = self.conv_dim() * self.d_conv + self.nheads * self.headdim * self.d_state;
-        let n = (0..self.n_blocks())
-            .filter(|&b| self.block_spec(b).kind.has_ssm())
-            .count();
-        n * per_block * 4
+        self.n_ssm_blocks() * per_block * 4
     }
 
     /// Bytes of KV cache per token of one sequence, with keys and values of `elem_bytes` each.
     pub fn kv_bytes_per_token(&self, elem_bytes: usize) -> usize {
         let Some(a) = &self.attention else { return 0 };
-        let n = (0..self.n_blocks())
+        self.n_kv_blocks() * 2 * a.num_kv_heads * a.head_dim * elem_bytes
+    }
+
+    /// Number of blocks with a conv + SSM state (the cache's SSM slots).
+    pub fn n_ssm_blocks(&self) -> usize {
+        (0..self.n_blocks())
+            .filter(|&b| self.block_spec(b).kind.has_ssm())
+            .count()
+    }
+
+    /// Number of blocks with a KV cache (the cache's KV slots).
+    pub fn n_kv_blocks(&self) -> usize {
+        (0..self.n_blocks())
             .filter(|&b| self.block_spec(b).kind.has_kv())
-            .count();
-        n * 2 * a.num_kv_heads * a.head_dim * elem_bytes
+            .count()
     }
 
     /// Number of residual blocks (without materialising [`Mamba2Config::blocks`]).

@@ -146,8 +146,7 @@ impl Mamba2Model {
     }
 
     fn check_cache(&self, cache: &Mamba2Cache, batch: usize) -> Result<()> {
-        let n_ssm = self.blocks.iter().filter(|b| b.ssm_slot.is_some()).count();
-        let n_kv = self.blocks.iter().filter(|b| b.kv_slot.is_some()).count();
+        let (n_ssm, n_kv) = (self.config.n_ssm_blocks(), self.config.n_kv_blocks());
         if cache.batch() != batch || cache.n_layer() != n_ssm || cache.n_kv() != n_kv {
             return Err(Error::InvalidInput(format!(
                 "cache holds {} sequences x {} SSM + {} KV states, input has batch {batch} for a \

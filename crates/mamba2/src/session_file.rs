@@ -149,9 +149,7 @@ impl Session {
             Ok(t.to_device(model.device())?)
         };
         let c = model.config();
-        let blocks = c.blocks();
-        let n_ssm = blocks.iter().filter(|b| b.kind.has_ssm()).count();
-        let n_kv = blocks.iter().filter(|b| b.kind.has_kv()).count();
+        let (n_ssm, n_kv) = (c.n_ssm_blocks(), c.n_kv_blocks());
         let (mut conv, mut ssm) = (Vec::new(), Vec::new());
         for i in 0..n_ssm {
             conv.push(get(
