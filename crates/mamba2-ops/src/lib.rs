@@ -40,6 +40,7 @@ pub mod linear;
 #[cfg(feature = "metal")]
 mod metal;
 pub mod metal_params;
+pub mod quantized;
 pub mod rms_norm;
 pub mod rotary;
 pub mod ssd;
@@ -70,6 +71,10 @@ pub mod cuda_graph {
 pub use decode_step::{mixer_decode_step, mixer_decode_step_slow, DecodeStepArgs};
 pub use error::{OpError, Result};
 pub use linear::{linear, linear_slow, linear_with};
+pub use quantized::{
+    quantized_embedding, quantized_embedding_slow, quantized_linear, quantized_linear_slow,
+    quantized_linear_with, QuantizedMatrix,
+};
 pub use rms_norm::{
     gated_rms_norm, gated_rms_norm_slow, gated_rms_norm_with, rms_norm_residual,
     rms_norm_residual_slow, rms_norm_residual_with, GatedRmsNormArgs,

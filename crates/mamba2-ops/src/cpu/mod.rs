@@ -29,7 +29,7 @@ use candle_core::Tensor;
 use std::cell::Cell;
 
 /// Names of the ops, in the order of the fast-path counters.
-const OPS: [&str; 12] = [
+const OPS: [&str; 14] = [
     "causal_conv1d",
     "causal_conv1d_update",
     "conv_states_varlen",
@@ -42,6 +42,8 @@ const OPS: [&str; 12] = [
     "rotary_embedding",
     "swiglu",
     "relu_squared",
+    "quantized_linear",
+    "quantized_embedding",
 ];
 
 thread_local! {
@@ -56,6 +58,13 @@ fn count<T>(op: usize, r: Result<Option<T>>) -> Result<Option<T>> {
         FAST_PATH_HITS.with(|h| h[op].set(h[op].get() + 1));
     }
     r
+}
+
+/// Counts a CPU fast-path call of `op` served outside this module (Candle's quantized kernels).
+pub(crate) fn record_fast_path(op: &str) {
+    if let Some(i) = OPS.iter().position(|&o| o == op) {
+        FAST_PATH_HITS.with(|h| h[i].set(h[i].get() + 1));
+    }
 }
 
 /// Number of calls on this thread that the CPU fast path of `op` (the public function's name)

@@ -1,0 +1,320 @@
+//! Projections and embedding lookups whose weight matrix is stored in one of ggml's block
+//! formats (Q8_0, Q4_K, ...), as GGUF files carry them.
+//!
+//! The fast path is Candle's quantized matrix product on every backend (`QMatMul`): the
+//! activations are quantized to 8-bit blocks and dotted against the weight blocks with integer
+//! arithmetic (AVX2 / AVX-512 VNNI repacked tiles on x86, NEON on ARM, its CUDA and Metal kernels
+//! on GPUs), so decode reads only the quantized bytes. The reference dequantizes the weight to
+//! f32 and calls [`crate::linear_slow`]: the difference between the two is the activation
+//! rounding of the fast path, bounded by the tolerance table of `tests/cpu_quantized.rs`.
+//!
+//! Shapes: a weight is `(out_features, in_features)` with `in_features` a multiple of its
+//! format's block size (32 or 256); activations are `(..., in_features)` in f32, f16 or bf16 and
+//! the output keeps their dtype. Accumulation is f32 throughout.
+
+use crate::check;
+use crate::{Backend, OpError, Result};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use std::sync::Arc;
+
+const OP: &str = "quantized_linear";
+const OP_EMB: &str = "quantized_embedding";
+
+/// A weight matrix `(out_features, in_features)` in a ggml block format, shared cheaply
+/// (`Clone` is an `Arc` clone; Candle caches its repacked CPU layout inside).
+///
+/// ```
+/// use candle_core::{quantized::GgmlDType, Device, Tensor};
+/// use mamba2_ops::QuantizedMatrix;
+/// let w = Tensor::randn(0f32, 1.0, (64, 256), &Device::Cpu)?; // (out_features, in_features)
+/// let q = QuantizedMatrix::quantize(&w, GgmlDType::Q8_0)?;
+/// assert_eq!((q.out_features(), q.in_features()), (64, 256));
+/// assert_eq!(q.storage_bytes(), 64 * 256 / 32 * 34); // 34 bytes per block of 32
+/// # Ok::<(), mamba2_ops::OpError>(())
+/// ```
+#[derive(Clone)]
+pub struct QuantizedMatrix {
+    inner: Arc<QTensor>,
+    out_features: usize,
+    in_features: usize,
+}
+
+impl std::fmt::Debug for QuantizedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QuantizedMatrix({:?}, {} x {})",
+            self.inner.dtype(),
+            self.out_features,
+            self.in_features
+        )
+    }
+}
+
+impl QuantizedMatrix {
+    /// Wraps a rank-2 `QTensor` (Candle's shape order: `(out_features, in_features)`).
+    pub fn new(q: QTensor) -> Result<Self> {
+        Self::from_arc(Arc::new(q))
+    }
+
+    /// [`QuantizedMatrix::new`] on a shared `QTensor`.
+    pub fn from_arc(q: Arc<QTensor>) -> Result<Self> {
+        let (out_features, in_features) = q.shape().dims2().map_err(|_| OpError::Shape {
+            op: OP,
+            arg: "weight",
+            got: q.shape().dims().to_vec(),
+            expected: "(out_features, in_features)".into(),
+        })?;
+        if in_features % q.dtype().block_size() != 0 {
+            return Err(OpError::Shape {
+                op: OP,
+                arg: "weight",
+                got: vec![out_features, in_features],
+                expected: format!(
+                    "in_features a multiple of {}'s block size {}",
+                    type_name(q.dtype()),
+                    q.dtype().block_size()
+                ),
+            });
+        }
+        Ok(Self {
+            inner: q,
+            out_features,
+            in_features,
+        })
+    }
+
+    /// Quantizes a float matrix `(out_features, in_features)` to `ty` on the matrix's device.
+    /// `in_features` must be a multiple of the format's block size.
+    pub fn quantize(w: &Tensor, ty: GgmlDType) -> Result<Self> {
+        let (out_f, in_f) = check::dims::<2>(OP, "weight", w).map(|[o, i]| (o, i))?;
+        if in_f % ty.block_size() != 0 {
+            return Err(OpError::Shape {
+                op: OP,
+                arg: "weight",
+                got: vec![out_f, in_f],
+                expected: format!(
+                    "in_features a multiple of {}'s block size {}",
+                    type_name(ty),
+                    ty.block_size()
+                ),
+            });
+        }
+        let q = QTensor::quantize_onto(&w.to_dtype(DType::F32)?, ty, w.device())?;
+        Self::new(q)
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// The block format.
+    pub fn ggml_dtype(&self) -> GgmlDType {
+        self.inner.dtype()
+    }
+
+    /// Bytes of the quantized blocks: what a matrix-vector product reads.
+    pub fn storage_bytes(&self) -> usize {
+        self.inner.storage_size_in_bytes()
+    }
+
+    /// Device of the blocks.
+    pub fn device(&self) -> Device {
+        self.inner.device()
+    }
+
+    /// The exact f32 values the blocks encode, `(out_features, in_features)` on `device`.
+    pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        Ok(self.inner.dequantize(device)?)
+    }
+
+    /// The underlying `QTensor`.
+    pub fn qtensor(&self) -> &Arc<QTensor> {
+        &self.inner
+    }
+}
+
+/// llama.cpp's spelling of a block format ("Q4_K"), for messages.
+pub fn type_name(ty: GgmlDType) -> &'static str {
+    match ty {
+        GgmlDType::F32 => "F32",
+        GgmlDType::F16 => "F16",
+        GgmlDType::BF16 => "BF16",
+        GgmlDType::Q4_0 => "Q4_0",
+        GgmlDType::Q4_1 => "Q4_1",
+        GgmlDType::Q5_0 => "Q5_0",
+        GgmlDType::Q5_1 => "Q5_1",
+        GgmlDType::Q8_0 => "Q8_0",
+        GgmlDType::Q8_1 => "Q8_1",
+        GgmlDType::Q2K => "Q2_K",
+        GgmlDType::Q3K => "Q3_K",
+        GgmlDType::Q4K => "Q4_K",
+        GgmlDType::Q5K => "Q5_K",
+        GgmlDType::Q6K => "Q6_K",
+        GgmlDType::Q8K => "Q8_K",
+        #[allow(unreachable_patterns)]
+        _ => "unknown",
+    }
+}
+
+/// Returns the number of rows after checking `x`, the weight and the bias.
+fn validate(x: &Tensor, w: &QuantizedMatrix, bias: Option<&Tensor>) -> Result<usize> {
+    check::float(OP, "x", x)?;
+    if x.dims().last() != Some(&w.in_features) {
+        return Err(OpError::Shape {
+            op: OP,
+            arg: "x",
+            got: x.dims().to_vec(),
+            expected: format!("(..., {})", w.in_features),
+        });
+    }
+    if !x.device().same_device(&w.device()) {
+        return Err(OpError::Device {
+            op: OP,
+            arg: "weight",
+        });
+    }
+    check::opt(OP, "bias", x, bias, &[w.out_features])?;
+    Ok(x.elem_count() / w.in_features.max(1))
+}
+
+/// `y = x · wᵀ (+ bias)` with a block-quantized `w`: `x` `(..., in_features)` in f32, f16 or
+/// bf16, `w` `(out_features, in_features)`, `bias` `(out_features)` of x's dtype; `y`
+/// `(..., out_features)` in x's dtype.
+///
+/// ```
+/// use candle_core::{quantized::GgmlDType, Device, Tensor};
+/// use mamba2_ops::{quantized_linear, QuantizedMatrix};
+/// let dev = Device::Cpu;
+/// let w = QuantizedMatrix::quantize(&Tensor::randn(0f32, 1.0, (8, 256), &dev)?, GgmlDType::Q4K)?;
+/// let x = Tensor::randn(0f32, 1.0, (2, 3, 256), &dev)?; // (batch, seqlen, in_features)
+/// let y = quantized_linear(&x, &w, None)?;
+/// assert_eq!(y.dims(), &[2, 3, 8]);
+/// # Ok::<(), mamba2_ops::OpError>(())
+/// ```
+pub fn quantized_linear(x: &Tensor, w: &QuantizedMatrix, bias: Option<&Tensor>) -> Result<Tensor> {
+    quantized_linear_with(x, w, bias, Backend::Auto)
+}
+
+/// [`quantized_linear`] with an explicit backend choice.
+pub fn quantized_linear_with(
+    x: &Tensor,
+    w: &QuantizedMatrix,
+    bias: Option<&Tensor>,
+    backend: Backend,
+) -> Result<Tensor> {
+    let rows = validate(x, w, bias)?;
+    if backend == Backend::Reference || !is_block_format(w.ggml_dtype()) {
+        return quantized_linear_slow(x, w, bias);
+    }
+    let dtype = x.dtype();
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("rank >= 1: checked") = w.out_features;
+    // Candle's quantized kernels take contiguous f32 rows on every backend.
+    let x2 = x
+        .to_dtype(DType::F32)?
+        .reshape((rows, w.in_features))?
+        .contiguous()?; // (rows, in_features)
+    let mut y = QMatMul::QTensor(w.inner.clone()).forward(&x2)?; // (rows, out_features) f32
+    if x.device().is_cpu() {
+        crate::cpu::record_fast_path(OP);
+    }
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
+    }
+    Ok(y.reshape(out_dims)?.to_dtype(dtype)?)
+}
+
+/// Plain-tensor reference of [`quantized_linear`]: the exactly dequantized weight through
+/// [`crate::linear_slow`] in f32.
+pub fn quantized_linear_slow(
+    x: &Tensor,
+    w: &QuantizedMatrix,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    validate(x, w, bias)?;
+    let dtype = x.dtype();
+    let w32 = w.dequantize(x.device())?; // (out_features, in_features) f32
+    let x32 = x.to_dtype(DType::F32)?;
+    let b32 = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+    Ok(crate::linear_slow(&x32, &w32, b32.as_ref())?.to_dtype(dtype)?)
+}
+
+/// Whether Candle computes with `ty`'s blocks directly (F32/F16/BF16 "quantized" tensors are
+/// dequantized by `QMatMul` anyway, so the reference is the same work).
+fn is_block_format(ty: GgmlDType) -> bool {
+    !matches!(ty, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+fn validate_ids(ids: &Tensor, table: &QuantizedMatrix) -> Result<()> {
+    if ids.dtype() != DType::U32 {
+        return Err(OpError::Dtype {
+            op: OP_EMB,
+            arg: "ids",
+            got: ids.dtype(),
+            expected: "u32",
+        });
+    }
+    if !ids.device().same_device(&table.device()) {
+        return Err(OpError::Device {
+            op: OP_EMB,
+            arg: "table",
+        });
+    }
+    let rows = table.out_features as u32;
+    let v = ids.flatten_all()?.to_vec1::<u32>()?;
+    if let Some(&id) = v.iter().find(|&&id| id >= rows) {
+        return Err(OpError::Param {
+            op: OP_EMB,
+            param: "ids",
+            message: format!("id {id} is not a row of the {rows}-row table"),
+        });
+    }
+    Ok(())
+}
+
+/// Rows `ids` of a block-quantized table `(rows, dim)`, dequantized to `dtype`:
+/// `ids` `(...)` u32 → `(..., dim)`. Only the rows asked for are decoded.
+///
+/// ```
+/// use candle_core::{quantized::GgmlDType, DType, Device, Tensor};
+/// use mamba2_ops::{quantized_embedding, QuantizedMatrix};
+/// let dev = Device::Cpu;
+/// let table = QuantizedMatrix::quantize(&Tensor::randn(0f32, 1.0, (10, 64), &dev)?, GgmlDType::Q8_0)?;
+/// let ids = Tensor::new(&[[1u32, 7, 7]], &dev)?; // (batch, seqlen)
+/// let rows = quantized_embedding(&ids, &table, DType::BF16)?;
+/// assert_eq!(rows.dims(), &[1, 3, 64]);
+/// # Ok::<(), mamba2_ops::OpError>(())
+/// ```
+pub fn quantized_embedding(ids: &Tensor, table: &QuantizedMatrix, dtype: DType) -> Result<Tensor> {
+    validate_ids(ids, table)?;
+    if !is_block_format(table.ggml_dtype()) {
+        return quantized_embedding_slow(ids, table, dtype);
+    }
+    let rows = table.inner.embedding(ids)?.to_dtype(dtype)?; // (..., dim)
+    if ids.device().is_cpu() {
+        crate::cpu::record_fast_path(OP_EMB);
+    }
+    Ok(rows)
+}
+
+/// Plain-tensor reference of [`quantized_embedding`]: dequantize the whole table, then select.
+pub fn quantized_embedding_slow(
+    ids: &Tensor,
+    table: &QuantizedMatrix,
+    dtype: DType,
+) -> Result<Tensor> {
+    validate_ids(ids, table)?;
+    let full = table.dequantize(ids.device())?; // (rows, dim) f32
+    let mut dims = ids.dims().to_vec();
+    dims.push(table.in_features);
+    Ok(full
+        .index_select(&ids.flatten_all()?, 0)?
+        .reshape(dims)?
+        .to_dtype(dtype)?)
+}

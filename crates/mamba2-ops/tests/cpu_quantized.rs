@@ -1,0 +1,242 @@
+//! `quantized_linear` and `quantized_embedding` (Candle's quantized kernels) against their
+//! references (the exactly dequantized weight through `linear_slow` / a plain row select), for
+//! every block format the engine loads from GGUF, on random shapes that include the real
+//! projection shapes (mamba2-130m `in_proj` 768 → 3352, `out_proj` 1536 → 768, the 50288-row LM
+//! head; 1.3b `in_proj` 2048 → 8512), decode rows (1) and prefill rows.
+//!
+//! The fast path quantizes the activations to 8-bit blocks (Q8_0 or Q8_K) before the integer
+//! dot products, so it differs from the reference by that rounding: about 2^-8 of each block's
+//! largest |x| per element, which over `in_features` terms of random sign grows like
+//! `sqrt(in_features)`. The tolerance is relative to the RMS of the reference output, per
+//! format (the formats whose activations go through Q8_K or Q8_0 behave alike) and per
+//! activation dtype (a 16-bit output adds its own rounding).
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+use mamba2_ops::{
+    fast_path_count, quantized_embedding, quantized_embedding_slow, quantized_linear,
+    quantized_linear_slow, quantized_linear_with, Backend, OpError, QuantizedMatrix,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+mod support;
+use support::flat;
+
+const FORMATS: [GgmlDType; 10] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
+/// Largest |fast - reference| allowed over `n` outputs, as a fraction of the reference output's
+/// RMS. The activation rounding (8-bit blocks scaled by the block's max |x|: an error of std
+/// ~0.8 % of the input RMS per element for Gaussian inputs) gives each output an error of std
+/// ~0.8 % of the output RMS, and the largest of `n` such errors is about `sqrt(2 ln n)` stds; a
+/// 16-bit output adds one rounding step (f16 2^-11, bf16 2^-8) of values up to that many RMS.
+fn tol(dtype: DType, n: usize) -> f32 {
+    let tail = (2.0 * (n.max(2) as f32).ln()).sqrt();
+    let out_rounding = match dtype {
+        DType::F32 => 0.0,
+        DType::F16 => 1.0 / 2048.0,
+        DType::BF16 => 1.0 / 256.0,
+        _ => unreachable!(),
+    };
+    tail * (0.012 + out_rounding)
+}
+
+fn randn(rng: &mut StdRng, dims: &[usize], dtype: DType) -> Tensor {
+    let n: usize = dims.iter().product();
+    // Box-Muller: Gaussian weights and activations, like trained ones.
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let (u1, u2): (f32, f32) = (rng.random_range(1e-7..1.0), rng.random());
+            (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect();
+    Tensor::from_vec(v, dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn rms(v: &[f32]) -> f32 {
+    (v.iter().map(|x| x * x).sum::<f32>() / v.len().max(1) as f32).sqrt()
+}
+
+/// One case in one format and dtype: the fast path is taken and matches the reference.
+fn check(
+    rng: &mut StdRng,
+    ty: GgmlDType,
+    dtype: DType,
+    rows: &[usize],
+    in_f: usize,
+    out_f: usize,
+    bias: bool,
+) {
+    let w = randn(rng, &[out_f, in_f], DType::F32);
+    let q = QuantizedMatrix::quantize(&w, ty).unwrap();
+    let x = randn(
+        rng,
+        rows.iter()
+            .chain([&in_f])
+            .copied()
+            .collect::<Vec<_>>()
+            .as_slice(),
+        dtype,
+    );
+    let b = bias.then(|| randn(rng, &[out_f], dtype));
+    let before = fast_path_count("quantized_linear");
+    let fast = quantized_linear(&x, &q, b.as_ref()).unwrap();
+    assert_eq!(
+        fast_path_count("quantized_linear"),
+        before + 1,
+        "{ty:?}: fast path not taken"
+    );
+    let reference = quantized_linear_slow(&x, &q, b.as_ref()).unwrap();
+    assert_eq!(fast.dims(), reference.dims());
+    assert_eq!(fast.dtype(), dtype);
+    let (f, r) = (flat(&fast), flat(&reference));
+    assert!(
+        f.iter().all(|v| v.is_finite()),
+        "{ty:?} {dtype:?}: non-finite output"
+    );
+    let scale = rms(&r).max(1e-6);
+    let worst = f
+        .iter()
+        .zip(&r)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+        / scale;
+    assert!(
+        worst <= tol(dtype, r.len()),
+        "{ty:?} {dtype:?} rows {rows:?} {in_f}->{out_f}: max |fast - ref| = {worst:.4} x RMS > {}",
+        tol(dtype, r.len())
+    );
+}
+
+#[test]
+fn every_format_matches_the_dequantized_reference() {
+    let mut rng = StdRng::seed_from_u64(17);
+    for ty in FORMATS {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            // Decode (one row), a batch of rows with a bias, prefill rows in (batch, seqlen).
+            check(&mut rng, ty, dtype, &[1], 256, 48, false);
+            check(&mut rng, ty, dtype, &[3], 512, 20, true);
+            check(&mut rng, ty, dtype, &[2, 37], 768, 36, false);
+        }
+    }
+}
+
+#[test]
+fn real_projection_shapes() {
+    let mut rng = StdRng::seed_from_u64(18);
+    // mamba2-130m in_proj / out_proj (decode and a prefill slice), 1.3b in_proj at decode.
+    for ty in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        check(&mut rng, ty, DType::F32, &[1], 768, 3352, false);
+        check(&mut rng, ty, DType::BF16, &[1, 64], 768, 3352, false);
+        check(&mut rng, ty, DType::F32, &[1], 1536, 768, false);
+        check(&mut rng, ty, DType::F32, &[1], 2048, 8512, false);
+    }
+}
+
+#[test]
+fn lm_head_rows_of_the_released_vocabulary() {
+    let mut rng = StdRng::seed_from_u64(19);
+    for ty in [GgmlDType::Q8_0, GgmlDType::Q6K] {
+        check(&mut rng, ty, DType::F32, &[1], 256, 50288, false);
+    }
+}
+
+#[test]
+fn embedding_rows_equal_the_dequantized_table() {
+    let mut rng = StdRng::seed_from_u64(20);
+    for ty in FORMATS {
+        let table =
+            QuantizedMatrix::quantize(&randn(&mut rng, &[300, 256], DType::F32), ty).unwrap();
+        let ids: Vec<u32> = (0..10)
+            .map(|_| rng.random_range(0..300))
+            .chain([0, 299])
+            .collect();
+        let ids = Tensor::from_vec(ids, (3, 4), &Device::Cpu).unwrap(); // (batch, seqlen)
+        for dtype in [DType::F32, DType::BF16] {
+            let before = fast_path_count("quantized_embedding");
+            let fast = quantized_embedding(&ids, &table, dtype).unwrap();
+            assert_eq!(fast_path_count("quantized_embedding"), before + 1);
+            let reference = quantized_embedding_slow(&ids, &table, dtype).unwrap();
+            assert_eq!(fast.dims(), &[3, 4, 256]);
+            // Both decode the same blocks: identical values.
+            assert_eq!(flat(&fast), flat(&reference), "{ty:?} {dtype:?}");
+        }
+    }
+}
+
+#[test]
+fn reference_backend_and_float_formats_take_the_reference() {
+    let mut rng = StdRng::seed_from_u64(21);
+    let x = randn(&mut rng, &[2, 256], DType::F32);
+    let q = QuantizedMatrix::quantize(&randn(&mut rng, &[16, 256], DType::F32), GgmlDType::Q8_0)
+        .unwrap();
+    let before = fast_path_count("quantized_linear");
+    let forced = quantized_linear_with(&x, &q, None, Backend::Reference).unwrap();
+    assert_eq!(fast_path_count("quantized_linear"), before);
+    assert_eq!(
+        flat(&forced),
+        flat(&quantized_linear_slow(&x, &q, None).unwrap())
+    );
+    // An F16 "quantized" matrix: Candle would dequantize it anyway, so the reference runs.
+    let h = QuantizedMatrix::quantize(&randn(&mut rng, &[16, 256], DType::F32), GgmlDType::F16)
+        .unwrap();
+    let y = quantized_linear(&x, &h, None).unwrap();
+    assert_eq!(fast_path_count("quantized_linear"), before);
+    assert_eq!(y.dims(), &[2, 16]);
+}
+
+#[test]
+fn bad_arguments_are_typed_errors() {
+    let mut rng = StdRng::seed_from_u64(22);
+    let q = QuantizedMatrix::quantize(&randn(&mut rng, &[16, 256], DType::F32), GgmlDType::Q4K)
+        .unwrap();
+    // in_features mismatch
+    let x = randn(&mut rng, &[2, 128], DType::F32);
+    assert!(matches!(
+        quantized_linear(&x, &q, None),
+        Err(OpError::Shape { arg: "x", .. })
+    ));
+    // integer activations
+    let xi = Tensor::zeros((2, 256), DType::U32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        quantized_linear(&xi, &q, None),
+        Err(OpError::Dtype { .. })
+    ));
+    // wrong bias length
+    let x = randn(&mut rng, &[2, 256], DType::F32);
+    let b = randn(&mut rng, &[15], DType::F32);
+    assert!(matches!(
+        quantized_linear(&x, &q, Some(&b)),
+        Err(OpError::Shape { arg: "bias", .. })
+    ));
+    // a row length that is not a multiple of the block size
+    let w = randn(&mut rng, &[4, 100], DType::F32);
+    assert!(matches!(
+        QuantizedMatrix::quantize(&w, GgmlDType::Q8_0),
+        Err(OpError::Shape { .. })
+    ));
+    // ids past the table, and non-u32 ids
+    let ids = Tensor::new(&[16u32], &Device::Cpu).unwrap();
+    assert!(matches!(
+        quantized_embedding(&ids, &q, DType::F32),
+        Err(OpError::Param { .. })
+    ));
+    let ids = Tensor::new(&[1i64], &Device::Cpu).unwrap();
+    assert!(matches!(
+        quantized_embedding(&ids, &q, DType::F32),
+        Err(OpError::Dtype { .. })
+    ));
+}
