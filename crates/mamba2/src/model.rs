@@ -13,12 +13,15 @@ mod build;
 /// The decode step captured as a CUDA graph (reads the model's weights directly).
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda_step;
+/// Dense or block-quantized weight matrices.
+mod matrix;
 /// The block kinds: Mamba-2 mixer, attention, MLP.
 mod mixers;
 use candle_core::{DType, Device, Tensor, D};
 use mamba2_ops::{rms_norm_residual, SsdParams};
+use matrix::Matrix;
 pub(crate) use mixers::MambaMixer;
-use mixers::{project_weight, Block, BlockCtx, Mixer, Pass};
+use mixers::{Block, BlockCtx, Mixer, Pass};
 
 /// One layer of a pure Mamba-2 stack (see [`Mamba2Model::mamba_stack`]).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -49,10 +52,10 @@ pub(crate) struct StackLayer<'a> {
 #[derive(Debug, Clone)]
 pub struct Mamba2Model {
     config: Mamba2Config,
-    embeddings: Tensor, // (vocab_rows, d_model)
+    embeddings: Matrix, // (vocab_rows, d_model)
     blocks: Vec<Block>,
     norm_f: Tensor,  // (d_model)
-    lm_head: Tensor, // (vocab_rows, d_model)
+    lm_head: Matrix, // (vocab_rows, d_model)
     tied: bool,
     dtype: DType,
     device: Device,
@@ -67,7 +70,7 @@ impl Mamba2Model {
         &self.config
     }
 
-    /// Activation and weight dtype.
+    /// Activation dtype, and the dtype of the weights that are not block-quantized.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -79,7 +82,7 @@ impl Mamba2Model {
 
     /// Rows of the output layer: the width of the logits (the padded vocabulary).
     pub fn vocab_rows(&self) -> usize {
-        self.lm_head.dim(0).unwrap_or(0)
+        self.lm_head.dims().0
     }
 
     /// Number of parameters (tied matrices counted once).
@@ -95,10 +98,26 @@ impl Mamba2Model {
             .sum::<usize>()
     }
 
-    /// Bytes of weights read per decoded token (every matrix once; the embedding row is negligible).
+    /// Bytes of weights read per decoded token: every matrix once as stored (block-quantized
+    /// ones at their block size), the embedding table not at all (one row is negligible).
     pub fn weight_bytes_per_token(&self) -> usize {
-        (self.num_parameters() - self.embeddings.elem_count() + self.lm_head.elem_count())
-            * self.dtype.size_in_bytes()
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        bytes(&self.norm_f)
+            + self.lm_head.storage_bytes()
+            + self
+                .blocks
+                .iter()
+                .map(|b| bytes(&b.norm_weight) + b.mixer.storage_bytes())
+                .sum::<usize>()
+    }
+
+    /// The block format of the projections, when the model was loaded block-quantized (the
+    /// first quantized matrix's; GGUF files may mix formats across tensors).
+    pub fn quantization(&self) -> Option<candle_core::quantized::GgmlDType> {
+        self.lm_head
+            .ggml_dtype()
+            .or_else(|| self.embeddings.ggml_dtype())
+            .or_else(|| self.blocks.iter().find_map(|b| b.mixer.first_ggml_dtype()))
     }
 
     /// Sets how many prompt tokens [`Mamba2Model::prefill`] processes per forward (>= 1).
@@ -213,7 +232,7 @@ impl Mamba2Model {
 
     /// Embedding rows of `ids` `(n)` → `(n, d_model)`, times the embedding multiplier.
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let rows = self.embeddings.index_select(ids, 0)?;
+        let rows = self.embeddings.rows(ids, self.dtype)?;
         let m = self.config.multipliers.embedding;
         Ok(if m == 1.0 { rows } else { rows.affine(m, 0.0)? })
     }
@@ -254,7 +273,7 @@ impl Mamba2Model {
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         // (.., d_model) x (vocab_rows, d_model)^T
-        let logits = project_weight(hidden, &self.lm_head)?.to_dtype(DType::F32)?;
+        let logits = self.lm_head.project(hidden, None)?.to_dtype(DType::F32)?;
         let m = self.config.multipliers.logits;
         Ok(if m == 1.0 {
             logits
@@ -298,7 +317,8 @@ impl Mamba2Model {
     }
 
     /// Whether [`Mamba2Model::step`] on CUDA can replay a captured graph of the whole step: pure
-    /// Mamba-2 models; hybrids decode with one launch per op.
+    /// Mamba-2 models with dense weights; hybrids and block-quantized models decode with one
+    /// launch per op.
     pub fn decode_graph_supported(&self) -> bool {
         self.mamba_stack().is_some()
     }
@@ -311,10 +331,12 @@ impl Mamba2Model {
         if m.embedding != 1.0 || m.logits != 1.0 {
             return None;
         }
+        self.embeddings.dense()?;
+        self.lm_head.dense()?;
         self.blocks
             .iter()
             .map(|b| match &b.mixer {
-                Mixer::Mamba(mixer) => Some(StackLayer {
+                Mixer::Mamba(mixer) if mixer.dense_projections() => Some(StackLayer {
                     norm: &b.norm_weight,
                     mixer,
                     gated_norm: mixer.norm_weight.as_ref()?,

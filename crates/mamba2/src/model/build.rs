@@ -7,13 +7,14 @@
 //! `key` / `mlp_multipliers`. q/k/v rows are fused into one projection, and so are the MLP's
 //! gate and up rows.
 
+use super::matrix::{Matrix, Proj};
 use super::mixers::{Attention, Block, MambaMixer, Mixer, Mlp};
 use super::Mamba2Model;
 use crate::config::{BlockKind, Family, Mamba2Config, MlpActivation};
 use crate::weights::Weights;
 use crate::{Error, Result};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::Linear;
 use mamba2_ops::SsdParams;
 use std::collections::HashMap;
 
@@ -31,6 +32,11 @@ fn check_model_dtype(dtype: DType) -> Result<()> {
 trait TensorSource {
     /// The tensor `name`, checked to have exactly `shape`, converted to `dtype`.
     fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor>;
+    /// A weight matrix of exactly `shape`: dense in `dtype`, unless the source stores it
+    /// block-quantized (GGUF), in which case it stays in its blocks.
+    fn matrix(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Matrix> {
+        Ok(Matrix::Dense(self.tensor(name, shape, dtype)?))
+    }
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     fn device(&self) -> &Device;
     fn describe(&self) -> String;
@@ -127,6 +133,8 @@ struct Loader<'a> {
     src: &'a dyn TensorSource,
     c: &'a Mamba2Config,
     dtype: DType,
+    /// Block format for the weight matrices (quantize at load), `None` to keep them as read.
+    quantize: Option<GgmlDType>,
 }
 
 impl Loader<'_> {
@@ -160,6 +168,25 @@ impl Loader<'_> {
         present.then(|| self.scaled(name, shape, scale)).transpose()
     }
 
+    /// A weight matrix `name` times `scale`: as the source stores it when unscaled, else
+    /// scaled in f32; then in the load-time block format, if one was asked for.
+    fn matrix(&self, name: &str, shape: &[usize], scale: f64) -> Result<Matrix> {
+        let m = if scale == 1.0 {
+            self.src.matrix(name, shape, self.dtype)?
+        } else {
+            Matrix::Dense(self.scaled(name, shape, scale)?)
+        };
+        m.quantized_to(self.quantize)
+    }
+
+    /// A projection with its optional bias, no multipliers.
+    fn proj(&self, p: &str, shape: &[usize], bias: bool, scale: f64) -> Result<Proj> {
+        Ok(Proj::new(
+            self.matrix(&format!("{p}.weight"), shape, scale)?,
+            self.opt(&format!("{p}.bias"), &shape[..1], bias, scale)?,
+        ))
+    }
+
     /// Row-stacked projections `[a; b; ...]`, each `(name, rows, weight scale, bias scale)`.
     fn stacked(
         &self,
@@ -167,26 +194,22 @@ impl Loader<'_> {
         parts: &[(&str, usize, f64, f64)],
         cols: usize,
         bias: bool,
-    ) -> Result<Linear> {
+    ) -> Result<Proj> {
         let mut ws = Vec::with_capacity(parts.len());
         let mut bs = Vec::with_capacity(parts.len());
         for &(name, rows, ws_scale, bs_scale) in parts {
-            ws.push(self.scaled(&format!("{p}{name}.weight"), &[rows, cols], ws_scale)?);
+            ws.push(self.matrix(&format!("{p}{name}.weight"), &[rows, cols], ws_scale)?);
             if bias {
                 bs.push(self.scaled(&format!("{p}{name}.bias"), &[rows], bs_scale)?);
             }
         }
-        let w = if ws.len() == 1 {
-            ws.remove(0)
-        } else {
-            Tensor::cat(&ws, 0)?
-        };
+        let w = Matrix::cat_rows(ws, self.dtype)?.quantized_to(self.quantize)?;
         let b = match bs.len() {
             0 => None,
             1 => Some(bs.remove(0)),
             _ => Some(Tensor::cat(&bs, 0)?),
         };
-        Ok(Linear::new(w, b))
+        Ok(Proj::new(w, b))
     }
 
     fn mamba(&self, p: &str) -> Result<MambaMixer> {
@@ -194,10 +217,7 @@ impl Loader<'_> {
         let m = &c.multipliers;
         let (h, d_in_proj, conv_dim) = (c.d_model, c.d_in_proj(), c.conv_dim());
         let in_proj = if m.ssm_in == 1.0 && m.ssm_zxbcdt == [1.0; 5] {
-            Linear::new(
-                self.get(&format!("{p}in_proj.weight"), &[d_in_proj, h])?,
-                self.opt(&format!("{p}in_proj.bias"), &[d_in_proj], c.bias, 1.0)?,
-            )
+            self.proj(&format!("{p}in_proj"), &[d_in_proj, h], c.bias, 1.0)?
         } else {
             // Falcon-H1: in_proj(x * ssm_in) * mup, with mup constant over the z / x / B / C / dt
             // slices of the output rows.
@@ -222,7 +242,7 @@ impl Loader<'_> {
                 ),
                 false => None,
             };
-            Linear::new(w, b)
+            Proj::new(Matrix::Dense(w).quantized_to(self.quantize)?, b)
         };
         let out_scale = m.ssm_out * m.residual;
         let a_log = self.f32(&format!("{p}A_log"), &[c.nheads])?;
@@ -236,15 +256,12 @@ impl Loader<'_> {
             a: a_log.exp()?.neg()?,
             d: self.f32(&format!("{p}D"), &[c.nheads])?,
             norm_weight: self.opt(&format!("{p}norm.weight"), &[c.d_inner], c.gated_norm, 1.0)?,
-            out_proj: Linear::new(
-                self.scaled(&format!("{p}out_proj.weight"), &[h, c.d_inner], out_scale)?,
-                self.opt(
-                    &format!("{p}out_proj.bias"),
-                    &[h],
-                    c.out_proj_bias,
-                    out_scale,
-                )?,
-            ),
+            out_proj: self.proj(
+                &format!("{p}out_proj"),
+                &[h, c.d_inner],
+                c.out_proj_bias,
+                out_scale,
+            )?,
         })
     }
 
@@ -315,6 +332,32 @@ impl Mamba2Model {
     /// Builds the model from checkpoint weights, converting matrices to `dtype` on the weights'
     /// device. `A_log`, `D` and `dt_bias` are kept in f32 whatever `dtype` is.
     pub fn from_weights(config: &Mamba2Config, weights: &Weights, dtype: DType) -> Result<Self> {
+        Self::from_weights_quantized(config, weights, dtype, None)
+    }
+
+    /// [`Mamba2Model::from_weights`] with the weight matrices (embedding, projections, LM head)
+    /// quantized at load to the block format `quantize`, where their row length is a whole
+    /// number of its blocks (others stay in `dtype`, as llama.cpp keeps such tensors wider).
+    /// Norms, conv, A, D and dt stay as they are.
+    ///
+    /// ```
+    /// use candle_core::{quantized::GgmlDType, DType, Device};
+    /// use mamba2::{config::Mamba2Config, model::Mamba2Model};
+    /// let mut cfg = Mamba2Config::preset("130m")?;
+    /// cfg.n_layer = 1; cfg.d_model = 256; cfg.d_inner = 512; cfg.nheads = 8; cfg.d_state = 16;
+    /// cfg.vocab_size = 256; cfg.pad_vocab_size_multiple = 1;
+    /// let dense = Mamba2Model::random(&cfg, DType::F32, &Device::Cpu, 0)?;
+    /// let q8 = Mamba2Model::random_quantized(&cfg, DType::F32, &Device::Cpu, 0, Some(GgmlDType::Q8_0))?;
+    /// assert_eq!(q8.quantization(), Some(GgmlDType::Q8_0));
+    /// assert!(q8.weight_bytes_per_token() * 3 < dense.weight_bytes_per_token());
+    /// # Ok::<(), mamba2::Error>(())
+    /// ```
+    pub fn from_weights_quantized(
+        config: &Mamba2Config,
+        weights: &Weights,
+        dtype: DType,
+        quantize: Option<GgmlDType>,
+    ) -> Result<Self> {
         // Nemotron-H checkpoints re-saved by transformers 5 may name the root `model`.
         let root = match config.family {
             Family::NemotronH
@@ -325,12 +368,24 @@ impl Mamba2Model {
             }
             _ => config.default_root(),
         };
-        Self::build(config, weights, root, dtype)
+        Self::build(config, weights, root, dtype, quantize)
     }
 
     /// A model with random weights of the shapes `config` implies (for benchmarks and tests).
     /// Deterministic for a given `seed`.
     pub fn random(config: &Mamba2Config, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
+        Self::random_quantized(config, dtype, device, seed, None)
+    }
+
+    /// [`Mamba2Model::random`] with the weight matrices quantized to `quantize` as
+    /// [`Mamba2Model::from_weights_quantized`] does.
+    pub fn random_quantized(
+        config: &Mamba2Config,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+        quantize: Option<GgmlDType>,
+    ) -> Result<Self> {
         config.validate()?;
         let mut c = config.clone();
         // Random untied heads would double the vocabulary matrix for nothing a benchmark needs.
@@ -342,7 +397,7 @@ impl Mamba2Model {
             device: device.clone(),
             out_scale: (2.0 * c.n_blocks() as f32).powf(-0.5),
         };
-        let mut model = Self::build(&c, &src, c.default_root(), dtype)?;
+        let mut model = Self::build(&c, &src, c.default_root(), dtype, quantize)?;
         model.config.tie_embeddings = config.tie_embeddings;
         Ok(model)
     }
@@ -352,6 +407,7 @@ impl Mamba2Model {
         src: &dyn TensorSource,
         root: &str,
         dtype: DType,
+        quantize: Option<GgmlDType>,
     ) -> Result<Self> {
         config.validate()?;
         check_model_dtype(dtype)?;
@@ -373,14 +429,19 @@ impl Mamba2Model {
                 })
             }
         };
-        let embeddings = src.tensor(&emb_name, &[rows, c.d_model], dtype)?;
+        let loader = Loader {
+            src,
+            c,
+            dtype,
+            quantize,
+        };
+        let embeddings = loader.matrix(&emb_name, &[rows, c.d_model], 1.0)?;
         // Tied checkpoints may still carry an lm_head.weight equal to the embedding: read it only
         // when untied, so tied models keep one copy.
         let lm_head = match c.tie_embeddings {
             true => None,
-            false => Some(src.tensor("lm_head.weight", &[rows, c.d_model], dtype)?),
+            false => Some(loader.matrix("lm_head.weight", &[rows, c.d_model], 1.0)?),
         };
-        let loader = Loader { src, c, dtype };
         // Not `with_capacity`: the config's layer count is only checked against the checkpoint
         // tensor by tensor, and a hostile config must not reserve memory for it.
         let mut blocks = Vec::new();
@@ -423,10 +484,10 @@ impl Mamba2Model {
 
     fn assemble(
         config: Mamba2Config,
-        embeddings: Tensor,
+        embeddings: Matrix,
         blocks: Vec<Block>,
         norm_f: Tensor,
-        lm_head: Option<Tensor>,
+        lm_head: Option<Matrix>,
         dtype: DType,
         device: Device,
     ) -> Self {

@@ -59,7 +59,9 @@ pub(crate) fn step(
     let Some(stack) = model.mamba_stack() else {
         return Ok(None);
     };
-    let key = graph_key(model);
+    let Some(key) = graph_key(model) else {
+        return Ok(None);
+    };
     let stale = match &cache.graph {
         GraphSlot::Ready(g) => g.model != key,
         GraphSlot::Unsupported => return Ok(None),
@@ -67,7 +69,7 @@ pub(crate) fn step(
     };
     if stale {
         cache.graph = GraphSlot::Untried;
-        cache.graph = match capture(model, &stack, cache, dev) {
+        cache.graph = match capture(model, key, &stack, cache, dev) {
             Ok(g) => GraphSlot::Ready(Box::new(g)),
             Err(crate::Error::Op(OpError::Param {
                 op: "cuda_graph",
@@ -90,6 +92,7 @@ pub(crate) fn step(
 
 fn capture(
     model: &Mamba2Model,
+    key: [TensorId; 2],
     stack: &[StackLayer<'_>],
     cache: &mut Mamba2Cache,
     dev: &candle_core::CudaDevice,
@@ -122,7 +125,7 @@ fn capture(
     let parts = projection_views(c, &buf.zxbcdt)?; // z, xBC, dt: views of zxbcdt
     let epilogues = s.norm_epilogues() && !stack.is_empty();
     let graph = s.capture(|s| {
-        s.embedding(&model.embeddings, &ids, &buf.hidden)?;
+        s.embedding(model.embeddings.dense_or_err()?, &ids, &buf.hidden)?;
         let rec = Recorder {
             model,
             stack,
@@ -138,7 +141,7 @@ fn capture(
         }
     })?;
     Ok(CudaStepGraph {
-        model: graph_key(model),
+        model: key,
         ids,
         logits: buf.logits.clone(),
         _buffers: buf,
@@ -190,16 +193,26 @@ impl Recorder<'_> {
             let res_in = (i > 0).then(|| &b.residual[(i + 1) % 2]);
             let res_out = &b.residual[i % 2];
             s.rms_norm_residual(&b.hidden, res_in, layer.norm, eps, &b.normed, res_out)?;
-            s.linear(&b.normed, m.in_proj.weight(), m.in_proj.bias(), &b.zxbcdt)?;
+            s.linear(
+                &b.normed,
+                m.in_proj.weight.dense_or_err()?,
+                m.in_proj.bias(),
+                &b.zxbcdt,
+            )?;
             let args = m.decode_step_args(c, self.parts, cache.layer_mut(i), layer.gated_norm);
             s.mixer_decode_step(&args, &model.ssd_params, self.scratch, &b.y)?;
-            s.linear(&b.y, m.out_proj.weight(), m.out_proj.bias(), &b.hidden)?;
+            s.linear(
+                &b.y,
+                m.out_proj.weight.dense_or_err()?,
+                m.out_proj.bias(),
+                &b.hidden,
+            )?;
         }
         let n = self.stack.len();
         let res_in = (n > 0).then(|| &b.residual[(n + 1) % 2]);
         let res_out = &b.residual[n % 2];
         s.rms_norm_residual(&b.hidden, res_in, &model.norm_f, eps, &b.normed, res_out)?;
-        s.linear(&b.normed, &model.lm_head, None, &b.logits)
+        s.linear(&b.normed, model.lm_head.dense_or_err()?, None, &b.logits)
     }
 
     /// The norm-epilogue layer (see `mamba2_ops::cuda_graph`): input projection scaled by the
@@ -229,7 +242,7 @@ impl Recorder<'_> {
         )?;
         for (i, layer) in blocks.iter().enumerate() {
             let m = layer.mixer;
-            let (w_in, b_in) = (m.in_proj.weight(), m.in_proj.bias());
+            let (w_in, b_in) = (m.in_proj.weight.dense_or_err()?, m.in_proj.bias());
             if i == 0 {
                 s.linear(&b.normed, w_in, b_in, &b.zxbcdt)?;
             } else {
@@ -242,7 +255,7 @@ impl Recorder<'_> {
                 next_norm_w: blocks.get(i + 1).map_or(&model.norm_f, |b| b.norm),
                 parts_out: &b.sums,
             };
-            let (w_out, b_out) = (m.out_proj.weight(), m.out_proj.bias());
+            let (w_out, b_out) = (m.out_proj.weight.dense_or_err()?, m.out_proj.bias());
             if c.ngroups == 1 {
                 s.mixer_decode_step_deferred(&args, &model.ssd_params, self.scratch, &b.y)?;
                 let scale = RowScale {
@@ -271,11 +284,18 @@ impl Recorder<'_> {
                 s.linear_residual(&b.y, None, w_out, b_out, &epi, None, &b.normed)?;
             }
         }
-        s.linear_scaled(&b.normed, &res_scale, &model.lm_head, None, &b.logits)
+        s.linear_scaled(
+            &b.normed,
+            &res_scale,
+            model.lm_head.dense_or_err()?,
+            None,
+            &b.logits,
+        )
     }
 }
 
 /// Identity of the weights a captured step reads (clones of a model share them).
-fn graph_key(model: &Mamba2Model) -> [TensorId; 2] {
-    [model.embeddings.id(), model.lm_head.id()]
+/// `None` when a matrix is block-quantized (no captured step for those).
+fn graph_key(model: &Mamba2Model) -> Option<[TensorId; 2]> {
+    Some([model.embeddings.dense()?.id(), model.lm_head.dense()?.id()])
 }

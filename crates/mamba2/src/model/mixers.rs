@@ -2,11 +2,11 @@
 //! causal self-attention and the MLP. Every block maps a normed `(batch, seqlen, d_model)` input
 //! to the output that is added to the residual stream; in a decode step `seqlen` is 1.
 
+use super::matrix::Proj;
 use crate::cache::{BlockState, KvCache, LayerCache};
 use crate::config::{AttentionConfig, Mamba2Config, MlpActivation};
 use crate::Result;
 use candle_core::{Tensor, D};
-use candle_nn::Linear;
 use mamba2_ops::{
     causal_attention, causal_conv1d, causal_conv1d_update, gated_rms_norm, mixer_decode_step,
     relu_squared, rotary_embedding, selective_state_update, ssd_chunk_scan, swiglu, AttentionArgs,
@@ -20,26 +20,22 @@ pub(crate) enum Pass {
     Step,
 }
 
-/// A projection `x · wᵀ (+ bias)`, `x` `(..., in)`, through the `linear` op: on CPU its
-/// streaming / tiled / GEMM kernels (f32 accumulation, also for 16-bit weights), on CUDA a
-/// matrix-vector kernel for decode rows and cuBLAS beyond, on Metal Candle's matmul.
-pub(crate) fn project(x: &Tensor, l: &Linear) -> Result<Tensor> {
-    Ok(mamba2_ops::linear(x, l.weight(), l.bias())?)
+/// A projection `x · wᵀ (+ bias)`, `x` `(..., in)`: a dense weight through the `linear` op (on
+/// CPU its streaming / tiled / GEMM kernels with f32 accumulation, on CUDA a matrix-vector kernel
+/// for decode rows and cuBLAS beyond, on Metal Candle's matmul), a block-quantized one through
+/// `quantized_linear`.
+pub(crate) fn project(x: &Tensor, l: &Proj) -> Result<Tensor> {
+    l.forward(x)
 }
 
-/// A projection without bias through the `linear` op (the LM head).
-pub(crate) fn project_weight(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(mamba2_ops::linear(x, w, None)?)
-}
-
-fn linear_params(l: &Linear) -> usize {
-    l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count())
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
 }
 
 /// The Mamba-2 mixer: in_proj -> causal conv1d -> SSD -> gated RMSNorm -> out_proj.
 #[derive(Debug, Clone)]
 pub(crate) struct MambaMixer {
-    pub in_proj: Linear,
+    pub in_proj: Proj,
     pub conv_weight: Tensor,       // (conv_dim, d_conv)
     pub conv_bias: Option<Tensor>, // (conv_dim)
     pub dt_bias: Tensor,           // (nheads) f32
@@ -47,7 +43,7 @@ pub(crate) struct MambaMixer {
     pub d: Tensor,                 // (nheads) f32
     /// `(d_inner)`; `None`: the output is `y * silu(z)` with no norm (Falcon-H1 option).
     pub norm_weight: Option<Tensor>,
-    pub out_proj: Linear,
+    pub out_proj: Proj,
 }
 
 /// `z`, `xBC` and `dt` of a projection `(..., d_in_proj)` as views of it.
@@ -241,8 +237,8 @@ impl MambaMixer {
 /// Causal self-attention with fused q/k/v projection rows `[q | k | v]`.
 #[derive(Debug, Clone)]
 pub(crate) struct Attention {
-    pub qkv: Linear,
-    pub o_proj: Linear,
+    pub qkv: Proj,
+    pub o_proj: Proj,
 }
 
 impl Attention {
@@ -297,8 +293,8 @@ impl Attention {
 /// the down projection.
 #[derive(Debug, Clone)]
 pub(crate) struct Mlp {
-    pub up: Linear,
-    pub down: Linear,
+    pub up: Proj,
+    pub down: Proj,
     pub activation: MlpActivation,
 }
 
@@ -324,27 +320,63 @@ pub(crate) enum Mixer {
 }
 
 impl MambaMixer {
+    /// The small per-channel tensors: conv, dt bias, A, D, gated-norm weight.
+    fn small_tensors(&self) -> impl Iterator<Item = &Tensor> {
+        [&self.conv_weight, &self.dt_bias, &self.a, &self.d]
+            .into_iter()
+            .chain(self.conv_bias.as_ref())
+            .chain(self.norm_weight.as_ref())
+    }
+
     fn num_parameters(&self) -> usize {
-        linear_params(&self.in_proj)
-            + self.conv_weight.elem_count()
-            + self.conv_bias.as_ref().map_or(0, |t| t.elem_count())
-            + self.dt_bias.elem_count()
-            + self.a.elem_count()
-            + self.d.elem_count()
-            + self.norm_weight.as_ref().map_or(0, |t| t.elem_count())
-            + linear_params(&self.out_proj)
+        self.in_proj.num_parameters()
+            + self.small_tensors().map(|t| t.elem_count()).sum::<usize>()
+            + self.out_proj.num_parameters()
+    }
+
+    fn storage_bytes(&self) -> usize {
+        self.in_proj.storage_bytes()
+            + self.small_tensors().map(tensor_bytes).sum::<usize>()
+            + self.out_proj.storage_bytes()
+    }
+
+    /// Whether both projections are dense (the captured CUDA step reads dense weights only).
+    pub(crate) fn dense_projections(&self) -> bool {
+        self.in_proj.weight.dense().is_some() && self.out_proj.weight.dense().is_some()
     }
 }
 
 impl Mixer {
     /// Parameters of the block's mixer (fused projections counted as their parts).
     pub(crate) fn num_parameters(&self) -> usize {
-        let attn = |a: &Attention| linear_params(&a.qkv) + linear_params(&a.o_proj);
+        let attn = |a: &Attention| a.qkv.num_parameters() + a.o_proj.num_parameters();
         match self {
             Mixer::Mamba(m) => m.num_parameters(),
             Mixer::Attention(a) => attn(a),
             Mixer::MambaAttention(m, a) => m.num_parameters() + attn(a),
-            Mixer::Mlp(m) => linear_params(&m.up) + linear_params(&m.down),
+            Mixer::Mlp(m) => m.up.num_parameters() + m.down.num_parameters(),
+        }
+    }
+
+    /// The block format of the first block-quantized projection, if any.
+    pub(crate) fn first_ggml_dtype(&self) -> Option<candle_core::quantized::GgmlDType> {
+        let projs: Vec<&Proj> = match self {
+            Mixer::Mamba(m) => vec![&m.in_proj, &m.out_proj],
+            Mixer::Attention(a) => vec![&a.qkv, &a.o_proj],
+            Mixer::MambaAttention(m, a) => vec![&m.in_proj, &m.out_proj, &a.qkv, &a.o_proj],
+            Mixer::Mlp(m) => vec![&m.up, &m.down],
+        };
+        projs.iter().find_map(|p| p.weight.ggml_dtype())
+    }
+
+    /// Bytes of the block's mixer weights as stored (quantized matrices at their block size).
+    pub(crate) fn storage_bytes(&self) -> usize {
+        let attn = |a: &Attention| a.qkv.storage_bytes() + a.o_proj.storage_bytes();
+        match self {
+            Mixer::Mamba(m) => m.storage_bytes(),
+            Mixer::Attention(a) => attn(a),
+            Mixer::MambaAttention(m, a) => m.storage_bytes() + attn(a),
+            Mixer::Mlp(m) => m.up.storage_bytes() + m.down.storage_bytes(),
         }
     }
 }
