@@ -78,6 +78,9 @@ pub enum Error {
     /// An error from one of the Mamba-2 ops.
     #[error(transparent)]
     Op(#[from] mamba2_ops::OpError),
+    /// A malformed GGUF file, or GGUF tokenizer metadata that cannot be used.
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
     /// An error from Candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod gguf;
 pub mod hub;
 pub mod model;
 mod pickle_guard;
