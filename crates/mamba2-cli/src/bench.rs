@@ -4,7 +4,6 @@ use crate::ModelArgs;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use mamba2::pipeline::load_model;
 use mamba2::{Mamba2Config, Mamba2Model};
 use std::time::Instant;
 
@@ -63,13 +62,16 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let dtype = a.model.dtype()?;
     let (mut model, name) = match &a.shape {
         Some(shape) => (
-            Mamba2Model::random(&Mamba2Config::preset(shape)?, dtype, &device, 0)?,
+            Mamba2Model::random_quantized(
+                &Mamba2Config::preset(shape)?,
+                dtype,
+                &device,
+                0,
+                a.model.load_options()?.quantize,
+            )?,
             format!("random:{shape}"),
         ),
-        None => (
-            load_model(&a.model.files()?, dtype, &device)?,
-            a.model.model_spec(),
-        ),
+        None => (a.model.load_model()?.0, a.model.model_spec()),
     };
     model.set_cuda_graphs(!a.eager);
     let vocab = model.config().vocab_size as u32;
@@ -108,6 +110,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                   "family": c.family.model_type(), "layer_pattern": c.pattern_string()},
         "parameters": model.num_parameters(),
         "dtype": format!("{dtype:?}").to_lowercase(),
+        "quantization": model.quantization().map(mamba2_ops::quantized::type_name),
         "device": format!("{:?}", device.location()).to_lowercase(),
         "threads": candle_core::utils::get_num_threads(),
         "batch": a.batch,

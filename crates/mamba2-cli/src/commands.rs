@@ -4,11 +4,12 @@ use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use mamba2::device::{parse_dtype, DeviceChoice};
-use mamba2::hub::{resolve_model, HubOptions, ModelFiles};
-use mamba2::pipeline::{bundled_model_dir, load_model, LoadOptions, TextGenerator, TextOptions};
+use mamba2::device::{parse_dtype, parse_quant_type, DeviceChoice};
+use mamba2::hub::HubOptions;
+use mamba2::pipeline::{bundled_model_dir, LoadOptions, ModelSource, TextGenerator, TextOptions};
 use mamba2::sampling::SamplingParams;
 use mamba2::session::CancelToken;
+use mamba2::Mamba2Model;
 use std::io::{Read, Write};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -36,8 +37,26 @@ impl ModelArgs {
         Ok(parse_dtype(&self.dtype)?)
     }
 
-    pub fn files(&self) -> Result<ModelFiles> {
-        Ok(resolve_model(&self.model_spec(), &self.hub())?)
+    pub fn source(&self) -> Result<ModelSource> {
+        Ok(ModelSource::resolve(&self.model_spec(), &self.hub())?)
+    }
+
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
+            dtype: self.dtype()?,
+            device: self.device()?,
+            hub: self.hub(),
+            tokenizer: self.tokenizer.clone(),
+            quantize: self.quantize.as_deref().map(parse_quant_type).transpose()?,
+            check_weights: true,
+        })
+    }
+
+    /// The model only (no tokenizer).
+    pub fn load_model(&self) -> Result<(Mamba2Model, ModelSource)> {
+        let source = self.source()?;
+        let model = source.load_model(&self.load_options()?)?;
+        Ok((model, source))
     }
 }
 
@@ -85,13 +104,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             s
         }
     };
-    let opts = LoadOptions {
-        dtype: a.model.dtype()?,
-        device: a.model.device()?,
-        hub: a.model.hub(),
-        tokenizer: a.model.tokenizer.clone(),
-        check_weights: true,
-    };
+    let opts = a.model.load_options()?;
     let spec = a.model.model_spec();
     let gen =
         TextGenerator::load(&spec, &opts).with_context(|| format!("loading model `{spec}`"))?;
@@ -157,7 +170,7 @@ pub struct LogitsArgs {
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
     let device = a.model.device()?;
-    let model = load_model(&a.model.files()?, a.model.dtype()?, &device)?;
+    let (model, _) = a.model.load_model()?;
     let inputs = candle_core::safetensors::load(&a.input, &Device::Cpu)
         .with_context(|| format!("reading {}", a.input.display()))?;
     let ids = inputs
@@ -215,18 +228,22 @@ pub struct InfoArgs {
 }
 
 pub fn info(a: InfoArgs) -> Result<()> {
-    let files = a.model.files()?;
     let dtype = a.model.dtype()?;
-    let model = load_model(&files, dtype, &a.model.device()?)?;
+    let (model, source) = a.model.load_model()?;
+    let (dir, weights, tokenizer) = match &source {
+        ModelSource::Files(f) => (f.dir.clone(), f.weights.clone(), f.tokenizer.clone()),
+        ModelSource::Gguf(p) => (p.clone(), vec![p.clone()], Some(p.clone())),
+    };
     let c = model.config();
     let info = serde_json::json!({
-        "model": files.dir,
-        "weights": files.weights,
-        "tokenizer": files.tokenizer,
+        "model": dir,
+        "weights": weights,
+        "tokenizer": tokenizer,
         "config": c,
         "parameters": model.num_parameters(),
         "dtype": format!("{dtype:?}").to_lowercase(),
-        "weight_bytes": model.num_parameters() * dtype.size_in_bytes(),
+        "quantization": model.quantization().map(mamba2_ops::quantized::type_name),
+        "weight_bytes_per_token": model.weight_bytes_per_token(),
         "family": c.family.model_type(),
         "layer_pattern": c.pattern_string(),
         "state_bytes_per_sequence": c.ssm_state_bytes(),

@@ -20,8 +20,8 @@ struct Cli {
 /// Where the model comes from and how it is placed.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A local folder or a Hugging Face repo id (e.g. state-spaces/mamba2-130m). Default: the
-    /// small model bundled with mamba2-rs.
+    /// A `.gguf` file, a local folder or a Hugging Face repo id (e.g. state-spaces/mamba2-130m).
+    /// Default: the small model bundled with mamba2-rs.
     #[arg(long)]
     pub model: Option<String>,
     /// Hub revision (branch, tag or commit).
@@ -34,9 +34,14 @@ pub struct ModelArgs {
     /// cpu, cuda[:N], metal[:N] or auto (the best compiled-in backend that is present).
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Weight and activation dtype: f32, f16 or bf16. State is always f32.
+    /// Weight and activation dtype: f32, f16 or bf16. State is always f32. Block-quantized
+    /// weights (GGUF, --quantize) stay in their blocks; the activations use this dtype.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Quantize the embedding, projections and LM head at load: q8_0, q4_0, q4_1, q5_0, q5_1,
+    /// q2_k, q3_k, q4_k, q5_k or q6_k (rows that are not whole blocks stay unquantized).
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// Never touch the network (same as HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 
 mod blocks;
 mod flavors;
+mod gguf;
 mod hybrid;
 mod json;
 mod names;
@@ -27,6 +28,7 @@ pub use blocks::{
 };
 use flavors::detect_flavor;
 use flavors::{parse_hf, parse_mamba_ssm};
+pub use gguf::GGUF_ARCHITECTURES;
 pub use json::parse_json_lenient;
 use json::{parse_err, Fields};
 pub use names::BlockNames;
@@ -41,6 +43,8 @@ pub enum ConfigFlavor {
     HfTransformers,
     /// mamba_ssm `MambaConfig` with `ssm_cfg.layer == "Mamba2"` (`d_model`, `n_layer`, ...).
     MambaSsm,
+    /// The metadata of a GGUF file (`mamba2.embedding_length`, `mamba2.ssm.*`, ...).
+    Gguf,
 }
 
 /// A validated Mamba-2 model configuration, independent of the file flavor it came from.
@@ -135,7 +139,8 @@ impl Mamba2Config {
         };
         let f = Fields::new(obj, "", origin);
         let cfg = match detect_flavor(obj, origin)? {
-            (ConfigFlavor::HfTransformers, Family::Mamba2) => parse_hf(&f)?,
+            // detect_flavor never returns Gguf: a JSON config is HF's or mamba_ssm's.
+            (ConfigFlavor::HfTransformers | ConfigFlavor::Gguf, Family::Mamba2) => parse_hf(&f)?,
             (ConfigFlavor::MambaSsm, _) => parse_mamba_ssm(&f)?,
             (_, Family::GraniteHybrid) => hybrid::parse_granite(&f)?,
             (_, Family::NemotronH) => hybrid::parse_nemotron_h(&f)?,
@@ -395,6 +400,10 @@ impl Mamba2Config {
                     "headdim {} must divide d_inner = expand * d_model = {}",
                     self.headdim,
                     self.d_model * self.expand
+                ),
+                ConfigFlavor::Gguf => format!(
+                    "ssm.inner_size {} must be a whole multiple of embedding_length {}",
+                    self.d_inner, self.d_model
                 ),
             };
             return err("nheads", msg);

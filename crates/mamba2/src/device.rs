@@ -90,3 +90,34 @@ pub fn parse_dtype(s: &str) -> Result<candle_core::DType> {
         ))),
     }
 }
+
+/// Parses a block format for quantizing at load, in llama.cpp's spelling (case-insensitive):
+/// `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q2_k`, `q3_k`, `q4_k`, `q5_k`, `q6_k`.
+///
+/// ```
+/// use candle_core::quantized::GgmlDType;
+/// assert_eq!(mamba2::device::parse_quant_type("Q4_K")?, GgmlDType::Q4K);
+/// assert!(mamba2::device::parse_quant_type("iq2_xs").is_err());
+/// # Ok::<(), mamba2::Error>(())
+/// ```
+pub fn parse_quant_type(s: &str) -> Result<candle_core::quantized::GgmlDType> {
+    use candle_core::quantized::GgmlDType as G;
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "q8_0" => G::Q8_0,
+        "q4_0" => G::Q4_0,
+        "q4_1" => G::Q4_1,
+        "q5_0" => G::Q5_0,
+        "q5_1" => G::Q5_1,
+        "q2_k" => G::Q2K,
+        "q3_k" => G::Q3K,
+        "q4_k" => G::Q4K,
+        "q5_k" => G::Q5K,
+        "q6_k" => G::Q6K,
+        _ => {
+            return Err(Error::Dtype(format!(
+                "unknown quantization `{s}`: use q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, \
+                 q5_k or q6_k"
+            )))
+        }
+    })
+}

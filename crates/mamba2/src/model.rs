@@ -13,6 +13,10 @@ mod build;
 /// The decode step captured as a CUDA graph (reads the model's weights directly).
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda_step;
+/// Models from GGUF files.
+mod gguf_source;
+#[allow(unused_imports)] // for the GGUF writer
+pub(crate) use gguf_source::{gguf_name, Transform as GgufTransform};
 /// Dense or block-quantized weight matrices.
 mod matrix;
 /// The block kinds: Mamba-2 mixer, attention, MLP.

@@ -2,6 +2,7 @@
 //! generating into a [`Session`] with streamed, UTF-8-safe text and stop strings.
 
 use crate::config::{read_generation_eos, Mamba2Config};
+use crate::gguf::{tokenizer_from_gguf, GgufFile};
 use crate::hub::{load_tokenizer, resolve_model, resolve_tokenizer, HubOptions, ModelFiles};
 use crate::model::Mamba2Model;
 use crate::sampling::SamplingParams;
@@ -35,6 +36,9 @@ pub struct LoadOptions {
     pub hub: HubOptions,
     /// Tokenizer override: a `tokenizer.json` path, a folder or a Hub repo id.
     pub tokenizer: Option<String>,
+    /// Quantize the weight matrices (embedding, projections, LM head) to this block format at
+    /// load (see [`Mamba2Model::from_weights_quantized`]); `None` keeps them as stored.
+    pub quantize: Option<candle_core::quantized::GgmlDType>,
     /// Refuse weights with NaN or ±inf (also f32 values past the range of an f16 load) with
     /// [`crate::Error::NonFinite`] naming the tensor, instead of generating from them. Costs one
     /// pass over the weights at load; on by default.
@@ -48,7 +52,90 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             hub: HubOptions::default(),
             tokenizer: None,
+            quantize: None,
             check_weights: true,
+        }
+    }
+}
+
+/// What a model spec resolves to: a GGUF file (config, weights and tokenizer in one), or a
+/// folder / Hub repo of config, weight and tokenizer files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A `.gguf` file.
+    Gguf(PathBuf),
+    /// A folder or Hub snapshot.
+    Files(ModelFiles),
+}
+
+impl ModelSource {
+    /// A spec that names an existing file ending in `.gguf` is that GGUF file; anything else is
+    /// resolved as a folder or Hub repo id ([`resolve_model`]).
+    ///
+    /// ```
+    /// use mamba2::pipeline::{bundled_model_dir, ModelSource};
+    /// let src = ModelSource::resolve(&bundled_model_dir().to_string_lossy(), &Default::default())?;
+    /// assert!(matches!(src, ModelSource::Files(_)));
+    /// # Ok::<(), mamba2::Error>(())
+    /// ```
+    pub fn resolve(spec: &str, hub: &HubOptions) -> Result<Self> {
+        let p = std::path::Path::new(spec);
+        if p.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            if p.is_file() {
+                return Ok(ModelSource::Gguf(p.to_path_buf()));
+            }
+            return Err(Error::ModelNotFound {
+                model: spec.to_string(),
+                message: "no such GGUF file".into(),
+            });
+        }
+        Ok(ModelSource::Files(resolve_model(spec, hub)?))
+    }
+
+    /// Loads the model: config and weights from the files, or everything from the GGUF.
+    pub fn load_model(&self, opts: &LoadOptions) -> Result<Mamba2Model> {
+        match self {
+            ModelSource::Files(files) => {
+                let config = Mamba2Config::from_file(&files.config)?;
+                let weights = Weights::from_files(&files.weights, &opts.device)?
+                    .with_finite_check(opts.check_weights);
+                Mamba2Model::from_weights_quantized(&config, &weights, opts.dtype, opts.quantize)
+            }
+            ModelSource::Gguf(path) => {
+                let file = GgufFile::open(path)?;
+                Mamba2Model::from_gguf(&file, opts.dtype, &opts.device, opts.quantize)
+            }
+        }
+    }
+
+    /// The tokenizer: `override_spec` if given (a `tokenizer.json`, a folder or a repo id),
+    /// else the GGUF's own (`tokenizer.ggml.*`) or the folder's `tokenizer.json` (else
+    /// GPT-NeoX-20B's, see [`resolve_tokenizer`]).
+    pub fn load_tokenizer(
+        &self,
+        override_spec: Option<&str>,
+        hub: &HubOptions,
+    ) -> Result<Tokenizer> {
+        match (self, override_spec) {
+            (ModelSource::Gguf(path), None) => tokenizer_from_gguf(&GgufFile::open(path)?),
+            (ModelSource::Gguf(path), Some(spec)) => {
+                let files = ModelFiles {
+                    dir: path
+                        .parent()
+                        .unwrap_or(std::path::Path::new("."))
+                        .to_path_buf(),
+                    config: path.clone(),
+                    weights: vec![path.clone()],
+                    tokenizer: None,
+                    generation_config: None,
+                };
+                load_tokenizer(&resolve_tokenizer(&files, Some(spec), hub)?)
+            }
+            (ModelSource::Files(files), spec) => {
+                load_tokenizer(&resolve_tokenizer(files, spec, hub)?)
+            }
         }
     }
 }
@@ -115,16 +202,20 @@ pub struct TextGenerator {
 }
 
 impl TextGenerator {
-    /// Resolves `model` (a folder or a Hub repo id), then loads config, weights, tokenizer and
-    /// EOS ids (generation_config.json, config.json, then the tokenizer's `<|endoftext|>`/`</s>`).
+    /// Resolves `model` (a `.gguf` file, a folder or a Hub repo id, see
+    /// [`ModelSource::resolve`]), then loads config, weights, tokenizer and EOS ids
+    /// (generation_config.json, the config / GGUF metadata, then the tokenizer's
+    /// `<|endoftext|>`/`</s>`).
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
-        let files = resolve_model(model, &opts.hub)?;
-        let m = load_model_with_check(&files, opts.dtype, &opts.device, opts.check_weights)?;
-        let tok_path = resolve_tokenizer(&files, opts.tokenizer.as_deref(), &opts.hub)?;
-        let tokenizer = load_tokenizer(&tok_path)?;
-        let mut eos = match &files.generation_config {
-            Some(p) => read_generation_eos(p)?,
-            None => Vec::new(),
+        let source = ModelSource::resolve(model, &opts.hub)?;
+        let m = source.load_model(opts)?;
+        let tokenizer = source.load_tokenizer(opts.tokenizer.as_deref(), &opts.hub)?;
+        let mut eos = match &source {
+            ModelSource::Files(ModelFiles {
+                generation_config: Some(p),
+                ..
+            }) => read_generation_eos(p)?,
+            _ => Vec::new(),
         };
         if eos.is_empty() {
             eos = m.config().eos_token_ids.clone();

@@ -29,7 +29,7 @@ fn check_model_dtype(dtype: DType) -> Result<()> {
 }
 
 /// Where the builder reads tensors from: a checkpoint or a random generator.
-trait TensorSource {
+pub(super) trait TensorSource {
     /// The tensor `name`, checked to have exactly `shape`, converted to `dtype`.
     fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor>;
     /// A weight matrix of exactly `shape`: dense in `dtype`, unless the source stores it
@@ -402,7 +402,7 @@ impl Mamba2Model {
         Ok(model)
     }
 
-    fn build(
+    pub(super) fn build(
         config: &Mamba2Config,
         src: &dyn TensorSource,
         root: &str,
