@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod tokenize;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -57,6 +58,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Show the config, parameter count and memory of a model.
     Info(commands::InfoArgs),
+    /// Print the token ids of a text (argument or stdin) as one JSON array; `--model` may be a
+    /// `.gguf` file, whose metadata holds the tokenizer.
+    Tokenize(tokenize::TokenizeArgs),
 }
 
 /// Prints a line to stdout; a closed pipe (`| head`) is not an error.
@@ -79,5 +83,6 @@ fn main() -> Result<()> {
         Command::Logits(a) => commands::logits(a),
         Command::Bench(a) => bench::bench(a),
         Command::Info(a) => commands::info(a),
+        Command::Tokenize(a) => tokenize::tokenize(a),
     }
 }
