@@ -219,10 +219,14 @@ TOKENIZER_STRINGS = [
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+class ToolError(RuntimeError):
+    pass
+
+
 def sh(cmd, stdout_only: bool = False) -> str:
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if r.returncode != 0:
-        sys.exit(f"command failed ({r.returncode}): {' '.join(map(str, cmd))}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+        raise ToolError(f"command failed ({r.returncode}): {' '.join(map(str, cmd))}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r.stdout if stdout_only else r.stdout + r.stderr
 
 
@@ -402,9 +406,31 @@ GGUF_TO_HF_MAMBA2 = {
 # --------------------------------------------------------------------------------------------
 # llama.cpp
 # --------------------------------------------------------------------------------------------
-def convert(hf_dir: Path, out: Path, name: str, vocab_only: bool = False) -> str:
-    cmd = ["nice", "-n", "10", TOOLS["LLAMA_PY"], TOOLS["CONVERT"], hf_dir, "--outfile", out, "--model-name", name,
-           "--assume-pretokenizer", "gpt-2"]
+# Runs convert_gguf.py with the converter's hparams read verbatim from config.json instead of through
+# transformers' AutoConfig. Needed for Nemotron-H: transformers 5.x's NemotronHConfig.to_dict() adds MoE defaults
+# (num_experts_per_tok, n_routed_experts, moe_intermediate_size ...) and turns hybrid_override_pattern into
+# layers_block_type ["mamba", "mlp", ...]; the converter then writes a dense checkpoint as arch nemotron_h_moe with
+# 8 experts and feed_forward_length 0 everywhere, and llama.cpp takes the MLP layers for SSM layers.
+RAW_HPARAMS_PY = r"""
+import json, os, runpy, sys
+from pathlib import Path
+src = os.environ["LLAMA_SRC"]
+sys.path.insert(0, src)
+sys.path.insert(1, os.path.join(src, "gguf-py"))
+import conversion.base as base
+base.ModelBase.load_hparams = staticmethod(lambda d, is_mistral_format=False: json.loads((Path(d) / "config.json").read_text()))
+convert = sys.argv[1]
+sys.argv = [convert] + sys.argv[2:]
+runpy.run_path(convert, run_name="__main__")
+"""
+
+
+def convert(hf_dir: Path, out: Path, name: str, vocab_only: bool = False, raw_hparams: bool = False) -> str:
+    cmd = ["nice", "-n", "10", TOOLS["LLAMA_PY"]]
+    if raw_hparams:
+        (WORK / "convert_raw_hparams.py").write_text(RAW_HPARAMS_PY)
+        cmd.append(WORK / "convert_raw_hparams.py")
+    cmd += [TOOLS["CONVERT"], hf_dir, "--outfile", out, "--model-name", name, "--assume-pretokenizer", "gpt-2"]
     cmd += ["--vocab-only"] if vocab_only else ["--outtype", "f32"]
     return sh(cmd)
 
@@ -419,6 +445,73 @@ def llama_logits(path: Path, ids: list, step: int | None = None) -> np.ndarray:
     if step is not None:
         cmd += ["--step", step]
     n, nv = map(int, sh(cmd + ids, stdout_only=True).split()[-2:])
+    arr = np.fromfile(tmp, dtype=np.float32).reshape(n, nv)
+    tmp.unlink()
+    return arr
+
+
+# dump_logits (shared tools) runs llama.cpp with its default context: the attention KV cache in F16. For the hybrid
+# families that rounds K and V to f16; this tool of ours does the same runs with an F32 KV cache, to tell that
+# round-off apart from real differences. Output format as dump_logits (n_tokens x n_vocab f32).
+LOGITS_F32KV_CPP = r"""
+// logits_f32kv MODEL.gguf OUT.f32 P id0 id1 ...   (P < 0: one batch; else P tokens, then one per decode)
+#include "llama.h"
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+int main(int argc, char ** argv) {
+    if (argc < 5) return 2;
+    const int P = atoi(argv[3]);
+    std::vector<llama_token> ids;
+    for (int a = 4; a < argc; a++) ids.push_back(atoi(argv[a]));
+    const int n = (int) ids.size();
+    llama_backend_init();
+    llama_model * model = llama_model_load_from_file(argv[1], llama_model_default_params());
+    if (!model) return 1;
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = n + 8; cp.n_batch = n; cp.n_ubatch = n; cp.n_threads = 2; cp.n_threads_batch = 2;
+    cp.type_k = GGML_TYPE_F32; cp.type_v = GGML_TYPE_F32;
+    llama_context * ctx = llama_init_from_model(model, cp);
+    if (!ctx) return 1;
+    const int nv = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    std::vector<float> out((size_t) n * nv);
+    auto feed = [&](int start, int len) {
+        llama_batch b = llama_batch_init(len, 0, 1);
+        for (int i = 0; i < len; i++) {
+            b.token[i] = ids[start + i]; b.pos[i] = start + i; b.n_seq_id[i] = 1; b.seq_id[i][0] = 0; b.logits[i] = 1;
+        }
+        b.n_tokens = len;
+        if (llama_decode(ctx, b)) { fprintf(stderr, "decode failed\n"); exit(1); }
+        for (int i = 0; i < len; i++) memcpy(&out[(size_t) (start + i) * nv], llama_get_logits_ith(ctx, i), nv * sizeof(float));
+        llama_batch_free(b);
+    };
+    if (P < 0) feed(0, n); else { feed(0, P); for (int t = P; t < n; t++) feed(t, 1); }
+    FILE * f = fopen(argv[2], "wb");
+    fwrite(out.data(), sizeof(float), out.size(), f);
+    fclose(f);
+    printf("%d %d\n", n, nv);
+    llama_free(ctx);
+    llama_model_free(model);
+    return 0;
+}
+"""
+
+
+def _tool(name: str, source: str) -> Path:
+    src, exe = WORK / f"{name}.cpp", WORK / name
+    if not exe.exists() or not src.exists() or src.read_text() != source:
+        src.write_text(source)
+        inc = Path(TOOLS["LLAMA_SRC"])
+        sh(["g++", "-O2", "-std=c++17", src, f"-I{inc / 'include'}", f"-I{inc / 'ggml' / 'include'}",
+            f"-L{TOOLS['LLAMA_BIN']}", "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{TOOLS['LLAMA_BIN']}", "-o", exe])
+    return exe
+
+
+def llama_logits_f32kv(path: Path, ids: list, step: int | None = None) -> np.ndarray:
+    tmp = WORK / "logits.f32"
+    exe = _tool("logits_f32kv", LOGITS_F32KV_CPP)
+    n, nv = map(int, sh(["nice", "-n", "10", exe, path, tmp, -1 if step is None else step] + ids, stdout_only=True).split()[-2:])
     arr = np.fromfile(tmp, dtype=np.float32).reshape(n, nv)
     tmp.unlink()
     return arr
@@ -469,12 +562,7 @@ int main(int argc, char ** argv) {
 
 
 def llama_tokenize(vocab_gguf: Path, strings: list) -> list:
-    src, exe = WORK / "llama_tokenize.cpp", WORK / "llama_tokenize"
-    if not exe.exists() or not src.exists() or src.read_text() != TOKENIZE_CPP:
-        src.write_text(TOKENIZE_CPP)
-        inc = Path(TOOLS["LLAMA_SRC"])
-        sh(["g++", "-O2", "-std=c++17", src, f"-I{inc / 'include'}", f"-I{inc / 'ggml' / 'include'}",
-            f"-L{TOOLS['LLAMA_BIN']}", "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{TOOLS['LLAMA_BIN']}", "-o", exe])
+    exe = _tool("llama_tokenize", TOKENIZE_CPP)
     blob = b"".join(len(b).to_bytes(4, "little") + b for b in (s.encode() for s in strings))
     (WORK / "tok_in.bin").write_bytes(blob)
     sh([exe, vocab_gguf, WORK / "tok_in.bin", WORK / "tok_out.txt"])
@@ -882,12 +970,216 @@ def build_tokenizer(vers: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Hybrid families: the existing HF fixtures of tests/fixtures/hybrid/ converted to f32 GGUF, checked against
+# their reference logits (HF f32 prefill) with llama.cpp.
+# --------------------------------------------------------------------------------------------
+HYBRID = REPO_ROOT / "tests" / "fixtures" / "hybrid"
+HYBRID_CASES = [
+    "granite_nope_tied_b2",
+    "granite_rope_untied_limit_b1",
+    "nemotron_h_g2_b3",
+    "nemotron_h_hd80_b1",
+    "falcon_h1_rmsnorm_g2_b2",
+    "falcon_h1_nonorm_tied_b1",
+    "bamba_b2",
+]
+# Committed under tests/fixtures/gguf/hybrid/: the families whose GGUF reproduces the HF reference (the others'
+# listings and measurements are in the manifest only).
+HYBRID_COMMIT = {"granite_nope_tied_b2", "nemotron_h_g2_b3"}
+HYBRID_NOTES = {
+    "granite_nope_tied_b2": "converted from hub/ (layer_types in the Hub spelling mamba/attention); llama.cpp = HF",
+    "granite_rope_untied_limit_b1": "llama.cpp cannot run it: its granite-hybrid graph asserts d_inner == 2*hidden "
+    "(GGML_ASSERT(2 * n_embd == d_inner); mamba_expand is 1 here). The converter also writes "
+    "rope.scaling.finetuned = false (= no RoPE) for every GraniteMoeHybrid that has SSM layers, so "
+    "position_embedding_type rope is dropped, and time_step_limit has no GGUF key.",
+    "nemotron_h_g2_b3": "converted with the converter's hparams read from config.json (RAW_HPARAMS_PY): through "
+    "transformers 5.x's AutoConfig it writes arch nemotron_h_moe with 8 experts and feed_forward_length 0, and llama.cpp "
+    "fails (tensor 'blk.1.ssm_in.weight' not found). The GGUF has no time_step_min: HF clamps dt >= 0.001 in its chunked "
+    "path and llama.cpp never clamps; without the clamp HF is 1.2e-3 from llama.cpp (rest not explained; an F32 KV "
+    "cache gives the same numbers).",
+    "nemotron_h_hd80_b1": "the converter refuses it: it checks d_inner % d_head with d_head looked up as "
+    "d_head/mamba_d_head (Nemotron spells it mamba_head_dim), so 64 by default, and d_inner is 160 (head dim 80).",
+    "falcon_h1_rmsnorm_g2_b2": "llama.cpp has no mamba_norm_before_gate (true here): it always normalises y*silu(z); "
+    "HF with norm_before_gate false is 1.2e-3 from llama.cpp.",
+    "falcon_h1_nonorm_tied_b1": "tied: the converter multiplies token_embd by embedding_multiplier and writes no "
+    "output.weight, so llama.cpp's output matrix is embedding_multiplier*E and lm_head_multiplier is lost; HF with "
+    "lm_head_multiplier = embedding_multiplier is 5.5e-3 from llama.cpp. (mamba_rms_norm false: no ssm_norm tensor, "
+    "and llama.cpp skips the norm as HF does.)",
+    "bamba_b2": "position 0 agrees (3.5e-4), later positions differ by up to 1.65: RoPE (attn_rotary_emb 8 of head "
+    "dim 16, rope.scaling.finetuned true = RoPE on) is applied differently; not investigated further.",
+}
+
+
+@torch.no_grad()
+def hybrid_explain(name: str, cfg: dict, gguf_path: Path, ref: dict) -> dict:
+    """Where llama.cpp and the HF reference differ: the HF model with the one semantic llama.cpp lacks switched
+    to llama.cpp's behaviour, compared with llama.cpp (row 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ids = ref["input_ids"][0].tolist()
+    ll = torch.from_numpy(llama_logits(gguf_path, ids))
+    per_pos = (ll - ref["logits_prefill"][0]).abs().amax(-1)
+    out = {"row0_llama_vs_logits_prefill_by_position": [sig(float(x), 2) for x in per_pos]}
+    hf = HYBRID / name / "hf"
+    hcfg = AutoConfig.from_pretrained(hf)
+    variant = None
+    if cfg["model_type"] == "nemotron_h":
+        out["variant"] = "HF without its dt clamp (mixer.time_step_limit = (0, inf) instead of (time_step_min, inf))"
+        variant = AutoModelForCausalLM.from_pretrained(hf).eval()
+        for mod in variant.modules():
+            if hasattr(mod, "time_step_limit"):
+                mod.time_step_limit = (0.0, float("inf"))
+    elif cfg["model_type"] == "falcon_h1":
+        notes = []
+        if cfg.get("mamba_rms_norm") and cfg.get("mamba_norm_before_gate"):
+            hcfg.mamba_norm_before_gate = False
+            notes.append("mamba_norm_before_gate = False (llama.cpp always gates, then normalises)")
+        variant = AutoModelForCausalLM.from_pretrained(hf, config=hcfg).eval()
+        if cfg.get("tie_word_embeddings"):
+            variant.model.lm_head_multiplier = cfg["embedding_multiplier"]
+            notes.append("lm_head_multiplier = embedding_multiplier (tied: llama.cpp's output is token_embd, which the "
+                         "converter multiplied by embedding_multiplier; lm_head_multiplier is lost)")
+        out["variant"] = "HF with " + "; ".join(notes)
+    if variant is not None:
+        v = variant.eval()(input_ids=torch.tensor([ids])).logits[0].float()
+        out["variant_vs_llama"] = sig(max_abs(v, ll))
+        out["variant_vs_logits_prefill"] = sig(max_abs(v, ref["logits_prefill"][0]))
+    return out
+
+
+def tiny_tokenizer(n: int, specials: dict) -> dict:
+    """A byte-level BPE of exactly n tokens for the hybrid fixtures (vocab 128): the special tokens at their config
+    ids, then the byte-level symbols of tab, newline and the 95 printable ASCII bytes, then the bundled tokenizer's
+    first merges whose parts are already in the vocabulary. (Non-ASCII bytes have no token: fine for ids given as
+    numbers; the converter and llama.cpp only need a consistent vocabulary of the right size.)"""
+    base = json.loads(TOKENIZER.read_text())
+    byte_sym = {b: base_sym for base_sym, b in _bytes_to_unicode_inv().items()}
+    vocab = {}
+    for tid in sorted(specials.values()):
+        vocab[[k for k, v in specials.items() if v == tid][0]] = tid
+    nxt = max(specials.values()) + 1
+    for b in [9, 10] + list(range(32, 127)):
+        vocab[byte_sym[b]] = nxt
+        nxt += 1
+    merges = []
+    for m in base["model"]["merges"]:
+        if nxt >= n:
+            break
+        a, b = m if isinstance(m, list) else m.split(" ")
+        if a in vocab and b in vocab and a + b not in vocab:
+            vocab[a + b] = nxt
+            merges.append([a, b])
+            nxt += 1
+    assert nxt == n and sorted(vocab.values()) == list(range(n))
+    tok = dict(base)
+    tok["added_tokens"] = [
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}
+        for t, i in sorted(specials.items(), key=lambda kv: kv[1])
+    ]
+    tok["model"] = dict(base["model"], vocab=vocab, merges=merges)
+    return tok
+
+
+def _bytes_to_unicode_inv() -> dict:
+    """GPT-2's byte -> printable-unicode map, inverted (symbol -> byte)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    k = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + k)
+            k += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def build_hybrid(name: str, vers: dict) -> dict:
+    src = HYBRID / name / "hub"
+    cfg = json.loads((src / "config.json").read_text())
+    work = WORK / "hybrid" / name
+    if work.exists():
+        shutil.rmtree(work)
+    hf_dir = work / "hub"
+    shutil.copytree(src, hf_dir)
+    specials = {"<|pad|>": cfg["pad_token_id"], "<|bos|>": cfg["bos_token_id"], "<|eos|>": cfg["eos_token_id"]}
+    assert sorted(specials.values()) == [0, 1, 2], specials
+    (hf_dir / "tokenizer.json").write_text(json.dumps(tiny_tokenizer(cfg["vocab_size"], specials), ensure_ascii=False, indent=1) + "\n")
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
+        "pad_token": "<|pad|>", "add_bos_token": False, "add_eos_token": False}, indent=2) + "\n")
+    committed = name in HYBRID_COMMIT
+    out = (OUT / "hybrid" if committed else work) / f"{name}.f32.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stale = OUT / "hybrid" / f"{name}.f32.gguf"
+    if not committed and stale.exists():
+        stale.unlink()
+    try:
+        log = convert(hf_dir, out, name, raw_hparams=cfg["model_type"] == "nemotron_h")
+    except ToolError as e:  # the converter refuses the config
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        return {"hf_class": cfg["architectures"][0], "converter_error": lines[-1][:400], "note": HYBRID_NOTES.get(name, "")}
+    tensors = gguf_tensors(out)
+    md = gguf_metadata(out)
+    r = gguf.GGUFReader(str(out))
+    arrays = {}
+    for k, f in r.fields.items():  # per-layer arrays (e.g. head_count_kv) are what tells layer kinds apart
+        if k.startswith(("GGUF.", "tokenizer.")):
+            continue
+        if gguf.GGUFValueType(f.types[0]).name == "ARRAY":
+            arrays[k] = [v.item() if hasattr(v, "item") else v for v in f.contents()]
+    ref = safetensors.torch.load_file(HYBRID / name / "reference.safetensors")
+    ids_all, p = ref["input_ids"], int(ref["prefill_len"][0])
+    d1 = d2 = dd = f1 = f2 = 0.0
+    llama_error = None
+    try:
+        for b in range(ids_all.shape[0]):
+            ids = ids_all[b].tolist()
+            l1 = torch.from_numpy(llama_logits(out, ids))
+            l2 = torch.from_numpy(llama_logits(out, ids, step=p))
+            d1 = max(d1, max_abs(l1, ref["logits_prefill"][b]))
+            d2 = max(d2, max_abs(l2, ref["logits_prefill"][b]))
+            dd = max(dd, max_abs(l2, ref["logits_decode"][b]))
+            f1 = max(f1, max_abs(torch.from_numpy(llama_logits_f32kv(out, ids)), ref["logits_prefill"][b]))
+            f2 = max(f2, max_abs(torch.from_numpy(llama_logits_f32kv(out, ids, step=p)), ref["logits_prefill"][b]))
+    except ToolError as e:  # llama.cpp refuses the model (e.g. an assertion in its graph)
+        llama_error = [ln for ln in str(e).splitlines() if "GGML_ASSERT" in ln or "error" in ln.lower()][-3:] or [str(e)[:300]]
+    warnings = sorted({ln.split(":", 2)[-1].strip() for ln in log.splitlines() if ln.startswith("WARNING")})
+    explain = hybrid_explain(name, cfg, out, ref) if llama_error is None and d1 > 1e-4 else None
+    return {
+        "hf_class": cfg["architectures"][0],
+        "note": HYBRID_NOTES.get(name, ""),
+        **({"proposed_tolerance_vs_logits_prefill": round_up(2 * max(d1, d2))} if committed else {}),
+        "source": f"tests/fixtures/hybrid/{name}/hub/ (Hub spelling of the config) + a 128-token byte-level BPE "
+        "(tiny_tokenizer) + tokenizer_config.json",
+        "gguf": f"hybrid/{out.name}" if committed else f"(not committed) target/gguf_fixtures/hybrid/{name}/{out.name}",
+        "bytes": out.stat().st_size,
+        "sha256": sha256(out),
+        "reference": f"tests/fixtures/hybrid/{name}/reference.safetensors (logits_prefill, every batch row)",
+        "prefill_len": p,
+        "distances": None if llama_error else {
+            "llama_oneshot_vs_logits_prefill": sig(d1),
+            "llama_step_vs_logits_prefill": sig(d2),
+            "llama_step_vs_logits_decode": sig(dd),
+            "llama_f32_kv_cache_oneshot_vs_logits_prefill": sig(f1),
+            "llama_f32_kv_cache_step_vs_logits_prefill": sig(f2),
+        },
+        **({"llama_cpp_error": llama_error} if llama_error else {}),
+        **({"difference_analysis": explain} if explain else {}),
+        "converter_warnings": warnings,
+        "metadata": md,
+        "metadata_arrays": arrays,
+        "tensors": [{"name": n, "type": t, "ne": ne} for n, t, ne, _ in tensors],
+    }
+
+
+# --------------------------------------------------------------------------------------------
 def main(argv):
     names = [c.name for c in CASES]
     wanted = set(argv[1:])
-    unknown = wanted - set(names) - {"tokenizer"}
+    unknown = wanted - set(names) - set(HYBRID_CASES) - {"tokenizer"}
     if unknown:
-        sys.exit(f"unknown case(s): {sorted(unknown)}; known: {names + ['tokenizer']}")
+        sys.exit(f"unknown case(s): {sorted(unknown)}; known: {names + HYBRID_CASES + ['tokenizer']}")
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -901,6 +1193,7 @@ def main(argv):
         "gguf_to_hf_mamba2": GGUF_TO_HF_MAMBA2,
         "tokenizer": manifest.get("tokenizer"),
         "cases": manifest.get("cases", {}),
+        "hybrid": manifest.get("hybrid", {}),
     }
     if not wanted or "tokenizer" in wanted:
         manifest["tokenizer"] = build_tokenizer(vers)
@@ -915,7 +1208,15 @@ def main(argv):
             print(f"   {f['ftype']:7s} {f['bytes']:9d} B  {f['distances']}  tol {f['tolerances']}")
             if "loader_mistake_effects_on_logits" in f:
                 print(f"           mistakes: {f['loader_mistake_effects_on_logits']}")
+    for name in HYBRID_CASES:
+        if wanted and name not in wanted:
+            continue
+        h = build_hybrid(name, vers)
+        manifest["hybrid"][name] = h
+        print(f"== hybrid {name}  {h.get('bytes')} B  {h.get('distances')}  {h.get('llama_cpp_error', '')}"
+              f"{h.get('converter_error', '')}")
     manifest["cases"] = {k: manifest["cases"][k] for k in names if k in manifest["cases"]}
+    manifest["hybrid"] = {k: manifest["hybrid"][k] for k in HYBRID_CASES if k in manifest["hybrid"]}
     manifest_path.write_text(json.dumps(manifest, ensure_ascii=False, indent=1) + "\n")
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"tests/fixtures/gguf total: {total / 1e6:.2f} MB")
