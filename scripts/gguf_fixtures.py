@@ -5,8 +5,8 @@ Run by hand (not by CI), from the repository root, with llama.cpp's tools on the
 
     eval "$(bash /work/shared/tools/llama-cpp.sh)"   # LLAMA_BIN, LLAMA_SRC, LLAMA_PY, LD_LIBRARY_PATH
     pip install -r scripts/requirements.txt           # transformers 5.24 / torch 2.15 for the HF references
-    python3 scripts/gguf_fixtures.py                  # every case
-    python3 scripts/gguf_fixtures.py m2_h32_g1_tied_tok320   # only the named case(s)
+    python3 scripts/gguf_fixtures.py                  # every case (~1 min on 2 cores)
+    python3 scripts/gguf_fixtures.py m2_h32_g1_tied_tok320   # only the named case(s) (hybrid names too)
     python3 scripts/gguf_fixtures.py tokenizer        # only tokenizer_ids.json + mamba2_tiny_vocab.gguf
 
 For every case it builds a tiny random HF Mamba2ForCausalLM in float32 (make_fixtures.py's config and
@@ -20,7 +20,15 @@ tools make the GGUF files:
 The reference logits of a GGUF file are HF's float32 forward (CPU, torch path) of a model whose every
 tensor is the exact dequantization of that file's tensor (gguf-py's `gguf.quants.dequantize`), mapped back to
 HF's names and shapes (`gguf_to_hf`). For an f32 file that reproduces the original checkpoint (checked:
-the f32 GGUF read back gives the original logits to <= 1e-6), so the reference is the original model.
+the f32 GGUF read back gives the original parameters bitwise), so the reference is the original model.
+Quantized files also get `logits_act_quant`: the same model with llama.cpp's CPU activation quantization
+(Q8_0 / Q8_K of the matmul inputs) emulated, which reproduces llama.cpp's own logits to ~2e-6.
+
+The hybrid HF fixtures of tests/fixtures/hybrid/ are converted too (build_hybrid): their tensor and metadata
+listings and llama.cpp's distance to their reference logits go into the manifest; the families llama.cpp reproduces
+are committed under tests/fixtures/gguf/hybrid/.
+
+Small tools of ours on llama.cpp's C API (llama_tokenize, logits_f32kv) are compiled into target/gguf_fixtures/.
 
 Everything the engine's tests need lands in tests/fixtures/gguf/ (see tests/fixtures/README.md, section
 "GGUF fixtures"); the large intermediate files (HF folders, the f32 GGUF of the quantized shape) stay
@@ -108,14 +116,14 @@ class GCase:
     d_state: int
     chunk: int
     tied: bool
-    tokens: int  # tokenizer size: 4096 = the bundled tokenizer, fewer = its first `tokens` ids (see truncated_tokenizer)
+    tokens: int  # tokenizer size: the bundled tokenizer's first `tokens` ids (see truncated_tokenizer)
     rows: int  # vocab_size of the HF config = embedding rows (>= tokens; the converter pads the token list)
     quant_types: list = field(default_factory=list)  # llama-quantize types made from the f32 GGUF
     commit_f32: bool = True  # the f32 GGUF goes into tests/fixtures/gguf/ (else it stays in target/)
     expand: int = 2
     # Multiply in_proj, out_proj and lm_head (after make_fixtures' randomisation, whose stds do not depend on the
     # fan-in) by sqrt(32 / fan_in) [in_proj, lm_head: fan_in = hidden; out_proj: sqrt(64 / d_inner)], so that a wide
-    # model has the gains of the hidden-32 fixtures; None = no rescaling.
+    # model has the gains of the hidden-32 fixtures (logit std 1.1 instead of 3.2).
     rescale: bool = False
     note: str = ""
 
