@@ -39,11 +39,11 @@ mod value;
 pub use error::GgufError;
 pub use reader::{DEFAULT_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_METADATA_VALUES};
 pub use tokenizer::{special_tokens, tokenizer_from_gguf, GgufSpecialTokens, SUPPORTED_PRE};
-pub use types::GgufType;
-pub use value::GgufValue;
 /// The type [`tokenizer_from_gguf`] returns, re-exported so that callers can name it without
 /// depending on the same `tokenizers` release.
 pub use tokenizers::Tokenizer;
+pub use types::GgufType;
+pub use value::GgufValue;
 
 /// One tensor of the file's tensor table.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -253,9 +253,9 @@ fn check_tensors(
                     .ok_or_else(|| bad_shape("the byte size overflows"))?
             }
             _ => {
+                // Binary search: a file of many unknown-type tensors stays O(n log n).
                 let next = sorted_offsets
-                    .iter()
-                    .find(|&&o| o > t.offset)
+                    .get(sorted_offsets.partition_point(|&o| o <= t.offset))
                     .and_then(|&o| (data_start as u64).checked_add(o))
                     .map_or(file_len as u64, |o| o.min(file_len as u64));
                 start.map_or(0, |s| next.saturating_sub(s)) as usize

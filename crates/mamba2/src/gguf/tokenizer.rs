@@ -263,6 +263,11 @@ fn sentencepiece_bpe(
     Ok(tokenizer)
 }
 
+/// Pieces longer than this get no merges. Finding a piece's splits costs O(length^2), so without
+/// a bound one huge token in a hostile file would take hours; SentencePiece's trainer caps pieces
+/// at 16 characters by default and real vocabularies stay far below this.
+const MAX_MERGED_PIECE_BYTES: usize = 1024;
+
 /// Every split of a normal piece into two vocabulary pieces, most valuable piece first; ties in
 /// score (which trained SentencePiece models do not have) go to the lower id, then to the split
 /// with the lower ids.
@@ -270,7 +275,10 @@ fn merges_from_scores(tokens: &[&str], types: &[i64], scores: &[f32], vocab: &Vo
     let normal = |id: usize| types[id] == token_type::NORMAL;
     let mut ranked: Vec<(f32, u32, u32, u32)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
-        if !normal(id) || vocab.get(*piece) != Some(&(id as u32)) {
+        if !normal(id)
+            || piece.len() > MAX_MERGED_PIECE_BYTES
+            || vocab.get(*piece) != Some(&(id as u32))
+        {
             continue;
         }
         for (at, _) in piece.char_indices().skip(1) {
