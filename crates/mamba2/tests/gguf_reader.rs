@@ -588,7 +588,22 @@ fn vocab_only_file_from_the_converter() {
         f.get_array("tokenizer.ggml.tokens").unwrap().unwrap().len(),
         4096
     );
-    // Errors from a real path name it.
+    // Errors from a real path name it: missing, empty, not GGUF.
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.gguf");
+    std::fs::write(&empty, b"").unwrap();
+    match GgufFile::open(&empty) {
+        Err(Error::Gguf(e @ GgufError::Truncated { .. })) => {
+            assert!(e.to_string().contains("empty.gguf"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let json = dir.path().join("config.gguf");
+    std::fs::write(&json, b"{\"model_type\": \"mamba2\"}").unwrap();
+    assert!(matches!(
+        GgufFile::open(&json),
+        Err(Error::Gguf(GgufError::BadMagic { .. }))
+    ));
     let missing = path.with_file_name("no-such.gguf");
     let e = GgufFile::open(&missing).unwrap_err().to_string();
     assert!(e.contains("no-such.gguf"), "{e}");
