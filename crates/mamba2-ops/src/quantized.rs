@@ -215,6 +215,17 @@ pub fn quantized_linear_with(
     let dtype = x.dtype();
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("rank >= 1: checked") = w.out_features;
+    // Decode rows on the CPU: this crate's pool (see cpu/quantized.rs for why).
+    if x.device().is_cpu() {
+        if let Some(y) = crate::cpu::quantized::quantized_linear(x, w)? {
+            crate::cpu::record_fast_path(OP);
+            let y = match bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+                None => y,
+            };
+            return Ok(y.reshape(out_dims)?.to_dtype(dtype)?);
+        }
+    }
     // Candle's quantized kernels take contiguous f32 rows on every backend.
     let x2 = x
         .to_dtype(DType::F32)?

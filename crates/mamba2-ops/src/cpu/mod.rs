@@ -17,6 +17,7 @@ mod attention;
 mod common;
 mod conv1d;
 mod linear;
+pub(crate) mod quantized;
 mod rms_norm;
 mod ssd;
 mod state_update;
