@@ -9,6 +9,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod gguf;
+pub mod gguf_export;
 pub mod hub;
 pub mod model;
 mod pickle_guard;
