@@ -7,8 +7,7 @@
 //!
 //! The attention layers and MLPs of the hybrid models (Granite-4.0-H, Nemotron-H, Falcon-H1,
 //! Bamba) use [`causal_attention`], [`rotary_embedding`], [`swiglu`] and [`relu_squared`], with
-//! CPU and Metal fast paths; their CUDA kernels serve with the feature `cuda-hybrid-kernels`
-//! (not yet run on a GPU), and `cuda` alone runs their references.
+//! CPU, CUDA and Metal fast paths.
 //!
 //! Conventions shared by all ops:
 //! - activations are `(batch, seqlen, ...)` and may be f32, f16 or bf16;

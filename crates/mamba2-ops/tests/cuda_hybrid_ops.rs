@@ -1,8 +1,7 @@
 //! CUDA kernels of the hybrid models' ops (`causal_attention`, `rotary_embedding`, `swiglu`,
 //! `relu_squared`) against their plain-tensor references run on the CPU, f32 / f16 / bf16.
 //!
-//! Runs only with `--features cuda-hybrid-kernels` (the kernels are opt-in until they have run
-//! on a GPU), and skips (prints and returns) when no CUDA device can be
+//! Runs with `--features cuda`, and skips (prints and returns) when no CUDA device can be
 //! opened, as on the GPU-less build machine. Outputs are NaN-poisoned before the kernels write
 //! them (`support::poisoned_cuda`), so an unwritten element fails; every fast call is checked
 //! to have launched a kernel of this crate (`cuda_launch_count`), every fallback to have
@@ -28,7 +27,7 @@
 //!
 //! Model shapes (heads / kv heads / head_dim): Nemotron-H-8B 32/8/128, Falcon-H1-1.5B 8/2/128,
 //! Bamba-9B 32/8/128 (partial rotary 64), plus head_dim 64, 80, 36 and 256.
-#![cfg(feature = "cuda-hybrid-kernels")]
+#![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
 use mamba2_ops::*;

@@ -32,7 +32,6 @@ for mode in "${@:-tests}"; do
 echo "== $mode"
 case $mode in
 hybops)  # the kernels of the hybrid models' ops: attention, rotary, swiglu, relu_squared
-         # (binaries built with --features cuda-hybrid-kernels)
     unit_tests cuda_hybrid_ops ;;
 quick)  # the tests of the captured step's kernels only
     unit_tests cuda_linear_epilogue cuda_decode_step cuda_graph ;;

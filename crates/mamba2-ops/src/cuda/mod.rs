@@ -92,34 +92,18 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     Ok(linear::linear(x, weight, bias)?)
 }
 
-/// Whether the hybrid ops' kernels serve (feature `cuda-hybrid-kernels`): until they have run
-/// on a GPU, the default CUDA build keeps these ops on their references.
-const HYBRID_KERNELS: bool = cfg!(feature = "cuda-hybrid-kernels");
-
 pub(crate) fn causal_attention(args: &AttentionArgs) -> Result<Option<Tensor>> {
-    if !HYBRID_KERNELS {
-        return Ok(None);
-    }
     Ok(attention::causal_attention(args)?)
 }
 
 pub(crate) fn rotary_embedding(args: &RotaryArgs) -> Result<Option<Tensor>> {
-    if !HYBRID_KERNELS {
-        return Ok(None);
-    }
     Ok(pointwise::rotary_embedding(args)?)
 }
 
 pub(crate) fn swiglu(x: &Tensor) -> Result<Option<Tensor>> {
-    if !HYBRID_KERNELS {
-        return Ok(None);
-    }
     Ok(pointwise::swiglu(x)?)
 }
 
 pub(crate) fn relu_squared(x: &Tensor) -> Result<Option<Tensor>> {
-    if !HYBRID_KERNELS {
-        return Ok(None);
-    }
     Ok(pointwise::relu_squared(x)?)
 }
