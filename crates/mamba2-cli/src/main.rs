@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod perplexity;
 mod tokenize;
 
 use anyhow::Result;
@@ -61,6 +62,9 @@ enum Command {
     /// Print the token ids of a text (argument or stdin) as one JSON array; `--model` may be a
     /// `.gguf` file, whose metadata holds the tokenizer.
     Tokenize(tokenize::TokenizeArgs),
+    /// Perplexity of a text file by llama-perplexity's method (chunks of --ctx tokens, each from
+    /// an empty state, second half scored); running estimates on stderr, one JSON line on stdout.
+    Perplexity(perplexity::PerplexityArgs),
 }
 
 /// Prints a line to stdout; a closed pipe (`| head`) is not an error.
@@ -84,5 +88,6 @@ fn main() -> Result<()> {
         Command::Bench(a) => bench::bench(a),
         Command::Info(a) => commands::info(a),
         Command::Tokenize(a) => tokenize::tokenize(a),
+        Command::Perplexity(a) => perplexity::perplexity(a),
     }
 }
