@@ -7,20 +7,184 @@
 //! `ssm.group_count`, `attention.layer_norm_rms_epsilon`. A GGUF carries no dt limit or chunk
 //! size: llama.cpp runs with the limit (0, inf), HF's default, and the chunk size does not change
 //! the result.
+//!
+//! The hybrid architectures (`granitehybrid`, `nemotron_h`) are read in `gguf_hybrid.rs`;
+//! `falcon-h1` and `nemotron_h_moe` are recognised and refused with the reason.
 
 use super::{ConfigFlavor, Family, Mamba2Config, Multipliers};
 use crate::error::{Error, Result};
-use crate::gguf::{GgufError, GgufFile};
+use crate::gguf::{GgufError, GgufFile, GgufValue};
+
+#[path = "gguf_hybrid.rs"]
+mod gguf_hybrid;
 
 /// The GGUF architectures this engine maps to a model graph.
-pub const GGUF_ARCHITECTURES: &[&str] = &["mamba2"];
+pub const GGUF_ARCHITECTURES: &[&str] = &["mamba2", "granitehybrid", "nemotron_h"];
 
-fn required(file: &GgufFile, key: &str) -> Result<usize> {
-    let v = file.get_u64(key)?.ok_or_else(|| GgufError::MissingKey {
-        path: file.path().display().to_string(),
-        key: key.to_string(),
-    })?;
-    usize::try_from(v).map_err(|_| Error::field(key, format!("{v} does not fit in usize")))
+/// Architectures llama.cpp defines for families this engine knows, refused with the reason.
+fn refused(arch: &str) -> Option<&'static str> {
+    match arch {
+        // See tests/fixtures/gguf/manifest.json, key `hybrid`, the falcon_h1_* cases.
+        "falcon-h1" => Some(
+            "llama.cpp's converter multiplies Falcon-H1's µP multipliers into the tensors \
+             (embedding, lm_head, in_proj slices, ...), so a tied model's lm_head_multiplier is \
+             lost, and it does not record mamba_norm_before_gate; the file does not determine \
+             the HF model (load the safetensors checkpoint instead)",
+        ),
+        "nemotron_h_moe" => Some("mixture-of-experts layers are not supported yet (issue 16)"),
+        _ => None,
+    }
+}
+
+/// Typed access to the `{arch}.*` keys of one file; errors name the full key.
+pub(super) struct Keys<'a> {
+    pub file: &'a GgufFile,
+    pub arch: &'a str,
+}
+
+impl<'a> Keys<'a> {
+    pub fn new(file: &'a GgufFile) -> Result<Self> {
+        Ok(Self {
+            file,
+            arch: file.architecture()?,
+        })
+    }
+
+    /// `{arch}.{k}`.
+    pub fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+
+    pub fn path(&self) -> String {
+        self.file.path().display().to_string()
+    }
+
+    /// An unsigned integer key that fits in `usize`, if present.
+    pub fn optional(&self, k: &str) -> Result<Option<usize>> {
+        let key = self.key(k);
+        match self.file.get_u64(&key)? {
+            None => Ok(None),
+            Some(v) => usize::try_from(v)
+                .map(Some)
+                .map_err(|_| Error::field(key, format!("{v} does not fit in usize"))),
+        }
+    }
+
+    /// An unsigned integer key that must be present.
+    pub fn required(&self, k: &str) -> Result<usize> {
+        self.optional(k)?.ok_or_else(|| {
+            GgufError::MissingKey {
+                path: self.path(),
+                key: self.key(k),
+            }
+            .into()
+        })
+    }
+
+    /// A float key. The converter writes floats as f32: an f32 is read back as the shortest
+    /// decimal that rounds to it, i.e. the value of the HF config it came from (`1e-5`, not
+    /// `9.99999975e-6`), so that the config equals the one read from `config.json`.
+    pub fn float(&self, k: &str) -> Result<Option<f64>> {
+        let key = self.key(k);
+        match self.file.get(&key) {
+            Some(GgufValue::F32(v)) => Ok(Some(v.to_string().parse().unwrap_or(f64::from(*v)))),
+            _ => self.file.get_f64(&key),
+        }
+    }
+
+    /// A per-layer integer key as llama.cpp's `get_key_or_arr` reads it: one value for every
+    /// layer, or an array of exactly `n_layer` non-negative integers. `None` when absent.
+    pub fn per_layer(&self, k: &str, n_layer: usize) -> Result<Option<Vec<usize>>> {
+        let key = self.key(k);
+        let Some(v) = self.file.get(&key) else {
+            return Ok(None);
+        };
+        if let Some(arr) = v.as_array() {
+            if arr.len() != n_layer {
+                return Err(Error::field(
+                    key,
+                    format!("lists {} layers but block_count is {n_layer}", arr.len()),
+                ));
+            }
+            return arr
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    x.as_u64()
+                        .and_then(|x| usize::try_from(x).ok())
+                        .ok_or_else(|| {
+                            Error::field(
+                                format!("{key}[{i}]"),
+                                format!("{} is not a non-negative integer", x.describe()),
+                            )
+                        })
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some);
+        }
+        Ok(self.optional(k)?.map(|v| vec![v; n_layer]))
+    }
+}
+
+/// The Mamba-2 mixer sizes every architecture here shares (`{arch}.ssm.*`).
+pub(super) struct SsmSizes {
+    pub d_inner: usize,
+    pub nheads: usize,
+    pub d_state: usize,
+    pub d_conv: usize,
+    pub ngroups: usize,
+}
+
+impl SsmSizes {
+    pub fn read(keys: &Keys<'_>) -> Result<Self> {
+        let d_inner = keys.required("ssm.inner_size")?;
+        let nheads = keys.required("ssm.time_step_rank")?;
+        if nheads == 0 || d_inner % nheads != 0 {
+            return Err(Error::field(
+                keys.key("ssm.time_step_rank"),
+                format!("{nheads} heads do not divide ssm.inner_size {d_inner}"),
+            ));
+        }
+        Ok(Self {
+            d_inner,
+            nheads,
+            d_state: keys.required("ssm.state_size")?,
+            d_conv: keys.required("ssm.conv_kernel")?,
+            ngroups: keys.optional("ssm.group_count")?.unwrap_or(1),
+        })
+    }
+}
+
+/// Rows of `token_embd.weight`, checked to be `(rows, d_model)`.
+pub(super) fn vocab_rows(file: &GgufFile, d_model: usize) -> Result<usize> {
+    let emb = file
+        .tensor_info("token_embd.weight")
+        .ok_or_else(|| Error::MissingTensor {
+            name: "token_embd.weight".into(),
+            source_desc: file.path().display().to_string(),
+        })?;
+    match emb.shape().as_slice() {
+        [rows, cols] if *cols == d_model => Ok(*rows),
+        _ => Err(Error::TensorShape {
+            name: "token_embd.weight".into(),
+            expected: vec![0, d_model],
+            got: emb.shape(),
+        }),
+    }
+}
+
+/// `(bos, eos, pad)` from `tokenizer.ggml.*` (ids that do not fit in u32 are ignored).
+pub(super) fn token_ids(file: &GgufFile) -> Result<(Option<u32>, Vec<u32>, Option<u32>)> {
+    let token = |k: &str| -> Result<Option<u32>> {
+        Ok(file
+            .get_u64(&format!("tokenizer.ggml.{k}"))?
+            .and_then(|v| u32::try_from(v).ok()))
+    };
+    Ok((
+        token("bos_token_id")?,
+        token("eos_token_id")?.into_iter().collect(),
+        token("padding_token_id")?,
+    ))
 }
 
 impl Mamba2Config {
@@ -28,91 +192,75 @@ impl Mamba2Config {
     /// [`GGUF_ARCHITECTURES`]; sizes come from the `{arch}.*` keys, the vocabulary from the rows
     /// of `token_embd.weight`, tying from the absence of `output.weight`, the token ids from
     /// `tokenizer.ggml.*`. The result is validated like any config.
+    ///
+    /// `granitehybrid` and `nemotron_h` give the [`Family::GraniteHybrid`] and
+    /// [`Family::NemotronH`] configs (layer kinds from the per-layer `attention.head_count_kv`
+    /// and `feed_forward_length` arrays, Granite's scales from `embedding_scale`,
+    /// `residual_scale`, `logit_scale` and `attention.scale`); `falcon-h1`, `nemotron_h_moe` and
+    /// Granite files with experts are [`Error::Unsupported`], saying why.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let arch = file.architecture()?;
-        if !GGUF_ARCHITECTURES.contains(&arch) {
-            return Err(Error::Unsupported(format!(
-                "{}: GGUF architecture `{arch}` (supported: {})",
-                file.path().display(),
-                GGUF_ARCHITECTURES.join(", ")
-            )));
-        }
-        let key = |k: &str| format!("{arch}.{k}");
-        let d_model = required(file, &key("embedding_length"))?;
-        let n_layer = required(file, &key("block_count"))?;
-        let d_inner = required(file, &key("ssm.inner_size"))?;
-        let nheads = required(file, &key("ssm.time_step_rank"))?;
-        let d_state = required(file, &key("ssm.state_size"))?;
-        let d_conv = required(file, &key("ssm.conv_kernel"))?;
-        let ngroups = match file.get_u64(&key("ssm.group_count"))? {
-            Some(g) => {
-                usize::try_from(g).map_err(|_| Error::field("ssm.group_count", "too large"))?
-            }
-            None => 1,
-        };
-        let norm_eps = file
-            .get_f64(&key("attention.layer_norm_rms_epsilon"))?
-            .unwrap_or(1e-5);
-        if nheads == 0 || d_inner % nheads != 0 {
-            return Err(Error::field(
-                key("ssm.time_step_rank"),
-                format!("{nheads} heads do not divide ssm.inner_size {d_inner}"),
-            ));
-        }
-        let emb = file
-            .tensor_info("token_embd.weight")
-            .ok_or_else(|| Error::MissingTensor {
-                name: "token_embd.weight".into(),
-                source_desc: file.path().display().to_string(),
-            })?;
-        let vocab_rows = match emb.shape().as_slice() {
-            [rows, cols] if *cols == d_model => *rows,
+        let cfg = match arch {
+            "mamba2" => mamba2(file)?,
+            "granitehybrid" => gguf_hybrid::granite(file)?,
+            "nemotron_h" => gguf_hybrid::nemotron_h(file)?,
             _ => {
-                return Err(Error::TensorShape {
-                    name: "token_embd.weight".into(),
-                    expected: vec![0, d_model],
-                    got: emb.shape(),
-                })
+                let why = match refused(arch) {
+                    Some(why) => format!(" is not supported: {why}"),
+                    None => format!(" (supported: {})", GGUF_ARCHITECTURES.join(", ")),
+                };
+                return Err(Error::Unsupported(format!(
+                    "{}: GGUF architecture `{arch}`{why}",
+                    file.path().display(),
+                )));
             }
-        };
-        let token = |k: &str| -> Result<Option<u32>> {
-            Ok(file
-                .get_u64(&format!("tokenizer.ggml.{k}"))?
-                .and_then(|v| u32::try_from(v).ok()))
-        };
-        let cfg = Mamba2Config {
-            flavor: ConfigFlavor::Gguf,
-            family: Family::Mamba2,
-            pattern: Vec::new(),
-            attention: None,
-            mlp: None,
-            multipliers: Multipliers::default(),
-            gated_norm: true,
-            out_proj_bias: file.tensor_info("blk.0.ssm_out.bias").is_some(),
-            d_model,
-            n_layer,
-            vocab_size: vocab_rows,
-            pad_vocab_size_multiple: 1,
-            d_state,
-            d_conv,
-            expand: (d_inner / d_model.max(1)).max(1),
-            headdim: d_inner / nheads,
-            nheads,
-            ngroups,
-            d_inner,
-            chunk_size: 256,
-            dt_limit: (0.0, f64::INFINITY),
-            bias: file.tensor_info("blk.0.ssm_in.bias").is_some(),
-            conv_bias: file.tensor_info("blk.0.ssm_conv1d.bias").is_some(),
-            norm_eps,
-            residual_in_fp32: true,
-            tie_embeddings: file.tensor_info("output.weight").is_none(),
-            norm_before_gate: false,
-            bos_token_id: token("bos_token_id")?,
-            eos_token_ids: token("eos_token_id")?.into_iter().collect(),
-            pad_token_id: token("padding_token_id")?,
         };
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// llama.cpp's `mamba2`: every layer one Mamba-2 block.
+fn mamba2(file: &GgufFile) -> Result<Mamba2Config> {
+    let keys = Keys::new(file)?;
+    let d_model = keys.required("embedding_length")?;
+    let n_layer = keys.required("block_count")?;
+    let ssm = SsmSizes::read(&keys)?;
+    let norm_eps = file
+        .get_f64(&keys.key("attention.layer_norm_rms_epsilon"))?
+        .unwrap_or(1e-5);
+    let vocab_rows = vocab_rows(file, d_model)?;
+    let (bos_token_id, eos_token_ids, pad_token_id) = token_ids(file)?;
+    Ok(Mamba2Config {
+        flavor: ConfigFlavor::Gguf,
+        family: Family::Mamba2,
+        pattern: Vec::new(),
+        attention: None,
+        mlp: None,
+        multipliers: Multipliers::default(),
+        gated_norm: true,
+        out_proj_bias: file.tensor_info("blk.0.ssm_out.bias").is_some(),
+        d_model,
+        n_layer,
+        vocab_size: vocab_rows,
+        pad_vocab_size_multiple: 1,
+        d_state: ssm.d_state,
+        d_conv: ssm.d_conv,
+        expand: (ssm.d_inner / d_model.max(1)).max(1),
+        headdim: ssm.d_inner / ssm.nheads,
+        nheads: ssm.nheads,
+        ngroups: ssm.ngroups,
+        d_inner: ssm.d_inner,
+        chunk_size: 256,
+        dt_limit: (0.0, f64::INFINITY),
+        bias: file.tensor_info("blk.0.ssm_in.bias").is_some(),
+        conv_bias: file.tensor_info("blk.0.ssm_conv1d.bias").is_some(),
+        norm_eps,
+        residual_in_fp32: true,
+        tie_embeddings: file.tensor_info("output.weight").is_none(),
+        norm_before_gate: false,
+        bos_token_id,
+        eos_token_ids,
+        pad_token_id,
+    })
 }

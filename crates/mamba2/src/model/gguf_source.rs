@@ -6,18 +6,25 @@
 //! llama.cpp's `mamba2` layouts that differ from HF's (see `convert_hf_to_gguf.py`):
 //! `ssm_a` holds `A = -exp(A_log)` as `(nheads, 1)`; `ssm_d` is `(nheads, 1)`; `ssm_conv1d` is
 //! the squeezed `(conv_dim, d_conv)`; `ssm_norm` is `(ngroups, d_inner / ngroups)`; `dt_bias` is
-//! `ssm_dt.bias`; a tied head has no `output.weight`.
+//! `ssm_dt.bias`; a tied head has no `output.weight`. The hybrid families (`granitehybrid`,
+//! `nemotron_h`) use the same Mamba-2 layouts plus the attention and MLP names of
+//! `gguf_names.rs`, where one canonical tensor may be several GGUF tensors stacked by rows
+//! (Granite's `input_linear` = `ffn_gate` | `ffn_up`) or rows to reorder (q and k).
 
 use super::build::TensorSource;
 use super::matrix::Matrix;
 use super::Mamba2Model;
-use crate::config::Mamba2Config;
+use crate::config::{Family, Mamba2Config};
 use crate::gguf::{GgufFile, GgufTensorInfo};
 use crate::{Error, Result};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use mamba2_ops::QuantizedMatrix;
 use std::borrow::Cow;
+
+#[path = "gguf_names.rs"]
+mod gguf_names;
+use gguf_names::{locate_hybrid, Located};
 
 /// How a GGUF tensor's values become the canonical tensor's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +33,25 @@ pub(crate) enum Transform {
     Reshape,
     /// `ssm_a` holds `A = -exp(A_log)`: the builder asks for `A_log = log(-A)`.
     NegLog,
+}
+
+/// llama.cpp's name for a Mamba-2 mixer tensor (`in_proj.weight`, `A_log`, ...), and how its
+/// values differ; shared by every family with a Mamba-2 mixer.
+pub(super) fn mamba_leaf(leaf: &str) -> Option<(&'static str, Transform)> {
+    use Transform::*;
+    Some(match leaf {
+        "in_proj.weight" => ("ssm_in.weight", Reshape),
+        "in_proj.bias" => ("ssm_in.bias", Reshape),
+        "conv1d.weight" => ("ssm_conv1d.weight", Reshape),
+        "conv1d.bias" => ("ssm_conv1d.bias", Reshape),
+        "dt_bias" => ("ssm_dt.bias", Reshape),
+        "A_log" => ("ssm_a", NegLog),
+        "D" => ("ssm_d", Reshape),
+        "norm.weight" => ("ssm_norm.weight", Reshape),
+        "out_proj.weight" => ("ssm_out.weight", Reshape),
+        "out_proj.bias" => ("ssm_out.bias", Reshape),
+        _ => return None,
+    })
 }
 
 /// llama.cpp's name for a canonical HF Mamba-2 tensor name, and how its values differ.
@@ -45,82 +71,213 @@ pub(crate) fn gguf_name(canonical: &str) -> Option<(String, Transform)> {
     let layer: usize = layer.parse().ok()?;
     let (name, t) = match leaf {
         "norm.weight" => ("attn_norm.weight", Reshape),
-        "mixer.in_proj.weight" => ("ssm_in.weight", Reshape),
-        "mixer.in_proj.bias" => ("ssm_in.bias", Reshape),
-        "mixer.conv1d.weight" => ("ssm_conv1d.weight", Reshape),
-        "mixer.conv1d.bias" => ("ssm_conv1d.bias", Reshape),
-        "mixer.dt_bias" => ("ssm_dt.bias", Reshape),
-        "mixer.A_log" => ("ssm_a", NegLog),
-        "mixer.D" => ("ssm_d", Reshape),
-        "mixer.norm.weight" => ("ssm_norm.weight", Reshape),
-        "mixer.out_proj.weight" => ("ssm_out.weight", Reshape),
-        "mixer.out_proj.bias" => ("ssm_out.bias", Reshape),
-        _ => return None,
+        _ => mamba_leaf(leaf.strip_prefix("mixer.")?)?,
     };
     Some((format!("blk.{layer}.{name}"), t))
 }
 
-/// The tensors of one GGUF file on one device.
+/// The tensors of one GGUF file on one device, found by the canonical names of `config`'s
+/// family.
 pub(super) struct GgufSource<'a> {
     file: &'a GgufFile,
+    config: &'a Mamba2Config,
     device: Device,
 }
 
+/// One GGUF tensor the builder reads, and how.
+struct Part<'a> {
+    info: &'a GgufTensorInfo,
+    transform: Transform,
+    /// Rows to reorder from llama.cpp's RoPE layout, as `(rows, head_dim)`.
+    unpermute: Option<(usize, usize)>,
+}
+
+/// An 8-byte aligned copy of `len` bytes: Candle reinterprets tensor bytes as blocks (2- or
+/// 4-byte aligned fields), and a file whose alignment leaves a tensor off that boundary, or a
+/// reordered copy, must not be misaligned.
+fn aligned_buffer(len: usize) -> Vec<u64> {
+    vec![0u64; len.div_ceil(8)]
+}
+
+fn bytes_of(words: &[u64], len: usize) -> &[u8] {
+    // SAFETY: `words` holds at least `len` bytes (see `aligned_buffer`); u8 has no alignment or
+    // validity requirement.
+    unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, len) }
+}
+
+fn bytes_of_mut(words: &mut [u64], len: usize) -> &mut [u8] {
+    // SAFETY: as in `bytes_of`, and `words` is borrowed mutably for the slice's lifetime.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, len) }
+}
+
+/// Copies `src`, `rows` rows of equal byte length in heads of `head_dim` rows, into `dst` in
+/// HF's row order: HF row `half * head_dim/2 + i` of a head is llama.cpp's row `2i + half`.
+fn unpermute_rows(src: &[u8], dst: &mut [u8], rows: usize, head_dim: usize) {
+    let row = src.len() / rows;
+    let half = head_dim / 2;
+    for r in 0..rows {
+        let (head, within) = (r / head_dim, r % head_dim);
+        let g = head * head_dim + 2 * (within % half) + within / half;
+        dst[r * row..(r + 1) * row].copy_from_slice(&src[g * row..(g + 1) * row]);
+    }
+}
+
 impl<'a> GgufSource<'a> {
-    fn info(&self, canonical: &str) -> Result<(&'a GgufTensorInfo, Transform)> {
-        let missing = || Error::MissingTensor {
-            name: canonical.to_string(),
-            source_desc: self.describe(),
+    fn missing(&self, canonical: &str, gguf: Option<&str>) -> Error {
+        let source_desc = match gguf {
+            Some(g) => format!("{} (GGUF tensor `{g}`)", self.describe()),
+            None => self.describe(),
         };
-        let (name, t) = gguf_name(canonical).ok_or_else(missing)?;
-        let info = self.file.tensor_info(&name).ok_or_else(missing)?;
-        Ok((info, t))
+        Error::MissingTensor {
+            name: canonical.to_string(),
+            source_desc,
+        }
     }
 
-    /// The tensor's blocks as Candle quantized storage on `device`.
-    fn qtensor(&self, info: &GgufTensorInfo, ty: GgmlDType, device: &Device) -> Result<QTensor> {
+    fn info(&self, canonical: &str, gguf: &str) -> Result<&'a GgufTensorInfo> {
+        self.file
+            .tensor_info(gguf)
+            .ok_or_else(|| self.missing(canonical, Some(gguf)))
+    }
+
+    /// The GGUF tensors that hold `canonical`, in row order.
+    fn locate(&self, canonical: &str) -> Result<Vec<Part<'a>>> {
+        let located = match self.config.family {
+            Family::Mamba2 => gguf_name(canonical).map(|(n, t)| Located::One(n, t)),
+            _ => locate_hybrid(self.config, canonical, |n| {
+                self.file.tensor_info(n).is_some()
+            }),
+        };
+        let part = |name: &str, transform, unpermute| -> Result<Part<'a>> {
+            Ok(Part {
+                info: self.info(canonical, name)?,
+                transform,
+                unpermute,
+            })
+        };
+        match located.ok_or_else(|| self.missing(canonical, None))? {
+            Located::One(name, t) => Ok(vec![part(&name, t, None)?]),
+            Located::Unpermuted { name, head_dim } => {
+                let p = part(&name, Transform::Reshape, None)?;
+                let rows = p.info.shape().first().copied().unwrap_or(0);
+                Ok(vec![Part {
+                    unpermute: Some((rows, head_dim)),
+                    ..p
+                }])
+            }
+            Located::Rows(names) => names
+                .iter()
+                .map(|n| part(n, Transform::Reshape, None))
+                .collect(),
+        }
+    }
+
+    /// The tensor's blocks (rows in HF's order) as Candle quantized storage on `device`.
+    fn qtensor(&self, part: &Part<'_>, ty: GgmlDType, device: &Device) -> Result<QTensor> {
+        let info = part.info;
         let bytes = self.file.tensor_bytes(info);
-        // Candle reinterprets the bytes as blocks (2- or 4-byte aligned fields): a file whose
-        // alignment leaves a tensor off that boundary is copied to an aligned buffer first.
-        let mut words: Vec<u64> = Vec::new();
-        let data: &[u8] = if (bytes.as_ptr() as usize).is_multiple_of(8) {
-            bytes
-        } else {
-            words.resize(bytes.len().div_ceil(8), 0);
-            // SAFETY: `words` holds at least `bytes.len()` bytes and outlives `data`; any byte
-            // pattern is a valid u64.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, bytes.len())
-            };
-            dst.copy_from_slice(bytes);
-            dst
+        let mut words: Vec<u64>;
+        let data: &[u8] = match part.unpermute {
+            Some((rows, head_dim)) => {
+                // Whole rows of whole blocks: a 1-D tensor (a bias) only in a 1-element type.
+                let blocked_1d = info.dims.len() == 1 && ty.block_size() != 1;
+                if rows == 0
+                    || head_dim < 2
+                    || !rows.is_multiple_of(head_dim)
+                    || !bytes.len().is_multiple_of(rows)
+                    || blocked_1d
+                {
+                    return Err(Error::Unsupported(format!(
+                        "{}: tensor `{}` ({:?}, {}) cannot be read as heads of {head_dim} rows",
+                        self.describe(),
+                        info.name,
+                        info.shape(),
+                        info.ty.name()
+                    )));
+                }
+                words = aligned_buffer(bytes.len());
+                unpermute_rows(bytes, bytes_of_mut(&mut words, bytes.len()), rows, head_dim);
+                bytes_of(&words, bytes.len())
+            }
+            None if (bytes.as_ptr() as usize).is_multiple_of(8) => bytes,
+            None => {
+                words = aligned_buffer(bytes.len());
+                bytes_of_mut(&mut words, bytes.len()).copy_from_slice(bytes);
+                bytes_of(&words, bytes.len())
+            }
         };
         let storage = QStorage::from_data(Cow::Borrowed(data), device, ty)?;
         Ok(QTensor::new(storage, info.shape())?)
     }
+
+    /// One part's values in f32 on the CPU, transformed, in the file's shape.
+    fn values(&self, part: &Part<'_>) -> Result<Tensor> {
+        let ty = self.file.check_supported(part.info)?;
+        let values = self
+            .qtensor(part, ty, &Device::Cpu)?
+            .dequantize(&Device::Cpu)?; // f32
+        Ok(match part.transform {
+            Transform::Reshape => values,
+            Transform::NegLog => values.neg()?.log()?,
+        })
+    }
+
+    /// One part as a matrix: dense in `dtype` for F32/F16/BF16, else in its blocks.
+    fn part_matrix(&self, part: &Part<'_>, dtype: DType) -> Result<Matrix> {
+        match self.file.check_supported(part.info)? {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(Matrix::Dense(
+                self.values(part)?
+                    .to_dtype(dtype)?
+                    .to_device(&self.device)?,
+            )),
+            ty => {
+                let q = self.qtensor(part, ty, &self.device)?;
+                Ok(Matrix::Quantized(QuantizedMatrix::new(q)?))
+            }
+        }
+    }
 }
 
-fn shape_err(name: &str, expected: &[usize], info: &GgufTensorInfo) -> Error {
+fn shape_err(name: &str, expected: &[usize], got: Vec<usize>) -> Error {
     Error::TensorShape {
         name: name.to_string(),
         expected: expected.to_vec(),
-        got: info.shape(),
+        got,
     }
+}
+
+/// The canonical shape of stacked parts: their rows summed, when they agree on the rest.
+fn stacked_shape(parts: &[Part<'_>]) -> Option<Vec<usize>> {
+    let mut shape = parts.first()?.info.shape();
+    for p in &parts[1..] {
+        let s = p.info.shape();
+        if s.len() != shape.len() || s.get(1..) != shape.get(1..) {
+            return None;
+        }
+        shape[0] += s[0];
+    }
+    Some(shape)
 }
 
 impl TensorSource for GgufSource<'_> {
     fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let (info, t) = self.info(name)?;
-        if info.elem_count() != shape.iter().product::<usize>() {
-            return Err(shape_err(name, shape, info));
+        let parts = self.locate(name)?;
+        let n: usize = parts.iter().map(|p| p.info.elem_count()).sum();
+        if n != shape.iter().product::<usize>() {
+            let got = stacked_shape(&parts).unwrap_or_else(|| parts[0].info.shape());
+            return Err(shape_err(name, shape, got));
         }
-        let ty = self.file.check_supported(info)?;
-        let values = self
-            .qtensor(info, ty, &Device::Cpu)?
-            .dequantize(&Device::Cpu)?; // f32
-        let values = match t {
-            Transform::Reshape => values,
-            Transform::NegLog => values.neg()?.log()?,
+        let values = match parts.as_slice() {
+            [one] => self.values(one)?,
+            _ => {
+                // Stacked rows: each part flattened to (rows, columns of the canonical shape).
+                let cols: usize = shape[1..].iter().product();
+                let rows = parts
+                    .iter()
+                    .map(|p| self.values(p)?.reshape(((), cols)).map_err(Error::from))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?
+            }
         };
         Ok(values
             .reshape(shape)?
@@ -129,23 +286,23 @@ impl TensorSource for GgufSource<'_> {
     }
 
     fn matrix(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Matrix> {
-        let (info, _) = self.info(name)?;
-        if info.shape() != shape {
-            return Err(shape_err(name, shape, info));
-        }
-        match self.file.check_supported(info)? {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                Ok(Matrix::Dense(self.tensor(name, shape, dtype)?))
-            }
-            ty => {
-                let q = self.qtensor(info, ty, &self.device)?;
-                Ok(Matrix::Quantized(QuantizedMatrix::new(q)?))
+        let parts = self.locate(name)?;
+        match stacked_shape(&parts) {
+            Some(s) if s == shape => {}
+            s => {
+                let got = s.unwrap_or_else(|| parts[0].info.shape());
+                return Err(shape_err(name, shape, got));
             }
         }
+        let matrices = parts
+            .iter()
+            .map(|p| self.part_matrix(p, dtype))
+            .collect::<Result<Vec<_>>>()?;
+        Matrix::cat_rows(matrices, dtype)
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.info(name).ok().map(|(i, _)| i.shape())
+        stacked_shape(&self.locate(name).ok()?)
     }
 
     fn device(&self) -> &Device {
@@ -180,6 +337,7 @@ impl Mamba2Model {
         let config = Mamba2Config::from_gguf(file)?;
         let src = GgufSource {
             file,
+            config: &config,
             device: device.clone(),
         };
         Self::build(&config, &src, config.default_root(), dtype, quantize)

@@ -1,0 +1,120 @@
+//! Where a canonical HF tensor of a hybrid family lives in a GGUF file: llama.cpp's names
+//! (`gguf-py/gguf/tensor_mapping.py`) and the layouts `convert_hf_to_gguf.py` writes.
+//!
+//! | canonical (Granite `model.layers.N.` / Nemotron-H `backbone.layers.N.`) | GGUF `blk.N.` |
+//! |---|---|
+//! | `input_layernorm` / `norm` | `attn_norm` |
+//! | `post_attention_layernorm` (Granite) | `ffn_norm` |
+//! | `mamba.*` / `mixer.*` (Mamba-2 leaves) | `ssm_*`, as for `mamba2` files |
+//! | `self_attn.{q,k}_proj` / `mixer.{q,k}_proj` | `attn_{q,k}`, rows permuted (see below) |
+//! | `self_attn.{v,o}_proj` / `mixer.{v,o}_proj` | `attn_v`, `attn_output` |
+//! | `shared_mlp.input_linear` (Granite, gate rows then up rows) | `ffn_gate` + `ffn_up` |
+//! | `shared_mlp.output_linear` (Granite) | `ffn_down` |
+//! | `mixer.{up,down}_proj` (Nemotron-H) | `ffn_{up,down}` |
+//!
+//! The converter routes attention layers of both families through its Llama class, which
+//! permutes the rows of q and k within each head for llama.cpp's pairwise RoPE: HF row
+//! `half * head_dim/2 + i` becomes row `2i + half`. llama.cpp reads NoPE layers the same either
+//! way (q and k move together), but the permutation only equals HF's rotate-half RoPE when the
+//! whole head rotates; reading the rows back in HF's order gives HF's model in every case
+//! (Bamba rotates 8 of 16 channels). Granite-4.0-H files with experts name their shared MLP
+//! `ffn_*_shexp`; those names are accepted in place of `ffn_*`.
+
+use super::{mamba_leaf, Transform};
+use crate::config::{Family, Mamba2Config};
+
+/// The GGUF tensor(s) holding one canonical tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Located {
+    /// One tensor whose values differ as `Transform` says.
+    One(String, Transform),
+    /// One tensor whose rows, in heads of `head_dim`, are in llama.cpp's RoPE order.
+    Unpermuted { name: String, head_dim: usize },
+    /// The rows of these tensors, stacked in order.
+    Rows(Vec<String>),
+}
+
+/// The location of `canonical` in a file of a hybrid family (None for a name the family does
+/// not have); `has` says whether the file has a tensor, to pick between alternative names.
+pub(super) fn locate_hybrid(
+    c: &Mamba2Config,
+    canonical: &str,
+    has: impl Fn(&str) -> bool,
+) -> Option<Located> {
+    let root = c.default_root();
+    let one = |n: &str| Some(Located::One(n.to_string(), Transform::Reshape));
+    if canonical == c.embedding_name(root) {
+        return one("token_embd.weight");
+    }
+    if canonical == c.final_norm_name(root) {
+        return one("output_norm.weight");
+    }
+    if canonical == "lm_head.weight" {
+        return one("output.weight");
+    }
+    let rest = canonical.strip_prefix(root)?.strip_prefix(".layers.")?;
+    let (layer, leaf) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let blk = |n: &str| format!("blk.{layer}.{n}");
+    // The first of `names` the file has (the first one otherwise, for the error message).
+    let pick = |names: &[&str]| {
+        let found = names.iter().find(|n| has(&blk(n))).or(names.first());
+        found.map(|n| blk(n))
+    };
+    let head_dim = c.attention.map_or(0, |a| a.head_dim);
+    let attention = |leaf: &str| -> Option<Located> {
+        let (proj, part) = leaf.split_once('.')?;
+        if part != "weight" && part != "bias" {
+            return None;
+        }
+        let (name, permuted) = match proj {
+            "q_proj" => ("attn_q", true),
+            "k_proj" => ("attn_k", true),
+            "v_proj" => ("attn_v", false),
+            "o_proj" => ("attn_output", false),
+            _ => return None,
+        };
+        let name = blk(&format!("{name}.{part}"));
+        Some(match permuted {
+            true => Located::Unpermuted { name, head_dim },
+            false => Located::One(name, Transform::Reshape),
+        })
+    };
+    let mamba = |leaf: &str| mamba_leaf(leaf).map(|(n, t)| Located::One(blk(n), t));
+    match c.family {
+        Family::GraniteHybrid => match leaf {
+            "input_layernorm.weight" => one(&blk("attn_norm.weight")),
+            "post_attention_layernorm.weight" => one(&blk("ffn_norm.weight")),
+            "shared_mlp.input_linear.weight" => Some(Located::Rows(vec![
+                pick(&["ffn_gate.weight", "ffn_gate_shexp.weight"])?,
+                pick(&["ffn_up.weight", "ffn_up_shexp.weight"])?,
+            ])),
+            "shared_mlp.output_linear.weight" => {
+                one(&pick(&["ffn_down.weight", "ffn_down_shexp.weight"])?)
+            }
+            _ => match leaf.split_once('.')? {
+                ("mamba", l) => mamba(l),
+                ("self_attn", l) => attention(l),
+                _ => None,
+            },
+        },
+        Family::NemotronH => match leaf {
+            "norm.weight" => one(&blk("attn_norm.weight")),
+            _ => {
+                let l = leaf.strip_prefix("mixer.")?;
+                let mlp = match l {
+                    "up_proj.weight" => Some("ffn_up.weight"),
+                    "up_proj.bias" => Some("ffn_up.bias"),
+                    "down_proj.weight" => Some("ffn_down.weight"),
+                    "down_proj.bias" => Some("ffn_down.bias"),
+                    _ => None,
+                };
+                match mlp {
+                    Some(n) => one(&blk(n)),
+                    None => mamba(l).or_else(|| attention(l)),
+                }
+            }
+        },
+        Family::Mamba2 | Family::FalconH1 | Family::Bamba => None,
+    }
+}
