@@ -27,10 +27,11 @@ use rayon::prelude::*;
 /// whose prefill keeps Candle's tiled kernels.
 pub(crate) const MAX_ROWS: usize = 8;
 
-/// Whether this path serves `rows` rows of format `ty`. Q8_0 is served at every row count:
-/// Candle's tiled Q8_0 kernel (AVX-512 VNNI) rounds activations per 256 values, which would make
-/// prefill differ from decode and from llama.cpp by twice llama.cpp's own activation rounding
-/// (tests/gguf_fixtures.rs measured 0.10 vs 0.058 on the Q8_0 fixture).
+/// Whether this path serves `rows` rows of format `ty`. Q8_0 is served at every row count (many
+/// rows through [`tiled`]): Candle's repacked Q8_0 kernel (AVX-512 VNNI) rounds activations per
+/// 256 values, which would make prefill differ from decode and from llama.cpp by twice
+/// llama.cpp's own activation rounding (tests/gguf_fixtures.rs measured 0.10 vs 0.058 on the
+/// Q8_0 fixture).
 fn serves(ty: GgmlDType, rows: usize) -> bool {
     rows > 0 && (rows <= MAX_ROWS || ty == GgmlDType::Q8_0)
 }
@@ -51,6 +52,7 @@ pub(crate) fn quantized_linear(x: &Tensor, w: &QuantizedMatrix) -> Result<Option
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?; // (rows * in_features)
     let data = w.qtensor().data()?;
     let out = match w.ggml_dtype() {
+        GgmlDType::Q8_0 if rows > MAX_ROWS => tiled::<BlockQ8_0>(&xs, &data, rows, k, n)?,
         GgmlDType::Q8_0 => matvec::<BlockQ8_0>(&xs, &data, rows, k, n),
         GgmlDType::Q4_0 => matvec::<BlockQ4_0>(&xs, &data, rows, k, n),
         GgmlDType::Q4_1 => matvec::<BlockQ4_1>(&xs, &data, rows, k, n),
@@ -82,6 +84,24 @@ fn blocks<T: GgmlType>(bytes: &[u8], n: usize, k: usize) -> Option<&[T]> {
     // SAFETY: length and alignment checked above; the bytes are Candle's own block storage of
     // this format (plain-old-data structs of integers and f16 scales).
     Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, count) })
+}
+
+/// Many rows: Candle's untiled-weight kernel (`k_quants::matmul`: row tiles, four weight rows
+/// per dot, its own thread pool), which quantizes the activations to the format's own dot type
+/// (Q8_0 for Q8_0), unlike its repacked AVX-512 tiles.
+fn tiled<T: GgmlType>(
+    x: &[f32],
+    bytes: &[u8],
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Result<Option<Vec<f32>>> {
+    let Some(w) = blocks::<T>(bytes, n, k) else {
+        return Ok(None);
+    };
+    let mut out = vec![0f32; rows * n]; // (rows, out_features)
+    candle_core::quantized::k_quants::matmul((rows, k, n), x, w, &mut out)?;
+    Ok(Some(out))
 }
 
 fn matvec<T: GgmlType>(
