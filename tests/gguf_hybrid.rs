@@ -525,12 +525,11 @@ fn bad_layer_arrays_and_missing_parts_are_named() {
 /// Bamba converts to `granitehybrid` with RoPE on 8 of its 16 head channels. llama.cpp is 1.65
 /// from HF after position 0 on this file: the converter permutes whole heads for pairwise
 /// RoPE, which equals HF's rotate-half only when every channel rotates. Reading q/k back in
-/// HF's row order and rotating HF's way gives HF's logits. The file is not committed (see the
-/// manifest); `scripts/gguf_fixtures.py` writes it under target/.
+/// HF's row order and rotating HF's way gives HF's logits. The file is llama.cpp's converter
+/// output that `scripts/gguf_fixtures.py` writes under target/ (copied to the fixtures).
 #[test]
-#[ignore = "needs target/gguf_fixtures/hybrid/bamba_b2/bamba_b2.f32.gguf from scripts/gguf_fixtures.py"]
 fn bamba_gguf_matches_hf_f32() {
-    let path = root().join("target/gguf_fixtures/hybrid/bamba_b2/bamba_b2.f32.gguf");
+    let path = root().join("tests/fixtures/gguf/hybrid/bamba_b2.f32.gguf");
     let file = GgufFile::open(&path).unwrap();
     let model = Mamba2Model::from_gguf(&file, DType::F32, &Device::Cpu, None).unwrap();
     let a = model.config().attention.unwrap();
