@@ -3,6 +3,7 @@
 mod bench;
 mod commands;
 mod perplexity;
+mod quantize;
 mod tokenize;
 
 use anyhow::Result;
@@ -65,6 +66,10 @@ enum Command {
     /// Perplexity of a text file by llama-perplexity's method (chunks of --ctx tokens, each from
     /// an empty state, second half scored); running estimates on stderr, one JSON line on stdout.
     Perplexity(perplexity::PerplexityArgs),
+    /// Write a GGUF file that llama.cpp reads (OUT.gguf --type f32|f16|bf16|q8_0|q4_k|...) from a
+    /// checkpoint folder or Hub repo of a pure Mamba-2 model, tokenizer embedded; a .gguf input
+    /// is re-quantized. Prints a summary (tensors, types, bytes) to stderr.
+    Quantize(quantize::QuantizeArgs),
 }
 
 /// Prints a line to stdout; a closed pipe (`| head`) is not an error.
@@ -89,5 +94,6 @@ fn main() -> Result<()> {
         Command::Info(a) => commands::info(a),
         Command::Tokenize(a) => tokenize::tokenize(a),
         Command::Perplexity(a) => perplexity::perplexity(a),
+        Command::Quantize(a) => quantize::quantize(a),
     }
 }
