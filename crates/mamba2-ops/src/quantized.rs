@@ -209,7 +209,10 @@ pub fn quantized_linear_with(
     backend: Backend,
 ) -> Result<Tensor> {
     let rows = validate(x, w, bias)?;
-    if backend == Backend::Reference || !is_block_format(w.ggml_dtype()) {
+    if backend == Backend::Reference
+        || !is_block_format(w.ggml_dtype())
+        || odd_block_pairs(w.ggml_dtype(), w.in_features)
+    {
         return quantized_linear_slow(x, w, bias);
     }
     let dtype = x.dtype();
@@ -254,6 +257,14 @@ pub fn quantized_linear_slow(
     let x32 = x.to_dtype(DType::F32)?;
     let b32 = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
     Ok(crate::linear_slow(&x32, &w32, b32.as_ref())?.to_dtype(dtype)?)
+}
+
+/// Candle's Q4_1 / Q5_0 / Q5_1 dot products take the blocks two at a time and assert (in
+/// builds with debug assertions) that a row holds an even number of them: rows of an odd
+/// number of 32-value blocks take the reference instead.
+fn odd_block_pairs(ty: GgmlDType, in_features: usize) -> bool {
+    matches!(ty, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
+        && (in_features / ty.block_size()) % 2 == 1
 }
 
 /// Whether Candle computes with `ty`'s blocks directly (F32/F16/BF16 "quantized" tensors are

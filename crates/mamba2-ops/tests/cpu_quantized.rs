@@ -198,6 +198,28 @@ fn reference_backend_and_float_formats_take_the_reference() {
     assert_eq!(y.dims(), &[2, 16]);
 }
 
+/// Q4_1 / Q5_0 / Q5_1 rows of an odd number of blocks (32 or 96 values): Candle's dot products
+/// take blocks in pairs, so these take the reference, with the reference's result.
+#[test]
+fn odd_block_counts_take_the_reference() {
+    let mut rng = StdRng::seed_from_u64(24);
+    for ty in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1] {
+        for k in [32, 96] {
+            let q = QuantizedMatrix::quantize(&randn(&mut rng, &[8, k], DType::F32), ty).unwrap();
+            for rows in [1, 20] {
+                let x = randn(&mut rng, &[rows, k], DType::F32);
+                let before = fast_path_count("quantized_linear");
+                let y = quantized_linear(&x, &q, None).unwrap();
+                assert_eq!(fast_path_count("quantized_linear"), before, "{ty:?} k {k}");
+                assert_eq!(
+                    flat(&y),
+                    flat(&quantized_linear_slow(&x, &q, None).unwrap())
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_arguments_are_typed_errors() {
     let mut rng = StdRng::seed_from_u64(22);
