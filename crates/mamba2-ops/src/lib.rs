@@ -39,6 +39,7 @@ pub mod linear;
 #[cfg(feature = "metal")]
 mod metal;
 pub mod metal_params;
+pub mod moe;
 pub mod quantized;
 pub mod rms_norm;
 pub mod rotary;
@@ -70,6 +71,10 @@ pub mod cuda_graph {
 pub use decode_step::{mixer_decode_step, mixer_decode_step_slow, DecodeStepArgs};
 pub use error::{OpError, Result};
 pub use linear::{linear, linear_slow, linear_with};
+pub use moe::{
+    moe_experts, moe_experts_path, moe_experts_slow, moe_experts_with, moe_route, moe_route_slow,
+    moe_route_with, ExpertActivation, ExpertsPath, MoeExpertsArgs, MoeRouteArgs, MoeRouting,
+};
 pub use quantized::{
     quantized_embedding, quantized_embedding_slow, quantized_linear, quantized_linear_slow,
     quantized_linear_with, QuantizedMatrix,
