@@ -19,6 +19,7 @@ mod flavors;
 mod gguf;
 mod hybrid;
 mod json;
+mod moe;
 mod names;
 mod presets;
 mod validate;
@@ -31,6 +32,7 @@ use flavors::{parse_hf, parse_mamba_ssm};
 pub use gguf::GGUF_ARCHITECTURES;
 pub use json::parse_json_lenient;
 use json::{parse_err, Fields};
+pub use moe::{MoeConfig, MoeRouter};
 pub use names::BlockNames;
 
 /// Upper bound on every size field except the vocabulary (2^24).
@@ -75,6 +77,8 @@ pub struct Mamba2Config {
     pub attention: Option<AttentionConfig>,
     /// MLP block settings (hybrids with MLP blocks).
     pub mlp: Option<MlpConfig>,
+    /// Mixture-of-experts block settings (hybrids with MoE blocks).
+    pub moe: Option<MoeConfig>,
     /// Scalar multipliers (all 1 for Mamba-2).
     pub multipliers: Multipliers,
     /// Whether the Mamba output goes through the grouped gated RMSNorm (`false`: `y * silu(z)`
@@ -472,6 +476,7 @@ impl Mamba2Config {
             pattern: Vec::new(),
             attention: None,
             mlp: None,
+            moe: None,
             multipliers: Multipliers::default(),
             gated_norm: true,
             out_proj_bias: false,

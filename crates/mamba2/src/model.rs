@@ -21,11 +21,14 @@ pub(crate) use gguf_source::{gguf_name, Transform as GgufTransform};
 mod matrix;
 /// The block kinds: Mamba-2 mixer, attention, MLP.
 mod mixers;
+/// The mixture-of-experts block and its routing trace (debug API).
+mod moe;
 use candle_core::{DType, Device, Tensor, D};
 use mamba2_ops::{rms_norm_residual, SsdParams};
 use matrix::Matrix;
 pub(crate) use mixers::MambaMixer;
 use mixers::{Block, BlockCtx, Mixer, Pass};
+pub use moe::RoutingTrace;
 
 /// One layer of a pure Mamba-2 stack (see [`Mamba2Model::mamba_stack`]).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]

@@ -42,6 +42,9 @@ pub enum BlockKind {
     MambaAttention,
     /// A feed-forward block (no state).
     Mlp,
+    /// A mixture-of-experts block: routed experts plus the always-on shared MLP (no state; see
+    /// [`crate::config::MoeConfig`]).
+    Moe,
 }
 
 impl BlockKind {
@@ -55,7 +58,7 @@ impl BlockKind {
         matches!(self, BlockKind::Attention | BlockKind::MambaAttention)
     }
 
-    /// One letter per kind, as in Nemotron-H's `hybrid_override_pattern` (`M`, `*`, `-`), with
+    /// One letter per kind, as in Nemotron-H's `hybrid_override_pattern` (`M`, `*`, `-`, `E`), with
     /// `P` for the parallel Mamba + attention block.
     pub fn letter(self) -> char {
         match self {
@@ -63,6 +66,7 @@ impl BlockKind {
             BlockKind::Attention => '*',
             BlockKind::MambaAttention => 'P',
             BlockKind::Mlp => '-',
+            BlockKind::Moe => 'E',
         }
     }
 }
@@ -190,7 +194,7 @@ impl Multipliers {
 }
 
 /// The block list of a layer pattern string (`M`, `*`, `-`, one letter per layer), as Nemotron-H's
-/// `hybrid_override_pattern` writes it. `E` (MoE) is refused: it is a separate feature.
+/// `hybrid_override_pattern` writes it (`E`: mixture of experts).
 pub(crate) fn blocks_from_pattern(pattern: &str) -> std::result::Result<Vec<BlockSpec>, String> {
     pattern
         .chars()
@@ -200,14 +204,10 @@ pub(crate) fn blocks_from_pattern(pattern: &str) -> std::result::Result<Vec<Bloc
                 'M' => BlockKind::Mamba,
                 '*' => BlockKind::Attention,
                 '-' => BlockKind::Mlp,
-                'E' => {
-                    return Err(format!(
-                        "layer {layer} is `E` (mixture of experts), which is not supported yet"
-                    ))
-                }
+                'E' => BlockKind::Moe,
                 other => {
                     return Err(format!(
-                        "unknown block letter `{other}` at layer {layer} (expected M, * or -)"
+                        "unknown block letter `{other}` at layer {layer} (expected M, *, - or E)"
                     ))
                 }
             };

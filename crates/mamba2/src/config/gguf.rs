@@ -237,6 +237,7 @@ fn mamba2(file: &GgufFile) -> Result<Mamba2Config> {
         pattern: Vec::new(),
         attention: None,
         mlp: None,
+        moe: None,
         multipliers: Multipliers::default(),
         gated_norm: true,
         out_proj_bias: file.tensor_info("blk.0.ssm_out.bias").is_some(),

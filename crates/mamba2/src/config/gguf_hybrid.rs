@@ -95,6 +95,7 @@ fn base(
         pattern,
         attention: None,
         mlp: None,
+        moe: None,
         multipliers: Multipliers::default(),
         gated_norm: true,
         out_proj_bias: ssm_bias("ssm_out.bias"),

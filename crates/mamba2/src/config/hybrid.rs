@@ -99,7 +99,7 @@ fn kind_of_layer_type(t: &str) -> Option<std::result::Result<BlockKind, String>>
         "mamba" | "linear_attention" => BlockKind::Mamba,
         "attention" | "full_attention" => BlockKind::Attention,
         "mlp" => BlockKind::Mlp,
-        "moe" => return Some(Err("mixture-of-experts layers are not supported yet".into())),
+        "moe" => BlockKind::Moe,
         _ => return None,
     }))
 }
@@ -140,6 +140,11 @@ fn check_layer_count(key: &str, len: usize, n_layer: usize) -> Result<()> {
 
 /// A mixer block followed by an MLP block for every layer (Granite, Falcon-H1, Bamba).
 fn mixer_then_mlp(mixers: &[BlockKind]) -> Vec<BlockSpec> {
+    mixer_then(mixers, BlockKind::Mlp)
+}
+
+/// A mixer block followed by a `second` block (MLP or MoE) for every layer.
+fn mixer_then(mixers: &[BlockKind], second: BlockKind) -> Vec<BlockSpec> {
     mixers
         .iter()
         .enumerate()
@@ -147,7 +152,7 @@ fn mixer_then_mlp(mixers: &[BlockKind]) -> Vec<BlockSpec> {
             [
                 BlockSpec { kind, layer },
                 BlockSpec {
-                    kind: BlockKind::Mlp,
+                    kind: second,
                     layer,
                 },
             ]
@@ -196,6 +201,7 @@ fn base(
         pattern: Vec::new(),
         attention: None,
         mlp: None,
+        moe: None,
         multipliers: Multipliers::default(),
         gated_norm: true,
         out_proj_bias: proj_bias,
@@ -238,22 +244,19 @@ fn required_sizes(f: &Fields<'_>) -> Result<(usize, usize)> {
 pub(super) fn parse_granite(f: &Fields<'_>) -> Result<Mamba2Config> {
     let (d_model, vocab) = required_sizes(f)?;
     let n_layer = f.required("num_hidden_layers", f.usize("num_hidden_layers")?)?;
-    // transformers' default is 8 experts: a config without the field is a MoE model.
-    let experts = f.usize("num_local_experts")?.unwrap_or(8);
-    if experts > 0 {
-        return Err(Error::Unsupported(format!(
-            "{}: num_local_experts {experts} > 0 (mixture of experts) is not supported yet",
-            f.origin
-        )));
-    }
+    let shared = f.usize("shared_intermediate_size")?.unwrap_or(1024);
+    let moe = super::moe::granite_moe(f, shared)?;
     require_silu(f, "hidden_act")?;
     let mixers = match listed_layer_types(f)? {
         Some((key, kinds)) => {
             check_layer_count(&key, kinds.len(), n_layer)?;
-            if let Some(i) = kinds.iter().position(|k| *k == BlockKind::Mlp) {
+            if let Some(i) = kinds
+                .iter()
+                .position(|k| matches!(k, BlockKind::Mlp | BlockKind::Moe))
+            {
                 return Err(Error::field(
                     format!("{key}[{i}]"),
-                    "`mlp` is not a Granite mixer (expected mamba or attention)",
+                    "`mlp` / `moe` is not a Granite mixer (expected mamba or attention)",
                 ));
             }
             kinds
@@ -271,7 +274,13 @@ pub(super) fn parse_granite(f: &Fields<'_>) -> Result<Mamba2Config> {
         (128, 1, 256, 256),
     )?;
     c.norm_eps = f.f64("rms_norm_eps")?.unwrap_or(1e-6);
-    c.pattern = mixer_then_mlp(&mixers);
+    // With experts, each layer's second block is the MoE beside the shared_mlp.
+    let second = match moe {
+        Some(_) => BlockKind::Moe,
+        None => BlockKind::Mlp,
+    };
+    c.pattern = mixer_then(&mixers, second);
+    c.moe = moe;
     let (heads, kv, head_dim) = attention(f, d_model, None)?;
     let rope = match f.string("position_embedding_type")? {
         Some("rope") => Some(RopeConfig {
@@ -295,7 +304,7 @@ pub(super) fn parse_granite(f: &Fields<'_>) -> Result<Mamba2Config> {
         bias: f.bool("attention_bias")?.unwrap_or(false),
     });
     c.mlp = Some(MlpConfig {
-        intermediate_size: f.usize("shared_intermediate_size")?.unwrap_or(1024),
+        intermediate_size: shared,
         activation: MlpActivation::SwiGlu,
         bias: false,
     });
@@ -413,6 +422,9 @@ pub(super) fn parse_nemotron_h(f: &Fields<'_>) -> Result<Mamba2Config> {
         .enumerate()
         .map(|(layer, &kind)| BlockSpec { kind, layer })
         .collect();
+    if kinds.contains(&BlockKind::Moe) {
+        c.moe = Some(super::moe::nemotron_moe(f)?);
+    }
     let (heads, kv, _) = attention(f, d_model, Some(8))?;
     // transformers reads `head_dim`; the v1 Hub configs spell it `attention_head_dim`.
     let head_dim = match f.usize("head_dim")? {

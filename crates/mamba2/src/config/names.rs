@@ -15,6 +15,12 @@ pub struct BlockNames {
     pub attention: String,
     /// Prefix of the MLP (`input_linear` / `gate_proj` / `up_proj` / `down_proj` ...).
     pub mlp: String,
+    /// Prefix of the MoE router and routed experts (Granite `block_sparse_moe.`, Nemotron-H
+    /// `mixer.`).
+    pub moe: String,
+    /// Prefix of the MoE block's always-on shared MLP (Granite `shared_mlp.`, Nemotron-H
+    /// `mixer.shared_experts.`).
+    pub shared_mlp: String,
 }
 
 impl Mamba2Config {
@@ -49,7 +55,7 @@ impl Mamba2Config {
     pub fn block_names(&self, root: &str, b: usize) -> BlockNames {
         let spec = self.block_spec(b);
         let layer = format!("{root}.layers.{}.", spec.layer);
-        let is_mlp = spec.kind == BlockKind::Mlp;
+        let is_mlp = matches!(spec.kind, BlockKind::Mlp | BlockKind::Moe);
         let (norm, mamba, attention, mlp) = match self.family {
             Family::Mamba2 | Family::NemotronH => {
                 let mixer = format!("{layer}mixer.");
@@ -87,11 +93,17 @@ impl Mamba2Config {
                 format!("{layer}feed_forward."),
             ),
         };
+        let (moe, shared_mlp) = match self.family {
+            Family::GraniteHybrid => (format!("{layer}block_sparse_moe."), mlp.clone()),
+            _ => (mamba.clone(), format!("{mamba}shared_experts.")),
+        };
         BlockNames {
             norm,
             mamba,
             attention,
             mlp,
+            moe,
+            shared_mlp,
         }
     }
 
@@ -148,7 +160,63 @@ impl Mamba2Config {
                 }
             }
         }
+        if let (BlockKind::Moe, Some(m)) = (kind, &self.moe) {
+            let (e, i) = (m.num_experts, m.intermediate_size);
+            for (name, shape) in self.router_tensors() {
+                push(&n.moe, name, shape);
+            }
+            match self.family {
+                Family::GraniteHybrid => {
+                    push(&n.moe, "input_linear.weight", vec![e, 2 * i, h]);
+                    push(&n.moe, "output_linear.weight", vec![e, h, i]);
+                }
+                _ => {
+                    for x in 0..e {
+                        push(&n.moe, &format!("experts.{x}.up_proj.weight"), vec![i, h]);
+                        push(&n.moe, &format!("experts.{x}.down_proj.weight"), vec![h, i]);
+                    }
+                }
+            }
+            let shared_bias =
+                self.family != Family::GraniteHybrid && self.mlp.is_some_and(|m| m.bias);
+            for (name, shape, bias) in self.moe_shared_tensors(m.shared_intermediate_size) {
+                push(&n.shared_mlp, name, shape.clone());
+                if bias && shared_bias {
+                    push(
+                        &n.shared_mlp,
+                        &name.replace(".weight", ".bias"),
+                        vec![shape[0]],
+                    );
+                }
+            }
+        }
         out
+    }
+
+    /// The router's tensors under the MoE prefix: Granite `router.layer.weight` `(E, H)`;
+    /// Nemotron-H `gate.weight` `(E, H)` and `gate.e_score_correction_bias` `(E)`.
+    pub(crate) fn router_tensors(&self) -> Vec<(&'static str, Vec<usize>)> {
+        let (h, e) = (self.d_model, self.moe.map_or(0, |m| m.num_experts));
+        match self.family {
+            Family::GraniteHybrid => vec![("router.layer.weight", vec![e, h])],
+            _ => vec![
+                ("gate.weight", vec![e, h]),
+                ("gate.e_score_correction_bias", vec![e]),
+            ],
+        }
+    }
+
+    /// The shared MLP of a MoE block: Granite's SwiGLU `shared_mlp`, Nemotron-H's ReLU²
+    /// `shared_experts`.
+    pub(crate) fn moe_shared_tensors(&self, s: usize) -> Vec<(&'static str, Vec<usize>, bool)> {
+        let h = self.d_model;
+        match self.family {
+            Family::GraniteHybrid => self.mlp_tensors(s),
+            _ => vec![
+                ("up_proj.weight", vec![s, h], true),
+                ("down_proj.weight", vec![h, s], true),
+            ],
+        }
     }
 
     /// The MLP's matrices as the family stores them: `(name, shape, may have a bias)`.

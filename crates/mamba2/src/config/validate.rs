@@ -103,6 +103,15 @@ impl Mamba2Config {
             };
             size(field, m.intermediate_size)?;
         }
+        if blocks.iter().any(|b| b.kind == super::BlockKind::Moe) {
+            let Some(moe) = &self.moe else {
+                return Err(Error::field(
+                    "num_experts_per_tok",
+                    "mixture-of-experts blocks need MoE settings",
+                ));
+            };
+            moe.validate(MAX_DIM)?;
+        }
         for (name, v) in self.multipliers.named() {
             if !v.is_finite() {
                 return Err(Error::field(name, format!("must be finite, got {v}")));

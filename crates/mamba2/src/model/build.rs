@@ -9,13 +9,14 @@
 
 use super::matrix::{Matrix, Proj};
 use super::mixers::{Attention, Block, MambaMixer, Mixer, Mlp};
+use super::moe::MoeBlock;
 use super::Mamba2Model;
-use crate::config::{BlockKind, Family, Mamba2Config, MlpActivation};
+use crate::config::{BlockKind, Family, Mamba2Config, MlpActivation, MoeRouter};
 use crate::weights::Weights;
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use mamba2_ops::SsdParams;
+use mamba2_ops::{ExpertActivation, MoeRouting, SsdParams};
 use std::collections::HashMap;
 
 /// The activation dtypes the ops implement; anything else would fail later, inside an op.
@@ -290,13 +291,23 @@ impl Loader<'_> {
     }
 
     fn mlp(&self, p: &str) -> Result<Mlp> {
+        let cfg = self
+            .c
+            .mlp
+            .as_ref()
+            .ok_or_else(|| Error::field("intermediate_size", "missing"))?;
+        self.mlp_sized(p, cfg.intermediate_size)
+    }
+
+    /// The family's MLP with `i` hidden units (a MoE block's shared MLP has its own width).
+    fn mlp_sized(&self, p: &str, i: usize) -> Result<Mlp> {
         let c = self.c;
         let m = &c.multipliers;
         let cfg = c
             .mlp
             .as_ref()
             .ok_or_else(|| Error::field("intermediate_size", "missing"))?;
-        let (h, i, bias) = (c.d_model, cfg.intermediate_size, cfg.bias);
+        let (h, bias) = (c.d_model, cfg.bias);
         let down_scale = m.mlp_down * m.residual;
         let (up, down) = match (c.family, cfg.activation) {
             (Family::GraniteHybrid, _) => (
@@ -324,6 +335,86 @@ impl Loader<'_> {
             up,
             down,
             activation: cfg.activation,
+        })
+    }
+}
+
+impl Loader<'_> {
+    /// A MoE block: router (a missing one is a `MissingTensor`), the routed experts checked
+    /// against the config's stacked shapes, and the shared MLP. Granite's experts are stored
+    /// stacked; Nemotron-H's per expert (as published and as transformers 5 re-saves them) or
+    /// stacked under `experts.{up,down}_proj` (transformers' in-memory names). Granite's
+    /// `residual_multiplier` is folded into the experts' down projections. The experts stay dense
+    /// in the model dtype whatever `quantize` says.
+    fn moe(&self, n: &crate::config::BlockNames, layer: usize) -> Result<MoeBlock> {
+        let c = self.c;
+        let m = c
+            .moe
+            .ok_or_else(|| Error::field("num_experts_per_tok", "missing MoE settings"))?;
+        let (e, h, i) = (m.num_experts, c.d_model, m.intermediate_size);
+        let up_rows = match m.activation {
+            MlpActivation::SwiGlu => 2 * i,
+            MlpActivation::ReluSquared => i,
+        };
+        let p = &n.moe;
+        let (router, correction_bias) = match c.family {
+            Family::GraniteHybrid => (self.get(&format!("{p}router.layer.weight"), &[e, h])?, None),
+            _ => (
+                self.f32(&format!("{p}gate.weight"), &[e, h])?,
+                Some(self.f32(&format!("{p}gate.e_score_correction_bias"), &[e])?),
+            ),
+        };
+        let residual = c.multipliers.residual;
+        let (up, down) = match c.family {
+            Family::GraniteHybrid => (
+                self.get(&format!("{p}input_linear.weight"), &[e, up_rows, h])?,
+                self.scaled(&format!("{p}output_linear.weight"), &[e, h, i], residual)?,
+            ),
+            _ if self.src.shape(&format!("{p}experts.up_proj")).is_some() => (
+                self.get(&format!("{p}experts.up_proj"), &[e, up_rows, h])?,
+                self.scaled(&format!("{p}experts.down_proj"), &[e, h, i], residual)?,
+            ),
+            _ => {
+                let (mut ups, mut downs) = (Vec::new(), Vec::new());
+                for x in 0..e {
+                    ups.push(self.get(&format!("{p}experts.{x}.up_proj.weight"), &[up_rows, h])?);
+                    downs.push(self.scaled(
+                        &format!("{p}experts.{x}.down_proj.weight"),
+                        &[h, i],
+                        residual,
+                    )?);
+                }
+                (Tensor::stack(&ups, 0)?, Tensor::stack(&downs, 0)?)
+            }
+        };
+        let routing = match m.router {
+            MoeRouter::Softmax => MoeRouting::Softmax,
+            MoeRouter::SigmoidGrouped {
+                n_group,
+                topk_group,
+                norm_topk_prob,
+                routed_scaling_factor,
+            } => MoeRouting::SigmoidGrouped {
+                n_group,
+                topk_group,
+                norm_topk_prob,
+                routed_scaling_factor,
+            },
+        };
+        Ok(MoeBlock {
+            router,
+            correction_bias,
+            up,
+            down,
+            activation: match m.activation {
+                MlpActivation::SwiGlu => ExpertActivation::SwiGlu,
+                MlpActivation::ReluSquared => ExpertActivation::ReluSquared,
+            },
+            routing,
+            top_k: m.top_k,
+            shared: self.mlp_sized(&n.shared_mlp, m.shared_intermediate_size)?,
+            layer,
+            trace: Default::default(),
         })
     }
 }
@@ -456,6 +547,7 @@ impl Mamba2Model {
                     Mixer::MambaAttention(loader.mamba(&n.mamba)?, loader.attention(&n.attention)?)
                 }
                 BlockKind::Mlp => Mixer::Mlp(loader.mlp(&n.mlp)?),
+                BlockKind::Moe => Mixer::Moe(loader.moe(&n, spec.layer)?),
             };
             let slot = |has: bool, counter: &mut usize| {
                 has.then(|| {

@@ -317,6 +317,8 @@ pub(crate) enum Mixer {
     /// Falcon-H1: both on the same input, outputs summed.
     MambaAttention(MambaMixer, Attention),
     Mlp(Mlp),
+    /// Routed experts plus the shared MLP (Granite-4.0-H MoE, Nemotron-H `E`).
+    Moe(super::moe::MoeBlock),
 }
 
 impl MambaMixer {
@@ -355,6 +357,11 @@ impl Mixer {
             Mixer::Attention(a) => attn(a),
             Mixer::MambaAttention(m, a) => m.num_parameters() + attn(a),
             Mixer::Mlp(m) => m.up.num_parameters() + m.down.num_parameters(),
+            Mixer::Moe(m) => {
+                m.tensors().map(|t| t.elem_count()).sum::<usize>()
+                    + m.shared.up.num_parameters()
+                    + m.shared.down.num_parameters()
+            }
         }
     }
 
@@ -365,6 +372,8 @@ impl Mixer {
             Mixer::Attention(a) => vec![&a.qkv, &a.o_proj],
             Mixer::MambaAttention(m, a) => vec![&m.in_proj, &m.out_proj, &a.qkv, &a.o_proj],
             Mixer::Mlp(m) => vec![&m.up, &m.down],
+            // The routed experts stay dense; only the shared MLP may be quantized.
+            Mixer::Moe(m) => vec![&m.shared.up, &m.shared.down],
         };
         projs.iter().find_map(|p| p.weight.ggml_dtype())
     }
@@ -377,6 +386,11 @@ impl Mixer {
             Mixer::Attention(a) => attn(a),
             Mixer::MambaAttention(m, a) => m.storage_bytes() + attn(a),
             Mixer::Mlp(m) => m.up.storage_bytes() + m.down.storage_bytes(),
+            Mixer::Moe(m) => {
+                m.tensors().map(tensor_bytes).sum::<usize>()
+                    + m.shared.up.storage_bytes()
+                    + m.shared.down.storage_bytes()
+            }
         }
     }
 }
@@ -425,6 +439,7 @@ impl Block {
                 Ok((y + o)?)
             }
             Mixer::Mlp(mlp) => mlp.forward(x),
+            Mixer::Moe(moe) => moe.forward(x),
         }
     }
 }
