@@ -68,36 +68,35 @@ fn quantized_prefill_split_prefill_and_decode_agree() {
         // The same quantized kernels on the same rows: only the scan's chunking differs.
         assert!(max_abs_diff(&full, &joined) < 1e-4, "{ty:?}: split prefill");
 
-        // Decode and prefill round each activation row to 8-bit blocks the same way (the
-        // kernels are row-independent, `cpu_quantized.rs`), but the recurrent step and the
-        // chunked scan differ by float rounding (~1e-7), which now and then moves an activation
-        // across a rounding boundary: one 8-bit step, which the random model amplifies. So most
-        // positions agree exactly and the rest within a fraction of the logits' scale.
+        // Prefill multiplies by the exactly dequantized weights; decode rounds each activation
+        // row to 8-bit blocks first (as llama.cpp does). So decode follows prefill within the
+        // effect of that rounding: a few percent of the logits' scale on this random model.
         let mut step = model.new_cache(batch).unwrap();
-        let mut exact = 0;
         for t in 0..seq {
             let l = model
                 .step(&x.narrow(1, t, 1).unwrap().squeeze(1).unwrap(), &mut step)
                 .unwrap();
             let want = full.narrow(1, t, 1).unwrap().squeeze(1).unwrap(); // (batch, vocab_rows)
-            for r in 0..batch {
-                let (a, b) = (l.narrow(0, r, 1).unwrap(), want.narrow(0, r, 1).unwrap());
-                let d = max_abs_diff(&a, &b);
-                exact += usize::from(d < 1e-5);
-                assert!(d < 0.1 * rms(&b), "{ty:?}: decode token {t} row {r}: {d}");
-            }
-        }
-        assert!(
-            exact * 4 >= 3 * seq * batch,
-            "{ty:?}: only {exact} of {} positions exact",
-            seq * batch
-        );
-        for i in 0..one.n_layer() {
-            let s = rms(one.ssm_state(i));
-            assert!(max_abs_diff(one.ssm_state(i), step.ssm_state(i)) < 0.1 * s);
             assert!(
-                max_abs_diff(one.conv_state(i), step.conv_state(i)) < 0.1 * rms(one.conv_state(i))
+                max_abs_diff(&l, &want) > 0.0,
+                "{ty:?}: decode did not round activations"
             );
+            let d = rms(&(&l - &want).unwrap()) / rms(&want);
+            assert!(d < 0.1, "{ty:?}: decode token {t}: relative RMS {d}");
+        }
+        // States: the relative RMS of the difference.
+        let rel = |a: &Tensor, b: &Tensor| rms(&(a - b).unwrap()) / rms(a);
+        for i in 0..one.n_layer() {
+            let (ds, dc) = (
+                rel(one.ssm_state(i), step.ssm_state(i)),
+                rel(one.conv_state(i), step.conv_state(i)),
+            );
+            assert!(
+                ds < 0.1 && dc < 0.1,
+                "{ty:?} layer {i}: ssm {ds}, conv {dc}"
+            );
+            // Split prefill took the same exact path as the one-shot prefill.
+            assert!(max_abs_diff(one.ssm_state(i), split.ssm_state(i)) < 1e-4);
         }
     }
 }

@@ -1,12 +1,13 @@
 //! Projections and embedding lookups whose weight matrix is stored in one of ggml's block
 //! formats (Q8_0, Q4_K, ...), as GGUF files carry them.
 //!
-//! The fast path is Candle's quantized matrix product on every backend (`QMatMul`): the
-//! activations are quantized to 8-bit blocks and dotted against the weight blocks with integer
-//! arithmetic (AVX2 / AVX-512 VNNI repacked tiles on x86, NEON on ARM, its CUDA and Metal kernels
-//! on GPUs), so decode reads only the quantized bytes. The reference dequantizes the weight to
-//! f32 and calls [`crate::linear_slow`]: the difference between the two is the activation
-//! rounding of the fast path, bounded by the tolerance table of `tests/cpu_quantized.rs`.
+//! Fast paths: on the CPU, decode rows (up to 8) dot the weight blocks with the activations
+//! rounded to 8-bit blocks, as llama.cpp does, so decode reads only the quantized bytes; prefill
+//! rows multiply by the exactly dequantized matrix through the dense GEMM (see `cpu/quantized.rs`
+//! for why). On CUDA and Metal, Candle's quantized kernels (`QMatMul`, f32 activations rounded to
+//! Q8_1 blocks on CUDA). The reference dequantizes the weight to f32 and calls
+//! [`crate::linear_slow`]; the fast paths differ from it by the activation rounding of the decode
+//! rows, bounded by the tolerance table of `tests/cpu_quantized.rs`.
 //!
 //! Shapes: a weight is `(out_features, in_features)` with `in_features` a multiple of its
 //! format's block size (32 or 256); activations are `(..., in_features)` in f32, f16 or bf16 and

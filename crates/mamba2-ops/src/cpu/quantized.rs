@@ -1,17 +1,23 @@
-//! `quantized_linear` for a few rows (decode) on this crate's Rayon pool: each weight row's
-//! blocks dotted with the activation row quantized to the format's dot type (Q8_0 for the
-//! 32-blocks, Q8_K for the K-quants, as llama.cpp does), with Candle's per-format SIMD dot
-//! products (`GgmlType::vec_dot`, AVX2 / NEON chosen at run time).
+//! `quantized_linear` on the CPU, on this crate's Rayon pool.
 //!
-//! Why not Candle's `QMatMul` here: it runs on Candle's own spinning thread pool, which on a
-//! 2-core machine fights the Rayon workers of the other ops of the step (decode measured 4-8x
-//! slower than this path); and on AVX-512 VNNI its repacked Q8_0 kernel rounds the activations
-//! per 256 values where llama.cpp rounds per 32. Prefill (many rows) keeps Candle's tiled
-//! kernels, whose weight reuse across rows matters more, except for Q8_0 (see [`serves`]).
+//! - **Decode** (at most [`MAX_ROWS`] rows): each weight row's blocks dotted with the activation
+//!   row quantized to the format's dot type (Q8_0 for the 32-value formats, Q8_K for the
+//!   K-quants, as llama.cpp does), with Candle's per-format SIMD dot products
+//!   (`GgmlType::vec_dot`, AVX2 / NEON chosen at run time). Bound by the quantized bytes read.
+//! - **Prefill** (more rows): the matrix is dequantized (in parallel, one matrix at a time) to
+//!   the activation dtype and multiplied by the `linear` op's tiled GEMM. Prefill is bound by
+//!   arithmetic, and the f32/bf16 GEMM outruns the integer dot products available here by 3-4x
+//!   on the 130m Q8_0 shape (BENCHMARKS.md, "GGUF on the CPU"); its result is the exact product
+//!   with the dequantized weights, so prefill differs from decode by the decode path's
+//!   activation rounding only.
 //!
-//! Work: `out_features` rows split into chunks over the pool; each chunk reads its weight rows
-//! once for all `rows` activation rows. Memory: the quantized activation rows (`rows x
-//! in_features` bytes) and the f32 output.
+//! Why not Candle's `QMatMul`: it runs on Candle's own spinning thread pool, which on a 2-core
+//! machine fights the Rayon workers of the other ops of the step (decode measured 4-8x slower
+//! than this path under load), and on AVX-512 VNNI its repacked Q8_0 kernel rounds the
+//! activations per 256 values where llama.cpp rounds per 32.
+//!
+//! Memory: decode holds the quantized activation rows (`rows x in_features` bytes) and the f32
+//! output; prefill one dequantized matrix (`out_features x in_features` values) at a time.
 
 use crate::quantized::QuantizedMatrix;
 use crate::Result;
@@ -23,36 +29,36 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-/// Activation rows up to which this path serves (decode and batched decode) for the formats
-/// whose prefill keeps Candle's tiled kernels.
+/// Activation rows up to which the matrix-vector path serves (decode and batched decode).
 pub(crate) const MAX_ROWS: usize = 8;
-
-/// Whether this path serves `rows` rows of format `ty`. Q8_0 is served at every row count (many
-/// rows through [`tiled`]): Candle's repacked Q8_0 kernel (AVX-512 VNNI) rounds activations per
-/// 256 values, which would make prefill differ from decode and from llama.cpp by twice
-/// llama.cpp's own activation rounding (tests/gguf_fixtures.rs measured 0.10 vs 0.058 on the
-/// Q8_0 fixture).
-fn serves(ty: GgmlDType, rows: usize) -> bool {
-    rows > 0 && (rows <= MAX_ROWS || ty == GgmlDType::Q8_0)
-}
 
 /// Weight rows per task: enough bytes per task (~64 rows x a few hundred bytes) to amortise the
 /// scheduling, small enough for ~8 tasks per thread on the 130m shapes.
 const ROWS_PER_TASK: usize = 32;
 
 /// `x` `(rows, in_features)` (any float dtype, any layout) times `wᵀ` → `(rows, out_features)`
-/// f32; `None` when the preconditions do not hold (too many rows, a format without a dot
-/// kernel here, blocks not laid out as expected).
+/// f32; `None` when the preconditions do not hold (a format without a kernel here, blocks not
+/// laid out as expected).
 pub(crate) fn quantized_linear(x: &Tensor, w: &QuantizedMatrix) -> Result<Option<Tensor>> {
     let (k, n) = (w.in_features(), w.out_features());
     let rows = x.elem_count() / k.max(1);
-    if !serves(w.ggml_dtype(), rows) || !w.device().is_cpu() {
+    if rows == 0 || !w.device().is_cpu() {
         return Ok(None);
+    }
+    if rows > MAX_ROWS {
+        let Some(dense) = dequantize(w)? else {
+            return Ok(None);
+        };
+        // (out_features, in_features) in the activation dtype, through the tiled GEMM.
+        let dense = dense.to_dtype(x.dtype())?;
+        let x2 = x.reshape((rows, k))?;
+        return Ok(Some(
+            crate::linear(&x2, &dense, None)?.to_dtype(DType::F32)?,
+        ));
     }
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?; // (rows * in_features)
     let data = w.qtensor().data()?;
     let out = match w.ggml_dtype() {
-        GgmlDType::Q8_0 if rows > MAX_ROWS => tiled::<BlockQ8_0>(&xs, &data, rows, k, n)?,
         GgmlDType::Q8_0 => matvec::<BlockQ8_0>(&xs, &data, rows, k, n),
         GgmlDType::Q4_0 => matvec::<BlockQ4_0>(&xs, &data, rows, k, n),
         GgmlDType::Q4_1 => matvec::<BlockQ4_1>(&xs, &data, rows, k, n),
@@ -86,22 +92,37 @@ fn blocks<T: GgmlType>(bytes: &[u8], n: usize, k: usize) -> Option<&[T]> {
     Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, count) })
 }
 
-/// Many rows: Candle's untiled-weight kernel (`k_quants::matmul`: row tiles, four weight rows
-/// per dot, its own thread pool), which quantizes the activations to the format's own dot type
-/// (Q8_0 for Q8_0), unlike its repacked AVX-512 tiles.
-fn tiled<T: GgmlType>(
-    x: &[f32],
-    bytes: &[u8],
-    rows: usize,
-    k: usize,
-    n: usize,
-) -> Result<Option<Vec<f32>>> {
-    let Some(w) = blocks::<T>(bytes, n, k) else {
-        return Ok(None);
+/// The exact f32 values of `w`'s blocks, `(out_features, in_features)`, decoded in parallel.
+fn dequantize(w: &QuantizedMatrix) -> Result<Option<Tensor>> {
+    let (k, n) = (w.in_features(), w.out_features());
+    let data = w.qtensor().data()?;
+    let v = match w.ggml_dtype() {
+        GgmlDType::Q8_0 => decode_blocks::<BlockQ8_0>(&data, n, k),
+        GgmlDType::Q4_0 => decode_blocks::<BlockQ4_0>(&data, n, k),
+        GgmlDType::Q4_1 => decode_blocks::<BlockQ4_1>(&data, n, k),
+        GgmlDType::Q5_0 => decode_blocks::<BlockQ5_0>(&data, n, k),
+        GgmlDType::Q5_1 => decode_blocks::<BlockQ5_1>(&data, n, k),
+        GgmlDType::Q2K => decode_blocks::<BlockQ2K>(&data, n, k),
+        GgmlDType::Q3K => decode_blocks::<BlockQ3K>(&data, n, k),
+        GgmlDType::Q4K => decode_blocks::<BlockQ4K>(&data, n, k),
+        GgmlDType::Q5K => decode_blocks::<BlockQ5K>(&data, n, k),
+        GgmlDType::Q6K => decode_blocks::<BlockQ6K>(&data, n, k),
+        _ => None,
     };
-    let mut out = vec![0f32; rows * n]; // (rows, out_features)
-    candle_core::quantized::k_quants::matmul((rows, k, n), x, w, &mut out)?;
-    Ok(Some(out))
+    Ok(match v {
+        Some(v) => Some(Tensor::from_vec(v, (n, k), &candle_core::Device::Cpu)?),
+        None => None,
+    })
+}
+
+fn decode_blocks<T: GgmlType>(bytes: &[u8], n: usize, k: usize) -> Option<Vec<f32>> {
+    let w = blocks::<T>(bytes, n, k)?;
+    let kb = k / T::BLCK_SIZE;
+    let mut out = vec![0f32; n * k];
+    out.par_chunks_mut(ROWS_PER_TASK * k)
+        .zip(w.par_chunks(ROWS_PER_TASK * kb))
+        .for_each(|(dst, src)| T::to_float(src, dst));
+    Some(out)
 }
 
 fn matvec<T: GgmlType>(
