@@ -294,3 +294,26 @@ fn decode_rows_are_independent_and_prefill_rows_are_exact() {
         assert!(d <= 1e-5, "{ty:?} prefill rows: {d} x RMS");
     }
 }
+
+/// Q8_0 decode's two dot products: the AVX-512 VNNI kernel (taken when the CPU has it) and
+/// Candle's AVX2 one (`MAMBA2_CPU_Q8_0_VNNI=0`, or a CPU without VNNI) give the same value up to
+/// f32 summation order, for odd and even block counts. Skips where the CPU lacks VNNI.
+#[test]
+fn q8_0_vnni_dot_equals_candles() {
+    let mut rng = StdRng::seed_from_u64(25);
+    for k in [32, 64, 96, 768, 1536, 2048] {
+        let w = QuantizedMatrix::quantize(&randn(&mut rng, &[1, k], DType::F32), GgmlDType::Q8_0)
+            .unwrap();
+        let bytes = w.qtensor().data().unwrap().to_vec();
+        let x = flat(&randn(&mut rng, &[k], DType::F32));
+        let Some((vnni, candle)) = mamba2_ops::q8_0_dot_both(&bytes, &x) else {
+            eprintln!("no AVX-512 VNNI here: the Candle side is covered by the other tests");
+            return;
+        };
+        let tol = 1e-5 * (k as f32).sqrt() * candle.abs().max(1.0);
+        assert!(
+            (vnni - candle).abs() <= tol,
+            "k {k}: vnni {vnni} vs candle {candle}"
+        );
+    }
+}

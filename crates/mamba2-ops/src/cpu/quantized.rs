@@ -59,6 +59,13 @@ pub(crate) fn quantized_linear(x: &Tensor, w: &QuantizedMatrix) -> Result<Option
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?; // (rows * in_features)
     let data = w.qtensor().data()?;
     let out = match w.ggml_dtype() {
+        GgmlDType::Q8_0 if q8_0_vnni() => {
+            matvec_with::<BlockQ8_0>(&xs, &data, rows, k, n, |k, w, x| {
+                // SAFETY: the CPU has the features (checked by `q8_0_vnni`); both slices hold
+                // k / 32 blocks (from `blocks` and the activation quantization).
+                unsafe { dot_q8_0_vnni(w, x, k / 32) }
+            })
+        }
         GgmlDType::Q8_0 => matvec::<BlockQ8_0>(&xs, &data, rows, k, n),
         GgmlDType::Q4_0 => matvec::<BlockQ4_0>(&xs, &data, rows, k, n),
         GgmlDType::Q4_1 => matvec::<BlockQ4_1>(&xs, &data, rows, k, n),
@@ -132,6 +139,18 @@ fn matvec<T: GgmlType>(
     k: usize,
     n: usize,
 ) -> Option<Vec<f32>> {
+    matvec_with::<T>(x, bytes, rows, k, n, T::vec_dot)
+}
+
+/// [`matvec`] with the dot product of one weight row and one activation row given.
+fn matvec_with<T: GgmlType>(
+    x: &[f32],
+    bytes: &[u8],
+    rows: usize,
+    k: usize,
+    n: usize,
+    dot: impl Fn(usize, &[T], &[T::VecDotType]) -> f32 + Sync,
+) -> Option<Vec<f32>> {
     let w = blocks::<T>(bytes, n, k)?; // (n, k / B)
     let kb = k / T::BLCK_SIZE;
     if T::VecDotType::BLCK_SIZE != T::BLCK_SIZE {
@@ -162,7 +181,7 @@ fn matvec<T: GgmlType>(
             for (i, dst) in chunk.chunks_exact_mut(rows).enumerate() {
                 let wr = &w[(first + i) * kb..(first + i + 1) * kb];
                 for (d, xr) in dst.iter_mut().zip(&xq) {
-                    *d = T::vec_dot(k, wr, xr);
+                    *d = dot(k, wr, xr);
                 }
             }
         });
@@ -176,4 +195,89 @@ fn matvec<T: GgmlType>(
         }
     }
     Some(out)
+}
+
+/// Whether Q8_0 decode uses [`dot_q8_0_vnni`]: AVX-512 VNNI present, and not switched off with
+/// `MAMBA2_CPU_Q8_0_VNNI=0` (for comparison with Candle's AVX2 dot product).
+fn q8_0_vnni() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var("MAMBA2_CPU_Q8_0_VNNI").as_deref() != Ok("0")
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// `Σ_b d_w[b] d_x[b] Σ_i w[b][i] x[b][i]` over `nb` Q8_0 blocks (34 bytes each: an f16 scale,
+/// then 32 signed bytes), with `vpdpbusd`: |w| as unsigned bytes times x carrying w's sign,
+/// four products summed per 32-bit lane, then scaled in f32 per block. Two accumulators hide
+/// the FMA latency. Same block math as llama.cpp's AVX-512 VNNI Q8_0 dot product.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni,fma")]
+unsafe fn dot_q8_0_vnni(w: &[BlockQ8_0], x: &[BlockQ8_0], nb: usize) -> f32 {
+    use std::arch::x86_64::*;
+    debug_assert!(w.len() >= nb && x.len() >= nb);
+    let (wp, xp) = (w.as_ptr() as *const u8, x.as_ptr() as *const u8);
+    let scale = |p: *const u8| half::f16::from_bits(u16::from_le_bytes([*p, *p.add(1)])).to_f32();
+    let block = |b: usize| {
+        let (wb, xb) = (wp.add(b * 34), xp.add(b * 34));
+        let wq = _mm256_loadu_si256(wb.add(2) as *const __m256i);
+        let xq = _mm256_loadu_si256(xb.add(2) as *const __m256i);
+        let prod = _mm256_dpbusd_epi32(
+            _mm256_setzero_si256(),
+            _mm256_sign_epi8(wq, wq), // |w| (w = -128 never occurs in Q8_0)
+            _mm256_sign_epi8(xq, wq), // x with w's sign
+        );
+        (
+            _mm256_cvtepi32_ps(prod),
+            _mm256_set1_ps(scale(wb) * scale(xb)),
+        )
+    };
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut b = 0;
+    while b + 1 < nb {
+        let (p0, s0) = block(b);
+        let (p1, s1) = block(b + 1);
+        acc0 = _mm256_fmadd_ps(p0, s0, acc0);
+        acc1 = _mm256_fmadd_ps(p1, s1, acc1);
+        b += 2;
+    }
+    if b < nb {
+        let (p0, s0) = block(b);
+        acc0 = _mm256_fmadd_ps(p0, s0, acc0);
+    }
+    let acc = _mm256_add_ps(acc0, acc1);
+    let sum4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
+    _mm_cvtss_f32(_mm_add_ss(sum2, _mm_shuffle_ps(sum2, sum2, 1)))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot_q8_0_vnni(_: &[BlockQ8_0], _: &[BlockQ8_0], _: usize) -> f32 {
+    unreachable!("q8_0_vnni() is false off x86-64")
+}
+
+/// The Q8_0 dot product of one weight row's blocks (`w`, raw block bytes) with the activation
+/// row `x` quantized to Q8_0, by this module's AVX-512 VNNI kernel and by Candle's: `None` when
+/// the CPU lacks AVX-512 VNNI. For the tests of the dispatcher's two sides.
+#[doc(hidden)]
+pub fn q8_0_dot_both(w: &[u8], x: &[f32]) -> Option<(f32, f32)> {
+    let k = x.len();
+    let wb = blocks::<BlockQ8_0>(w, 1, k)?;
+    let mut xq = vec![BlockQ8_0::zeros(); k / 32];
+    BlockQ8_0::from_float(x, &mut xq);
+    let candle = BlockQ8_0::vec_dot(k, wb, &xq);
+    if !q8_0_vnni() {
+        return None;
+    }
+    // SAFETY: features checked by q8_0_vnni; both slices hold k / 32 blocks.
+    Some((unsafe { dot_q8_0_vnni(wb, &xq, k / 32) }, candle))
 }
