@@ -210,6 +210,7 @@ fn q8_0_vnni() -> bool {
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512vnni")
                 && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
         }
         #[cfg(not(target_arch = "x86_64"))]
         false
@@ -221,12 +222,15 @@ fn q8_0_vnni() -> bool {
 /// four products summed per 32-bit lane, then scaled in f32 per block. Two accumulators hide
 /// the FMA latency. Same block math as llama.cpp's AVX-512 VNNI Q8_0 dot product.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni,fma")]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 unsafe fn dot_q8_0_vnni(w: &[BlockQ8_0], x: &[BlockQ8_0], nb: usize) -> f32 {
     use std::arch::x86_64::*;
     debug_assert!(w.len() >= nb && x.len() >= nb);
     let (wp, xp) = (w.as_ptr() as *const u8, x.as_ptr() as *const u8);
-    let scale = |p: *const u8| half::f16::from_bits(u16::from_le_bytes([*p, *p.add(1)])).to_f32();
+    let scale = |p: *const u8| {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]) as i32;
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    };
     let block = |b: usize| {
         let (wb, xb) = (wp.add(b * 34), xp.add(b * 34));
         let wq = _mm256_loadu_si256(wb.add(2) as *const __m256i);
