@@ -11,7 +11,7 @@
 //! The hybrid architectures (`granitehybrid`, `nemotron_h`) are read in `gguf_hybrid.rs`;
 //! `falcon-h1` and `nemotron_h_moe` are recognised and refused with the reason.
 
-use super::{ConfigFlavor, Family, Mamba2Config, Multipliers};
+use super::{Family, Mamba2Config};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufError, GgufFile, GgufValue};
 
@@ -223,45 +223,8 @@ impl Mamba2Config {
 /// llama.cpp's `mamba2`: every layer one Mamba-2 block.
 fn mamba2(file: &GgufFile) -> Result<Mamba2Config> {
     let keys = Keys::new(file)?;
-    let d_model = keys.required("embedding_length")?;
-    let n_layer = keys.required("block_count")?;
-    let ssm = SsmSizes::read(&keys)?;
     let norm_eps = file
         .get_f64(&keys.key("attention.layer_norm_rms_epsilon"))?
         .unwrap_or(1e-5);
-    let vocab_rows = vocab_rows(file, d_model)?;
-    let (bos_token_id, eos_token_ids, pad_token_id) = token_ids(file)?;
-    Ok(Mamba2Config {
-        flavor: ConfigFlavor::Gguf,
-        family: Family::Mamba2,
-        pattern: Vec::new(),
-        attention: None,
-        mlp: None,
-        moe: None,
-        multipliers: Multipliers::default(),
-        gated_norm: true,
-        out_proj_bias: file.tensor_info("blk.0.ssm_out.bias").is_some(),
-        d_model,
-        n_layer,
-        vocab_size: vocab_rows,
-        pad_vocab_size_multiple: 1,
-        d_state: ssm.d_state,
-        d_conv: ssm.d_conv,
-        expand: (ssm.d_inner / d_model.max(1)).max(1),
-        headdim: ssm.d_inner / ssm.nheads,
-        nheads: ssm.nheads,
-        ngroups: ssm.ngroups,
-        d_inner: ssm.d_inner,
-        chunk_size: 256,
-        dt_limit: (0.0, f64::INFINITY),
-        bias: file.tensor_info("blk.0.ssm_in.bias").is_some(),
-        conv_bias: file.tensor_info("blk.0.ssm_conv1d.bias").is_some(),
-        norm_eps,
-        residual_in_fp32: true,
-        tie_embeddings: file.tensor_info("output.weight").is_none(),
-        norm_before_gate: false,
-        bos_token_id,
-        eos_token_ids,
-        pad_token_id,
-    })
+    gguf_hybrid::base(&keys, Family::Mamba2, Vec::new(), norm_eps)
 }

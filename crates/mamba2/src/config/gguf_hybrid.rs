@@ -71,9 +71,10 @@ fn scale(keys: &Keys<'_>, k: &str) -> Result<Option<f64>> {
     Ok(keys.float(k)?.filter(|&v| v != 0.0))
 }
 
-/// The config both families share: sizes, Mamba-2 mixer (its biases looked up in the first
-/// Mamba layer), block pattern, vocabulary, tying and token ids.
-fn base(
+/// The config every GGUF architecture shares: sizes, Mamba-2 mixer (its biases looked up in the
+/// first Mamba layer; layer 0 for `mamba2`, whose pattern is empty: every layer is Mamba), block
+/// pattern, vocabulary, tying and token ids.
+pub(super) fn base(
     keys: &Keys<'_>,
     family: Family,
     pattern: Vec<BlockSpec>,
@@ -83,10 +84,13 @@ fn base(
     let d_model = keys.required("embedding_length")?;
     let n_layer = keys.required("block_count")?;
     let ssm = SsmSizes::read(keys)?;
-    let mamba = pattern
-        .iter()
-        .find(|b| b.kind == BlockKind::Mamba)
-        .map(|b| b.layer);
+    let mamba = match pattern.is_empty() {
+        true => Some(0),
+        false => pattern
+            .iter()
+            .find(|b| b.kind == BlockKind::Mamba)
+            .map(|b| b.layer),
+    };
     let ssm_bias = |leaf: &str| mamba.is_some_and(|l| has(file, &format!("blk.{l}.{leaf}")));
     let (bos_token_id, eos_token_ids, pad_token_id) = token_ids(file)?;
     Ok(Mamba2Config {
