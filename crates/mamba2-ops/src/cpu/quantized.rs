@@ -1,4 +1,7 @@
-//! `quantized_linear` on the CPU, on this crate's Rayon pool.
+//! `quantized_linear` on the CPU, on this crate's Rayon pool. Reference:
+//! `quantized_linear_slow` (the exactly dequantized matrix through `linear_slow`); parity in
+//! `tests/cpu_quantized.rs`. Shapes: `x` `(rows, in_features)`, weight `(out_features,
+//! in_features)` in ggml blocks, output `(rows, out_features)` f32.
 //!
 //! - **Decode** (at most [`MAX_ROWS`] rows): each weight row's blocks dotted with the activation
 //!   row quantized to the format's dot type (Q8_0 for the 32-value formats, Q8_K for the
