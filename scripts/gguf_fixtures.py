@@ -993,7 +993,7 @@ HYBRID_CASES = [
 ]
 # Committed under tests/fixtures/gguf/hybrid/: the families whose GGUF reproduces the HF reference (the others'
 # listings and measurements are in the manifest only).
-HYBRID_COMMIT = {"granite_nope_tied_b2", "nemotron_h_g2_b3"}
+HYBRID_COMMIT = {"granite_nope_tied_b2", "nemotron_h_g2_b3", "falcon_h1_rmsnorm_g2_b2", "falcon_h1_nonorm_tied_b1"}
 HYBRID_NOTES = {
     "granite_nope_tied_b2": "converted from hub/ (layer_types in the Hub spelling mamba/attention); llama.cpp = HF",
     "granite_rope_untied_limit_b1": "llama.cpp cannot run it: its granite-hybrid graph asserts d_inner == 2*hidden "
@@ -1018,6 +1018,43 @@ HYBRID_NOTES = {
 }
 
 
+def falcon_h1_as_llama_runs_it(name: str, cfg: dict):
+    """The HF Falcon-H1 model that a converted GGUF holds (llama.cpp's semantics), and what was changed: llama.cpp
+    always gates, then normalises (no mamba_norm_before_gate), and for a tied model the converter multiplies token_embd
+    by embedding_multiplier and writes no output.weight, so lm_head_multiplier is lost."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = HYBRID / name / "hf"
+    hcfg = AutoConfig.from_pretrained(hf)
+    notes = []
+    if cfg.get("mamba_rms_norm") and cfg.get("mamba_norm_before_gate"):
+        hcfg.mamba_norm_before_gate = False
+        notes.append("mamba_norm_before_gate = False (llama.cpp always gates, then normalises)")
+    variant = AutoModelForCausalLM.from_pretrained(hf, config=hcfg).eval()
+    if cfg.get("tie_word_embeddings"):
+        variant.model.lm_head_multiplier = cfg["embedding_multiplier"]
+        notes.append("lm_head_multiplier = embedding_multiplier (tied: llama.cpp's output is token_embd, which the "
+                     "converter multiplied by embedding_multiplier; lm_head_multiplier is lost)")
+    return variant, notes
+
+
+@torch.no_grad()
+def save_falcon_variant(name: str, cfg: dict, gguf_path: Path, ref: dict) -> dict:
+    """tests/fixtures/gguf/hybrid/<name>.variant.safetensors: the prefill logits of every batch row of HF's model in
+    llama.cpp's semantics (falcon_h1_as_llama_runs_it), the reference of a converted Falcon-H1 GGUF; llama.cpp's own
+    logits on the file are recorded beside it (max |difference| per row)."""
+    variant, notes = falcon_h1_as_llama_runs_it(name, cfg)
+    ids_all = ref["input_ids"]
+    logits = variant(input_ids=ids_all).logits.float().contiguous()
+    out = OUT / "hybrid" / f"{name}.variant.safetensors"
+    save_reference(out, {"input_ids": ids_all.contiguous(), "logits_prefill": logits},
+                   {"generator": GENERATOR, "variant": "HF with " + "; ".join(notes)})
+    rows = [sig(max_abs(torch.from_numpy(llama_logits(gguf_path, ids_all[b].tolist())), logits[b]))
+            for b in range(ids_all.shape[0])]
+    return {"file": f"hybrid/{out.name}", "variant": "HF with " + "; ".join(notes),
+            "llama_oneshot_vs_variant_by_row": rows}
+
+
 @torch.no_grad()
 def hybrid_explain(name: str, cfg: dict, gguf_path: Path, ref: dict) -> dict:
     """Where llama.cpp and the HF reference differ: the HF model with the one semantic llama.cpp lacks switched
@@ -1038,15 +1075,7 @@ def hybrid_explain(name: str, cfg: dict, gguf_path: Path, ref: dict) -> dict:
             if hasattr(mod, "time_step_limit"):
                 mod.time_step_limit = (0.0, float("inf"))
     elif cfg["model_type"] == "falcon_h1":
-        notes = []
-        if cfg.get("mamba_rms_norm") and cfg.get("mamba_norm_before_gate"):
-            hcfg.mamba_norm_before_gate = False
-            notes.append("mamba_norm_before_gate = False (llama.cpp always gates, then normalises)")
-        variant = AutoModelForCausalLM.from_pretrained(hf, config=hcfg).eval()
-        if cfg.get("tie_word_embeddings"):
-            variant.model.lm_head_multiplier = cfg["embedding_multiplier"]
-            notes.append("lm_head_multiplier = embedding_multiplier (tied: llama.cpp's output is token_embd, which the "
-                         "converter multiplied by embedding_multiplier; lm_head_multiplier is lost)")
+        variant, notes = falcon_h1_as_llama_runs_it(name, cfg)
         out["variant"] = "HF with " + "; ".join(notes)
     if variant is not None:
         v = variant.eval()(input_ids=torch.tensor([ids])).logits[0].float()
@@ -1154,6 +1183,7 @@ def build_hybrid(name: str, vers: dict) -> dict:
         llama_error = [ln for ln in str(e).splitlines() if "GGML_ASSERT" in ln or "error" in ln.lower()][-3:] or [str(e)[:300]]
     warnings = sorted({ln.split(":", 2)[-1].strip() for ln in log.splitlines() if ln.startswith("WARNING")})
     explain = hybrid_explain(name, cfg, out, ref) if llama_error is None and d1 > 1e-4 else None
+    variant_ref = save_falcon_variant(name, cfg, out, ref) if cfg["model_type"] == "falcon_h1" else None
     return {
         "hf_class": cfg["architectures"][0],
         "note": HYBRID_NOTES.get(name, ""),
@@ -1174,6 +1204,7 @@ def build_hybrid(name: str, vers: dict) -> dict:
         },
         **({"llama_cpp_error": llama_error} if llama_error else {}),
         **({"difference_analysis": explain} if explain else {}),
+        **({"variant_reference": variant_ref} if variant_ref else {}),
         "converter_warnings": warnings,
         "metadata": md,
         "metadata_arrays": arrays,

@@ -8,8 +8,8 @@
 //! size: llama.cpp runs with the limit (0, inf), HF's default, and the chunk size does not change
 //! the result.
 //!
-//! The hybrid architectures (`granitehybrid`, `nemotron_h`) are read in `gguf_hybrid.rs`;
-//! `falcon-h1` and `nemotron_h_moe` are recognised and refused with the reason.
+//! The hybrid architectures (`granitehybrid`, `nemotron_h`, `falcon-h1`) are read in
+//! `gguf_hybrid.rs`; `nemotron_h_moe` is recognised and refused with the reason.
 
 use super::{Family, Mamba2Config};
 use crate::error::{Error, Result};
@@ -19,18 +19,11 @@ use crate::gguf::{GgufError, GgufFile, GgufValue};
 mod gguf_hybrid;
 
 /// The GGUF architectures this engine maps to a model graph.
-pub const GGUF_ARCHITECTURES: &[&str] = &["mamba2", "granitehybrid", "nemotron_h"];
+pub const GGUF_ARCHITECTURES: &[&str] = &["mamba2", "granitehybrid", "nemotron_h", "falcon-h1"];
 
 /// Architectures llama.cpp defines for families this engine knows, refused with the reason.
 fn refused(arch: &str) -> Option<&'static str> {
     match arch {
-        // See tests/fixtures/gguf/manifest.json, key `hybrid`, the falcon_h1_* cases.
-        "falcon-h1" => Some(
-            "llama.cpp's converter multiplies Falcon-H1's µP multipliers into the tensors \
-             (embedding, lm_head, in_proj slices, ...), so a tied model's lm_head_multiplier is \
-             lost, and it does not record mamba_norm_before_gate; the file does not determine \
-             the HF model (load the safetensors checkpoint instead)",
-        ),
         "nemotron_h_moe" => Some("mixture-of-experts layers are not supported yet (issue 16)"),
         _ => None,
     }
@@ -196,14 +189,17 @@ impl Mamba2Config {
     /// `granitehybrid` and `nemotron_h` give the [`Family::GraniteHybrid`] and
     /// [`Family::NemotronH`] configs (layer kinds from the per-layer `attention.head_count_kv`
     /// and `feed_forward_length` arrays, Granite's scales from `embedding_scale`,
-    /// `residual_scale`, `logit_scale` and `attention.scale`); `falcon-h1`, `nemotron_h_moe` and
-    /// Granite files with experts are [`Error::Unsupported`], saying why.
+    /// `residual_scale`, `logit_scale` and `attention.scale`); `falcon-h1` gives a
+    /// [`Family::FalconH1`] config with every multiplier 1 (the converter folded them into the
+    /// tensors) and the gate before the norm, as llama.cpp runs it. `nemotron_h_moe` and Granite
+    /// files with experts are [`Error::Unsupported`], saying why.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let arch = file.architecture()?;
         let cfg = match arch {
             "mamba2" => mamba2(file)?,
             "granitehybrid" => gguf_hybrid::granite(file)?,
             "nemotron_h" => gguf_hybrid::nemotron_h(file)?,
+            "falcon-h1" => gguf_hybrid::falcon_h1(file)?,
             _ => {
                 let why = match refused(arch) {
                     Some(why) => format!(" is not supported: {why}"),

@@ -16,7 +16,17 @@
 //! has no `time_step_min`: dt is not clamped (limit (0, inf)), as llama.cpp runs it, where HF's
 //! chunked scan clamps dt to `time_step_min` (see `tests/gguf_hybrid.rs` for what that costs).
 //!
-//! Neither architecture stores a chunk size (it does not change the result): 256 is used.
+//! `falcon-h1`: every layer runs attention and the Mamba-2 mixer on the same normed input, sums
+//! them, then a SwiGLU MLP (`src/models/falcon-h1.cpp`). The converter multiplies every µP
+//! multiplier into the tensors (`conversion/falcon_h1.py`), so the file's model has all of them
+//! 1, with two consequences it does not record: a tied model's lm_head_multiplier is lost (the
+//! output matrix is token_embd, already scaled by embedding_multiplier), and llama.cpp has no
+//! `mamba_norm_before_gate` (it gates, then normalises). The config says what llama.cpp runs;
+//! `tests/gguf_hybrid.rs` checks it against HF with those two settings changed. RoPE is
+//! NeoX-style (HF's rotate-half), so q/k are stored unpermuted; the grouped norm is on when the
+//! file has `ssm_norm` tensors (HF `mamba_rms_norm`).
+//!
+//! No architecture here stores a chunk size (it does not change the result): 256 is used.
 
 use super::{token_ids, vocab_rows, Keys, SsmSizes};
 use crate::config::{
@@ -86,10 +96,7 @@ pub(super) fn base(
     let ssm = SsmSizes::read(keys)?;
     let mamba = match pattern.is_empty() {
         true => Some(0),
-        false => pattern
-            .iter()
-            .find(|b| b.kind == BlockKind::Mamba)
-            .map(|b| b.layer),
+        false => pattern.iter().find(|b| b.kind.has_ssm()).map(|b| b.layer),
     };
     let ssm_bias = |leaf: &str| mamba.is_some_and(|l| has(file, &format!("blk.{l}.{leaf}")));
     let (bos_token_id, eos_token_ids, pad_token_id) = token_ids(file)?;
@@ -339,5 +346,41 @@ pub(super) fn nemotron_h(file: &GgufFile) -> Result<Mamba2Config> {
             bias: has(file, &format!("blk.{first}.ffn_up.bias")),
         });
     }
+    Ok(c)
+}
+
+/// `falcon-h1`: attention ∥ Mamba-2 on the same normed input, summed, then a SwiGLU MLP, in
+/// every layer; all multipliers already folded into the tensors.
+pub(super) fn falcon_h1(file: &GgufFile) -> Result<Mamba2Config> {
+    let keys = Keys::new(file)?;
+    refuse_experts(&keys)?;
+    let n_layer = keys.required("block_count")?;
+    let pattern: Vec<BlockSpec> = (0..n_layer)
+        .flat_map(|layer| {
+            [BlockKind::MambaAttention, BlockKind::Mlp].map(|kind| BlockSpec { kind, layer })
+        })
+        .collect();
+    let eps_key = "attention.layer_norm_rms_epsilon";
+    let eps = keys
+        .float(eps_key)?
+        .ok_or_else(|| missing(&keys, eps_key))?;
+    let kv_key = "attention.head_count_kv";
+    let kv = keys
+        .per_layer(kv_key, n_layer)?
+        .ok_or_else(|| missing(&keys, kv_key))?;
+    let all: Vec<usize> = (0..n_layer).collect();
+    let mut c = base(&keys, Family::FalconH1, pattern, eps)?;
+    c.attention = attention(&keys, c.d_model, &kv, &all, true, None)?;
+    let ff_key = "feed_forward_length";
+    let ff = keys
+        .per_layer(ff_key, n_layer)?
+        .ok_or_else(|| missing(&keys, ff_key))?;
+    c.mlp = Some(MlpConfig {
+        intermediate_size: uniform(&keys, ff_key, &ff, &all)?,
+        activation: MlpActivation::SwiGlu,
+        bias: has(file, "blk.0.ffn_up.bias"),
+    });
+    c.gated_norm = has(file, "blk.0.ssm_norm.weight");
+    c.norm_before_gate = false;
     Ok(c)
 }

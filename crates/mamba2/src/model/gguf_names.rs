@@ -11,13 +11,16 @@
 //! | `shared_mlp.input_linear` (Granite, gate rows then up rows) | `ffn_gate` + `ffn_up` |
 //! | `shared_mlp.output_linear` (Granite) | `ffn_down` |
 //! | `mixer.{up,down}_proj` (Nemotron-H) | `ffn_{up,down}` |
+//! | `pre_ff_layernorm` (Falcon-H1) | `ffn_norm` (no `.weight` suffix) |
+//! | `feed_forward.{gate,up,down}_proj` (Falcon-H1) | `ffn_{gate,up,down}` |
 //!
 //! The converter routes attention layers of both families through its Llama class, which
 //! permutes the rows of q and k within each head for llama.cpp's pairwise RoPE: HF row
 //! `half * head_dim/2 + i` becomes row `2i + half`. llama.cpp reads NoPE layers the same either
 //! way (q and k move together), but the permutation only equals HF's rotate-half RoPE when the
 //! whole head rotates; reading the rows back in HF's order gives HF's model in every case
-//! (Bamba rotates 8 of 16 channels). Granite-4.0-H files with experts name their shared MLP
+//! (Bamba rotates 8 of 16 channels). Falcon-H1 goes through the Mamba-2 class, which leaves
+//! q/k as they are (llama.cpp runs it with NeoX RoPE, HF's rotate-half). Granite-4.0-H files with experts name their shared MLP
 //! `ffn_*_shexp`; those names are accepted in place of `ffn_*`.
 
 use super::{mamba_leaf, Transform};
@@ -62,6 +65,8 @@ pub(super) fn locate_hybrid(
         found.map(|n| blk(n))
     };
     let head_dim = c.attention.map_or(0, |a| a.head_dim);
+    // Falcon-H1's RoPE is NeoX-style, so its converter stores q/k as HF has them.
+    let permuted_qk = c.family != Family::FalconH1;
     let attention = |leaf: &str| -> Option<Located> {
         let (proj, part) = leaf.split_once('.')?;
         if part != "weight" && part != "bias" {
@@ -75,7 +80,7 @@ pub(super) fn locate_hybrid(
             _ => return None,
         };
         let name = blk(&format!("{name}.{part}"));
-        Some(match permuted {
+        Some(match permuted && permuted_qk {
             true => Located::Unpermuted { name, head_dim },
             false => Located::One(name, Transform::Reshape),
         })
@@ -115,6 +120,26 @@ pub(super) fn locate_hybrid(
                 }
             }
         },
-        Family::Mamba2 | Family::FalconH1 | Family::Bamba => None,
+        Family::FalconH1 => match leaf {
+            "input_layernorm.weight" => one(&blk("attn_norm.weight")),
+            // The converter writes this one without the `.weight` suffix.
+            "pre_ff_layernorm.weight" => one(&pick(&["ffn_norm", "ffn_norm.weight"])?),
+            _ => match leaf.split_once('.')? {
+                ("mamba", l) => mamba(l),
+                ("self_attn", l) => attention(l),
+                ("feed_forward", l) => {
+                    let (proj, part) = l.split_once('.')?;
+                    let name = match proj {
+                        "gate_proj" => "ffn_gate",
+                        "up_proj" => "ffn_up",
+                        "down_proj" => "ffn_down",
+                        _ => return None,
+                    };
+                    one(&blk(&format!("{name}.{part}")))
+                }
+                _ => None,
+            },
+        },
+        Family::Mamba2 | Family::Bamba => None,
     }
 }
