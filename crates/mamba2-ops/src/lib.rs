@@ -39,6 +39,7 @@ pub mod linear;
 #[cfg(feature = "metal")]
 mod metal;
 pub mod metal_params;
+pub mod metal_plan;
 pub mod moe;
 pub mod quantized;
 pub mod rms_norm;
@@ -102,16 +103,22 @@ pub enum Backend {
 }
 
 /// Calls the fast path of the input's device when `backend` allows it and the fast path accepts
-/// the arguments (`Some`), the reference otherwise.
+/// the arguments (`Some`), the reference otherwise. Metal runs the plans of [`metal_plan`]; so
+/// does the CPU while a test emulates Metal on this thread ([`metal_plan::emulate_on_cpu`]).
 macro_rules! dispatch {
     ($backend:expr, $device:expr, $name:ident ( $($arg:expr),* ), $slow:expr) => {{
         let fast = match ($backend, $device) {
             ($crate::Backend::Reference, _) => None,
-            (_, candle_core::Device::Cpu) => $crate::cpu::$name($($arg),*)?,
+            (_, candle_core::Device::Cpu) => match $crate::metal_plan::emulated() {
+                Some(ex) => $crate::metal_plan::$name(&*ex, $($arg),*)?,
+                None => $crate::cpu::$name($($arg),*)?,
+            },
             #[cfg(feature = "cuda")]
             (_, candle_core::Device::Cuda(_)) => $crate::cuda::$name($($arg),*)?,
             #[cfg(feature = "metal")]
-            (_, candle_core::Device::Metal(_)) => $crate::metal::$name($($arg),*)?,
+            (_, candle_core::Device::Metal(d)) => {
+                $crate::metal_plan::$name(&$crate::metal::MetalExecutor::new(d), $($arg),*)?
+            }
             #[allow(unreachable_patterns)]
             _ => None,
         };

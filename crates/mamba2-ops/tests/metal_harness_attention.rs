@@ -3,10 +3,10 @@
 //! harness and compared with `causal_attention_slow`, for f32, f16 and bf16, in shuffled and
 //! checked (race, bounds, uninitialised threadgroup reads) modes. K and V are views narrowed out
 //! of larger caches (capacity > kv_len, a start offset, V in another layout), bound as the Metal
-//! dispatch binds them: the cache buffer from the view's start offset on, with the view's
+//! dispatch binds them: the cache's storage from the view's start offset on, with the view's
 //! strides in the parameters. Outputs and partial results are NaN-poisoned before each run.
-//! Kernel names, grids and key splits come from `metal_params::AttentionShape`, as in the
-//! Metal dispatch (`src/metal/attention.rs`).
+//! Every launch is the plan of `metal_plan::causal_attention_as` (kernel names, grids and key
+//! splits from `metal_params::AttentionShape`), as the Metal dispatch encodes it.
 //!
 //! Requires clang >= 17 (see crates/msl-harness/README.md).
 
@@ -15,6 +15,7 @@ mod metal_common;
 
 use candle_core::{DType, Tensor};
 use mamba2_ops::metal_params::*;
+use mamba2_ops::metal_plan;
 use mamba2_ops::*;
 use metal_common::*;
 use msl_harness::Mode;
@@ -97,16 +98,6 @@ struct Case {
     v_head_major: bool,
 }
 
-/// A view's buffer as the Metal dispatch binds it (the cache from the view's start offset on)
-/// and the view's strides.
-fn view_buf(cache: &Tensor, view: &Tensor) -> (HostBuf, Vec<usize>) {
-    let flat = cache.flatten_all().unwrap();
-    let start = view.layout().start_offset();
-    let n = flat.dim(0).unwrap();
-    let buf = HostBuf::from_tensor(&flat.narrow(0, start, n - start).unwrap());
-    (buf, view.stride().to_vec())
-}
-
 fn run_case(case: &Case, kernel: Kernel, dtype: DType, mode: Mode, seed: u64) {
     let Case {
         batch,
@@ -124,7 +115,7 @@ fn run_case(case: &Case, kernel: Kernel, dtype: DType, mode: Mode, seed: u64) {
     let q = rand_t(&mut rng, &[batch, q_len, n_heads, hd], 4.0, dtype);
     let k_cache = rand_t(&mut rng, &[batch, cap, nkv, hd], 1.0, dtype);
     let k = k_cache.narrow(1, start, kv_len).unwrap();
-    let (v_cache, v) = if case.v_head_major {
+    let (_v_cache, v) = if case.v_head_major {
         let c = rand_t(&mut rng, &[batch, nkv, cap + 3, hd], 1.0, dtype);
         let v = c.transpose(1, 2).unwrap().narrow(1, start, kv_len).unwrap();
         (c, v)
@@ -159,78 +150,28 @@ fn run_case(case: &Case, kernel: Kernel, dtype: DType, mode: Mode, seed: u64) {
         Kernel::DecodeSplits(n) => shape.decode(n).unwrap(),
         Kernel::Prefill => shape.prefill().unwrap(),
     };
-    let (kb, ks) = view_buf(&k_cache, &k);
-    let (vb, vs) = view_buf(&v_cache, &v);
-    let p = AttentionParams {
-        batch: batch as u32,
-        q_len: q_len as u32,
-        n_heads: n_heads as u32,
-        n_kv_heads: nkv as u32,
-        head_dim: hd as u32,
-        kv_len: kv_len as u32,
-        k_sb: ks[0] as u32,
-        k_st: ks[1] as u32,
-        k_sh: ks[2] as u32,
-        v_sb: vs[0] as u32,
-        v_st: vs[1] as u32,
-        v_sh: vs[2] as u32,
-        n_splits: launch.n_splits as u32,
-        split_len: launch.split_len as u32,
-        scale: scale as f32,
+    let ex = HarnessExecutor::new(mode);
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        scale,
     };
-    let qb = HostBuf::from_tensor(&q);
-    let rows = batch * q_len * n_heads;
-    let mut out = HostBuf::poisoned(dtype, rows * hd);
-    let lib = library("attention.metal");
-    let name = kernel_name(launch.kernel, dtype);
-    let what = format!("{name} {mode:?} {case:?} splits={}", launch.n_splits);
-    let grid = launch.groups.map(|g| g as u32);
-    let tg = [layout::ATTN_THREADS, 1, 1];
-    let mut k_run = lib.kernel(&name).unwrap();
-    qb.input(&mut k_run, 0);
-    kb.input(&mut k_run, 1);
-    vb.input(&mut k_run, 2);
-    out.output(&mut k_run, 3);
-    if launch.kernel.starts_with("causal_attention_decode") {
-        let parts = launch.n_splits > 1;
-        let n = |len: usize| if parts { launch.n_splits * len } else { 4 };
-        let mut part_o = HostBuf::poisoned(DType::F32, n(rows * hd));
-        let mut part_ml = HostBuf::poisoned(DType::F32, n(rows * 2));
-        part_o.output(&mut k_run, 4);
-        part_ml.output(&mut k_run, 5);
-        k_run
-            .raw_bytes(6, p.as_bytes())
-            .grid(grid)
-            .threadgroup(tg)
-            .mode(mode)
-            .dispatch()
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        drop(k_run);
-        if parts {
-            let (groups, tx) = shape.merge_grid();
-            let mut m = lib
-                .kernel(&kernel_name("causal_attention_merge", dtype))
-                .unwrap();
-            part_o.input(&mut m, 0);
-            part_ml.input(&mut m, 1);
-            out.output(&mut m, 2);
-            m.raw_bytes(3, p.as_bytes())
-                .grid(groups.map(|g| g as u32))
-                .threadgroup([tx as u32, 1, 1])
-                .mode(mode)
-                .dispatch()
-                .unwrap_or_else(|e| panic!("{what} merge: {e}"));
-        }
-    } else {
-        k_run
-            .raw_bytes(4, p.as_bytes())
-            .grid(grid)
-            .threadgroup(tg)
-            .mode(mode)
-            .dispatch()
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let what = format!(
+        "{} {mode:?} {case:?} splits={}",
+        kernel_name(launch.kernel, dtype),
+        launch.n_splits
+    );
+    let out = metal_plan::causal_attention_as(&ex, &args, launch)
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .expect("the plan takes this shape");
+    let ran: Vec<String> = ex.take_ran().into_iter().map(|r| r.function).collect();
+    let mut expect = vec![kernel_name(launch.kernel, dtype)];
+    if launch.n_splits > 1 {
+        expect.push(kernel_name("causal_attention_merge", dtype));
     }
-    check(&out.to_tensor(want.dims()), &want, dtype, &what);
+    assert_eq!(ran, expect, "{what}");
+    check(&out, &want, dtype, &what);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -378,40 +319,17 @@ fn attention_params_size_matches_kernel_reads() {
         kv_len: 1,
     };
     let l = shape.prefill().unwrap();
-    let p = AttentionParams {
-        batch: 1,
-        q_len: 1,
-        n_heads: 1,
-        n_kv_heads: 1,
-        head_dim: 8,
-        kv_len: 1,
-        k_sb: 8,
-        k_st: 8,
-        k_sh: 8,
-        v_sb: 8,
-        v_st: 8,
-        v_sh: 8,
-        n_splits: 1,
-        split_len: 1,
+    let x = Tensor::full(0.5f32, (1, 1, 1, 8), &candle_core::Device::Cpu).unwrap();
+    let args = AttentionArgs {
+        q: &x,
+        k: &x,
+        v: &x,
         scale: 1.0,
     };
-    let x = HostBuf::F32(vec![0.5; 8]);
-    let mut out = HostBuf::poisoned(DType::F32, 8);
-    let lib = library("attention.metal");
-    let mut k = lib.kernel("causal_attention_prefill_f32").unwrap();
-    for i in 0..3 {
-        x.input(&mut k, i);
-    }
-    out.output(&mut k, 3);
-    let bytes = p.as_bytes();
-    let err = k
-        .raw_bytes(4, &bytes[..bytes.len() - 4])
-        .grid(l.groups.map(|g| g as u32))
-        .threadgroup([layout::ATTN_THREADS, 1, 1])
-        .dispatch()
-        .unwrap_err();
+    let ex = ShortParams(HarnessExecutor::new(Mode::InOrder));
+    let err = metal_plan::causal_attention_as(&ex, &args, l).unwrap_err();
     assert_eq!(
-        err.fault_kind(),
+        ex.0.last_fault(),
         Some(msl_harness::FaultKind::Binding),
         "{err}"
     );

@@ -3,18 +3,17 @@
 //! compared with `rotary_embedding_slow`, `swiglu_slow` and `relu_squared_slow`, for f32, f16
 //! and bf16, in shuffled and checked modes, outputs NaN-poisoned. The rotary input is also a
 //! strided view (heads narrowed out of a wider projection), bound as the Metal dispatch binds
-//! it: the parent buffer from the view's start offset on, the view's strides in the parameters.
-//! Grids and the inverse-frequency table come from `metal_params` (`rotary_grid`,
-//! `rotary_inv_freq`), as in the Metal dispatch (`src/metal/pointwise.rs`). The attention
-//! kernels: `metal_harness_attention.rs`.
+//! it: the parent's storage from the view's start offset on, the view's strides in the
+//! parameters. Every launch is the plan of `mamba2_ops::metal_plan`, as the Metal dispatch
+//! encodes it. The attention kernels: `metal_harness_attention.rs`.
 //!
 //! Requires clang >= 17 (see crates/msl-harness/README.md).
 
 #[path = "metal_common.rs"]
 mod metal_common;
 
-use candle_core::{DType, Tensor};
-use mamba2_ops::metal_params::*;
+use candle_core::{DType, Device, Tensor};
+use mamba2_ops::metal_plan;
 use mamba2_ops::*;
 use metal_common::*;
 use msl_harness::Mode;
@@ -98,39 +97,16 @@ fn run_rotary(case: &RotaryCase, dtype: DType, mode: Mode, seed: u64) {
     };
     let want = rotary_embedding_slow(&args).unwrap();
 
-    let flat = parent.flatten_all().unwrap();
-    let start = x.layout().start_offset();
-    let xb = HostBuf::from_tensor(&flat.narrow(0, start, flat.dim(0).unwrap() - start).unwrap());
-    let s = x.stride();
-    let p = RotaryParams {
-        batch: batch as u32,
-        seqlen: seqlen as u32,
-        n_heads: n_heads as u32,
-        head_dim: head_dim as u32,
-        rotary_dim: rotary_dim as u32,
-        position_offset: case.position_offset as u32,
-        x_sb: s[0] as u32,
-        x_st: s[1] as u32,
-        x_sh: s[2] as u32,
-    };
-    let fb = HostBuf::F32(rotary_inv_freq(rotary_dim, case.theta));
-    let mut out = HostBuf::poisoned(dtype, x.elem_count());
-    let items = rotary_dim / 2 + head_dim - rotary_dim;
-    let (grid, tg) = rotary_grid(items, batch * seqlen * n_heads);
-    let lib = library("rotary.metal");
-    let name = kernel_name("rotary_embedding", dtype);
-    let mut k = lib.kernel(&name).unwrap();
-    xb.input(&mut k, 0);
-    fb.input(&mut k, 1);
-    out.output(&mut k, 2);
-    let what = format!("{name} {mode:?} {case:?}");
-    k.raw_bytes(3, p.as_bytes())
-        .grid(grid.map(|v| v as u32))
-        .threadgroup(tg.map(|v| v as u32))
-        .mode(mode)
-        .dispatch()
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    check(&out.to_tensor(want.dims()), &want, dtype, &what);
+    let ex = HarnessExecutor::new(mode);
+    let what = format!(
+        "{} {mode:?} {case:?}",
+        kernel_name("rotary_embedding", dtype)
+    );
+    let out = metal_plan::rotary_embedding(&ex, &args)
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .expect("the plan takes this shape");
+    assert_eq!(ex.take_ran().len(), 1);
+    check(&out, &want, dtype, &what);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -211,53 +187,30 @@ fn run_swiglu(rows: usize, n: usize, dtype: DType, mode: Mode) {
     let mut rng = StdRng::seed_from_u64((rows * n) as u64);
     let x = rand_t(&mut rng, &[rows, 2 * n], 6.0, dtype);
     let want = swiglu_slow(&x).unwrap();
-    let p = SwigluParams {
-        rows: rows as u32,
-        n: n as u32,
-    };
-    let xb = HostBuf::from_tensor(&x);
-    let mut out = HostBuf::poisoned(dtype, rows * n);
-    let lib = library("activation.metal");
-    let name = kernel_name("swiglu", dtype);
-    let mut k = lib.kernel(&name).unwrap();
-    xb.input(&mut k, 0);
-    out.output(&mut k, 1);
-    let tx = n
-        .next_multiple_of(32)
-        .min(layout::ELEMENTWISE_THREADS as usize);
-    let what = format!("{name} {mode:?} rows={rows} n={n}");
-    k.raw_bytes(2, p.as_bytes())
-        .grid([n.div_ceil(tx) as u32, rows as u32, 1])
-        .threadgroup([tx as u32, 1, 1])
-        .mode(mode)
-        .dispatch()
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    check(&out.to_tensor(want.dims()), &want, dtype, &what);
+    let ex = HarnessExecutor::new(mode);
+    let what = format!(
+        "{} {mode:?} rows={rows} n={n}",
+        kernel_name("swiglu", dtype)
+    );
+    let out = metal_plan::swiglu(&ex, &x)
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .expect("the plan takes this shape");
+    check(&out, &want, dtype, &what);
 }
 
 fn run_relu_squared(count: usize, dtype: DType, mode: Mode) {
     let mut rng = StdRng::seed_from_u64(count as u64);
     let x = rand_t(&mut rng, &[count], 4.0, dtype);
     let want = relu_squared_slow(&x).unwrap();
-    let p = ReluSquaredParams {
-        count: count as u32,
-    };
-    let xb = HostBuf::from_tensor(&x);
-    let mut out = HostBuf::poisoned(dtype, count);
-    let lib = library("activation.metal");
-    let name = kernel_name("relu_squared", dtype);
-    let mut k = lib.kernel(&name).unwrap();
-    xb.input(&mut k, 0);
-    out.output(&mut k, 1);
-    let tx = layout::ELEMENTWISE_THREADS;
-    let what = format!("{name} {mode:?} count={count}");
-    k.raw_bytes(2, p.as_bytes())
-        .grid([(count as u32).div_ceil(tx), 1, 1])
-        .threadgroup([tx, 1, 1])
-        .mode(mode)
-        .dispatch()
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    check(&out.to_tensor(want.dims()), &want, dtype, &what);
+    let ex = HarnessExecutor::new(mode);
+    let what = format!(
+        "{} {mode:?} count={count}",
+        kernel_name("relu_squared", dtype)
+    );
+    let out = metal_plan::relu_squared(&ex, &x)
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .expect("the plan takes this shape");
+    check(&out, &want, dtype, &what);
 }
 
 #[test]
@@ -281,67 +234,32 @@ fn activations_match_reference() {
 fn params_sizes_match_kernel_reads() {
     // The dispatches above bind exactly the struct's bytes; one field short must be a binding
     // fault, so each kernel's struct has exactly the Rust struct's size.
-    let x = HostBuf::F32(vec![0.5; 64]);
-    let f = HostBuf::F32(vec![1.0; 4]);
-    let mut out = HostBuf::poisoned(DType::F32, 64);
-    let short = |b: &[u8]| b.len() - 4;
-    let rot = RotaryParams {
-        batch: 1,
-        seqlen: 1,
-        n_heads: 1,
-        head_dim: 8,
-        rotary_dim: 8,
+    let x = Tensor::full(0.5f32, (1, 1, 1, 8), &Device::Cpu).unwrap();
+    let rot = RotaryArgs {
+        x: &x,
         position_offset: 0,
-        x_sb: 8,
-        x_st: 8,
-        x_sh: 8,
+        rotary_dim: 8,
+        theta: 10_000.0,
     };
-    let swi = SwigluParams { rows: 1, n: 4 };
-    let relu = ReluSquaredParams { count: 4 };
-    let faults = [
-        {
-            let lib = library("rotary.metal");
-            let mut k = lib.kernel("rotary_embedding_f32").unwrap();
-            x.input(&mut k, 0);
-            f.input(&mut k, 1);
-            out.output(&mut k, 2);
-            let b = rot.as_bytes();
-            k.raw_bytes(3, &b[..short(b)])
-                .threads([4, 1, 1])
-                .threadgroup([4, 1, 1])
-                .dispatch()
-                .unwrap_err()
-        },
-        {
-            let lib = library("activation.metal");
-            let mut k = lib.kernel("swiglu_f32").unwrap();
-            x.input(&mut k, 0);
-            out.output(&mut k, 1);
-            let b = swi.as_bytes();
-            k.raw_bytes(2, &b[..short(b)])
-                .threads([4, 1, 1])
-                .threadgroup([4, 1, 1])
-                .dispatch()
-                .unwrap_err()
-        },
-        {
-            let lib = library("activation.metal");
-            let mut k = lib.kernel("relu_squared_f32").unwrap();
-            x.input(&mut k, 0);
-            out.output(&mut k, 1);
-            let b = relu.as_bytes();
-            k.raw_bytes(2, &b[..short(b)])
-                .threads([4, 1, 1])
-                .threadgroup([4, 1, 1])
-                .dispatch()
-                .unwrap_err()
-        },
+    let ex = ShortParams(HarnessExecutor::new(Mode::InOrder));
+    type Run<'a> = Box<dyn Fn() -> Result<Option<Tensor>> + 'a>;
+    let runs: [(&str, Run); 3] = [
+        (
+            "rotary",
+            Box::new(|| metal_plan::rotary_embedding(&ex, &rot)),
+        ),
+        ("swiglu", Box::new(|| metal_plan::swiglu(&ex, &x))),
+        (
+            "relu_squared",
+            Box::new(|| metal_plan::relu_squared(&ex, &x)),
+        ),
     ];
-    for err in faults {
+    for (what, run) in runs {
+        let err = run().unwrap_err();
         assert_eq!(
-            err.fault_kind(),
+            ex.0.last_fault(),
             Some(msl_harness::FaultKind::Binding),
-            "{err}"
+            "{what}: {err}"
         );
     }
 }

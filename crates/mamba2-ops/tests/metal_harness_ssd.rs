@@ -9,6 +9,7 @@ mod metal_common;
 
 use candle_core::DType;
 use mamba2_ops::metal_params::*;
+use mamba2_ops::metal_plan;
 use mamba2_ops::*;
 use metal_common::*;
 use msl_harness::Mode;
@@ -94,52 +95,22 @@ fn run_ssd_case(case: &SsdCase, dtype: DType, mode: Mode, seed: u64) {
         "shape the Metal dispatcher would not send here"
     );
 
-    let (dt_clamp_flag, dt_min, dt_max) = dt_clamp(case.dt_limit);
-    let prm = SsdScanParams {
-        batch: bs as u32,
-        seqlen: l as u32,
-        nheads: h as u32,
-        headdim: p as u32,
-        ngroups: g as u32,
-        d_state: n as u32,
-        has_d: case.with_d as u32,
-        has_z: case.z as u32,
-        has_dt_bias: case.dt_processing as u32,
-        has_init: case.init as u32,
-        has_seq_idx: case.seq_idx as u32,
-        dt_softplus: case.dt_processing as u32,
-        dt_clamp: dt_clamp_flag,
-        dt_min,
-        dt_max,
-    };
-    let bufs = [
-        HostBuf::from_tensor(&x),
-        HostBuf::from_tensor(&dt),
-        HostBuf::from_tensor(&a),
-        HostBuf::from_tensor(&b),
-        HostBuf::from_tensor(&c),
-        HostBuf::opt(d.as_ref(), DType::F32),
-        HostBuf::opt(z.as_ref(), dtype),
-        HostBuf::opt(dt_bias.as_ref(), DType::F32),
-        HostBuf::opt(init.as_ref(), DType::F32),
-        HostBuf::opt(seq_idx.as_ref(), DType::U32),
-    ];
-    let (y, s) = run_ssd_kernels(&bufs, &prm, dtype, mode)
-        .unwrap_or_else(|e| panic!("ssd {dtype:?} {mode:?}: {e}"));
+    let ex = HarnessExecutor::new(mode);
+    let (y, s) = metal_plan::ssd_chunk_scan(&ex, &args, &params)
+        .unwrap_or_else(|e| panic!("ssd {dtype:?} {mode:?}: {e}"))
+        .expect("the plan takes this shape");
+    let ran: Vec<String> = ex.take_ran().into_iter().map(|r| r.function).collect();
+    assert_eq!(
+        ran,
+        [
+            kernel_name("ssd_chunk_cb", dtype),
+            kernel_name("ssd_chunk_scan", dtype)
+        ]
+    );
     let what = format!("ssd {dtype:?} {mode:?} L={l} H={h} P={p} G={g} N={n}");
-    assert_close(
-        &y.to_tensor(y_ref.dims()),
-        &y_ref,
-        dtype,
-        &format!("{what} y"),
-    );
+    assert_close(&y, &y_ref, dtype, &format!("{what} y"));
     // the final state is f32 on both sides, from the same rounded inputs
-    assert_close(
-        &s.to_tensor(s_ref.dims()),
-        &s_ref,
-        DType::F32,
-        &format!("{what} state"),
-    );
+    assert_close(&s, &s_ref, DType::F32, &format!("{what} state"));
 }
 
 fn ssd_cases() -> Vec<SsdCase> {
@@ -284,7 +255,6 @@ fn run_state_update(
     } else {
         (0.05, 0.3)
     };
-    let mut state_buf = HostBuf::from_tensor(&state);
     let state_ref = state.copy().unwrap();
     let args = StateUpdateArgs {
         state: &state_ref,
@@ -306,55 +276,20 @@ fn run_state_update(
         supports::state_update(n),
         "shape the Metal dispatcher would not send here"
     );
-    let (dt_clamp_flag, dt_min, dt_max) = dt_clamp(dt_limit);
-    let prm = StateUpdateParams {
-        batch: bs as u32,
-        nheads: h as u32,
-        headdim: p as u32,
-        ngroups: g as u32,
-        d_state: n as u32,
-        has_d: optional as u32,
-        has_z: optional as u32,
-        has_dt_bias: optional as u32,
-        dt_softplus: 1,
-        dt_clamp: dt_clamp_flag,
-        dt_min,
-        dt_max,
-    };
-    let bufs = [
-        HostBuf::from_tensor(&x),
-        HostBuf::from_tensor(&dt),
-        HostBuf::from_tensor(&a),
-        HostBuf::from_tensor(&b),
-        HostBuf::from_tensor(&c),
-        HostBuf::opt(d.as_ref(), DType::F32),
-        HostBuf::opt(z.as_ref(), dtype),
-        HostBuf::opt(dt_bias.as_ref(), DType::F32),
-    ];
-    let mut y = HostBuf::poisoned(dtype, bs * h * p);
-    let lib = library("state_update.metal");
-    let mut k = lib
-        .kernel(&kernel_name("selective_state_update", dtype))
-        .unwrap();
-    state_buf.output(&mut k, 0);
-    for (i, buf) in bufs.iter().enumerate() {
-        buf.input(&mut k, i + 1);
-    }
-    y.output(&mut k, 9);
-    k.raw_bytes(10, prm.as_bytes())
-        .grid([(p as u32).div_ceil(layout::SSU_ROWS), h as u32, bs as u32])
-        .threadgroup([32 * layout::SSU_ROWS, 1, 1])
-        .mode(mode)
-        .dispatch()
-        .unwrap_or_else(|e| panic!("state update {dtype:?} {mode:?}: {e}"));
+    let ex = HarnessExecutor::new(mode);
+    let y = metal_plan::selective_state_update(
+        &ex,
+        &StateUpdateArgs {
+            state: &state,
+            ..args
+        },
+        &params,
+    )
+    .unwrap_or_else(|e| panic!("state update {dtype:?} {mode:?}: {e}"))
+    .expect("the plan takes this shape");
     let what = format!("state update {dtype:?} {mode:?} H={h} P={p} G={g} N={n}");
-    assert_close(&y.to_tensor(y_ref.dims()), &y_ref, dtype, &what);
-    assert_close(
-        &state_buf.to_tensor(state_ref.dims()),
-        &state_ref,
-        DType::F32,
-        &format!("{what} state"),
-    );
+    assert_close(&y, &y_ref, dtype, &what);
+    assert_close(&state, &state_ref, DType::F32, &format!("{what} state"));
 }
 
 #[test]

@@ -1,13 +1,14 @@
 //! The fused decode-step kernel against the unfused reference ops, and one full Mamba-2 mixer
 //! layer (in_proj, conv, SSD, gated RMSNorm, out_proj; prefill then 8 decode steps) with every
 //! op run by the Metal kernels in the MSL harness, against the same layer built from the
-//! reference ops. The projections are Candle CPU matmuls on both sides.
+//! reference ops. The projections are Candle CPU matmuls on both sides. The kernels run
+//! through the plans of `mamba2_ops::metal_plan`, as the Metal dispatch encodes them.
 
 #[path = "metal_common.rs"]
 mod metal_common;
 
 use candle_core::{DType, Tensor, D};
-use mamba2_ops::metal_params::*;
+use mamba2_ops::metal_plan::{self, PlanExecutor};
 use mamba2_ops::*;
 use metal_common::*;
 use msl_harness::Mode;
@@ -212,235 +213,105 @@ fn reference_step(
     y.reshape((bs, h * p)).unwrap()
 }
 
-/// The Metal kernels, run by the harness (shuffled order).
+/// The Metal plans, run by the harness executor.
 struct Harness {
-    mode: Mode,
+    ex: HarnessExecutor,
 }
 
 impl Ops for Harness {
-    fn conv(&self, x: &Tensor, l: &Layer, dims: Dims) -> (Tensor, Tensor) {
-        let (bs, len, ch) = x.dims3().unwrap();
-        let p = Conv1dParams {
-            batch: bs as u32,
-            seqlen: len as u32,
-            channels: ch as u32,
-            d_conv: dims.d_conv as u32,
-            has_bias: 1,
-            has_init: 0,
-            has_seq_idx: 0,
-            silu: 1,
+    fn conv(&self, x: &Tensor, l: &Layer, _dims: Dims) -> (Tensor, Tensor) {
+        let args = Conv1dArgs {
+            x,
+            weight: &l.conv_w,
+            bias: Some(&l.conv_b),
+            initial_state: None,
+            seq_idx: None,
+            silu: true,
         };
-        let (xb, wb, bb) = (
-            HostBuf::from_tensor(x),
-            HostBuf::from_tensor(&l.conv_w),
-            HostBuf::from_tensor(&l.conv_b),
-        );
-        let dummy_f = HostBuf::poisoned(DType::F32, 4);
-        let dummy_u = HostBuf::poisoned(DType::U32, 4);
-        let mut y = HostBuf::poisoned(x.dtype(), bs * len * ch);
-        let mut s = HostBuf::poisoned(DType::F32, bs * ch * dims.d_conv);
-        let lib = library("conv1d.metal");
-        let mut k = lib
-            .kernel(&kernel_name("causal_conv1d_fwd", x.dtype()))
-            .unwrap();
-        xb.input(&mut k, 0);
-        wb.input(&mut k, 1);
-        bb.input(&mut k, 2);
-        dummy_f.input(&mut k, 3);
-        dummy_u.input(&mut k, 4);
-        y.output(&mut k, 5);
-        s.output(&mut k, 6);
-        k.raw_bytes(7, p.as_bytes())
-            .grid([
-                (ch as u32).div_ceil(layout::CONV_CHANNELS_PER_GROUP),
-                (len as u32).div_ceil(layout::CONV_TOKENS_PER_THREAD),
-                bs as u32,
-            ])
-            .threadgroup([layout::CONV_CHANNELS_PER_GROUP, 1, 1])
-            .mode(self.mode)
-            .dispatch()
-            .unwrap();
-        (
-            y.to_tensor(&[bs, len, ch]),
-            s.to_tensor(&[bs, ch, dims.d_conv]),
-        )
+        metal_plan::causal_conv1d(&self.ex, &args).unwrap().unwrap()
     }
 
     fn ssd(&self, a: &SsdArgs) -> (Tensor, Tensor) {
-        let (bs, l, h, p) = a.x.dims4().unwrap();
-        let (_, _, g, n) = a.b.dims4().unwrap();
-        let dtype = a.x.dtype();
-        let prm = SsdScanParams {
-            batch: bs as u32,
-            seqlen: l as u32,
-            nheads: h as u32,
-            headdim: p as u32,
-            ngroups: g as u32,
-            d_state: n as u32,
-            has_d: 1,
-            has_z: 0,
-            has_dt_bias: 1,
-            has_init: 0,
-            has_seq_idx: 0,
-            dt_softplus: 1,
-            dt_clamp: 0,
-            dt_min: 0.0,
-            dt_max: f32::INFINITY,
-        };
-        let bufs = [
-            HostBuf::from_tensor(a.x),
-            HostBuf::from_tensor(a.dt),
-            HostBuf::from_tensor(a.a),
-            HostBuf::from_tensor(a.b),
-            HostBuf::from_tensor(a.c),
-            HostBuf::from_tensor(a.d.unwrap()),
-            HostBuf::poisoned(dtype, 4),
-            HostBuf::from_tensor(a.dt_bias.unwrap()),
-            HostBuf::poisoned(DType::F32, 4),
-            HostBuf::poisoned(DType::U32, 4),
-        ];
-        let (y, s) = run_ssd_kernels(&bufs, &prm, dtype, self.mode).unwrap();
-        (y.to_tensor(&[bs, l, h, p]), s.to_tensor(&[bs, h, p, n]))
+        metal_plan::ssd_chunk_scan(&self.ex, a, &SsdParams::default())
+            .unwrap()
+            .unwrap()
     }
 
     fn norm(&self, y: &Tensor, z: &Tensor, l: &Layer, dims: Dims) -> Tensor {
-        let dim = dims.d_inner();
-        let rows = y.elem_count() / dim;
-        let group = dim / dims.ngroups;
-        let prm = GatedRmsNormParams {
-            rows: rows as u32,
-            dim: dim as u32,
-            group_size: group as u32,
-            has_z: 1,
-            norm_before_gate: 0,
+        let args = GatedRmsNormArgs {
+            x: y,
+            z: Some(z),
+            weight: &l.norm_w,
             eps: 1e-5,
+            group_size: dims.d_inner() / dims.ngroups,
+            norm_before_gate: false,
         };
-        let (yb, zb, wb) = (
-            HostBuf::from_tensor(y),
-            HostBuf::from_tensor(z),
-            HostBuf::from_tensor(&l.norm_w),
-        );
-        let mut out = HostBuf::poisoned(y.dtype(), rows * dim);
-        let lib = library("rms_norm.metal");
-        let mut k = lib
-            .kernel(&kernel_name("gated_rms_norm", y.dtype()))
-            .unwrap();
-        yb.input(&mut k, 0);
-        zb.input(&mut k, 1);
-        wb.input(&mut k, 2);
-        out.output(&mut k, 3);
-        k.raw_bytes(4, prm.as_bytes())
-            .grid([dims.ngroups as u32, rows as u32, 1])
-            .threadgroup([(group as u32).next_multiple_of(32).min(256), 1, 1])
-            .mode(self.mode)
-            .dispatch()
-            .unwrap();
-        out.to_tensor(y.dims())
+        metal_plan::gated_rms_norm(&self.ex, &args)
+            .unwrap()
+            .unwrap()
     }
 
     fn step(
         &self,
         xbc: &Tensor,
         dt: &Tensor,
-        z: &Tensor,
+        _z: &Tensor,
         conv_state: &mut Tensor,
         ssm_state: &mut Tensor,
         l: &Layer,
-        dims: Dims,
+        _dims: Dims,
     ) -> Tensor {
-        let _ = z;
-        let (y, conv_out, ssm) = run_decode_step(
+        let (y, conv_out) = run_decode_step(
+            &self.ex,
             xbc,
             dt,
             StepOpts::default(),
             conv_state,
             ssm_state,
             l,
-            dims,
-            self.mode,
         );
         *conv_state = conv_out;
-        *ssm_state = ssm;
         y
     }
 }
 
-/// The fused decode step in the harness: returns `(y, new conv state, new ssm state)`.
+/// The fused decode step's plan in the harness: returns `(y, new conv state)`; the SSM state
+/// is updated in place.
 #[allow(clippy::too_many_arguments)]
 fn run_decode_step(
+    ex: &HarnessExecutor,
     xbc: &Tensor,
     dt: &Tensor,
     opts: StepOpts,
     conv_state: &Tensor,
     ssm_state: &Tensor,
     l: &Layer,
-    dims: Dims,
-    mode: Mode,
-) -> (Tensor, Tensor, Tensor) {
-    let dtype = xbc.dtype();
-    let (dt_clamp, dt_min, dt_max) = mamba2_ops::metal_params::dt_clamp(opts.dt_limit);
-    let Dims {
-        batch: bs,
-        nheads: h,
-        headdim: p,
-        ngroups: g,
-        d_state: n,
-        d_conv,
-        ..
-    } = dims;
-    let prm = DecodeStepParams {
-        batch: bs as u32,
-        nheads: h as u32,
-        headdim: p as u32,
-        ngroups: g as u32,
-        d_state: n as u32,
-        d_conv: d_conv as u32,
-        conv_dim: dims.conv_dim() as u32,
-        has_conv_bias: 1,
-        has_d: 1,
-        has_z: opts.z.is_some() as u32,
-        has_dt_bias: 1,
-        dt_softplus: 1,
-        dt_clamp,
-        dt_min,
-        dt_max,
-    };
-    let ins = [HostBuf::from_tensor(xbc), HostBuf::from_tensor(conv_state)];
-    let mut conv_out = HostBuf::poisoned(DType::F32, bs * dims.conv_dim() * d_conv);
-    let ins2 = [
-        HostBuf::from_tensor(&l.conv_w),
-        HostBuf::from_tensor(&l.conv_b),
-        HostBuf::from_tensor(dt),
-        HostBuf::from_tensor(&l.a),
-        HostBuf::from_tensor(&l.d),
-        HostBuf::opt(opts.z, dtype),
-        HostBuf::from_tensor(&l.dt_bias),
-    ];
-    let mut state = HostBuf::from_tensor(ssm_state);
-    let mut y = HostBuf::poisoned(dtype, bs * h * p);
-    let lib = library("decode_step.metal");
-    let mut k = lib
-        .kernel(&kernel_name("mamba2_decode_step", dtype))
+) -> (Tensor, Tensor) {
+    // the kernel writes the rolled conv state to a second buffer
+    let conv_out = ex
+        .output(&conv_state.shape().clone(), DType::F32, "conv_out")
         .unwrap();
-    ins[0].input(&mut k, 0);
-    ins[1].input(&mut k, 1);
-    conv_out.output(&mut k, 2);
-    for (i, buf) in ins2.iter().enumerate() {
-        buf.input(&mut k, 3 + i);
-    }
-    state.output(&mut k, 10);
-    y.output(&mut k, 11);
-    k.raw_bytes(12, prm.as_bytes())
-        .grid([(p as u32).div_ceil(layout::SSU_ROWS), h as u32, bs as u32])
-        .threadgroup([32 * layout::SSU_ROWS, 1, 1])
-        .mode(mode)
-        .dispatch()
-        .unwrap_or_else(|e| panic!("decode step {dtype:?} {mode:?}: {e}"));
-    (
-        y.to_tensor(&[bs, h * p]),
-        conv_out.to_tensor(&[bs, dims.conv_dim(), d_conv]),
-        state.to_tensor(&[bs, h, p, n]),
-    )
+    let args = metal_plan::FusedStepArgs {
+        xbc,
+        conv_state_in: conv_state,
+        conv_state_out: &conv_out,
+        conv_weight: &l.conv_w,
+        conv_bias: Some(&l.conv_b),
+        dt,
+        a: &l.a,
+        d: Some(&l.d),
+        z: opts.z,
+        dt_bias: Some(&l.dt_bias),
+        state: ssm_state,
+    };
+    let params = SsdParams {
+        dt_limit: opts.dt_limit,
+        ..SsdParams::default()
+    };
+    let y = metal_plan::mamba2_decode_step(ex, &args, &params)
+        .unwrap_or_else(|e| panic!("decode step {:?}: {e}", xbc.dtype()))
+        .expect("the plan takes this shape");
+    (y, conv_out)
 }
 
 /// Prefill of `u` then `steps` decode steps; returns the outputs `(batch, L + steps, d_model)`
@@ -529,7 +400,7 @@ fn check_layer(dims: Dims, len: usize, dtypes: &[DType], seed: u64) {
         let steps = rand_t(&mut rng, &[dims.batch, 8, dims.d_model], 1.0, dtype);
         let (out_ref, conv_ref, ssm_ref) = run_layer(&Reference, &l, dims, &u, &steps);
         let harness = Harness {
-            mode: Mode::Shuffled { seed: i as u64 },
+            ex: HarnessExecutor::new(Mode::Shuffled { seed: i as u64 }),
         };
         let (out, conv, ssm) = run_layer(&harness, &l, dims, &u, &steps);
         // Kernel and reference differ by f32 summation order in every op; through the layer
@@ -617,7 +488,9 @@ fn decode_step_matches_unfused_reference() {
             } else {
                 Mode::Shuffled { seed: ci as u64 }
             };
-            let (y, conv, ssm) = run_decode_step(&xbc, &dt, opts, &conv0, &ssm0, &l, dims, mode);
+            let ex = HarnessExecutor::new(mode);
+            let (y, conv) = run_decode_step(&ex, &xbc, &dt, opts, &conv0, &ssm0, &l);
+            let ssm = ssm0;
             let what = format!(
                 "decode step {dtype:?} {mode:?} H={nheads} P={headdim} G={ngroups} N={d_state}"
             );

@@ -1,4 +1,4 @@
-//! Rotary embedding and the MLP activations on Metal (`kernels/metal/rotary.metal`,
+//! Plans of the rotary embedding and the MLP activations (`kernels/metal/rotary.metal`,
 //! `activation.metal`): one thread per rotated pair / pass-through channel, per output element.
 //!
 //! Preconditions, otherwise `Ok(None)` and the reference runs: a Metal float dtype, a non-empty
@@ -6,15 +6,17 @@
 //! its strides when its channels are unit-stride (e.g. q or k narrowed out of a fused
 //! projection), made contiguous otherwise; the activations make their input contiguous.
 
-use super::runtime::{dispatch, dtype_suffix, max_threads, metal_device, output, pipeline};
-use super::runtime::{u32_of, Arg, Bind, ACTIVATION, ROTARY};
-use super::{require, some};
+use super::{dtype_suffix, output, require, some, strided_arg, u32_of};
+use super::{DispatchPlan, PlanExecutor};
 use crate::metal_params::{self as mp, layout};
 use crate::{Result, RotaryArgs};
 use candle_core::Tensor;
 
-pub(crate) fn rotary_embedding(args: &RotaryArgs) -> Result<Option<Tensor>> {
-    let dev = some!(metal_device(args.x));
+const ROTARY: &str = "rotary.metal";
+const ACTIVATION: &str = "activation.metal";
+
+/// `rotary_embedding_<dtype>`; the output is contiguous, like x.
+pub fn rotary_embedding(ex: &dyn PlanExecutor, args: &RotaryArgs) -> Result<Option<Tensor>> {
     let dtype = args.x.dtype();
     let suffix = some!(dtype_suffix(dtype));
     let (batch, seqlen, n_heads, head_dim) = args.x.dims4()?;
@@ -24,19 +26,15 @@ pub(crate) fn rotary_embedding(args: &RotaryArgs) -> Result<Option<Tensor>> {
     let rows = batch * seqlen * n_heads;
     let items = rd / 2 + (head_dim - rd);
     require!(u32_of(rows).is_some() && u32_of(args.position_offset + seqlen).is_some());
-    let pipe = some!(pipeline(
-        &dev,
-        ROTARY,
-        &format!("rotary_embedding_{suffix}")
-    )?);
+    let name = format!("rotary_embedding_{suffix}");
     let (grid, tg) = mp::rotary_grid(items, rows);
-    require!(max_threads(&pipe) >= tg[0] * tg[1]);
+    require!(some!(ex.pipeline(ROTARY, &name)?) >= tg[0] * tg[1]);
     let x = if args.x.stride()[3] == 1 {
         args.x.clone()
     } else {
         args.x.contiguous()?
     };
-    let (xa, xs) = some!(Arg::strided(&x)?);
+    let (xb, xs) = some!(strided_arg(&x));
     let p = mp::RotaryParams {
         batch: batch as u32,
         seqlen: seqlen as u32,
@@ -48,16 +46,20 @@ pub(crate) fn rotary_embedding(args: &RotaryArgs) -> Result<Option<Tensor>> {
         x_st: some!(u32_of(xs[1])),
         x_sh: some!(u32_of(xs[2])),
     };
-    let inv_freq = Tensor::from_vec(mp::rotary_inv_freq(rd, args.theta), rd / 2, args.x.device())?;
-    let fa = Arg::of(&inv_freq)?;
-    let (out, oa) = output(&dev, args.x.dims(), dtype, "rotary_out")?;
-    let binds = [Bind::In(&xa), Bind::In(&fa), Bind::Out(&oa)];
-    dispatch(&dev, &pipe, "rotary_embedding", &binds, &p, grid, tg)?;
+    let inv_freq = Tensor::from_vec(mp::rotary_inv_freq(rd, args.theta), rd / 2, args.x.device())?; // (rotary_dim / 2)
+    let out = output(ex, args.x.dims(), dtype, "rotary_out")?; // (batch, seqlen, n_heads, head_dim)
+    let plan = DispatchPlan::new(ROTARY, name)
+        .push(xb)
+        .read(&inv_freq)?
+        .write(&out)?
+        .params(&p)
+        .grid(grid, tg);
+    ex.run(plan)?;
     Ok(Some(out))
 }
 
-pub(crate) fn swiglu(x: &Tensor) -> Result<Option<Tensor>> {
-    let dev = some!(metal_device(x));
+/// `swiglu_<dtype>`: `silu(gate) * up` over the two halves of the last dimension.
+pub fn swiglu(ex: &dyn PlanExecutor, x: &Tensor) -> Result<Option<Tensor>> {
     let suffix = some!(dtype_suffix(x.dtype()));
     let mut dims = x.dims().to_vec();
     let n = *some!(dims.last()) / 2;
@@ -68,40 +70,42 @@ pub(crate) fn swiglu(x: &Tensor) -> Result<Option<Tensor>> {
         rows: rows as u32,
         n: n as u32,
     };
-    let pipe = some!(pipeline(&dev, ACTIVATION, &format!("swiglu_{suffix}"))?);
+    let name = format!("swiglu_{suffix}");
+    let max = some!(ex.pipeline(ACTIVATION, &name)?);
     let tx = n
         .next_multiple_of(32)
         .min(layout::ELEMENTWISE_THREADS as usize)
-        .min(max_threads(&pipe));
+        .min(max);
     let x = x.contiguous()?;
-    let xa = Arg::of(&x)?;
     *some!(dims.last_mut()) = n;
-    let (out, oa) = output(&dev, dims.as_slice(), x.dtype(), "swiglu_out")?;
-    let binds = [Bind::In(&xa), Bind::Out(&oa)];
-    let groups = [n.div_ceil(tx), rows, 1];
-    dispatch(&dev, &pipe, "swiglu", &binds, &p, groups, [tx, 1, 1])?;
+    let out = output(ex, dims.as_slice(), x.dtype(), "swiglu_out")?; // (..., n)
+    let plan = DispatchPlan::new(ACTIVATION, name)
+        .read(&x)?
+        .write(&out)?
+        .params(&p)
+        .grid([n.div_ceil(tx), rows, 1], [tx, 1, 1]);
+    ex.run(plan)?;
     Ok(Some(out))
 }
 
-pub(crate) fn relu_squared(x: &Tensor) -> Result<Option<Tensor>> {
-    let dev = some!(metal_device(x));
+/// `relu_squared_<dtype>`: element-wise `relu(x)^2`.
+pub fn relu_squared(ex: &dyn PlanExecutor, x: &Tensor) -> Result<Option<Tensor>> {
     let suffix = some!(dtype_suffix(x.dtype()));
     let count = x.elem_count();
     require!(count > 0);
     let p = mp::ReluSquaredParams {
         count: some!(u32_of(count)),
     };
-    let pipe = some!(pipeline(
-        &dev,
-        ACTIVATION,
-        &format!("relu_squared_{suffix}")
-    )?);
-    let tx = (layout::ELEMENTWISE_THREADS as usize).min(max_threads(&pipe));
+    let name = format!("relu_squared_{suffix}");
+    let max = some!(ex.pipeline(ACTIVATION, &name)?);
+    let tx = (layout::ELEMENTWISE_THREADS as usize).min(max);
     let x = x.contiguous()?;
-    let xa = Arg::of(&x)?;
-    let (out, oa) = output(&dev, x.dims(), x.dtype(), "relu_squared_out")?;
-    let binds = [Bind::In(&xa), Bind::Out(&oa)];
-    let groups = [count.div_ceil(tx), 1, 1];
-    dispatch(&dev, &pipe, "relu_squared", &binds, &p, groups, [tx, 1, 1])?;
+    let out = output(ex, x.dims(), x.dtype(), "relu_squared_out")?; // like x
+    let plan = DispatchPlan::new(ACTIVATION, name)
+        .read(&x)?
+        .write(&out)?
+        .params(&p)
+        .grid([count.div_ceil(tx), 1, 1], [tx, 1, 1]);
+    ex.run(plan)?;
     Ok(Some(out))
 }

@@ -1,29 +1,26 @@
-//! The fused decode step of one Mamba-2 layer on Metal (`kernels/metal/decode_step.metal`):
+//! Plan of the fused decode step of one Mamba-2 layer (`kernels/metal/decode_step.metal`):
 //! conv update + SiLU + selective state update + D skip (+ gate) in one dispatch.
 //!
-//! Not yet reachable from the public op API (that API lives in `lib.rs`, outside this module):
-//! the model's Metal decode path should call [`mamba2_decode_step`] and fall back to
-//! `causal_conv1d_update` + `selective_state_update` when it returns `None`.
-#![allow(dead_code)]
+//! The conv state is read from one buffer and written to another (threads of one dispatch read
+//! channels other threads roll), so the caller ping-pongs two conv-state buffers across steps.
 
-use super::runtime::{
-    dispatch, dtype_suffix, f32_param, max_threads, metal_device, output, pipeline, u32_of, Arg,
-    Bind, DECODE_STEP,
-};
-use super::{require, some};
+use super::{dtype_suffix, f32_param, output, require, some, u32_of};
+use super::{DispatchPlan, PlanExecutor};
 use crate::metal_params::{self as mp, layout};
 use crate::{Result, SsdParams};
 use candle_core::Tensor;
 
+const DECODE_STEP: &str = "decode_step.metal";
+
 /// Tensors of one fused decode step. Shapes as in `decode_step.metal`'s header.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct DecodeStepArgs<'a> {
+pub struct FusedStepArgs<'a> {
     /// `(batch, conv_dim)`: pre-conv `[x | B | C]` of this token.
     pub xbc: &'a Tensor,
     /// `(batch, conv_dim, d_conv)` f32: conv state before the step (read only).
     pub conv_state_in: &'a Tensor,
     /// `(batch, conv_dim, d_conv)` f32, contiguous: receives the conv state after the step.
-    /// Must be another tensor than `conv_state_in` (ping-pong two buffers across steps).
+    /// Must be another tensor than `conv_state_in`.
     pub conv_state_out: &'a Tensor,
     /// `(conv_dim, d_conv)`.
     pub conv_weight: &'a Tensor,
@@ -43,13 +40,13 @@ pub(crate) struct DecodeStepArgs<'a> {
     pub state: &'a Tensor,
 }
 
-/// Runs the fused step; returns `y` `(batch, nheads * headdim)` in the dtype of `xbc`, or
-/// `None` when the inputs are not on Metal or outside the kernel's preconditions.
-pub(crate) fn mamba2_decode_step(
-    args: &DecodeStepArgs,
+/// `mamba2_decode_step_<dtype>`; returns `y` `(batch, nheads * headdim)` in the dtype of `xbc`,
+/// or `None` outside the kernel's preconditions.
+pub fn mamba2_decode_step(
+    ex: &dyn PlanExecutor,
+    args: &FusedStepArgs,
     params: &SsdParams,
 ) -> Result<Option<Tensor>> {
-    let dev = some!(metal_device(args.xbc));
     let dtype = args.xbc.dtype();
     let suffix = some!(dtype_suffix(dtype));
     let (batch, conv_dim) = args.xbc.dims2()?;
@@ -85,11 +82,9 @@ pub(crate) fn mamba2_decode_step(
         dt_min,
         dt_max,
     };
-    let pipe = some!(pipeline(
-        &dev,
-        DECODE_STEP,
-        &format!("mamba2_decode_step_{suffix}")
-    )?);
+    let name = format!("mamba2_decode_step_{suffix}");
+    let rows = layout::SSU_ROWS as usize;
+    require!(some!(ex.pipeline(DECODE_STEP, &name)?) >= 32 * rows);
     let c = |t: &Tensor| t.contiguous();
     let xbc = c(args.xbc)?;
     let conv_in = c(args.conv_state_in)?;
@@ -100,34 +95,22 @@ pub(crate) fn mamba2_decode_step(
     let d = args.d.map(f32_param).transpose()?;
     let z = args.z.map(c).transpose()?;
     let dt_bias = args.dt_bias.map(f32_param).transpose()?;
-    let (y, ya) = output(&dev, (batch, d_inner), dtype, "decode_step_y")?;
-    let (xa, ia) = (Arg::of(&xbc)?, Arg::of(&conv_in)?);
-    let oa = Arg::of(args.conv_state_out)?;
-    let rest = [
-        Arg::of(&w)?,
-        Arg::opt(cb.as_ref(), &w)?,
-        Arg::of(&dt)?,
-        Arg::of(&a)?,
-        Arg::opt(d.as_ref(), &a)?,
-        Arg::opt(z.as_ref(), &a)?,
-        Arg::opt(dt_bias.as_ref(), &a)?,
-    ];
-    let sa = Arg::of(args.state)?;
-    let mut binds = vec![Bind::In(&xa), Bind::In(&ia), Bind::Out(&oa)];
-    binds.extend(rest.iter().map(Bind::In));
-    binds.push(Bind::Out(&sa));
-    binds.push(Bind::Out(&ya));
-    let rows = layout::SSU_ROWS as usize;
-    require!(max_threads(&pipe) >= 32 * rows);
-    let groups = [headdim.div_ceil(rows), nheads, batch];
-    dispatch(
-        &dev,
-        &pipe,
-        "mamba2_decode_step",
-        &binds,
-        &p,
-        groups,
-        [32 * rows, 1, 1],
-    )?;
+    let y = output(ex, (batch, d_inner), dtype, "decode_step_y")?; // (batch, d_inner)
+    let plan = DispatchPlan::new(DECODE_STEP, name)
+        .read(&xbc)?
+        .read(&conv_in)?
+        .write(args.conv_state_out)?
+        .read(&w)?
+        .read_opt(cb.as_ref(), &w)?
+        .read(&dt)?
+        .read(&a)?
+        .read_opt(d.as_ref(), &a)?
+        .read_opt(z.as_ref(), &a)?
+        .read_opt(dt_bias.as_ref(), &a)?
+        .write(args.state)?
+        .write(&y)?
+        .params(&p)
+        .grid([headdim.div_ceil(rows), nheads, batch], [32 * rows, 1, 1]);
+    ex.run(plan)?;
     Ok(Some(y))
 }
