@@ -8,6 +8,7 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 use crate::ffi;
+use crate::strict;
 use crate::Error;
 
 /// Shim and runtime sources, written to one cache directory per content hash.
@@ -16,6 +17,7 @@ const SHIM_FILES: &[(&str, &str)] = &[
     ("msl_shim.h", include_str!("../shim/msl_shim.h")),
     ("msl_math.h", include_str!("../shim/msl_math.h")),
     ("msl_sync.h", include_str!("../shim/msl_sync.h")),
+    ("msl_strict.h", include_str!("../shim/msl_strict.h")),
     ("msl_runtime.cpp", include_str!("../shim/msl_runtime.cpp")),
     ("msl_rt_core.inc", include_str!("../shim/msl_rt_core.inc")),
     (
@@ -150,22 +152,14 @@ fn tmp_name(path: &Path) -> PathBuf {
     s.into()
 }
 
-fn run_clang(cmd: &mut Command, file: &str, strict: bool) -> Result<(), Error> {
+fn run_clang(cmd: &mut Command, file: &str) -> Result<(), Error> {
     let out = cmd.output().map_err(|e| Error::io(Path::new("clang"), e))?;
     if out.status.success() {
         return Ok(());
     }
-    let log = String::from_utf8_lossy(&out.stderr).to_string();
-    Err(if strict {
-        Error::AddressSpace {
-            file: file.into(),
-            log,
-        }
-    } else {
-        Error::Compile {
-            file: file.into(),
-            log,
-        }
+    Err(Error::Compile {
+        file: file.into(),
+        log: String::from_utf8_lossy(&out.stderr).to_string(),
     })
 }
 
@@ -218,7 +212,7 @@ fn toolchain() -> Result<&'static Toolchain, Error> {
                 .arg(shim_dir.join("msl_runtime.cpp"))
                 .arg("-o")
                 .arg(&tmp);
-                run_clang(&mut cmd, "msl_runtime.cpp", false)?;
+                run_clang(&mut cmd, "msl_runtime.cpp")?;
                 std::fs::rename(&tmp, &runtime_obj).map_err(|e| Error::io(&runtime_obj, e))?;
             }
             Ok(Toolchain {
@@ -367,19 +361,65 @@ fn write_source(stem: &str, key: u64, rewritten: &str) -> Result<PathBuf, Error>
     Ok(p)
 }
 
-/// Syntax-only pass with real address spaces (cached as a marker file).
-pub fn strict_pass(src: &Source) -> Result<(), Error> {
-    let marker = artifact(&src.stem, src.key, ".strict-ok")?;
+/// The strict pass: the rewritten source compiled to LLVM IR at `-O0` with
+/// real address spaces (`-DMSL_STRICT`), exceptions off and `double` /
+/// `virtual` poisoned (`shim/msl_strict.h`), then the IR checked for
+/// recursion, function pointers and double arithmetic; `pre` (the
+/// preprocessed `.metal` text) is checked for thread-count attributes. See
+/// `strict.rs` for why each check catches its construct. Cached as a marker
+/// file per source and rule version.
+pub fn strict_pass(src: &Source, pre: &str) -> Result<(), Error> {
+    // bump when a rule changes, so old markers no longer vouch for a source
+    const RULES: &str = ".strict-v2-ok";
+    let marker = artifact(&src.stem, src.key, RULES)?;
     static STRICT: Mutex<()> = Mutex::new(());
     let _guard = STRICT.lock().unwrap_or_else(|p| p.into_inner());
     if marker.exists() {
         return Ok(());
     }
+    let forbidden = |v| Error::Forbidden(Box::new(v));
+    if let Some(v) = strict::thread_limits(pre, &src.file) {
+        return Err(forbidden(v));
+    }
     let tc = toolchain()?;
+    let shim = tc.shim_dir.to_string_lossy().to_string();
+    // code the kernel author wrote: not the shim, the system headers or the
+    // harness's registration table
+    let is_user = |f: &str| {
+        !(f.starts_with('<')
+            || f.starts_with("/usr/")
+            || f.starts_with(&shim)
+            || SHIM_FILES.iter().any(|(n, _)| f.ends_with(n)))
+    };
     let cpp = write_source(&src.stem, src.key, &src.text)?;
+    let ll = tmp_name(&artifact(&src.stem, src.key, ".ll")?);
     let mut cmd = src.command(tc);
-    cmd.args(["-fsyntax-only", "-DMSL_STRICT"]).arg(&cpp);
-    run_clang(&mut cmd, &src.file, true)?;
+    cmd.args(["-O0", "-gline-tables-only", "-DMSL_STRICT"])
+        .args(["-include", "msl_strict.h", "-S", "-emit-llvm", "-o"])
+        .arg(&ll)
+        .arg(&cpp);
+    let out = cmd.output().map_err(|e| Error::io(&tc.clang, e))?;
+    if !out.status.success() {
+        let log = String::from_utf8_lossy(&out.stderr).to_string();
+        let _ = std::fs::remove_file(&ll);
+        let mut plain = src.command(tc);
+        plain
+            .args(["-fsyntax-only", "-include", "msl_strict.h"])
+            .arg(&cpp);
+        let plain_ok = plain.output().is_ok_and(|o| o.status.success());
+        return Err(match strict::classify_clang(&log, plain_ok, &is_user) {
+            Some(v) => forbidden(v),
+            None => Error::Compile {
+                file: src.file.clone(),
+                log,
+            },
+        });
+    }
+    let ir = std::fs::read_to_string(&ll).map_err(|e| Error::io(&ll, e));
+    let _ = std::fs::remove_file(&ll);
+    if let Some(v) = strict::analyze_ir(&ir?, &is_user) {
+        return Err(forbidden(v));
+    }
     write_atomic(&marker, b"ok\n")
 }
 
@@ -404,7 +444,7 @@ pub fn build(src: &Source, flavor: Flavor) -> Result<&'static Loaded, Error> {
         }
         cmd.arg(&cpp).args(["-x", "none"]).arg(&tc.runtime_obj);
         cmd.args(["-shared", "-Wl,-Bsymbolic", "-o"]).arg(&tmp);
-        run_clang(&mut cmd, &src.file, false)?;
+        run_clang(&mut cmd, &src.file)?;
         std::fs::rename(&tmp, &so).map_err(|e| Error::io(&so, e))?;
     }
     load(&so)

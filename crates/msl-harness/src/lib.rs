@@ -29,8 +29,10 @@
 //! ```
 
 mod compile;
+mod error;
 mod ffi;
 pub mod rewrite;
+mod strict;
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -38,6 +40,7 @@ use std::marker::PhantomData;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
+pub use error::{Construct, Error, Fault, FaultKind, Violation};
 pub use rewrite::{KernelInfo, RewriteError};
 
 /// Default threadgroup memory limit (Apple GPUs: 32 KiB).
@@ -65,145 +68,6 @@ pub enum Mode {
         /// Seed of the order.
         seed: u64,
     },
-}
-
-/// Category of a fault found while running a kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum FaultKind {
-    /// Unbound buffer, too-small `constant` struct, misalignment, missing threadgroup length.
-    Binding,
-    /// Two unordered accesses (at least one write) to the same byte.
-    Race,
-    /// Access outside a buffer or threadgroup allocation.
-    OutOfBounds,
-    /// Read of threadgroup memory never written in this threadgroup.
-    UninitializedRead,
-    /// Divergent barrier or a barrier not reached by every thread.
-    Barrier,
-    /// Threadgroup memory over budget.
-    ThreadgroupMemory,
-    /// simdgroup_matrix op executed by part of a simdgroup.
-    SimdDivergence,
-    /// Emulated thread overflowed its fibre stack.
-    StackOverflow,
-    /// Spin-wait on an atomic, or the dispatch ran past its timeout.
-    Hang,
-    /// Invalid dispatch configuration detected by the runtime.
-    Config,
-    /// Write to a buffer bound read-only with [`Dispatch::input`].
-    ReadOnlyWrite,
-}
-
-/// A fault found while running a kernel.
-#[derive(Clone, Debug)]
-pub struct Fault {
-    /// Category.
-    pub kind: FaultKind,
-    /// Human-readable description (threads, buffer and offset involved).
-    pub message: String,
-    /// `.metal` file:line of the faulting access/call, when known.
-    pub location: Option<String>,
-    /// file:line of the other access of a race, or of the other barrier.
-    pub other_location: Option<String>,
-}
-
-impl std::fmt::Display for Fault {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}: {}", self.kind, self.message)?;
-        if let Some(l) = &self.location {
-            write!(f, " at {l}")?;
-        }
-        if let Some(l) = &self.other_location {
-            write!(f, " (other access at {l})")?;
-        }
-        Ok(())
-    }
-}
-
-/// Errors of the harness.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// No usable clang.
-    #[error("msl-harness: {0}")]
-    NoCompiler(String),
-    /// File system error.
-    #[error("msl-harness: {path}: {source}")]
-    Io {
-        /// Path involved.
-        path: String,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The rewriter rejected the source.
-    #[error("msl-harness: {0}")]
-    Rewrite(#[from] RewriteError),
-    /// clang rejected the source.
-    #[error("msl-harness: clang failed on {file}:\n{log}")]
-    Compile {
-        /// `.metal` file.
-        file: String,
-        /// clang's diagnostics.
-        log: String,
-    },
-    /// The strict address-space pass rejected the source.
-    #[error("msl-harness: address-space error in {file} (strict pass):\n{log}")]
-    AddressSpace {
-        /// `.metal` file.
-        file: String,
-        /// clang's diagnostics.
-        log: String,
-    },
-    /// dlopen failed.
-    #[error("msl-harness: cannot load {path}: {message}")]
-    Load {
-        /// Library path.
-        path: String,
-        /// dlerror text.
-        message: String,
-    },
-    /// No kernel of that name in the library.
-    #[error("msl-harness: kernel `{name}` not found (available: {available})")]
-    KernelNotFound {
-        /// Requested name.
-        name: String,
-        /// Names registered.
-        available: String,
-    },
-    /// The dispatch was set up wrongly on the Rust side.
-    #[error("msl-harness: invalid dispatch: {0}")]
-    InvalidDispatch(String),
-    /// The kernel misbehaved.
-    #[error("msl-harness: kernel `{kernel}`: {fault}")]
-    Fault {
-        /// Kernel name.
-        kernel: String,
-        /// What happened.
-        fault: Fault,
-    },
-}
-
-impl Error {
-    fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.display().to_string(),
-            source,
-        }
-    }
-
-    /// The fault, if this error is one.
-    pub fn fault(&self) -> Option<&Fault> {
-        match self {
-            Error::Fault { fault, .. } => Some(fault),
-            _ => None,
-        }
-    }
-
-    /// The fault kind, if this error is a fault.
-    pub fn fault_kind(&self) -> Option<FaultKind> {
-        self.fault().map(|f| f.kind)
-    }
 }
 
 /// Plain-old-data types that can be bound as buffer contents.
@@ -317,11 +181,34 @@ impl Library {
         Ok(u)
     }
 
+    /// Runs only the strict pass (rewriter, Apple-compiler rules, address
+    /// spaces) over each file, without building it: the check that a kernel
+    /// source is free of what Metal forbids (see [`Construct`]).
+    pub fn check<P: AsRef<Path>>(files: &[P]) -> Result<(), Error> {
+        for f in files {
+            let given = f.as_ref();
+            let path = resolve(given);
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(given, e))?;
+            let label = given.display().to_string();
+            let dir = path.parent().map(|d| {
+                if d.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    d
+                }
+            });
+            let pre = compile::preprocess(&label, &text, dir)?;
+            let rw = rewrite::rewrite(&pre, &label)?;
+            compile::strict_pass(&compile::Source::new(&label, rw.source)?, &pre)?;
+        }
+        Ok(())
+    }
+
     fn build_unit(label: &str, text: &str, include_dir: Option<&Path>) -> Result<Unit, Error> {
         let pre = compile::preprocess(label, text, include_dir)?;
         let rw = rewrite::rewrite(&pre, label)?;
         let source = compile::Source::new(label, rw.source)?;
-        compile::strict_pass(&source)?;
+        compile::strict_pass(&source, &pre)?;
         let fast = compile::build(&source, compile::Flavor::Fast)?;
         Ok(Unit {
             source,
@@ -489,10 +376,33 @@ impl<'b> Dispatch<'_, 'b> {
         self
     }
 
-    /// Threadgroup memory limit in bytes (default 32 KiB).
+    /// Threadgroup memory limit in bytes (default and at most 32 KiB, the
+    /// limit of Apple GPUs; a larger value makes the dispatch fail).
     pub fn threadgroup_memory_budget(&mut self, bytes: u64) -> &mut Self {
+        if bytes > THREADGROUP_MEMORY_LIMIT {
+            self.setup_error.get_or_insert(format!(
+                "threadgroup memory budget {bytes} > {THREADGROUP_MEMORY_LIMIT} bytes (Apple GPUs have 32 KiB)"
+            ));
+        }
         self.budget = bytes;
         self
+    }
+
+    /// A [`Error::Forbidden`] naming this kernel and its line.
+    fn forbidden(&self, construct: Construct, detail: String) -> Error {
+        let unit = &self.lib.units[self.unit];
+        let line = unit
+            .kernels
+            .iter()
+            .find(|k| k.name == self.name)
+            .map(|k| k.line);
+        Error::Forbidden(Box::new(Violation {
+            construct,
+            file: unit.source.file.clone(),
+            line,
+            function: Some(self.name.clone()),
+            detail,
+        }))
     }
 
     /// Watchdog: a dispatch running longer than this fails with
@@ -509,10 +419,22 @@ impl<'b> Dispatch<'_, 'b> {
         }
         let tg = self.tg;
         let nthreads = tg.iter().map(|&v| v as u64).product::<u64>();
-        if nthreads == 0 || nthreads > MAX_THREADS_PER_THREADGROUP as u64 {
-            return Err(Error::InvalidDispatch(format!(
-                "threads per threadgroup {tg:?} must multiply to 1..={MAX_THREADS_PER_THREADGROUP}"
-            )));
+        if nthreads == 0 {
+            return Err(Error::InvalidDispatch(format!("empty threadgroup {tg:?}")));
+        }
+        if nthreads > MAX_THREADS_PER_THREADGROUP as u64 {
+            return Err(self.forbidden(
+                Construct::ThreadsPerThreadgroup,
+                format!("dispatch asks for {tg:?} = {nthreads} threads per threadgroup; Apple GPUs run at most {MAX_THREADS_PER_THREADGROUP}"),
+            ));
+        }
+        // static arrays add to this at run time (the runtime checks the sum)
+        let dynamic: u64 = self.tg_lens.iter().sum();
+        if dynamic > THREADGROUP_MEMORY_LIMIT {
+            return Err(self.forbidden(
+                Construct::ThreadgroupMemory,
+                format!("dispatch asks for {dynamic} bytes of [[threadgroup(i)]] memory; Apple GPUs have {THREADGROUP_MEMORY_LIMIT}"),
+            ));
         }
         if let Some((i, _)) = self.tg_lens.iter().enumerate().find(|(_, &l)| l % 16 != 0) {
             return Err(Error::InvalidDispatch(format!(

@@ -6,7 +6,8 @@
 //!   argument that reads the current emulated thread's binding, so a kernel
 //!   is then called with no arguments;
 //! * `threadgroup` variable declarations inside kernels become references
-//!   into the per-dispatch threadgroup arena (poisoned, budgeted);
+//!   into the per-dispatch threadgroup arena (poisoned, budgeted), and each
+//!   kernel gets a `static_assert` that its arrays total at most 32 KiB;
 //! * explicit template instantiations carrying `[[host_name("…")]]` are
 //!   registered under that name;
 //! * a table `msl_kernels` of `{name, entry}` is appended.
@@ -39,6 +40,10 @@ pub const BUILTINS: &[&str] = &[
     "quadgroup_index_in_threadgroup",
     "quadgroups_per_threadgroup",
 ];
+
+/// Marker in the message of the `static_assert` the rewriter adds on each
+/// kernel's static threadgroup memory (the strict pass classifies by it).
+pub const TG_ASSERT_MARKER: &str = "msl-strict:threadgroup-memory";
 
 /// A kernel the rewritten source registers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +95,8 @@ struct Ctx<'a> {
     m: Vec<u8>, // masked source: comments and literals blanked
     file: &'a str,
     edits: Vec<Edit>,
+    /// `{`…`}` byte ranges and names of kernel definitions.
+    bodies: Vec<(usize, usize, String)>,
 }
 
 /// Rewrites one `.metal` source. `file` is the path recorded in `#line`
@@ -100,6 +107,7 @@ pub fn rewrite(src: &str, file: &str) -> Result<Rewritten, RewriteError> {
         m: mask(src),
         file,
         edits: Vec::new(),
+        bodies: Vec::new(),
     };
     let mut kernels = Vec::new();
     cx.kernels(&mut kernels)?;
@@ -408,6 +416,9 @@ impl Ctx<'_> {
             }
         }
         self.params(open, close, &name)?;
+        if let Some(body_end) = self.matching(end) {
+            self.bodies.push((end, body_end, name.clone()));
+        }
         if !self.is_template(stmt, p) {
             out.push(KernelInfo {
                 name: host.unwrap_or_else(|| name.clone()),
@@ -605,6 +616,7 @@ impl Ctx<'_> {
             }
         }
         let mut slot = 0u32;
+        let mut decls: Vec<(usize, usize, String, String)> = Vec::new();
         for p in self.words("threadgroup") {
             if depth[p] <= 0 || paren[p] != 0 {
                 continue;
@@ -661,7 +673,40 @@ impl Ctx<'_> {
                 "threadgroup {ty} (&{name}){dims} = *(threadgroup {ty} (*){dims})::msl::detail::tg_static({slot}, sizeof({ty}{dims}), {align}, \"{name}\");"
             );
             slot += 1;
-            self.replace(p, semi + 1, &text);
+            decls.push((p, semi + 1, text, format!("sizeof({ty}{dims})")));
+        }
+        // One static_assert per kernel, after its last array, on the sum of
+        // its arrays (sizes may depend on template parameters, so only the
+        // compiler can add them up); arrays outside a kernel body are checked
+        // one by one. Appended to the last declaration's line: no new lines.
+        let body_of = |p: usize| self.bodies.iter().position(|b| b.0 < p && p < b.1);
+        let mut edits = Vec::new();
+        for (i, (p, end, text, size)) in decls.iter().enumerate() {
+            let body = body_of(*p);
+            let last = body.is_none() || decls[i + 1..].iter().all(|d| body_of(d.0) != body);
+            let mut text = text.clone();
+            if last {
+                let (sizes, who): (Vec<&str>, String) = match body {
+                    Some(b) => (
+                        decls
+                            .iter()
+                            .filter(|d| body_of(d.0) == Some(b))
+                            .map(|d| d.3.as_str())
+                            .collect(),
+                        format!("kernel `{}`", self.bodies[b].2),
+                    ),
+                    None => (vec![size.as_str()], "this declaration".into()),
+                };
+                text.push_str(&format!(
+                    " static_assert({} <= 32768, \"{}: {who} declares more than 32 KiB of threadgroup memory (the Apple GPU limit)\");",
+                    sizes.join(" + "),
+                    TG_ASSERT_MARKER
+                ));
+            }
+            edits.push((*p, *end, text));
+        }
+        for (p, end, text) in edits {
+            self.replace(p, end, &text);
         }
         Ok(())
     }

@@ -1,0 +1,623 @@
+//! The strict pass's Apple-compiler rules: what MSL forbids but C++17 (the
+//! language the harness compiles kernels as) allows.
+//!
+//! The strict pass compiles the rewritten source once more, with real address
+//! spaces (`-DMSL_STRICT`), to LLVM IR at `-O0` with line tables. Each rule uses
+//! the cheapest evidence that cannot miss the construct:
+//!
+//! * **Exceptions**: `-fno-exceptions` makes clang itself reject `throw` and
+//!   `try` at parse time, templates included ("cannot use 'throw' with
+//!   exceptions disabled").
+//! * **`virtual` and `double` spelled in the source**: `#pragma GCC poison`
+//!   (`shim/msl_strict.h`, force-included in the strict pass only). The source reaching clang was preprocessed
+//!   already, so every user macro is expanded and every such token is lexed
+//!   from the file, where poison fires; tokens from the shim's own macros are
+//!   exempt (poison ignores macro expansions), which is what we want.
+//! * **`double` not spelled**: an unsuffixed literal (`x * 0.5`) or a libm
+//!   call makes C++ compute in double; MSL has no double. Found in the IR as a
+//!   double-typed arithmetic, comparison, conversion, constant store or f64
+//!   intrinsic located in user code. Loads, stores and call arguments of
+//!   `double` type alone are not evidence: the x86-64 ABI passes 8-byte
+//!   vectors such as `uint2` as `double`.
+//! * **Recursion**: a cycle in the IR call graph. At `-O0` every call is
+//!   explicit and nothing is inlined except the shim's `always_inline`
+//!   wrappers, so the graph is the source's.
+//! * **Function pointers**: an indirect call, or a function's address used as
+//!   a value, in an instruction located in user code (the harness's own
+//!   kernel table lives in `<msl-harness registration>` and is exempt).
+//! * **Threadgroup memory**: the rewriter emits a `static_assert` summing a
+//!   kernel's static `threadgroup` arrays (`msl-strict:threadgroup-memory`);
+//!   the bytes a dispatch asks for are checked by [`crate::Dispatch`].
+//! * **Threads per threadgroup**: `[[max_total_threads_per_threadgroup(N)]]`
+//!   with `N > 1024` in the source; dispatched sizes by [`crate::Dispatch`].
+//! * **Address spaces**: clang's own type errors between address spaces 1/2/3
+//!   and the shim's `static_assert`s on buffer and threadgroup parameters. An
+//!   error is one when the same source compiles with the address-space
+//!   keywords plain (clang words these errors in many ways).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+/// A construct Metal rejects, found by the strict pass or at dispatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Construct {
+    /// `throw` / `try`: MSL has no exceptions.
+    Exception,
+    /// A function that calls itself, directly or through others.
+    Recursion,
+    /// A pointer to a function, or an indirect call.
+    FunctionPointer,
+    /// `virtual` functions or bases.
+    VirtualFunction,
+    /// The `double` type, spelled or implied (unsuffixed literals, libm).
+    Double,
+    /// More than 32 KiB of threadgroup memory.
+    ThreadgroupMemory,
+    /// More than 1024 threads per threadgroup.
+    ThreadsPerThreadgroup,
+    /// A pointer or reference converted between address spaces, or a
+    /// `[[buffer(i)]]` / `[[threadgroup(i)]]` parameter in the wrong one.
+    AddressSpace,
+}
+
+impl fmt::Display for Construct {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Construct::Exception => "exceptions",
+            Construct::Recursion => "recursion",
+            Construct::FunctionPointer => "function pointers",
+            Construct::VirtualFunction => "virtual functions",
+            Construct::Double => "double",
+            Construct::ThreadgroupMemory => "threadgroup memory over 32 KiB",
+            Construct::ThreadsPerThreadgroup => "more than 1024 threads per threadgroup",
+            Construct::AddressSpace => "address-space mismatch",
+        })
+    }
+}
+
+/// Where and what: the payload of [`crate::Error::Forbidden`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// What was found.
+    pub construct: Construct,
+    /// `.metal` file (or included header) as labelled in diagnostics.
+    pub file: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// The kernel or function it was found in, when known.
+    pub function: Option<String>,
+    /// Explanation (clang's diagnostics for clang-found errors).
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        write!(f, ": {} not allowed in Metal", self.construct)?;
+        if let Some(func) = &self.function {
+            write!(f, " (in `{func}`)")?;
+        }
+        write!(f, ": {}", self.detail)
+    }
+}
+
+use crate::rewrite::TG_ASSERT_MARKER;
+
+/// Classifies a failed strict compilation from clang's diagnostics; `None`
+/// for an error that is no Metal rule (reported as a plain compile error).
+/// `address_spaces_only`: the source compiles when the address-space
+/// keywords are plain (so the error is an address-space mismatch, however
+/// clang words it).
+pub(crate) fn classify_clang(
+    log: &str,
+    address_spaces_only: bool,
+    is_user: &dyn Fn(&str) -> bool,
+) -> Option<Violation> {
+    let lines: Vec<&str> = log.lines().collect();
+    let (idx, msg) = lines
+        .iter()
+        .enumerate()
+        .find_map(|(i, l)| l.split_once(": error: ").map(|(_, m)| (i, m)))?;
+    let construct = if msg.contains("with exceptions disabled") {
+        Construct::Exception
+    } else if msg.contains("poisoned identifier") {
+        match poisoned_word(&lines[idx + 1..]).as_deref() {
+            Some("double") => Construct::Double,
+            Some("virtual") => Construct::VirtualFunction,
+            _ => return None,
+        }
+    } else if log.contains(TG_ASSERT_MARKER) {
+        Construct::ThreadgroupMemory
+    } else if address_spaces_only {
+        Construct::AddressSpace
+    } else {
+        return None;
+    };
+    // the first user-code location: the error itself, or the instantiation
+    // note that leads to it when it fires inside the shim
+    let (file, line) = lines
+        .iter()
+        .filter_map(|l| diag_location(l))
+        .find(|(f, _)| is_user(f))
+        .map(|(f, l)| (f, Some(l)))
+        .unwrap_or_else(|| (String::from("<unknown>"), None));
+    Some(Violation {
+        construct,
+        file,
+        line,
+        function: None,
+        detail: log.trim_end().to_string(),
+    })
+}
+
+/// `file:line` of a diagnostic line `file:line:col: error|note|warning: …`.
+fn diag_location(l: &str) -> Option<(String, usize)> {
+    let head = l
+        .split(": error: ")
+        .next()
+        .filter(|h| h.len() < l.len())
+        .or_else(|| l.split(": note: ").next().filter(|h| h.len() < l.len()))?;
+    let mut parts = head.rsplitn(3, ':');
+    let _col: usize = parts.next()?.parse().ok()?;
+    let line: usize = parts.next()?.parse().ok()?;
+    Some((parts.next()?.to_string(), line))
+}
+
+/// The identifier under clang's caret in the snippet following a diagnostic
+/// (`  12 |   double x;` then `     |   ^`). The caret line is rendered like the
+/// snippet (tabs expanded), so the index is valid in it.
+fn poisoned_word(after: &[&str]) -> Option<String> {
+    let (code, caret) = (after.first()?, after.get(1)?);
+    let code = code.split_once(" | ")?.1;
+    let caret = caret.split_once(" | ")?.1;
+    let at = caret.find('^')?;
+    let word: String = code
+        .get(at..)?
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    Some(word)
+}
+
+/// `[[max_total_threads_per_threadgroup(N)]]` with `N > 1024` in the
+/// preprocessed source (the rewriter drops kernel attributes, so this reads
+/// the text before it).
+pub(crate) fn thread_limits(pre: &str, label: &str) -> Option<Violation> {
+    const ATTR: &str = "max_total_threads_per_threadgroup";
+    let mut from = 0;
+    while let Some(k) = pre[from..].find(ATTR) {
+        let at = from + k;
+        from = at + ATTR.len();
+        let rest = pre[from..].trim_start();
+        let Some(arg) = rest.strip_prefix('(') else {
+            continue;
+        };
+        let digits: String = arg
+            .trim_start()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        if let Ok(n) = digits.parse::<u64>() {
+            if n > crate::MAX_THREADS_PER_THREADGROUP as u64 {
+                let (file, line) = locate(pre, at, label);
+                return Some(Violation {
+                    construct: Construct::ThreadsPerThreadgroup,
+                    file,
+                    line: Some(line),
+                    function: None,
+                    detail: format!(
+                        "[[{ATTR}({n})]]: Apple GPUs run at most {} threads per threadgroup",
+                        crate::MAX_THREADS_PER_THREADGROUP
+                    ),
+                });
+            }
+        }
+    }
+    None
+}
+
+/// File and line of byte `pos` of preprocessed text, following its line
+/// markers (`# 12 "file.metal" …` / `#line 12 "file.metal"`).
+fn locate(text: &str, pos: usize, label: &str) -> (String, usize) {
+    let mut file = label.to_string();
+    let mut line = 1usize;
+    let mut start = 0usize;
+    for l in text.split_inclusive('\n') {
+        if start + l.len() > pos {
+            return (file, line);
+        }
+        start += l.len();
+        let t = l.trim_start();
+        let marker = t
+            .strip_prefix("#line ")
+            .or_else(|| t.strip_prefix("# "))
+            .and_then(|r| {
+                let mut it = r.trim().splitn(2, ' ');
+                let n: usize = it.next()?.parse().ok()?;
+                let f = it.next()?.trim_start().strip_prefix('"')?;
+                Some((n, f[..f.find('"')?].to_string()))
+            });
+        match marker {
+            Some((n, f)) => {
+                line = n;
+                file = f;
+            }
+            None => line += 1,
+        }
+    }
+    (file, line)
+}
+
+/// One `define`d function of the IR.
+struct Func<'a> {
+    name: &'a str,
+    /// `!dbg` of the definition: its `DISubprogram`.
+    sp: Option<u32>,
+    body: Vec<&'a str>,
+}
+
+struct Ir<'a> {
+    meta: HashMap<u32, &'a str>,
+    funcs: Vec<Func<'a>>,
+    /// Every function defined or declared.
+    names: HashSet<&'a str>,
+}
+
+/// Checks emitted LLVM IR for recursion, function pointers and double
+/// arithmetic in user code; the first violation found, in that order.
+pub(crate) fn analyze_ir(ir: &str, is_user: &dyn Fn(&str) -> bool) -> Option<Violation> {
+    let ir = parse(ir);
+    recursion(&ir)
+        .or_else(|| instructions(&ir, is_user, Construct::FunctionPointer))
+        .or_else(|| instructions(&ir, is_user, Construct::Double))
+}
+
+fn parse(text: &str) -> Ir<'_> {
+    let mut ir = Ir {
+        meta: HashMap::new(),
+        funcs: Vec::new(),
+        names: HashSet::new(),
+    };
+    let mut cur: Option<Func> = None;
+    for line in text.lines() {
+        if let Some(f) = cur.as_mut() {
+            if line == "}" {
+                ir.funcs.extend(cur.take());
+            } else {
+                f.body.push(line);
+            }
+            continue;
+        }
+        if line.starts_with("define ") || line.starts_with("declare ") {
+            let Some(name) = global_after(line, line.find('@').unwrap_or(line.len())) else {
+                continue;
+            };
+            ir.names.insert(name);
+            if line.starts_with("define ") {
+                cur = Some(Func {
+                    name,
+                    sp: dbg_ref(line),
+                    body: Vec::new(),
+                });
+            }
+        } else if let Some(rest) = line.strip_prefix('!') {
+            if let Some((id, rhs)) = rest.split_once(" = ") {
+                if let Ok(id) = id.parse::<u32>() {
+                    ir.meta.insert(id, rhs);
+                }
+            }
+        }
+    }
+    ir
+}
+
+/// The global name starting with the `@` at byte `at` (quoted names included).
+fn global_after(line: &str, at: usize) -> Option<&str> {
+    let rest = line.get(at..)?.strip_prefix('@')?;
+    if let Some(q) = rest.strip_prefix('"') {
+        return Some(&q[..q.find('"')?]);
+    }
+    let end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || "_.$-".contains(c)))
+        .unwrap_or(rest.len());
+    (end > 0).then(|| &rest[..end])
+}
+
+/// `N` of a trailing `!dbg !N`.
+fn dbg_ref(line: &str) -> Option<u32> {
+    field_ref(&line[line.rfind("!dbg ")?..], "!dbg")
+}
+
+/// `N` of `key !N` (e.g. `scope: !12`).
+fn field_ref(text: &str, key: &str) -> Option<u32> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let rest = rest.trim_start_matches([':', ' ']).strip_prefix('!')?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// `N` of `line: N`.
+fn field_num(text: &str, key: &str) -> Option<usize> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let digits: String = rest
+        .trim_start_matches([':', ' '])
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+impl Ir<'_> {
+    /// File of a debug scope (subprogram or lexical block), walking outwards.
+    fn scope_file(&self, mut id: u32) -> Option<&str> {
+        for _ in 0..64 {
+            let t = self.meta.get(&id)?;
+            if let Some(f) = field_ref(t, "file:") {
+                let ft = self.meta.get(&f)?;
+                let name = &ft[ft.find("filename: \"")? + 11..];
+                return Some(&name[..name.find('"')?]);
+            }
+            id = field_ref(t, "scope:")?;
+        }
+        None
+    }
+
+    /// File and line of an instruction's `!dbg` location.
+    fn location(&self, instr: &str) -> Option<(&str, usize)> {
+        let loc = self.meta.get(&dbg_ref(instr)?)?;
+        let line = field_num(loc, "line:")?;
+        Some((self.scope_file(field_ref(loc, "scope:")?)?, line))
+    }
+
+    /// Source name, file and line of a function's subprogram.
+    fn subprogram(&self, f: &Func) -> (String, Option<(String, usize)>) {
+        let Some(sp) = f.sp.and_then(|s| self.meta.get(&s)) else {
+            return (f.name.to_string(), None);
+        };
+        let name = sp
+            .find("name: \"")
+            .map(|k| &sp[k + 7..])
+            .and_then(|r| r.find('"').map(|e| r[..e].to_string()))
+            .unwrap_or_else(|| f.name.to_string());
+        let at =
+            f.sp.and_then(|s| self.scope_file(s))
+                .zip(field_num(sp, "line:"))
+                .map(|(file, line)| (file.to_string(), line));
+        (name, at)
+    }
+}
+
+/// The callee of a `call` instruction: `Ok(name)` for `@name(`, `Err(())` for
+/// an indirect call through a value (`%5(`); `None` when not a call.
+fn callee(instr: &str) -> Option<Result<&str, ()>> {
+    let body = instr
+        .split_once(" = ")
+        .map_or(instr, |(_, r)| r)
+        .trim_start();
+    let body = body
+        .strip_prefix("tail ")
+        .or_else(|| body.strip_prefix("notail "))
+        .unwrap_or(body);
+    let rest = body.strip_prefix("call ")?;
+    if rest.contains(" asm ") {
+        return None;
+    }
+    // the first `@x(` or `%x(` token is the callee (return types hold neither)
+    for (i, c) in rest.char_indices() {
+        if c == '@' || c == '%' {
+            let name_end = match rest[i + 1..].strip_prefix('"') {
+                Some(q) => q.find('"').map_or(rest.len(), |e| i + 3 + e),
+                None => rest[i + 1..]
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || "_.$-".contains(c)))
+                    .map_or(rest.len(), |e| i + 1 + e),
+            };
+            if rest[name_end..].starts_with('(') {
+                return Some(if c == '@' {
+                    global_after(rest, i).ok_or(())
+                } else {
+                    Err(())
+                });
+            }
+        }
+    }
+    None
+}
+
+fn recursion(ir: &Ir) -> Option<Violation> {
+    let index: HashMap<&str, usize> = ir
+        .funcs
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.name, i))
+        .collect();
+    let edges: Vec<Vec<usize>> = ir
+        .funcs
+        .iter()
+        .map(|f| {
+            f.body
+                .iter()
+                .filter_map(|l| callee(l)?.ok())
+                .filter_map(|n| index.get(n).copied())
+                .collect()
+        })
+        .collect();
+    // a function is recursive when it reaches itself: DFS from each (the
+    // graphs of kernel files are small)
+    for start in 0..ir.funcs.len() {
+        let mut parent = vec![usize::MAX; ir.funcs.len()];
+        let mut stack = vec![start];
+        let mut seen = vec![false; ir.funcs.len()];
+        while let Some(v) = stack.pop() {
+            for &w in &edges[v] {
+                if w == start {
+                    let mut cycle = vec![start];
+                    let mut u = v;
+                    while u != start {
+                        cycle.push(u);
+                        u = parent[u];
+                    }
+                    cycle.push(start);
+                    let n = cycle.len();
+                    cycle[1..n - 1].reverse();
+                    return Some(recursion_violation(ir, &cycle));
+                }
+                if !seen[w] {
+                    seen[w] = true;
+                    parent[w] = v;
+                    stack.push(w);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn recursion_violation(ir: &Ir, cycle: &[usize]) -> Violation {
+    let names: Vec<String> = cycle
+        .iter()
+        .map(|&i| ir.subprogram(&ir.funcs[i]).0)
+        .collect();
+    let (function, at) = ir.subprogram(&ir.funcs[cycle[0]]);
+    let (file, line) = match at {
+        Some((f, l)) => (f, Some(l)),
+        None => ("<unknown>".into(), None),
+    };
+    Violation {
+        construct: Construct::Recursion,
+        file,
+        line,
+        function: Some(function),
+        detail: format!(
+            "call cycle {} (Metal has no call stack to recurse on)",
+            names.join(" -> ")
+        ),
+    }
+}
+
+/// Function-pointer or double evidence in instructions located in user code.
+fn instructions(ir: &Ir, is_user: &dyn Fn(&str) -> bool, what: Construct) -> Option<Violation> {
+    for f in &ir.funcs {
+        for instr in &f.body {
+            let found = match what {
+                Construct::FunctionPointer => function_pointer(ir, instr),
+                _ => double_op(instr),
+            };
+            let Some(detail) = found else { continue };
+            let Some((file, line)) = ir.location(instr).filter(|(f, _)| is_user(f)) else {
+                continue;
+            };
+            return Some(Violation {
+                construct: what,
+                file: file.to_string(),
+                line: Some(line),
+                function: Some(ir.subprogram(f).0),
+                detail,
+            });
+        }
+    }
+    None
+}
+
+fn function_pointer(ir: &Ir, instr: &str) -> Option<String> {
+    let direct = match callee(instr) {
+        Some(Err(())) => return Some("indirect call through a function pointer".into()),
+        Some(Ok(name)) => Some(name),
+        None => None,
+    };
+    let code = instr.split(", !dbg").next().unwrap_or(instr);
+    let mut skipped_callee = false;
+    for (i, _) in code.match_indices('@') {
+        let Some(name) = global_after(code, i) else {
+            continue;
+        };
+        if Some(name) == direct && !skipped_callee {
+            skipped_callee = true;
+            continue;
+        }
+        if ir.names.contains(name) {
+            return Some(format!("the address of function `{name}` is taken"));
+        }
+    }
+    None
+}
+
+fn double_op(instr: &str) -> Option<String> {
+    let code = instr.split(", !dbg").next().unwrap_or(instr);
+    let body = code.split_once(" = ").map_or(code, |(_, r)| r).trim_start();
+    let op = body.split_whitespace().next()?;
+    let arith = matches!(
+        op,
+        "fadd"
+            | "fsub"
+            | "fmul"
+            | "fdiv"
+            | "frem"
+            | "fneg"
+            | "fcmp"
+            | "fptrunc"
+            | "fptosi"
+            | "fptoui"
+    ) && body.contains(" double");
+    let to_double = matches!(op, "fpext" | "sitofp" | "uitofp") && body.ends_with(" to double");
+    let constant_store = op == "store"
+        && body
+            .strip_prefix("store double ")
+            .is_some_and(|v| !v.starts_with('%'));
+    let local = op == "alloca" && body.starts_with("alloca double");
+    let intrinsic = body.contains(".f64(");
+    (arith || to_double || constant_store || local || intrinsic).then(|| {
+        format!(
+            "double-precision `{op}` (MSL has no double: an unsuffixed literal such as `0.5` or a libm call makes C++ compute in double; write `0.5f` / the float overload)"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callee_forms() {
+        assert_eq!(
+            callee("  %3 = call noundef float @_Z1ff(float 1.0), !dbg !4"),
+            Some(Ok("_Z1ff"))
+        );
+        assert_eq!(callee("  call void @\"odd name\"()"), Some(Ok("odd name")));
+        assert_eq!(
+            callee("  %12 = call noundef float %6(float noundef %11)"),
+            Some(Err(()))
+        );
+        assert_eq!(
+            callee("  %r = call ptr addrspace(1) @g(ptr addrspace(1) %p)"),
+            Some(Ok("g"))
+        );
+        assert_eq!(callee("  store float %1, ptr %2"), None);
+    }
+
+    #[test]
+    fn double_evidence_ignores_abi_coercion() {
+        assert!(double_op("  %30 = fmul double %29, 5.000000e-01, !dbg !27").is_some());
+        assert!(double_op("  %29 = fpext float %28 to double, !dbg !25").is_some());
+        assert!(double_op("  store double 1.000000e+00, ptr %d, align 8").is_some());
+        // uint2 travels as `double` in the x86-64 ABI: not evidence
+        assert!(double_op("  %113 = load double, ptr %21, align 8, !dbg !2751").is_none());
+        assert!(double_op("  store double %113, ptr %30, align 8, !dbg !2720").is_none());
+    }
+
+    #[test]
+    fn locate_follows_line_markers() {
+        let text = "# 1 \"a.metal\"\nx\n# 10 \"b.h\" 1\ny\nz\n";
+        assert_eq!(
+            locate(text, text.find('z').unwrap(), "l"),
+            ("b.h".into(), 11)
+        );
+        assert_eq!(
+            locate(text, text.find('x').unwrap(), "l"),
+            ("a.metal".into(), 1)
+        );
+    }
+}
