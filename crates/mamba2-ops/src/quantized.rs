@@ -87,7 +87,8 @@ impl QuantizedMatrix {
     }
 
     /// Quantizes a float matrix `(out_features, in_features)` to `ty` on the matrix's device.
-    /// `in_features` must be a multiple of the format's block size.
+    /// `in_features` must be a multiple of the format's block size. The blocks are computed on
+    /// the CPU (Candle's quantizers are CPU code) and then copied to the device.
     pub fn quantize(w: &Tensor, ty: GgmlDType) -> Result<Self> {
         let (out_f, in_f) = check::dims::<2>(OP, "weight", w).map(|[o, i]| (o, i))?;
         if in_f % ty.block_size() != 0 {
@@ -102,8 +103,23 @@ impl QuantizedMatrix {
                 ),
             });
         }
-        let q = QTensor::quantize_onto(&w.to_dtype(DType::F32)?, ty, w.device())?;
+        let w32 = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let q = QTensor::quantize_onto(&w32, ty, w.device())?;
         Self::new(q)
+    }
+
+    /// The same blocks on `device` (a copy of the bytes; no requantization).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        if self.device().same_device(device) {
+            return Ok(self.clone());
+        }
+        let bytes = self.inner.data()?;
+        let storage =
+            candle_core::quantized::QStorage::from_data(bytes, device, self.ggml_dtype())?;
+        Self::new(QTensor::new(
+            storage,
+            (self.out_features, self.in_features),
+        )?)
     }
 
     pub fn out_features(&self) -> usize {
