@@ -59,7 +59,7 @@ fn sync(device: &Device) -> Result<()> {
 
 pub fn bench(a: BenchArgs) -> Result<()> {
     let device = a.model.device()?;
-    let dtype = a.model.dtype()?;
+    let dtype = a.model.dtype_on(&device)?;
     let (mut model, name) = match &a.shape {
         Some(shape) => (
             Mamba2Model::random_quantized(

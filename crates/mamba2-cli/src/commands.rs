@@ -37,14 +37,28 @@ impl ModelArgs {
         Ok(parse_dtype(&self.dtype)?)
     }
 
+    /// `--dtype` as `device` can run it: bf16 on a Metal device without bf16 kernels (before
+    /// macOS 14) runs in f32 (`mamba2_ops::metal_support`), with a note on stderr.
+    pub fn dtype_on(&self, device: &Device) -> Result<DType> {
+        let asked = self.dtype()?;
+        let dtype = mamba2_ops::metal_support::dtype_for_device(device, asked);
+        if dtype != asked {
+            eprintln!(
+                "note: {asked:?} needs Metal 3.1 (macOS 14) on this device; running in {dtype:?}"
+            );
+        }
+        Ok(dtype)
+    }
+
     pub fn source(&self) -> Result<ModelSource> {
         Ok(ModelSource::resolve(&self.model_spec(), &self.hub())?)
     }
 
     pub fn load_options(&self) -> Result<LoadOptions> {
+        let device = self.device()?;
         Ok(LoadOptions {
-            dtype: self.dtype()?,
-            device: self.device()?,
+            dtype: self.dtype_on(&device)?,
+            device,
             hub: self.hub(),
             tokenizer: self.tokenizer.clone(),
             quantize: self.quantize.as_deref().map(parse_quant_type).transpose()?,

@@ -40,6 +40,7 @@ pub mod linear;
 mod metal;
 pub mod metal_params;
 pub mod metal_plan;
+pub mod metal_support;
 pub mod moe;
 pub mod quantized;
 pub mod rms_norm;

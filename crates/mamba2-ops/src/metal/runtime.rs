@@ -86,6 +86,9 @@ impl MetalExecutor {
     /// The pipeline of `name` in `library`, compiling the library on first use; `None` when it
     /// has no such function.
     fn compiled(&self, library: &'static str, name: &str) -> Result<Option<ComputePipeline>> {
+        if !crate::metal_support::of_device(&self.device).has_kernel(name) {
+            return Ok(None);
+        }
         let mut k = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = k.pipelines.get(name) {
             return Ok(p.clone());
@@ -96,10 +99,7 @@ impl MetalExecutor {
                 .find(|(n, _)| *n == library)
                 .map(|(_, t)| *t)
                 .ok_or_else(|| candle_core::Error::msg(format!("no kernel library {library}")))?;
-            let lib = self
-                .device
-                .metal_device()
-                .new_library_with_source(text, None)
+            let lib = crate::metal_support::new_library(&self.device, text)
                 .map_err(|e| candle_core::Error::msg(format!("compiling {library}: {e}")))?;
             k.libraries.insert(library, lib);
         }
