@@ -105,7 +105,7 @@ pub enum Backend {
 
 /// Calls the fast path of the input's device when `backend` allows it and the fast path accepts
 /// the arguments (`Some`), the reference otherwise. Metal runs the plans of [`metal_plan`]; so
-/// does the CPU while a test emulates Metal on this thread ([`metal_plan::emulate_on_cpu`]).
+/// does the CPU while a test emulates Metal ([`metal_plan::emulate_on_cpu`]).
 macro_rules! dispatch {
     ($backend:expr, $device:expr, $name:ident ( $($arg:expr),* ), $slow:expr) => {{
         let fast = match ($backend, $device) {

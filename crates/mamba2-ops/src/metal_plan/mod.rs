@@ -11,9 +11,9 @@
 //!   from the same `.metal` sources, so every line that decides buffer order, offsets,
 //!   parameter blocks and grids runs in CI.
 //!
-//! [`emulate_on_cpu`] routes the ops' dispatchers on the CPU device to an executor for the
-//! current thread (the whole-model emulation of `tests/metal_emulated.rs`); it is test plumbing,
-//! not a supported API.
+//! [`emulate_on_cpu`] routes the ops' dispatchers on the CPU device to an executor (the
+//! whole-model emulation of `tests/metal_emulated.rs`); it is test plumbing, not a supported
+//! API.
 //!
 //! Binding convention of every kernel: buffers at indices `0..buffers.len()` in plan order, the
 //! parameter block (`setBytes`) at the next index.
@@ -34,8 +34,8 @@ pub use pointwise::{relu_squared, rotary_embedding, swiglu};
 use crate::metal_params::KernelParams;
 use crate::Result;
 use candle_core::{DType, Shape, Tensor};
-use std::cell::RefCell;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 /// How a kernel uses a buffer. Written buffers (outputs, in-place states) tell Metal's hazard
 /// tracking to order later readers after the dispatch; the harness rejects writes to read ones.
@@ -140,37 +140,46 @@ pub trait PlanExecutor {
     fn run(&self, plan: DispatchPlan) -> Result<()>;
 }
 
-thread_local! {
-    static EMULATED: RefCell<Option<Arc<dyn PlanExecutor>>> = const { RefCell::new(None) };
-}
+/// The executor of [`emulate_on_cpu`]; `ACTIVE` spares the CPU dispatch a lock when unset.
+static EMULATED: RwLock<Option<Arc<dyn PlanExecutor + Send + Sync>>> = RwLock::new(None);
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// Held by the guard of the emulation in progress: one at a time per process.
+static SESSION: Mutex<()> = Mutex::new(());
 
-/// Restores the previous executor of [`emulate_on_cpu`] when dropped.
+/// Ends the emulation of [`emulate_on_cpu`] when dropped.
 #[doc(hidden)]
 #[must_use = "emulation ends when the guard is dropped"]
 pub struct EmulationGuard {
-    previous: Option<Arc<dyn PlanExecutor>>,
+    _session: MutexGuard<'static, ()>,
 }
 
 impl Drop for EmulationGuard {
     fn drop(&mut self) {
-        let prev = self.previous.take();
-        EMULATED.with(|e| *e.borrow_mut() = prev);
+        ACTIVE.store(false, Ordering::SeqCst);
+        *EMULATED.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
-/// Test plumbing: until the guard drops, the ops' dispatchers on the CPU device of this thread
-/// run the Metal plans through `executor` instead of the CPU fast paths (ops whose Metal
-/// preconditions fail run their references, as on Metal).
+/// Test plumbing: until the guard drops, the ops' dispatchers on the CPU device run the Metal
+/// plans through `executor` instead of the CPU fast paths (ops whose Metal preconditions fail
+/// run their references, as on Metal). Process-wide, because the model runs decode steps on
+/// Rayon workers; a second call waits until the first guard drops, so tests of one binary that
+/// emulate take turns.
 #[doc(hidden)]
-pub fn emulate_on_cpu(executor: Arc<dyn PlanExecutor>) -> EmulationGuard {
-    let previous = EMULATED.with(|e| e.borrow_mut().replace(executor));
-    EmulationGuard { previous }
+pub fn emulate_on_cpu(executor: Arc<dyn PlanExecutor + Send + Sync>) -> EmulationGuard {
+    let session = SESSION.lock().unwrap_or_else(|p| p.into_inner());
+    *EMULATED.write().unwrap_or_else(|p| p.into_inner()) = Some(executor);
+    ACTIVE.store(true, Ordering::SeqCst);
+    EmulationGuard { _session: session }
 }
 
-/// The executor installed by [`emulate_on_cpu`] on this thread.
+/// The executor installed by [`emulate_on_cpu`], if any.
 #[doc(hidden)]
-pub fn emulated() -> Option<Arc<dyn PlanExecutor>> {
-    EMULATED.with(|e| e.borrow().clone())
+pub fn emulated() -> Option<Arc<dyn PlanExecutor + Send + Sync>> {
+    if !ACTIVE.load(Ordering::Relaxed) {
+        return None;
+    }
+    EMULATED.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Returns `Ok(None)` from the enclosing fast path when the condition does not hold.
