@@ -6,8 +6,8 @@ tolerances: `logits_f32_math` for float files; for block-quantized files `logits
 blocks, not the CPU's Q8_0/Q8_K, so the CPU's act-quant reference does not apply.
 
     python3 kernels/cuda/bench/gguf_cuda.py path/to/mamba2
-Exits non-zero if any case fails. Not yet run on a GPU: no device came after it was written
-(session 7); the CUDA quantized path is Candle's `QMatMul`, unverified there.
+Then the hybrid GGUFs of tests/fixtures/gguf/hybrid/ against their references (`hybrids`).
+Exits non-zero if any case fails.
 """
 import glob, json, os, subprocess, sys, tempfile
 import numpy as np
@@ -43,8 +43,45 @@ def main():
                 ok = d <= t
                 fails += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {gguf} {key}: max |cuda - HF dequantized| {d:.3g} (tol {t})")
+    fails += hybrids(exe)
     print("gguf fixtures on cuda: " + ("all pass" if fails == 0 else f"{fails} failures"))
     sys.exit(1 if fails else 0)
+
+
+# The hybrid GGUFs (tests/fixtures/gguf/hybrid/) against the references and f32 tolerances of
+# tests/gguf_hybrid.rs and tests/gguf_falcon_h1.rs (Falcon-H1: HF as llama.cpp runs it).
+HYBRID = [
+    ("granite_nope_tied_b2", "tests/fixtures/hybrid/granite_nope_tied_b2/reference.safetensors", 1.6e-4),
+    ("nemotron_h_g2_b3", "tests/fixtures/hybrid/nemotron_h_g2_b3/reference.safetensors", 4.3e-3),
+    ("bamba_b2", "tests/fixtures/hybrid/bamba_b2/reference.safetensors", 1e-4),
+    ("falcon_h1_rmsnorm_g2_b2", "tests/fixtures/gguf/hybrid/falcon_h1_rmsnorm_g2_b2.variant.safetensors", 1e-4),
+    ("falcon_h1_nonorm_tied_b1", "tests/fixtures/gguf/hybrid/falcon_h1_nonorm_tied_b1.variant.safetensors", 1e-4),
+]
+
+
+def hybrids(exe):
+    fails = 0
+    for name, ref_path, t in HYBRID:
+        gguf = f"tests/fixtures/gguf/hybrid/{name}.f32.gguf"
+        ref = load_file(ref_path)
+        p = int(load_file(f"tests/fixtures/hybrid/{name}/reference.safetensors")["prefill_len"].reshape(-1)[0])
+        with tempfile.TemporaryDirectory() as tmp:
+            inp, out = os.path.join(tmp, "in.safetensors"), os.path.join(tmp, "out.safetensors")
+            save_file({"input_ids": ref["input_ids"].astype(np.int64)}, inp)
+            r = subprocess.run([exe, "logits", "--model", gguf, "--device", "cuda", "--dtype", "f32",
+                                "--input", inp, "--out", out, "--prefill-len", str(p)],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"FAIL {gguf}: {r.stderr.strip()[-400:]}")
+                fails += 1
+                continue
+            got = load_file(out)
+            for key in ("logits_prefill", "logits_decode"):
+                d = float(np.abs(got[key] - ref["logits_prefill"]).max())
+                ok = d <= t
+                fails += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} {gguf} {key}: max |cuda - reference| {d:.3g} (tol {t})")
+    return fails
 
 
 if __name__ == "__main__":
