@@ -73,11 +73,8 @@ const PREFILL_KERNELS: [&str; 5] = [
     "gated_rms_norm",
     "rms_norm_residual",
 ];
-const STEP_KERNELS: [&str; 3] = [
-    "causal_conv1d_update",
-    "selective_state_update",
-    "gated_rms_norm",
-];
+/// The decode step: the fused conv + state-update kernel, then the gated norm.
+const STEP_KERNELS: [&str; 3] = ["rms_norm_residual", "mamba2_decode_step", "gated_rms_norm"];
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

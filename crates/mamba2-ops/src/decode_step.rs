@@ -3,8 +3,9 @@
 //!
 //! Decode of small models is launch-bound: the unfused step costs one launch per op plus the
 //! copies that make the split projection contiguous; the CUDA path does all of it in one launch
-//! reading the projection's views in place. Other devices run [`mixer_decode_step_slow`], the
-//! composition of the ops' own dispatchers.
+//! reading the projection's views in place; Metal runs the fused conv + state-update kernel and
+//! the gated-norm kernel (two dispatches; the plan in `metal_plan::mixer_decode_step`). The CPU
+//! runs [`mixer_decode_step_slow`], the composition of the ops' own dispatchers.
 
 use crate::check;
 use crate::{
@@ -25,8 +26,14 @@ pub struct DecodeStepArgs<'a> {
     pub dt: &'a Tensor,
     /// `(batch, d_inner)`: the gate.
     pub z: &'a Tensor,
-    /// `(batch, conv_dim, d_conv)` f32, contiguous: updated in place.
+    /// `(batch, conv_dim, d_conv)` f32, contiguous: updated in place, unless `conv_state_next`
+    /// is given.
     pub conv_state: &'a Tensor,
+    /// `(batch, conv_dim, d_conv)` f32, contiguous, another buffer than `conv_state`: when
+    /// given, the new conv state is written here and `conv_state` is left unspecified (the
+    /// caller swaps the two for the next step). The fused Metal kernel needs it: its threads
+    /// read channels other threads roll, so it cannot update the state in place.
+    pub conv_state_next: Option<&'a Tensor>,
     /// `(conv_dim, d_conv)`.
     pub conv_weight: &'a Tensor,
     /// `(conv_dim)`.
@@ -75,6 +82,16 @@ pub(crate) fn validate(args: &DecodeStepArgs) -> Result<StepDims> {
     )?;
     check::shape(OP, "dt", args.dt, &[batch, nheads])?;
     check::shape(OP, "z", args.z, &[batch, d_inner])?;
+    if let Some(next) = args.conv_state_next {
+        check::shape(OP, "conv_state_next", next, args.conv_state.dims())?;
+        if next.dtype() != candle_core::DType::F32 || !next.is_contiguous() {
+            return Err(OpError::Param {
+                op: OP,
+                param: "conv_state_next",
+                message: "must be f32 and contiguous".into(),
+            });
+        }
+    }
     Ok(StepDims {
         batch,
         nheads,
@@ -104,6 +121,7 @@ pub(crate) fn validate(args: &DecodeStepArgs) -> Result<StepDims> {
 ///         dt: &proj.narrow(1, d_inner + conv_dim, nheads)?,
 ///         z: &proj.narrow(1, 0, d_inner)?,
 ///         conv_state: &conv_state,
+///         conv_state_next: None,
 ///         conv_weight: &Tensor::randn(0f32, 0.5, (conv_dim, d_conv), &dev)?,
 ///         conv_bias: None,
 ///         ssm_state: &ssm_state,
@@ -121,14 +139,28 @@ pub(crate) fn validate(args: &DecodeStepArgs) -> Result<StepDims> {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn mixer_decode_step(args: &DecodeStepArgs, params: &SsdParams) -> Result<Tensor> {
+    mixer_decode_step_with(crate::Backend::Auto, args, params)
+}
+
+/// [`mixer_decode_step`] with an explicit backend choice. The CUDA kernel updates the conv
+/// state in place: with a `conv_state_next` the reference runs there.
+pub fn mixer_decode_step_with(
+    backend: crate::Backend,
+    args: &DecodeStepArgs,
+    params: &SsdParams,
+) -> Result<Tensor> {
     validate(args)?;
-    #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(_) = args.xbc.device() {
-        if let Some(out) = crate::cuda::mixer_decode_step(args, params)? {
-            return Ok(out);
-        }
-    }
-    mixer_decode_step_slow(args, params)
+    let backend = match (args.conv_state_next, args.xbc.device()) {
+        (Some(_), candle_core::Device::Cuda(_)) => crate::Backend::Reference,
+        _ => backend,
+    };
+    crate::dispatch!(
+        backend,
+        args.xbc.device(),
+        mixer_decode_step(args, params),
+        mixer_decode_step_slow(args, params),
+        no_cpu_kernel
+    )
 }
 
 /// Reference of [`mixer_decode_step`]: the ops one after another.
@@ -141,9 +173,16 @@ pub fn mixer_decode_step_slow(args: &DecodeStepArgs, params: &SsdParams) -> Resu
         d_inner,
     } = validate(args)?;
     let g = args.ngroups;
+    let conv_state = match args.conv_state_next {
+        Some(next) => {
+            next.slice_set(args.conv_state, 0, 0)?;
+            next
+        }
+        None => args.conv_state,
+    };
     let xbc = causal_conv1d_update(
         &args.xbc.contiguous()?,
-        args.conv_state,
+        conv_state,
         args.conv_weight,
         args.conv_bias,
         true,

@@ -72,7 +72,9 @@ pub mod cuda_graph {
         ConvShift, ResidualEpilogue, RowScale, StepGraph, StepScratch, StepStream,
     };
 }
-pub use decode_step::{mixer_decode_step, mixer_decode_step_slow, DecodeStepArgs};
+pub use decode_step::{
+    mixer_decode_step, mixer_decode_step_slow, mixer_decode_step_with, DecodeStepArgs,
+};
 pub use error::{OpError, Result};
 pub use linear::{linear, linear_slow, linear_with};
 pub use moe::{
@@ -107,6 +109,28 @@ pub enum Backend {
 /// the arguments (`Some`), the reference otherwise. Metal runs the plans of [`metal_plan`]; so
 /// does the CPU while a test emulates Metal ([`metal_plan::emulate_on_cpu`]).
 macro_rules! dispatch {
+    // An op whose CPU side is its reference (composed of other ops' dispatchers).
+    ($backend:expr, $device:expr, $name:ident ( $($arg:expr),* ), $slow:expr, no_cpu_kernel) => {{
+        let fast = match ($backend, $device) {
+            ($crate::Backend::Reference, _) => None,
+            (_, candle_core::Device::Cpu) => match $crate::metal_plan::emulated() {
+                Some(ex) => $crate::metal_plan::$name(&*ex, $($arg),*)?,
+                None => None,
+            },
+            #[cfg(feature = "cuda")]
+            (_, candle_core::Device::Cuda(_)) => $crate::cuda::$name($($arg),*)?,
+            #[cfg(feature = "metal")]
+            (_, candle_core::Device::Metal(d)) => {
+                $crate::metal_plan::$name(&$crate::metal::MetalExecutor::new(d), $($arg),*)?
+            }
+            #[allow(unreachable_patterns)]
+            _ => None,
+        };
+        match fast {
+            Some(out) => Ok(out),
+            None => $slow,
+        }
+    }};
     ($backend:expr, $device:expr, $name:ident ( $($arg:expr),* ), $slow:expr) => {{
         let fast = match ($backend, $device) {
             ($crate::Backend::Reference, _) => None,

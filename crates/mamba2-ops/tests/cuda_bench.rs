@@ -271,6 +271,7 @@ fn bench_ops_1_3b_bf16() {
             dt: &proj.narrow(1, D_INNER + CONV_DIM, NHEADS).unwrap(),
             z: &proj.narrow(1, 0, D_INNER).unwrap(),
             conv_state: &conv_state,
+            conv_state_next: None,
             conv_weight: &conv_w,
             conv_bias: Some(&conv_b),
             ssm_state: &state,

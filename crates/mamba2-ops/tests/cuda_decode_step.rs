@@ -91,6 +91,7 @@ fn check_cases() {
                         dt: &dt,
                         z: &z,
                         conv_state: conv,
+                        conv_state_next: None,
                         conv_weight: &cw,
                         conv_bias: Some(&cb),
                         ssm_state: ssm,

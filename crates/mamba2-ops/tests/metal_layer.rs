@@ -500,3 +500,136 @@ fn decode_step_matches_unfused_reference() {
         }
     }
 }
+
+/// The mixer's decode-step plan (fused step + gated norm, the new conv state in the second
+/// buffer) against the composed reference updating one buffer in place; and the reference
+/// itself given a second buffer (the CPU path of a cache that holds one).
+#[test]
+fn mixer_decode_step_plan_matches_reference() {
+    let dims = Dims {
+        batch: 2,
+        d_model: 16,
+        nheads: 4,
+        headdim: 16,
+        ngroups: 2,
+        d_state: 32,
+        d_conv: 4,
+    };
+    for (i, dtype) in DTYPES.into_iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(90 + i as u64);
+        let l = layer(dims, dtype, &mut rng);
+        let (bs, di) = (dims.batch, dims.d_inner());
+        // one row of in_proj's output, (z | xBC | dt), read through views as the model does
+        let proj = rand_t(
+            &mut rng,
+            &[bs, di + dims.conv_dim() + dims.nheads],
+            1.0,
+            dtype,
+        );
+        let z = proj.narrow(1, 0, di).unwrap();
+        let xbc = proj.narrow(1, di, dims.conv_dim()).unwrap();
+        let dt = proj.narrow(1, di + dims.conv_dim(), dims.nheads).unwrap();
+        let conv0 = rand_t(&mut rng, &[bs, dims.conv_dim(), 4], 1.0, DType::F32);
+        let ssm0 = rand_t(&mut rng, &[bs, 4, 16, 32], 1.0, DType::F32);
+        let run = |backend: Option<&HarnessExecutor>, next: bool| {
+            let conv = conv0.copy().unwrap();
+            let ssm = ssm0.copy().unwrap();
+            let second =
+                next.then(|| Tensor::zeros(conv.shape(), DType::F32, conv.device()).unwrap());
+            let a = DecodeStepArgs {
+                xbc: &xbc,
+                dt: &dt,
+                z: &z,
+                conv_state: &conv,
+                conv_state_next: second.as_ref(),
+                conv_weight: &l.conv_w,
+                conv_bias: Some(&l.conv_b),
+                ssm_state: &ssm,
+                a: &l.a,
+                d: Some(&l.d),
+                dt_bias: Some(&l.dt_bias),
+                norm_weight: &l.norm_w,
+                eps: 1e-5,
+                ngroups: dims.ngroups,
+                norm_before_gate: false,
+            };
+            let y = match backend {
+                Some(ex) => metal_plan::mixer_decode_step(ex, &a, &SsdParams::default())
+                    .unwrap()
+                    .expect("the plan takes this shape"),
+                None => mixer_decode_step_slow(&a, &SsdParams::default()).unwrap(),
+            };
+            (y, second.unwrap_or(conv), ssm)
+        };
+        let (y_ref, conv_ref, ssm_ref) = run(None, false);
+        let what = format!("mixer decode step {dtype:?}");
+        // the reference with a second buffer leaves the state there
+        let (y2, conv2, ssm2) = run(None, true);
+        assert_close(
+            &y2,
+            &y_ref,
+            dtype,
+            &format!("{what} reference, second buffer"),
+        );
+        assert_close(
+            &conv2,
+            &conv_ref,
+            DType::F32,
+            &format!("{what} reference conv"),
+        );
+        assert_close(
+            &ssm2,
+            &ssm_ref,
+            DType::F32,
+            &format!("{what} reference ssm"),
+        );
+        let ex = HarnessExecutor::new(Mode::Shuffled { seed: i as u64 });
+        let (y, conv, ssm) = run(Some(&ex), true);
+        let ran: Vec<String> = ex.take_ran().into_iter().map(|r| r.function).collect();
+        let sfx = match dtype {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            _ => "bf16",
+        };
+        assert_eq!(
+            ran,
+            [
+                format!("mamba2_decode_step_{sfx}"),
+                format!("gated_rms_norm_{sfx}")
+            ]
+        );
+        assert_close(&y, &y_ref, dtype, &what);
+        assert_close(&conv, &conv_ref, DType::F32, &format!("{what} conv state"));
+        assert_close(&ssm, &ssm_ref, DType::F32, &format!("{what} ssm state"));
+    }
+    // no second buffer: the plan declines and the composed reference runs
+    let ex = HarnessExecutor::new(Mode::InOrder);
+    let mut rng = StdRng::seed_from_u64(99);
+    let dims1 = Dims { batch: 1, ..dims };
+    let l = layer(dims1, DType::F32, &mut rng);
+    let t = |d: &[usize]| rand_t(&mut rng.clone(), d, 1.0, DType::F32);
+    let (conv, ssm) = (t(&[1, dims.conv_dim(), 4]), t(&[1, 4, 16, 32]));
+    let a = DecodeStepArgs {
+        xbc: &t(&[1, dims.conv_dim()]),
+        dt: &t(&[1, 4]),
+        z: &t(&[1, dims.d_inner()]),
+        conv_state: &conv,
+        conv_state_next: None,
+        conv_weight: &l.conv_w,
+        conv_bias: None,
+        ssm_state: &ssm,
+        a: &l.a,
+        d: None,
+        dt_bias: None,
+        norm_weight: &l.norm_w,
+        eps: 1e-5,
+        ngroups: 2,
+        norm_before_gate: false,
+    };
+    assert!(
+        metal_plan::mixer_decode_step(&ex, &a, &SsdParams::default())
+            .unwrap()
+            .is_none()
+    );
+    assert!(ex.take_ran().is_empty());
+}

@@ -108,6 +108,10 @@ impl KvCache {
 #[derive(Debug)]
 pub struct Mamba2Cache {
     conv_states: Vec<Tensor>, // n_ssm x (batch, conv_dim, d_conv) f32
+    /// The second conv-state buffers of the fused Metal decode step, which writes the rolled
+    /// state to another buffer than it reads (see [`mamba2_ops::DecodeStepArgs`]); after each
+    /// step the two swap. Empty on other devices.
+    conv_next: Vec<Tensor>, // n_ssm x (batch, conv_dim, d_conv) f32
     ssm_states: Vec<Tensor>,  // n_ssm x (batch, nheads, headdim, d_state) f32
     kv: Vec<KvCache>,         // n_kv x (batch, len, n_kv_heads, head_dim)
     batch: usize,
@@ -120,6 +124,8 @@ pub struct Mamba2Cache {
 /// Mutable view of one Mamba block's state, handed to the mixer.
 pub(crate) struct LayerCache<'a> {
     pub conv_state: &'a Tensor,
+    /// Where a decode step writes the new conv state, when the cache holds second buffers.
+    pub conv_next: Option<&'a Tensor>,
     pub ssm_state: &'a Tensor,
 }
 
@@ -149,6 +155,7 @@ impl Mamba2Cache {
             )?);
         }
         Ok(Self {
+            conv_next: conv_next_buffers(&conv_states)?,
             conv_states,
             ssm_states,
             kv: vec![KvCache::default(); n_kv],
@@ -202,6 +209,7 @@ impl Mamba2Cache {
             )));
         }
         Ok(Self {
+            conv_next: conv_next_buffers(&conv_states)?,
             conv_states,
             ssm_states,
             kv,
@@ -255,6 +263,7 @@ impl Mamba2Cache {
                 .collect::<candle_core::Result<Vec<_>>>()
         };
         Ok(Self {
+            conv_next: conv_next_buffers(&self.conv_states)?,
             conv_states: copy(&self.conv_states)?,
             ssm_states: copy(&self.ssm_states)?,
             kv: self
@@ -285,6 +294,7 @@ impl Mamba2Cache {
     pub(crate) fn layer_mut(&mut self, i: usize) -> LayerCache<'_> {
         LayerCache {
             conv_state: &self.conv_states[i],
+            conv_next: self.conv_next.get(i),
             ssm_state: &self.ssm_states[i],
         }
     }
@@ -294,6 +304,7 @@ impl Mamba2Cache {
         BlockState {
             ssm: ssm.map(|i| LayerCache {
                 conv_state: &self.conv_states[i],
+                conv_next: self.conv_next.get(i),
                 ssm_state: &self.ssm_states[i],
             }),
             kv: kv.map(|i| &mut self.kv[i]),
@@ -303,4 +314,27 @@ impl Mamba2Cache {
     pub(crate) fn advance(&mut self, n: usize) {
         self.seqlen_offset += n;
     }
+
+    /// After a decode step that wrote every conv state to its second buffer: the second buffers
+    /// become the states.
+    pub(crate) fn swap_conv_buffers(&mut self) {
+        if !self.conv_next.is_empty() {
+            std::mem::swap(&mut self.conv_states, &mut self.conv_next);
+        }
+    }
+}
+
+/// Second conv-state buffers (contents unspecified) where the decode step needs them: on Metal,
+/// and while a test emulates Metal on the CPU.
+fn conv_next_buffers(conv_states: &[Tensor]) -> Result<Vec<Tensor>> {
+    let Some(first) = conv_states.first() else {
+        return Ok(Vec::new());
+    };
+    if !(first.device().is_metal() || mamba2_ops::metal_plan::emulated().is_some()) {
+        return Ok(Vec::new());
+    }
+    Ok(conv_states
+        .iter()
+        .map(|t| t.zeros_like())
+        .collect::<candle_core::Result<_>>()?)
 }

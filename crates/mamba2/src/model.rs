@@ -320,6 +320,7 @@ impl Mamba2Model {
         }
         let hidden = self.embed(&ids)?.unsqueeze(1)?; // (batch, 1, d_model)
         let normed = self.run_blocks(hidden, Some(cache), Pass::Step)?;
+        cache.swap_conv_buffers();
         self.logits(&normed.squeeze(1)?)
     }
 

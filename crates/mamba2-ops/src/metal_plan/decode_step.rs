@@ -114,3 +114,48 @@ pub fn mamba2_decode_step(
     ex.run(plan)?;
     Ok(Some(y))
 }
+
+/// The mixer's decode step ([`crate::mixer_decode_step`]) in two launches: the fused step
+/// (conv update + SiLU + state update + D skip) from `conv_state` into `conv_state_next`, then
+/// the grouped gated RMSNorm. Needs `conv_state_next` (the kernel cannot roll the conv state in
+/// place); without it, or outside the kernels' preconditions, `None` and the composed
+/// reference runs.
+pub fn mixer_decode_step(
+    ex: &dyn PlanExecutor,
+    args: &crate::DecodeStepArgs,
+    params: &SsdParams,
+) -> Result<Option<Tensor>> {
+    let next = some!(args.conv_state_next);
+    let (batch, d_inner) = args.z.dims2()?;
+    require!(d_inner.is_multiple_of(args.ngroups));
+    let step = FusedStepArgs {
+        xbc: args.xbc,
+        conv_state_in: args.conv_state,
+        conv_state_out: next,
+        conv_weight: args.conv_weight,
+        conv_bias: args.conv_bias,
+        dt: args.dt,
+        a: args.a,
+        d: args.d,
+        z: None,
+        dt_bias: args.dt_bias,
+        state: args.ssm_state,
+    };
+    // the gated-norm kernel's preconditions are dtypes only, checked before the state moves
+    require!(args.z.dtype() == args.xbc.dtype() && dtype_suffix(args.z.dtype()).is_some());
+    let y = some!(mamba2_decode_step(ex, &step, params)?); // (batch, d_inner)
+    let norm = crate::GatedRmsNormArgs {
+        x: &y,
+        z: Some(args.z),
+        weight: args.norm_weight,
+        eps: args.eps,
+        group_size: d_inner / args.ngroups,
+        norm_before_gate: args.norm_before_gate,
+    };
+    let out = match super::gated_rms_norm(ex, &norm)? {
+        Some(out) => out,
+        None => crate::gated_rms_norm_slow(&norm)?,
+    }; // (batch, d_inner)
+    debug_assert_eq!(out.dims(), [batch, d_inner]);
+    Ok(Some(out))
+}

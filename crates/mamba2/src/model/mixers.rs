@@ -73,6 +73,7 @@ impl MambaMixer {
             dt,
             z,
             conv_state: state.conv_state,
+            conv_state_next: state.conv_next,
             conv_weight: &self.conv_weight,
             conv_bias: self.conv_bias.as_ref(),
             ssm_state: state.ssm_state,
@@ -199,9 +200,17 @@ impl MambaMixer {
         state: LayerCache<'_>,
     ) -> Result<Tensor> {
         let batch = xbc.dim(0)?;
+        // the state goes to the second buffer when the cache has one, as in the fused step
+        let conv_state = match state.conv_next {
+            Some(next) => {
+                next.slice_set(state.conv_state, 0, 0)?;
+                next
+            }
+            None => state.conv_state,
+        };
         let xbc = causal_conv1d_update(
             &xbc.contiguous()?,
-            state.conv_state,
+            conv_state,
             &self.conv_weight,
             self.conv_bias.as_ref(),
             true,
