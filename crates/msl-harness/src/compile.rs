@@ -370,7 +370,7 @@ fn write_source(stem: &str, key: u64, rewritten: &str) -> Result<PathBuf, Error>
 /// file per source and rule version.
 pub fn strict_pass(src: &Source, pre: &str) -> Result<(), Error> {
     // bump when a rule changes, so old markers no longer vouch for a source
-    const RULES: &str = ".strict-v2-ok";
+    const RULES: &str = ".strict-v3-ok";
     let marker = artifact(&src.stem, src.key, RULES)?;
     static STRICT: Mutex<()> = Mutex::new(());
     let _guard = STRICT.lock().unwrap_or_else(|p| p.into_inner());

@@ -33,7 +33,9 @@
 //! * **Address spaces**: clang's own type errors between address spaces 1/2/3
 //!   and the shim's `static_assert`s on buffer and threadgroup parameters. An
 //!   error is one when the same source compiles with the address-space
-//!   keywords plain (clang words these errors in many ways).
+//!   keywords plain (clang words these errors in many ways). Also a
+//!   program-scope or `static` variable outside `constant`: an IR global
+//!   outside `addrspace(2)`.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -270,10 +272,63 @@ struct Ir<'a> {
 /// Checks emitted LLVM IR for recursion, function pointers and double
 /// arithmetic in user code; the first violation found, in that order.
 pub(crate) fn analyze_ir(ir: &str, is_user: &dyn Fn(&str) -> bool) -> Option<Violation> {
-    let ir = parse(ir);
-    recursion(&ir)
-        .or_else(|| instructions(&ir, is_user, Construct::FunctionPointer))
-        .or_else(|| instructions(&ir, is_user, Construct::Double))
+    let parsed = parse(ir);
+    recursion(&parsed)
+        .or_else(|| instructions(&parsed, is_user, Construct::FunctionPointer))
+        .or_else(|| instructions(&parsed, is_user, Construct::Double))
+        .or_else(|| program_scope(&parsed, ir, is_user))
+}
+
+/// A program-scope (or function-`static`) variable outside the `constant` address space: MSL
+/// has no other memory that outlives a thread but buffers. In the IR such a variable is a
+/// global outside `addrspace(2)`; string literals (`unnamed_addr`) and the harness's kernel
+/// table are not variables of the kernel. Reported at its first use in user code.
+fn program_scope(ir: &Ir, text: &str, is_user: &dyn Fn(&str) -> bool) -> Option<Violation> {
+    for line in text.lines().filter(|l| l.starts_with('@')) {
+        let Some((lhs, rhs)) = line.split_once(" = ") else {
+            continue;
+        };
+        let Some(name) = global_after(lhs, 0) else {
+            continue;
+        };
+        let kind = rhs.split_whitespace();
+        let words: Vec<&str> = kind
+            .take_while(|w| *w != "global" && *w != "constant")
+            .collect();
+        let defined = !words.contains(&"external") && !words.contains(&"extern_weak");
+        if !defined
+            || words.contains(&"unnamed_addr")
+            || words.contains(&"addrspace(2)")
+            || name == "msl_kernels"
+            || name.starts_with("llvm.")
+        {
+            continue;
+        }
+        let needle = format!("@{name}");
+        for f in &ir.funcs {
+            for instr in &f.body {
+                let used = instr
+                    .match_indices(&needle)
+                    .any(|(i, _)| global_after(instr, i) == Some(name));
+                if !used {
+                    continue;
+                }
+                let Some((file, line)) = ir.location(instr).filter(|(f, _)| is_user(f)) else {
+                    continue;
+                };
+                return Some(Violation {
+                    construct: Construct::AddressSpace,
+                    file: file.to_string(),
+                    line: Some(line),
+                    function: Some(ir.subprogram(f).0),
+                    detail: format!(
+                        "program-scope or static variable `{name}` (used here) is not in the `constant` address space, the only one MSL allows for it"
+                    ),
+                });
+            }
+        }
+    }
+    None
 }
 
 fn parse(text: &str) -> Ir<'_> {

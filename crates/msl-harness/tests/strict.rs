@@ -42,6 +42,7 @@ fn each_forbidden_construct_is_rejected_at_its_line() {
         ("device_to_thread.metal", AddressSpace, "BUG"),
         ("tg_to_device.metal", AddressSpace, "BUG"),
         ("buffer_without_space.metal", AddressSpace, "BUG"),
+        ("program_scope_variable.metal", AddressSpace, "BUG"),
     ] {
         let v = rejected(file);
         assert_eq!(v.construct, construct, "{file}: {v}");
@@ -87,6 +88,15 @@ fn construct_details_name_the_culprit() {
     );
     let v = rejected("threadgroup_static.metal");
     assert!(v.detail.contains("kernel `threadgroup_static`"), "{v}");
+}
+
+#[test]
+fn allowed_neighbours_pass() {
+    // constant program-scope data, compile-time recursion, a uint2 by value (an ABI `double`),
+    // a helper called twice, exactly 32 KiB of threadgroup memory, `0.5f` and `0.5h`
+    if let Err(e) = Library::check(&[path("allowed.metal")]) {
+        panic!("allowed.metal: {e}");
+    }
 }
 
 #[test]
