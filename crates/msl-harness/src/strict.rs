@@ -147,11 +147,19 @@ pub(crate) fn classify_clang(
         .find(|(f, _)| is_user(f))
         .map(|(f, l)| (f, Some(l)))
         .unwrap_or_else(|| (String::from("<unknown>"), None));
+    // the threadgroup-memory assertion names its kernel
+    let function = (construct == Construct::ThreadgroupMemory)
+        .then(|| {
+            let rest = &log[log.find(TG_ASSERT_MARKER)?..];
+            let rest = &rest[rest.find("kernel `")? + 8..];
+            Some(rest[..rest.find('`')?].to_string())
+        })
+        .flatten();
     Some(Violation {
         construct,
         file,
         line,
-        function: None,
+        function,
         detail: log.trim_end().to_string(),
     })
 }

@@ -87,7 +87,7 @@ fn construct_details_name_the_culprit() {
         "{v}"
     );
     let v = rejected("threadgroup_static.metal");
-    assert!(v.detail.contains("kernel `threadgroup_static`"), "{v}");
+    assert_eq!(v.function.as_deref(), Some("threadgroup_static"), "{v}");
 }
 
 #[test]
