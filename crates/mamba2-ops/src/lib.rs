@@ -62,7 +62,7 @@ pub use conv1d::{
 #[doc(hidden)]
 pub use cpu::fast_path_count;
 #[doc(hidden)]
-pub use cpu::quantized::q8_0_dot_both;
+pub use cpu::quantized::{q8_0_dot_both, q8_0_prefill_rounds_activations};
 #[cfg(feature = "cuda")]
 pub use cuda::launch_count as cuda_launch_count;
 /// A decode step captured as one CUDA graph (see the module docs of `cuda/graph.rs`).

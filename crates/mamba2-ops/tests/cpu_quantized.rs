@@ -291,7 +291,73 @@ fn decode_rows_are_independent_and_prefill_rows_are_exact() {
         let reference = quantized_linear_slow(&x, &q, None).unwrap();
         let scale = rms(&flat(&reference));
         let d = max_diff(&fast, &reference) / scale;
-        assert!(d <= 1e-5, "{ty:?} prefill rows: {d} x RMS");
+        if ty == GgmlDType::Q8_0 && mamba2_ops::q8_0_prefill_rounds_activations() {
+            // The VNNI GEMM rounds the activations as decode does: within the rounding's
+            // tolerance of the exact product, and each row equal to its decode value.
+            assert!(
+                d <= tol(DType::F32, 26 * 72),
+                "{ty:?} prefill rows: {d} x RMS"
+            );
+            for r in [0, 1, 4, 13, 24, 25] {
+                let one = quantized_linear(&x.narrow(0, r, 1).unwrap(), &q, None).unwrap();
+                let e = max_diff(&fast.narrow(0, r, 1).unwrap(), &one) / scale;
+                assert!(
+                    e <= 1e-6,
+                    "Q8_0 prefill row {r} vs its decode value: {e} x RMS"
+                );
+            }
+        } else {
+            assert!(d <= 1e-5, "{ty:?} prefill rows: {d} x RMS");
+        }
+    }
+}
+
+/// The Q8_0 prefill GEMM against the decode path row by row, over shapes that cover a partial
+/// row tile (rows % 4), a partial column pair (n % 32), several tasks each way (rows > 64,
+/// n > 256) and the real 130m `in_proj` width; f32 and bf16 activations.
+#[test]
+fn q8_0_prefill_rows_equal_their_decode_values() {
+    if !mamba2_ops::q8_0_prefill_rounds_activations() {
+        eprintln!("no AVX-512 VNNI here (or switched off): Q8_0 prefill is the dequantized GEMM");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(26);
+    for (rows, k, n) in [(9, 64, 5), (70, 256, 300), (13, 768, 3352), (130, 96, 33)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let q =
+                QuantizedMatrix::quantize(&randn(&mut rng, &[n, k], DType::F32), GgmlDType::Q8_0)
+                    .unwrap();
+            let x = randn(&mut rng, &[rows, k], dtype);
+            let before = fast_path_count("quantized_linear");
+            let fast = quantized_linear(&x, &q, None).unwrap();
+            assert_eq!(fast_path_count("quantized_linear"), before + 1);
+            let f = flat(&fast);
+            assert!(
+                f.iter().all(|v| v.is_finite()),
+                "unwritten or non-finite outputs"
+            );
+            let scale = rms(&f).max(1e-6);
+            for r in 0..rows {
+                let one = flat(&quantized_linear(&x.narrow(0, r, 1).unwrap(), &q, None).unwrap());
+                let e = f[r * n..(r + 1) * n]
+                    .iter()
+                    .zip(&one)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max)
+                    / scale;
+                // f32: the same block products summed in another order (the error grows like
+                // the square root of the block count); bf16 outputs: both round the same f32
+                // value, up to one bf16 step apart.
+                let bound = match dtype {
+                    DType::BF16 => 1.0 / 128.0,
+                    _ => 1e-6 * ((k / 32) as f32).sqrt(),
+                };
+                assert!(
+                    e <= bound,
+                    "rows {rows} k {k} n {n} {dtype:?}: row {r} {e} x RMS"
+                );
+            }
+        }
     }
 }
 

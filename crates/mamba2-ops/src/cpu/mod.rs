@@ -18,6 +18,7 @@ mod common;
 mod conv1d;
 mod linear;
 pub(crate) mod quantized;
+mod quantized_gemm;
 mod rms_norm;
 mod ssd;
 mod state_update;

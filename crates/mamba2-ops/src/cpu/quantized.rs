@@ -7,7 +7,10 @@
 //!   row quantized to the format's dot type (Q8_0 for the 32-value formats, Q8_K for the
 //!   K-quants, as llama.cpp does), with Candle's per-format SIMD dot products
 //!   (`GgmlType::vec_dot`, AVX2 / NEON chosen at run time). Bound by the quantized bytes read.
-//! - **Prefill** (more rows): the matrix is dequantized (in parallel, one matrix at a time) to
+//! - **Prefill** (more rows), Q8_0 with AVX-512 VNNI: the integer GEMM of
+//!   `quantized_gemm.rs`, with the activations rounded to Q8_0 as in decode (llama.cpp rounds
+//!   its prefill activations the same way).
+//! - **Prefill**, other formats or CPUs: the matrix is dequantized (in parallel, one matrix at a time) to
 //!   the activation dtype and multiplied by the `linear` op's tiled GEMM. Prefill is bound by
 //!   arithmetic, and the f32/bf16 GEMM outruns the integer dot products available here by 3-4x
 //!   on the 130m Q8_0 shape (BENCHMARKS.md, "GGUF on the CPU"); its result is the exact product
@@ -47,6 +50,14 @@ pub(crate) fn quantized_linear(x: &Tensor, w: &QuantizedMatrix) -> Result<Option
     let rows = x.elem_count() / k.max(1);
     if rows == 0 || !w.device().is_cpu() {
         return Ok(None);
+    }
+    if rows > MAX_ROWS && w.ggml_dtype() == GgmlDType::Q8_0 && q8_0_gemm() {
+        let data = w.qtensor().data()?;
+        if let Some(wb) = blocks::<BlockQ8_0>(&data, n, k) {
+            let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?; // (rows * k)
+            let y = super::quantized_gemm::gemm_q8_0(&xs, wb, rows, k, n);
+            return Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?));
+        }
     }
     if rows > MAX_ROWS {
         let Some(dense) = dequantize(w)? else {
@@ -220,6 +231,17 @@ fn q8_0_vnni() -> bool {
     })
 }
 
+/// Whether Q8_0 prefill uses the VNNI GEMM of `quantized_gemm.rs` (activations rounded to Q8_0
+/// like decode's) rather than the dequantized matrix through the f32 GEMM: AVX-512 VNNI present,
+/// and not switched off with `MAMBA2_CPU_Q8_0_GEMM=0` (for comparison).
+pub(crate) fn q8_0_gemm() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("MAMBA2_CPU_Q8_0_GEMM").as_deref() != Ok("0")
+            && super::quantized_gemm::available()
+    })
+}
+
 /// `Σ_b d_w[b] d_x[b] Σ_i w[b][i] x[b][i]` over `nb` Q8_0 blocks (34 bytes each: an f16 scale,
 /// then 32 signed bytes), with `vpdpbusd`: |w| as unsigned bytes times x carrying w's sign,
 /// four products summed per 32-bit lane, then scaled in f32 per block. Two accumulators hide
@@ -287,4 +309,11 @@ pub fn q8_0_dot_both(w: &[u8], x: &[f32]) -> Option<(f32, f32)> {
     }
     // SAFETY: features checked by q8_0_vnni; both slices hold k / 32 blocks.
     Some((unsafe { dot_q8_0_vnni(wb, &xq, k / 32) }, candle))
+}
+
+/// Whether Q8_0 prefill rows on the CPU round the activations to Q8_0 (the VNNI GEMM) rather
+/// than multiply by the exactly dequantized matrix: what a test's reference must assume.
+#[doc(hidden)]
+pub fn q8_0_prefill_rounds_activations() -> bool {
+    q8_0_gemm()
 }
