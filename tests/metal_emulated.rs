@@ -73,8 +73,14 @@ const PREFILL_KERNELS: [&str; 5] = [
     "gated_rms_norm",
     "rms_norm_residual",
 ];
-/// The decode step: the fused conv + state-update kernel, then the gated norm.
-const STEP_KERNELS: [&str; 3] = ["rms_norm_residual", "mamba2_decode_step", "gated_rms_norm"];
+/// The decode step: the residual norm, the projections (matrix-vector), the fused conv +
+/// state-update kernel, the gated norm.
+const STEP_KERNELS: [&str; 4] = [
+    "rms_norm_residual",
+    "linear_matvec",
+    "mamba2_decode_step",
+    "gated_rms_norm",
+];
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -60,6 +60,13 @@ pub mod layout {
     pub const ATTN_MAX_SPLITS: usize = 64;
     /// `rotary_embedding_*`, `swiglu_*`, `relu_squared_*`: threads per threadgroup.
     pub const ELEMENTWISE_THREADS: u32 = 256;
+    /// `linear_matvec_*`: output rows per simdgroup.
+    pub const MV_OUTS_PER_SIMD: u32 = 4;
+    /// `linear_matvec_*`: simdgroups per threadgroup.
+    pub const MV_SIMDS: u32 = 4;
+    /// `linear_matvec_*`: most activation rows per dispatch (decode batches); more rows take
+    /// the GEMM.
+    pub const MV_MAX_ROWS: usize = 8;
 }
 
 /// Preconditions of the Metal fast paths on shapes: the dispatcher runs a kernel only when its
@@ -94,6 +101,11 @@ pub mod supports {
     /// `causal_attention_decode_*`: head_dim in registers, 8 elements per lane at most.
     pub fn attention_decode(head_dim: usize) -> bool {
         (1..=layout::ATTN_MAX_HEAD_DIM).contains(&head_dim)
+    }
+
+    /// `linear_matvec_*`: a few activation rows (the accumulators live in registers).
+    pub fn matvec(rows: usize) -> bool {
+        (1..=layout::MV_MAX_ROWS).contains(&rows)
     }
 
     /// `causal_attention_prefill_*`: head_dim in 8-wide simdgroup-matrix tiles.
@@ -271,6 +283,16 @@ pub struct SwigluParams {
     pub n: u32,
 }
 
+/// `matvec.metal`: `linear_matvec_<dtype>`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct MatvecParams {
+    pub rows: u32,
+    pub k: u32,
+    pub n_out: u32,
+    pub has_bias: u32,
+}
+
 /// `activation.metal`: `relu_squared_<dtype>`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -290,6 +312,7 @@ impl KernelParams for AttentionParams {}
 impl KernelParams for RotaryParams {}
 impl KernelParams for SwigluParams {}
 impl KernelParams for ReluSquaredParams {}
+impl KernelParams for MatvecParams {}
 
 /// Sizes of a `causal_attention` call, for [`AttentionShape::launch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

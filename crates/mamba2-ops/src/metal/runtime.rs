@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The `.metal` files by the names the plans use, embedded at build time.
-const SOURCES: [(&str, &str); 8] = [
+const SOURCES: [(&str, &str); 9] = [
     (
         "conv1d.metal",
         include_str!("../../../../kernels/metal/conv1d.metal"),
@@ -46,6 +46,10 @@ const SOURCES: [(&str, &str); 8] = [
     (
         "activation.metal",
         include_str!("../../../../kernels/metal/activation.metal"),
+    ),
+    (
+        "matvec.metal",
+        include_str!("../../../../kernels/metal/matvec.metal"),
     ),
 ];
 

@@ -1,6 +1,6 @@
 //! Plans of the Mamba-2 mixer kernels: causal conv1d (`conv1d.metal`), the SSD chunk scan
-//! (`ssd.metal`), the selective state update (`state_update.metal`) and the RMSNorms
-//! (`rms_norm.metal`). Each function returns `Ok(None)` when its preconditions do not hold (the
+//! (`ssd.metal`), the selective state update (`state_update.metal`), the RMSNorms
+//! (`rms_norm.metal`) and the projections (`matvec.metal`). Each function returns `Ok(None)` when its preconditions do not hold (the
 //! dispatcher then runs the reference); arguments have already been validated by the op.
 
 use super::{dtype_suffix, f32_param, flag, output, require, some, u32_of};
@@ -13,6 +13,7 @@ const CONV1D: &str = "conv1d.metal";
 const SSD: &str = "ssd.metal";
 const STATE_UPDATE: &str = "state_update.metal";
 const RMS_NORM: &str = "rms_norm.metal";
+const MATVEC: &str = "matvec.metal";
 
 /// `causal_conv1d_fwd_<dtype>`: one thread per channel walking 32 tokens with the window in
 /// registers; `(y, final conv state)`.
@@ -383,13 +384,61 @@ pub fn rms_norm_residual(
     Ok(Some((normed, res_out)))
 }
 
-/// No Metal kernel for the projections yet: Candle's matmul in the activation dtype serves
-/// them (the reference would round-trip through f32).
+/// The projections: `linear_matvec_<dtype>` for decode rows (at most
+/// [`layout::MV_MAX_ROWS`]), Candle's matmul in the activation dtype for more (the reference
+/// would round-trip through f32).
 pub fn linear(
-    _ex: &dyn PlanExecutor,
+    ex: &dyn PlanExecutor,
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
+    if let Some(y) = linear_matvec(ex, x, weight, bias)? {
+        return Ok(Some(y));
+    }
     Ok(Some(crate::linear::linear_native(x, weight, bias)?))
+}
+
+/// `linear_matvec_<dtype>`: `y (..., n_out) = x (..., k) · weightᵀ (+ bias)` for at most
+/// [`layout::MV_MAX_ROWS`] rows, the weight read once; `None` outside its preconditions (more
+/// rows, a strided weight, sizes beyond u32).
+pub fn linear_matvec(
+    ex: &dyn PlanExecutor,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let suffix = some!(dtype_suffix(x.dtype()));
+    let (n_out, k) = weight.dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    require!(mp::supports::matvec(rows) && k > 0 && n_out > 0);
+    // the weight is read in place; copying a strided one would cost more than the GEMM
+    require!(weight.is_contiguous() && weight.dtype() == x.dtype());
+    // the kernel reads the bias in the activation dtype (no per-call cast)
+    require!(bias.is_none_or(|b| b.dtype() == x.dtype()));
+    require!(u32_of(n_out * k).is_some());
+    let p = mp::MatvecParams {
+        rows: rows as u32,
+        k: some!(u32_of(k)),
+        n_out: some!(u32_of(n_out)),
+        has_bias: flag(bias.is_some()),
+    };
+    let name = format!("linear_matvec_{suffix}");
+    let threads = 32 * layout::MV_SIMDS as usize;
+    require!(some!(ex.pipeline(MATVEC, &name)?) >= threads);
+    let xc = x.contiguous()?;
+    let b = bias.map(|t| t.contiguous()).transpose()?;
+    let mut dims = x.dims().to_vec();
+    *some!(dims.last_mut()) = n_out;
+    let y = output(ex, dims.as_slice(), x.dtype(), "matvec_y")?; // (..., n_out)
+    let per_group = (layout::MV_SIMDS * layout::MV_OUTS_PER_SIMD) as usize;
+    let plan = DispatchPlan::new(MATVEC, name)
+        .read(&xc)?
+        .read(weight)?
+        .read_opt(b.as_ref(), weight)?
+        .write(&y)?
+        .params(&p)
+        .grid([n_out.div_ceil(per_group), 1, 1], [threads, 1, 1]);
+    ex.run(plan)?;
+    Ok(Some(y))
 }
