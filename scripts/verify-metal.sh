@@ -5,6 +5,7 @@
 #
 #   bash scripts/verify-metal.sh            # everything below, logs and results in target/verify-metal/
 #   bash scripts/verify-metal.sh tests      # one or more steps: tests fixtures golden bench
+#   bash scripts/verify-metal.sh --dry-run  # print the commands instead (any OS; tested in CI)
 #
 # Steps:
 #   tests     the Metal parity tests: every `metal_device*` test target (ops on the GPU vs the
@@ -27,39 +28,58 @@ die() { # status message...
   exit "$status"
 }
 
+dry=0
+if [ "${1:-}" = --dry-run ]; then
+  dry=1
+  shift
+fi
+x() { # command...: runs it, or prints it in a dry run
+  if [ $dry = 1 ]; then printf '+ %s\n' "$*"; else "$@"; fi
+}
+
 # ---------------------------------------------------------------------------- the machine
 os=$(uname -s)
-if [ "$os" != Darwin ]; then
+if [ $dry = 1 ]; then
+  echo "verify-metal.sh: dry run on $os: the commands a Mac would run"
+elif [ "$os" != Darwin ]; then
   die 2 "needs macOS with a Metal GPU; this is $os. Nothing here ran: on Linux the Metal path is only emulated (cargo test runs the .metal sources through crates/msl-harness; see README, \"Metal\")."
 fi
-xcode-select -p >/dev/null 2>&1 ||
-  die 2 "needs Xcode's command-line tools (run: xcode-select --install)"
-command -v cargo >/dev/null 2>&1 || die 2 "needs a Rust toolchain (https://rustup.rs)"
-command -v python3 >/dev/null 2>&1 || die 2 "needs python3 (it comes with Xcode's command-line tools)"
-# system_profiler names the GPU and its Metal support; a Mac without Metal stops here
-gpu=$(system_profiler SPDisplaysDataType 2>/dev/null | awk -F': ' '/Chipset Model|Metal/ {print $2}' | paste -sd ' ' -)
-[ -n "$gpu" ] || die 2 "system_profiler reports no GPU"
+if [ $dry = 0 ]; then
+  xcode-select -p >/dev/null 2>&1 ||
+    die 2 "needs Xcode's command-line tools (run: xcode-select --install)"
+  command -v cargo >/dev/null 2>&1 || die 2 "needs a Rust toolchain (https://rustup.rs)"
+  command -v python3 >/dev/null 2>&1 || die 2 "needs python3 (it comes with Xcode's command-line tools)"
+  # system_profiler names the GPU and its Metal support; a Mac without Metal stops here
+  gpu=$(system_profiler SPDisplaysDataType 2>/dev/null | awk -F': ' '/Chipset Model|Metal/ {print $2}' | paste -sd ' ' -)
+  [ -n "$gpu" ] || die 2 "system_profiler reports no GPU"
+fi
 
 cd "$(dirname "$0")/.." || die 2 "cannot enter the repository root"
 out=${VERIFY_METAL_OUT:-target/verify-metal}
-mkdir -p "$out"
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(tests fixtures golden bench)
 for s in "${steps[@]}"; do
   case $s in tests | fixtures | golden | bench) ;; *) die 2 "unknown step '$s' (tests fixtures golden bench)" ;; esac
 done
 
-{
-  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  echo "macOS: $(sw_vers -productVersion) ($(uname -m))"
-  echo "GPU: $gpu"
-} | tee "$out/machine.txt"
+if [ $dry = 0 ]; then
+  mkdir -p "$out"
+  {
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "macOS: $(sw_vers -productVersion) ($(uname -m))"
+    echo "GPU: $gpu"
+  } | tee "$out/machine.txt"
+fi
 
 failed=()
 step() { # name command...: runs, logs to $out/name.log, records failure
   local name=$1; shift
   echo "== $name"
+  if [ $dry = 1 ]; then
+    "$@"
+    return
+  fi
   if "$@" 2>&1 | tee "$out/$name.log"; then
     echo "-- $name: ok"
   else
@@ -82,20 +102,27 @@ parity_tests() {
     args+=(-p "$pkg" --test "$name")
   done
   [ ${#args[@]} -gt 0 ] || { echo "no metal_device* test targets found"; return 1; }
-  cargo test --release --features metal "${args[@]}" -- --ignored --test-threads=1
+  x cargo test --release --features metal "${args[@]}" -- --ignored --test-threads=1
 }
 
 mamba2=target/release/mamba2
 build_cli() {
-  cargo build --release --features metal -p mamba2-cli
+  x cargo build --release --features metal -p mamba2-cli
 }
 
 bench_all() {
   local shape dtype key gguf
-  : >"$out/bench.jsonl"
-  : >"$out/llama.jsonl"
+  if [ $dry = 0 ]; then
+    : >"$out/bench.jsonl"
+    : >"$out/llama.jsonl"
+  fi
   for shape in 130m 370m 1.3b; do
     for dtype in f16 bf16; do
+      if [ $dry = 1 ]; then
+        x "$mamba2" bench --shape "$shape" --device metal --dtype "$dtype" \
+          --prefill "${BENCH_PREFILL:-512}" --decode "${BENCH_DECODE:-128}" --runs 3 --warmup 1
+        continue
+      fi
       "$mamba2" bench --shape "$shape" --device metal --dtype "$dtype" \
         --prefill "${BENCH_PREFILL:-512}" --decode "${BENCH_DECODE:-128}" --runs 3 --warmup 1 |
         tail -1 | tee -a "$out/bench.jsonl" || return 1
@@ -111,6 +138,10 @@ for r in json.load(sys.stdin):
       fi
     done
   done
+  if [ $dry = 1 ]; then
+    x python3 scripts/verify_metal.py table "$out/bench.jsonl" "$out/llama.jsonl"
+    return
+  fi
   python3 scripts/verify_metal.py table "$out/bench.jsonl" "$out/llama.jsonl" | tee "$out/table.md"
 }
 
@@ -118,16 +149,17 @@ needs_cli=0
 for s in "${steps[@]}"; do [ "$s" = tests ] || needs_cli=1; done
 if [ $needs_cli = 1 ]; then
   step build build_cli
-  [ -x "$mamba2" ] || die 1 "the CLI did not build (log: $out/build.log)"
+  [ $dry = 1 ] || [ -x "$mamba2" ] || die 1 "the CLI did not build (log: $out/build.log)"
 fi
 for s in "${steps[@]}"; do
   case $s in
     tests) step tests parity_tests ;;
-    fixtures) step fixtures python3 scripts/verify_metal.py fixtures "$mamba2" ;;
-    golden) step golden python3 scripts/verify_metal.py golden "$mamba2" ;;
+    fixtures) step fixtures x python3 scripts/verify_metal.py fixtures "$mamba2" ;;
+    golden) step golden x python3 scripts/verify_metal.py golden "$mamba2" ;;
     bench) step bench bench_all ;;
   esac
 done
+[ $dry = 0 ] || exit 0
 
 if [ ${#failed[@]} -eq 0 ]; then
   echo "verify-metal: all steps passed (${steps[*]}); results in $out/"

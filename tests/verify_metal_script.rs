@@ -1,6 +1,8 @@
 //! The parts of the Mac verification kit (`scripts/verify-metal.sh`, `scripts/verify_metal.py`)
 //! that run without a Mac: the script parses, refuses cleanly off macOS before touching
-//! anything, and its Python helper's readers, comparisons and table are right.
+//! anything, its dry run lists every step's command (the device tests it finds, the fixtures,
+//! the golden tokens, six benchmarks, the table), and its Python helper's readers, comparisons
+//! and table are right.
 
 use std::path::Path;
 use std::process::Command;
@@ -58,6 +60,63 @@ fn script_refuses_cleanly_off_macos() {
         "the script wrote {} before refusing",
         out_dir.display()
     );
+}
+
+#[test]
+fn dry_run_lists_every_step() {
+    let out_dir = std::env::temp_dir().join(format!("verify-metal-dry-{}", std::process::id()));
+    let o = Command::new("bash")
+        .args(["scripts/verify-metal.sh", "--dry-run"])
+        .env("VERIFY_METAL_OUT", &out_dir)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let commands: Vec<&str> = text.lines().filter(|l| l.starts_with("+ ")).collect();
+    // every metal_device* target of mamba2-ops, run with the ignored (device) tests
+    let tests = commands
+        .iter()
+        .find(|c| c.starts_with("+ cargo test --release --features metal"))
+        .unwrap_or_else(|| panic!("no parity tests in\n{text}"));
+    let mut targets = 0;
+    for e in std::fs::read_dir(root().join("crates/mamba2-ops/tests")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name
+            .strip_prefix("metal_device")
+            .and_then(|r| r.strip_suffix(".rs"))
+        {
+            let want = format!("-p mamba2-ops --test metal_device{stem}");
+            assert!(tests.contains(&want), "{want} missing from {tests}");
+            targets += 1;
+        }
+    }
+    assert!(
+        targets >= 2 && tests.ends_with("-- --ignored --test-threads=1"),
+        "{tests}"
+    );
+    for step in ["fixtures", "golden"] {
+        let want = format!("+ python3 scripts/verify_metal.py {step} target/release/mamba2");
+        assert!(commands.contains(&want.as_str()), "{want} missing:\n{text}");
+    }
+    for shape in ["130m", "370m", "1.3b"] {
+        for dtype in ["f16", "bf16"] {
+            let want = format!("bench --shape {shape} --device metal --dtype {dtype} ");
+            assert!(
+                commands.iter().filter(|c| c.contains(&want)).count() == 1,
+                "{want} missing:\n{text}"
+            );
+        }
+    }
+    assert!(
+        commands.last().unwrap().contains("verify_metal.py table"),
+        "{text}"
+    );
+    assert!(!out_dir.exists(), "a dry run wrote {}", out_dir.display());
 }
 
 #[test]
