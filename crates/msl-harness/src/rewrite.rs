@@ -633,8 +633,10 @@ impl Ctx<'_> {
                 continue;
             };
             let body = &self.src[p + "threadgroup".len()..semi];
-            if body.contains(['*', '&']) {
-                continue; // a pointer/reference variable, not threadgroup storage
+            // a pointer or reference variable, not threadgroup storage; array bounds such as
+            // `[8 * 8]` may hold a `*` (`(&a)[8]`-style declarators are not supported anyway)
+            if body.split('[').next().unwrap_or(body).contains(['*', '&']) {
+                continue;
             }
             if body.contains('=') {
                 return Err(self.err(
@@ -872,6 +874,17 @@ template [[host_name(\"b_f16\")]] kernel b_t b<half>;\n";
             r.source
         );
         assert!(r.source.contains("threadgroup float* p = a;"));
+        // a product in the bound (a macro such as `ROWS * COLS` after preprocessing)
+        let r = rewrite(
+            "kernel void k(device float* x [[buffer(0)]]) {\n  threadgroup float t[8 * 4];\n}",
+            "t",
+        )
+        .unwrap();
+        assert!(
+            r.source.contains("tg_static(0, sizeof(float[8 * 4])"),
+            "{}",
+            r.source
+        );
         for bad in [
             "threadgroup float z = 0;",
             "threadgroup float y[2], w[2];",

@@ -133,7 +133,7 @@ pub(crate) fn classify_clang(
             Some("virtual") => Construct::VirtualFunction,
             _ => return None,
         }
-    } else if log.contains(TG_ASSERT_MARKER) {
+    } else if msg.contains(TG_ASSERT_MARKER) {
         Construct::ThreadgroupMemory
     } else if address_spaces_only {
         Construct::AddressSpace
