@@ -73,13 +73,13 @@ const PREFILL_KERNELS: [&str; 5] = [
     "gated_rms_norm",
     "rms_norm_residual",
 ];
-/// The decode step: the residual norm, the projections (matrix-vector), the fused conv +
-/// state-update kernel, the gated norm.
+/// The decode step: the residual norm, the in-projection and LM head (matrix-vector), the
+/// fused conv + state-update kernel, the out-projection with the gated norm folded in.
 const STEP_KERNELS: [&str; 4] = [
     "rms_norm_residual",
     "linear_matvec",
     "mamba2_decode_step",
-    "gated_rms_norm",
+    "linear_matvec_gated_norm",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -317,4 +317,48 @@ fn bundled_model_logits_match_hf() {
         1.5 * hf_own + 0.02,
     );
     assert_ran(&ex, &PREFILL_KERNELS, "bundled 16-bit prefill");
+}
+
+/// Launches of one decode token, counted from the plans the executor ran: per layer the
+/// residual norm, the in-projection, the fused step and the out-projection with the gated norm
+/// (4, issue 18's budget), then the final norm and the LM head.
+#[test]
+fn decode_dispatches_per_layer() {
+    for (i, name) in ["g1_ds128_hd64_padvocab", "g8_ds16_hd16_b3_untied"]
+        .iter()
+        .enumerate()
+    {
+        let dir = fixture(name);
+        let r = reference(&dir);
+        let files =
+            mamba2::hub::resolve_model(dir.join("hf").to_str().unwrap(), &Default::default())
+                .unwrap();
+        let model = load_model(&files, DType::F32, &Device::Cpu).unwrap();
+        let (ex, _guard) = emulate(50 + i as u64);
+        let batch = r.ids.dim(0).unwrap();
+        let mut cache = model.new_cache(batch).unwrap();
+        model
+            .forward(&r.ids.narrow(1, 0, 2).unwrap(), Some(&mut cache))
+            .unwrap();
+        ex.take_ran();
+        let ids = r.ids.narrow(1, 2, 1).unwrap().squeeze(1).unwrap();
+        model.step(&ids, &mut cache).unwrap();
+        let ran: Vec<String> = ex
+            .take_ran()
+            .into_iter()
+            .map(|r| r.function.rsplit_once('_').unwrap().0.to_string())
+            .collect();
+        let n_layer = model.config().n_layer;
+        let count = |k: &str| ran.iter().filter(|f| f.as_str() == k).count();
+        let what = format!("{name}: one decode token ran {ran:?}");
+        assert_eq!(
+            count("rms_norm_residual_f32res") + count("rms_norm_residual"),
+            n_layer + 1,
+            "{what}"
+        );
+        assert_eq!(count("linear_matvec"), n_layer + 1, "{what}");
+        assert_eq!(count("mamba2_decode_step"), n_layer, "{what}");
+        assert_eq!(count("linear_matvec_gated_norm"), n_layer, "{what}");
+        assert_eq!(ran.len(), 4 * n_layer + 2, "{what}");
+    }
 }

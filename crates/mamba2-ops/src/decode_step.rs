@@ -163,6 +163,38 @@ pub fn mixer_decode_step_with(
     )
 }
 
+/// One decode step of a mixer through its out-projection: `linear(mixer_decode_step(args),
+/// out_proj, out_bias)` `(batch, d_model)` in the dtype of `xbc`; both states advance as in
+/// [`mixer_decode_step`]. On Metal (with `conv_state_next`) two dispatches: the fused step, and
+/// the out-projection's matrix-vector kernel with the gated norm folded in front. `out_proj`
+/// is `(d_model, d_inner)`, `out_bias` `(d_model)`.
+pub fn mixer_decode_step_out(
+    args: &DecodeStepArgs,
+    params: &SsdParams,
+    out_proj: &Tensor,
+    out_bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    validate(args)?;
+    crate::dispatch!(
+        crate::Backend::Auto,
+        args.xbc.device(),
+        mixer_decode_step_out(args, params, out_proj, out_bias),
+        mixer_decode_step_out_slow(args, params, out_proj, out_bias),
+        metal_only
+    )
+}
+
+/// Reference of [`mixer_decode_step_out`]: the decode step, then the `linear` op.
+pub fn mixer_decode_step_out_slow(
+    args: &DecodeStepArgs,
+    params: &SsdParams,
+    out_proj: &Tensor,
+    out_bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let y = mixer_decode_step(args, params)?; // (batch, d_inner)
+    crate::linear(&y, out_proj, out_bias) // (batch, d_model)
+}
+
 /// Reference of [`mixer_decode_step`]: the ops one after another.
 pub fn mixer_decode_step_slow(args: &DecodeStepArgs, params: &SsdParams) -> Result<Tensor> {
     let StepDims {

@@ -73,7 +73,8 @@ pub mod cuda_graph {
     };
 }
 pub use decode_step::{
-    mixer_decode_step, mixer_decode_step_slow, mixer_decode_step_with, DecodeStepArgs,
+    mixer_decode_step, mixer_decode_step_out, mixer_decode_step_out_slow, mixer_decode_step_slow,
+    mixer_decode_step_with, DecodeStepArgs,
 };
 pub use error::{OpError, Result};
 pub use linear::{linear, linear_slow, linear_with};
@@ -119,6 +120,27 @@ macro_rules! dispatch {
             },
             #[cfg(feature = "cuda")]
             (_, candle_core::Device::Cuda(_)) => $crate::cuda::$name($($arg),*)?,
+            #[cfg(feature = "metal")]
+            (_, candle_core::Device::Metal(d)) => {
+                $crate::metal_plan::$name(&$crate::metal::MetalExecutor::new(d), $($arg),*)?
+            }
+            #[allow(unreachable_patterns)]
+            _ => None,
+        };
+        match fast {
+            Some(out) => Ok(out),
+            None => $slow,
+        }
+    }};
+    // An op with a Metal plan only: the reference (composed of other ops' dispatchers)
+    // elsewhere.
+    ($backend:expr, $device:expr, $name:ident ( $($arg:expr),* ), $slow:expr, metal_only) => {{
+        let fast = match ($backend, $device) {
+            ($crate::Backend::Reference, _) => None,
+            (_, candle_core::Device::Cpu) => match $crate::metal_plan::emulated() {
+                Some(ex) => $crate::metal_plan::$name(&*ex, $($arg),*)?,
+                None => None,
+            },
             #[cfg(feature = "metal")]
             (_, candle_core::Device::Metal(d)) => {
                 $crate::metal_plan::$name(&$crate::metal::MetalExecutor::new(d), $($arg),*)?

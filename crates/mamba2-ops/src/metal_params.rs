@@ -67,6 +67,8 @@ pub mod layout {
     /// `linear_matvec_*`: most activation rows per dispatch (decode batches); more rows take
     /// the GEMM.
     pub const MV_MAX_ROWS: usize = 8;
+    /// `linear_matvec_gated_norm_*`: most norm groups (their inverse RMS in threadgroup memory).
+    pub const MV_MAX_GROUPS: usize = 8;
 }
 
 /// Preconditions of the Metal fast paths on shapes: the dispatcher runs a kernel only when its
@@ -106,6 +108,15 @@ pub mod supports {
     /// `linear_matvec_*`: a few activation rows (the accumulators live in registers).
     pub fn matvec(rows: usize) -> bool {
         (1..=layout::MV_MAX_ROWS).contains(&rows)
+    }
+
+    /// `linear_matvec_gated_norm_*`: [`matvec`] rows, and at most
+    /// [`layout::MV_MAX_GROUPS`] norm groups dividing in_features.
+    pub fn matvec_gated_norm(rows: usize, k: usize, group_size: usize) -> bool {
+        matvec(rows)
+            && group_size > 0
+            && k.is_multiple_of(group_size)
+            && k / group_size <= layout::MV_MAX_GROUPS
     }
 
     /// `causal_attention_prefill_*`: head_dim in 8-wide simdgroup-matrix tiles.
@@ -293,6 +304,19 @@ pub struct MatvecParams {
     pub has_bias: u32,
 }
 
+/// `matvec.metal`: `linear_matvec_gated_norm_<dtype>`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct MatvecGatedNormParams {
+    pub rows: u32,
+    pub k: u32,
+    pub n_out: u32,
+    pub has_bias: u32,
+    pub group_size: u32,
+    pub norm_before_gate: u32,
+    pub eps: f32,
+}
+
 /// `activation.metal`: `relu_squared_<dtype>`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -313,6 +337,7 @@ impl KernelParams for RotaryParams {}
 impl KernelParams for SwigluParams {}
 impl KernelParams for ReluSquaredParams {}
 impl KernelParams for MatvecParams {}
+impl KernelParams for MatvecGatedNormParams {}
 
 /// Sizes of a `causal_attention` call, for [`AttentionShape::launch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,9 @@
 //! f32, f16 and bf16, outputs NaN-poisoned: random shapes (partial simdgroups of outputs,
 //! in_features not a multiple of 32, 1 to 8 rows, with and without bias), real projection
 //! shapes, checked mode, and the plan's fallbacks (more rows than the kernel takes, a strided
-//! weight) which must not run it.
+//! weight) which must not run it. The same for `linear_matvec_gated_norm_<dtype>` (the decode
+//! out-projection with the mixer's gated RMSNorm folded in) against
+//! `linear_slow(gated_rms_norm_slow(..))`.
 //!
 //! Requires clang >= 17 (see crates/msl-harness/README.md).
 
@@ -146,5 +148,121 @@ fn matvec_preconditions_fall_back() {
     assert!(metal_plan::linear_matvec(&ex, &x1, &wt, None)
         .unwrap()
         .is_none());
+    assert!(ex.take_ran().is_empty());
+}
+
+/// `linear(gated_rms_norm(y, z, norm_w), w, bias)` through `linear_matvec_gated_norm_<dtype>`.
+#[allow(clippy::too_many_arguments)]
+fn run_gated(
+    rows: usize,
+    ngroups: usize,
+    group_size: usize,
+    n_out: usize,
+    norm_before_gate: bool,
+    bias: bool,
+    dtype: DType,
+    mode: Mode,
+    seed: u64,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let k = ngroups * group_size;
+    let y = rand_t(&mut rng, &[rows, k], 2.0, dtype);
+    let z = rand_t(&mut rng, &[rows, k], 2.0, dtype);
+    let nw = rand_t(&mut rng, &[k], 1.0, DType::F32)
+        .affine(0.5, 1.0)
+        .unwrap();
+    let w = rand_t(&mut rng, &[n_out, k], 1.0 / (k as f32).sqrt(), dtype);
+    let b = bias.then(|| rand_t(&mut rng, &[n_out], 0.5, dtype));
+    let norm = GatedRmsNormArgs {
+        x: &y,
+        z: Some(&z),
+        weight: &nw,
+        eps: 1e-5,
+        group_size,
+        norm_before_gate,
+    };
+    let want = linear_slow(&gated_rms_norm_slow(&norm).unwrap(), &w, b.as_ref()).unwrap();
+    let ex = HarnessExecutor::new(mode);
+    let what = format!(
+        "linear_matvec_gated_norm {dtype:?} {mode:?} rows={rows} groups={ngroups}x{group_size} n_out={n_out} before_gate={norm_before_gate}"
+    );
+    let got = metal_plan::linear_gated_norm(&ex, &norm, &w, b.as_ref())
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .expect("the plan takes this shape");
+    let ran: Vec<String> = ex.take_ran().into_iter().map(|r| r.function).collect();
+    assert_eq!(
+        ran,
+        [kernel_name("linear_matvec_gated_norm", dtype)],
+        "{what}"
+    );
+    check(&got, &want, dtype, &what);
+}
+
+#[test]
+fn matvec_gated_norm_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for case in 0..8u64 {
+        let rows = rng.random_range(1..=8);
+        let ngroups = rng.random_range(1..=8);
+        let group_size = rng.random_range(1..=80);
+        let n_out = rng.random_range(1..=70);
+        for (i, dtype) in DTYPES.into_iter().enumerate() {
+            let mode = Mode::Shuffled {
+                seed: case * 3 + i as u64,
+            };
+            let (nbg, bias) = (case % 2 == 1, case % 3 == 0);
+            run_gated(
+                rows,
+                ngroups,
+                group_size,
+                n_out,
+                nbg,
+                bias,
+                dtype,
+                mode,
+                400 + case,
+            );
+        }
+    }
+    // mamba2-130m's out_proj (one group of 1536 -> 768), Codestral-like 8 groups of 512
+    for (i, dtype) in DTYPES.into_iter().enumerate() {
+        let mode = Mode::Shuffled {
+            seed: 50 + i as u64,
+        };
+        run_gated(1, 1, 1536, 768, false, false, dtype, mode, 420);
+    }
+    run_gated(2, 8, 512, 64, false, false, DType::BF16, Mode::InOrder, 421);
+    // checked: the threadgroup inverse-RMS table, the barrier, outputs past n_out
+    run_gated(3, 3, 24, 21, false, true, DType::F32, Mode::Checked, 430);
+    let mode = Mode::CheckedShuffled { seed: 4 };
+    run_gated(2, 2, 40, 9, true, false, DType::F16, mode, 431);
+}
+
+#[test]
+fn matvec_gated_norm_preconditions_fall_back() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let ex = HarnessExecutor::new(Mode::InOrder);
+    let y = rand_t(&mut rng, &[1, 90], 1.0, DType::F32);
+    let nw = rand_t(&mut rng, &[90], 1.0, DType::F32);
+    let w = rand_t(&mut rng, &[4, 90], 0.2, DType::F32);
+    let norm = |group_size, z| GatedRmsNormArgs {
+        x: &y,
+        z,
+        weight: &nw,
+        eps: 1e-5,
+        group_size,
+        norm_before_gate: false,
+    };
+    // 9 groups (more than the table holds), no gate
+    assert!(
+        metal_plan::linear_gated_norm(&ex, &norm(10, Some(&y)), &w, None)
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        metal_plan::linear_gated_norm(&ex, &norm(90, None), &w, None)
+            .unwrap()
+            .is_none()
+    );
     assert!(ex.take_ran().is_empty());
 }

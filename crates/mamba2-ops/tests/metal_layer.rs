@@ -601,6 +601,56 @@ fn mixer_decode_step_plan_matches_reference() {
         assert_close(&y, &y_ref, dtype, &what);
         assert_close(&conv, &conv_ref, DType::F32, &format!("{what} conv state"));
         assert_close(&ssm, &ssm_ref, DType::F32, &format!("{what} ssm state"));
+        // through the out-projection: the fused step, then the out-projection with the gated
+        // norm folded in (2 launches), against the reference's y times out_proj
+        let out_ref = linear_slow(&y_ref, &l.out_proj, None).unwrap();
+        let conv = conv0.copy().unwrap();
+        let ssm = ssm0.copy().unwrap();
+        let second = Tensor::zeros(conv.shape(), DType::F32, conv.device()).unwrap();
+        let a = DecodeStepArgs {
+            xbc: &xbc,
+            dt: &dt,
+            z: &z,
+            conv_state: &conv,
+            conv_state_next: Some(&second),
+            conv_weight: &l.conv_w,
+            conv_bias: Some(&l.conv_b),
+            ssm_state: &ssm,
+            a: &l.a,
+            d: Some(&l.d),
+            dt_bias: Some(&l.dt_bias),
+            norm_weight: &l.norm_w,
+            eps: 1e-5,
+            ngroups: dims.ngroups,
+            norm_before_gate: false,
+        };
+        let out =
+            metal_plan::mixer_decode_step_out(&ex, &a, &SsdParams::default(), &l.out_proj, None)
+                .unwrap()
+                .expect("the plan takes this shape");
+        let ran: Vec<String> = ex.take_ran().into_iter().map(|r| r.function).collect();
+        assert_eq!(
+            ran,
+            [
+                format!("mamba2_decode_step_{sfx}"),
+                format!("linear_matvec_gated_norm_{sfx}")
+            ]
+        );
+        // one more rounding of the normed activations on both sides: twice the op tolerance
+        let (atol, rtol) = tolerance(dtype);
+        let diff = (out.to_dtype(DType::F32).unwrap() - out_ref.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff <= 2.0 * (atol + rtol), "{what} out_proj: {diff}");
+        assert_close(&second, &conv_ref, DType::F32, &format!("{what} out conv"));
+        assert_close(&ssm, &ssm_ref, DType::F32, &format!("{what} out ssm"));
     }
     // no second buffer: the plan declines and the composed reference runs
     let ex = HarnessExecutor::new(Mode::InOrder);

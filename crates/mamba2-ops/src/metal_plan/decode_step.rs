@@ -159,3 +159,55 @@ pub fn mixer_decode_step(
     debug_assert_eq!(out.dims(), [batch, d_inner]);
     Ok(Some(out))
 }
+
+/// The mixer's decode step through its out-projection ([`crate::mixer_decode_step_out`]) in
+/// two launches: the fused step into `conv_state_next`, then the out-projection with the
+/// gated norm folded in front (`linear_matvec_gated_norm_<dtype>`; the separate norm and
+/// projection when its preconditions fail). Without `conv_state_next` or outside the fused
+/// kernel's preconditions, `None` (nothing has run).
+pub fn mixer_decode_step_out(
+    ex: &dyn PlanExecutor,
+    args: &crate::DecodeStepArgs,
+    params: &SsdParams,
+    out_proj: &Tensor,
+    out_bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let next = some!(args.conv_state_next);
+    let (_, d_inner) = args.z.dims2()?;
+    require!(d_inner.is_multiple_of(args.ngroups));
+    require!(args.z.dtype() == args.xbc.dtype() && dtype_suffix(args.z.dtype()).is_some());
+    let step = FusedStepArgs {
+        xbc: args.xbc,
+        conv_state_in: args.conv_state,
+        conv_state_out: next,
+        conv_weight: args.conv_weight,
+        conv_bias: args.conv_bias,
+        dt: args.dt,
+        a: args.a,
+        d: args.d,
+        z: None,
+        dt_bias: args.dt_bias,
+        state: args.ssm_state,
+    };
+    let y = some!(mamba2_decode_step(ex, &step, params)?); // (batch, d_inner)
+    let norm = crate::GatedRmsNormArgs {
+        x: &y,
+        z: Some(args.z),
+        weight: args.norm_weight,
+        eps: args.eps,
+        group_size: d_inner / args.ngroups,
+        norm_before_gate: args.norm_before_gate,
+    };
+    // the state has moved: from here on an answer is always given
+    if let Some(out) = super::linear_gated_norm(ex, &norm, out_proj, out_bias)? {
+        return Ok(Some(out)); // (batch, d_model)
+    }
+    let normed = match super::gated_rms_norm(ex, &norm)? {
+        Some(t) => t,
+        None => crate::gated_rms_norm_slow(&norm)?,
+    };
+    match super::linear(ex, &normed, out_proj, out_bias)? {
+        Some(t) => Ok(Some(t)),
+        None => Ok(Some(crate::linear_slow(&normed, out_proj, out_bias)?)),
+    }
+}

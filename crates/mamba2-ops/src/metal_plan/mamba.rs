@@ -442,3 +442,55 @@ pub fn linear_matvec(
     ex.run(plan)?;
     Ok(Some(y))
 }
+
+/// `linear_matvec_gated_norm_<dtype>`: `linear(gated_rms_norm(norm), weight, bias)` in one
+/// launch, the grouped gated RMSNorm computed in front of the matrix-vector product (the decode
+/// out-projection); `None` outside its preconditions (those of [`linear_matvec`], at most
+/// [`layout::MV_MAX_GROUPS`] groups, z present in the activation dtype).
+pub fn linear_gated_norm(
+    ex: &dyn PlanExecutor,
+    norm: &GatedRmsNormArgs,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let x = norm.x;
+    let z = some!(norm.z);
+    let suffix = some!(dtype_suffix(x.dtype()));
+    let (n_out, k) = weight.dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    require!(mp::supports::matvec_gated_norm(rows, k, norm.group_size) && n_out > 0);
+    require!(z.dtype() == x.dtype() && z.dims() == x.dims());
+    require!(weight.is_contiguous() && weight.dtype() == x.dtype());
+    require!(bias.is_none_or(|b| b.dtype() == x.dtype()));
+    require!(u32_of(n_out * k).is_some());
+    let p = mp::MatvecGatedNormParams {
+        rows: rows as u32,
+        k: some!(u32_of(k)),
+        n_out: some!(u32_of(n_out)),
+        has_bias: flag(bias.is_some()),
+        group_size: norm.group_size as u32,
+        norm_before_gate: flag(norm.norm_before_gate),
+        eps: norm.eps as f32,
+    };
+    let name = format!("linear_matvec_gated_norm_{suffix}");
+    let threads = 32 * layout::MV_SIMDS as usize;
+    require!(some!(ex.pipeline(MATVEC, &name)?) >= threads);
+    let (xc, zc) = (x.contiguous()?, z.contiguous()?);
+    let nw = f32_param(norm.weight)?;
+    let b = bias.map(|t| t.contiguous()).transpose()?;
+    let mut dims = x.dims().to_vec();
+    *some!(dims.last_mut()) = n_out;
+    let y = output(ex, dims.as_slice(), x.dtype(), "matvec_gated_norm_y")?; // (..., n_out)
+    let per_group = (layout::MV_SIMDS * layout::MV_OUTS_PER_SIMD) as usize;
+    let plan = DispatchPlan::new(MATVEC, name)
+        .read(&xc)?
+        .read(&zc)?
+        .read(&nw)?
+        .read(weight)?
+        .read_opt(b.as_ref(), weight)?
+        .write(&y)?
+        .params(&p)
+        .grid([n_out.div_ceil(per_group), 1, 1], [threads, 1, 1]);
+    ex.run(plan)?;
+    Ok(Some(y))
+}

@@ -24,10 +24,12 @@ mod mamba;
 mod pointwise;
 
 pub use attention::{causal_attention, causal_attention_as};
-pub use decode_step::{mamba2_decode_step, mixer_decode_step, FusedStepArgs};
+pub use decode_step::{
+    mamba2_decode_step, mixer_decode_step, mixer_decode_step_out, FusedStepArgs,
+};
 pub use mamba::{
-    causal_conv1d, causal_conv1d_update, conv_states_varlen, gated_rms_norm, linear, linear_matvec,
-    rms_norm_residual, selective_state_update, ssd_chunk_scan,
+    causal_conv1d, causal_conv1d_update, conv_states_varlen, gated_rms_norm, linear,
+    linear_gated_norm, linear_matvec, rms_norm_residual, selective_state_update, ssd_chunk_scan,
 };
 pub use pointwise::{relu_squared, rotary_embedding, swiglu};
 

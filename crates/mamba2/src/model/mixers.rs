@@ -9,8 +9,9 @@ use crate::Result;
 use candle_core::{Tensor, D};
 use mamba2_ops::{
     causal_attention, causal_conv1d, causal_conv1d_update, gated_rms_norm, mixer_decode_step,
-    relu_squared, rotary_embedding, selective_state_update, ssd_chunk_scan, swiglu, AttentionArgs,
-    Conv1dArgs, DecodeStepArgs, GatedRmsNormArgs, RotaryArgs, SsdArgs, SsdParams, StateUpdateArgs,
+    mixer_decode_step_out, relu_squared, rotary_embedding, selective_state_update, ssd_chunk_scan,
+    swiglu, AttentionArgs, Conv1dArgs, DecodeStepArgs, GatedRmsNormArgs, RotaryArgs, SsdArgs,
+    SsdParams, StateUpdateArgs,
 };
 
 /// Whether a block runs over a whole sequence (chunked scan) or one token per row (decode step).
@@ -181,14 +182,22 @@ impl MambaMixer {
         let zxbcdt = project(&u.squeeze(1)?, &self.in_proj)?; // (batch, d_in_proj)
                                                               // z, xBC, dt: (batch, d_inner), (batch, conv_dim), (batch, nheads) views of zxbcdt
         let parts = projection_views(c, &zxbcdt)?;
-        let y = match &self.norm_weight {
-            Some(w) => {
+        let out = match (&self.norm_weight, self.out_proj.weight.dense()) {
+            // the out-projection in the op: on Metal it folds the gated norm in
+            (Some(w), Some(w_out)) => {
                 let args = self.decode_step_args(c, &parts, state, w);
-                mixer_decode_step(&args, params)? // (batch, d_inner)
+                mixer_decode_step_out(&args, params, w_out, self.out_proj.bias.as_ref())?
             }
-            None => self.step_ungated_norm(c, params, &parts, state)?,
-        };
-        Ok(project(&y, &self.out_proj)?.unsqueeze(1)?)
+            (Some(w), None) => {
+                let args = self.decode_step_args(c, &parts, state, w);
+                project(&mixer_decode_step(&args, params)?, &self.out_proj)?
+            }
+            (None, _) => project(
+                &self.step_ungated_norm(c, params, &parts, state)?,
+                &self.out_proj,
+            )?,
+        }; // (batch, d_model)
+        Ok(out.unsqueeze(1)?)
     }
 
     /// The step of a mixer without a norm: conv update, then the state update with the gate.
