@@ -247,16 +247,21 @@ impl Loader<'_> {
         };
         let out_scale = m.ssm_out * m.residual;
         let a_log = self.f32(&format!("{p}A_log"), &[c.nheads])?;
+        // The conv filter and bias and the gated-norm weight are kept in f32, as every kernel
+        // reads them: a 16-bit copy would be cast on every call (a launch per tensor on a GPU).
+        let small_f32 = |name: &str, shape: &[usize], present: bool| {
+            present.then(|| self.f32(name, shape)).transpose()
+        };
         Ok(MambaMixer {
             in_proj,
             conv_weight: self
-                .get(&format!("{p}conv1d.weight"), &[conv_dim, 1, c.d_conv])?
+                .f32(&format!("{p}conv1d.weight"), &[conv_dim, 1, c.d_conv])?
                 .reshape((conv_dim, c.d_conv))?,
-            conv_bias: self.opt(&format!("{p}conv1d.bias"), &[conv_dim], c.conv_bias, 1.0)?,
+            conv_bias: small_f32(&format!("{p}conv1d.bias"), &[conv_dim], c.conv_bias)?,
             dt_bias: self.f32(&format!("{p}dt_bias"), &[c.nheads])?,
             a: a_log.exp()?.neg()?,
             d: self.f32(&format!("{p}D"), &[c.nheads])?,
-            norm_weight: self.opt(&format!("{p}norm.weight"), &[c.d_inner], c.gated_norm, 1.0)?,
+            norm_weight: small_f32(&format!("{p}norm.weight"), &[c.d_inner], c.gated_norm)?,
             out_proj: self.proj(
                 &format!("{p}out_proj"),
                 &[h, c.d_inner],

@@ -37,12 +37,12 @@ fn tensor_bytes(t: &Tensor) -> usize {
 #[derive(Debug, Clone)]
 pub(crate) struct MambaMixer {
     pub in_proj: Proj,
-    pub conv_weight: Tensor,       // (conv_dim, d_conv)
-    pub conv_bias: Option<Tensor>, // (conv_dim)
+    pub conv_weight: Tensor,       // (conv_dim, d_conv) f32
+    pub conv_bias: Option<Tensor>, // (conv_dim) f32
     pub dt_bias: Tensor,           // (nheads) f32
     pub a: Tensor,                 // (nheads) f32, -exp(A_log)
     pub d: Tensor,                 // (nheads) f32
-    /// `(d_inner)`; `None`: the output is `y * silu(z)` with no norm (Falcon-H1 option).
+    /// `(d_inner)` f32; `None`: the output is `y * silu(z)` with no norm (Falcon-H1 option).
     pub norm_weight: Option<Tensor>,
     pub out_proj: Proj,
 }
