@@ -10,7 +10,7 @@
 //! `-- decode` only the decode-token projection chain (weight GB/s vs the machine's read
 //! bandwidth), `-- step` only the one-token decode ops, `-- stages` one whole decode token split
 //! into its stages (see `cpu_ops/stages.rs`), `-- attention` the attention-layer ops of the
-//! hybrid models (see `cpu_ops/attention.rs`).
+//! hybrid models (see `cpu_ops/attention.rs`), `-- quantized` the block-quantized projections.
 
 use candle_core::{DType, Device, Tensor};
 use mamba2_ops::*;
@@ -145,7 +145,33 @@ fn bench_decode_projections() {
     }
 }
 
+/// `quantized_linear` at the mamba2-130m projection shapes in Q8_0 and Q4_K, decode (1 row) and
+/// prefill (512 rows) row counts, with the multiply-adds per second. Run twice with
+/// `MAMBA2_CPU_Q8_0_GEMM=0` / `1` to compare Q8_0 prefill's two paths.
+fn bench_quantized() {
+    use candle_core::quantized::GgmlDType;
+    for ty in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+        for (name, out_f, in_f) in [("in_proj", 3352, 768), ("out_proj", 768, 1536)] {
+            let w = QuantizedMatrix::quantize(&randn(&[out_f, in_f], DType::F32), ty).unwrap();
+            for rows in [1, 512] {
+                let x = randn(&[rows, in_f], DType::F32);
+                let ms = median_ms(if rows == 1 { 51 } else { 9 }, || {
+                    quantized_linear(&x, &w, None).unwrap();
+                });
+                println!(
+                    "quantized_linear {ty:?} {name:8} rows {rows:3}: {ms:8.3} ms ({:6.1} GMAC/s)",
+                    (rows * out_f * in_f) as f64 / ms / 1e6
+                );
+            }
+        }
+    }
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "quantized") {
+        bench_quantized();
+        return;
+    }
     if std::env::args().any(|a| a == "attention") {
         attention::bench_attention();
         return;

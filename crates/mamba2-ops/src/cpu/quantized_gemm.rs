@@ -98,8 +98,9 @@ fn pack(w: &[BlockQ8_0], n: usize, nb: usize) -> Packed {
     }
 }
 
-/// The activation rows as `q + 128` bytes `(rows, k)` and f32 block scales `(rows, nb)`, with
-/// Candle's Q8_0 quantizer (llama.cpp's rounding, the decode path's).
+/// The activation rows as `q + 128` bytes `(rows, k)` and f32 block scales `(rows, nb)`,
+/// rounded exactly as Candle's (= llama.cpp's reference) Q8_0 quantizer rounds them, which the
+/// decode path uses: `d = amax / 127`, `q = roundf(x / d)` (as `x * (1 / d)`), `d` kept as f16.
 fn quantize_rows(x: &[f32], k: usize) -> (Vec<u8>, Vec<f32>) {
     let nb = k / 32;
     let rows = x.len() / k;
@@ -109,17 +110,80 @@ fn quantize_rows(x: &[f32], k: usize) -> (Vec<u8>, Vec<f32>) {
         .zip(xd.par_chunks_mut(nb))
         .zip(x.par_chunks(k))
         .for_each(|((u, d), row)| {
-            let mut q = vec![BlockQ8_0::zeros(); nb];
-            BlockQ8_0::from_float(row, &mut q);
-            for (b, blk) in q.iter().enumerate() {
-                let (scale, qs) = parts(blk);
-                d[b] = scale;
-                for (dst, &v) in u[b * 32..(b + 1) * 32].iter_mut().zip(qs) {
-                    *dst = (i16::from(v) + 128) as u8;
+            for ((u, d), xs) in u
+                .chunks_exact_mut(32)
+                .zip(d.iter_mut())
+                .zip(row.chunks_exact(32))
+            {
+                let xs: &[f32; 32] = xs.try_into().expect("32 values");
+                let u: &mut [u8; 32] = u.try_into().expect("32 bytes");
+                // SAFETY: `available()` (asserted by the caller) includes AVX-512F.
+                if !unsafe { quantize_block(xs, u, d) } {
+                    quantize_block_scalar(xs, u, d);
                 }
             }
         });
     (xu, xd)
+}
+
+/// Candle's scalar Q8_0 rounding of one block, for blocks with a NaN or an infinity.
+fn quantize_block_scalar(xs: &[f32; 32], u: &mut [u8; 32], d: &mut f32) {
+    let mut q = [BlockQ8_0::zeros()];
+    BlockQ8_0::from_float(xs, &mut q);
+    let (scale, qs) = parts(&q[0]);
+    *d = scale;
+    for (dst, &v) in u.iter_mut().zip(qs) {
+        *dst = (i16::from(v) + 128) as u8;
+    }
+}
+
+/// [`quantize_block_scalar`] with AVX-512: the same products `x * id` and `roundf` (truncate,
+/// then step away from zero when the dropped fraction is at least one half: exact, unlike adding
+/// 0.5). `false` (nothing written) when the block is not all finite.
+///
+/// # Safety
+/// AVX-512F present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_block(xs: &[f32; 32], u: &mut [u8; 32], d: &mut f32) -> bool {
+    use std::arch::x86_64::*;
+    let v = [
+        _mm512_loadu_ps(xs.as_ptr()),
+        _mm512_loadu_ps(xs.as_ptr().add(16)),
+    ];
+    let a = [_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])];
+    let finite = |x: __m512| _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(f32::INFINITY));
+    if finite(a[0]) != 0xffff || finite(a[1]) != 0xffff {
+        return false;
+    }
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(a[0], a[1]));
+    let scale = amax / 127.0;
+    let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    *d = half::f16::from_f32(scale).to_f32();
+    for (h, x) in v.iter().enumerate() {
+        let p = _mm512_mul_ps(*x, _mm512_set1_ps(id));
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(p);
+        let frac = _mm512_abs_ps(_mm512_sub_ps(p, t));
+        let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, _mm512_set1_ps(0.5));
+        // copysign(1, p): the sign bit of p on 1.0.
+        let sign = _mm512_and_si512(_mm512_castps_si512(p), _mm512_set1_epi32(i32::MIN));
+        let one = _mm512_castsi512_ps(_mm512_or_si512(
+            sign,
+            _mm512_castps_si512(_mm512_set1_ps(1.0)),
+        ));
+        let q = _mm512_mask_add_ps(t, up, t, one);
+        let qi = _mm512_add_epi32(_mm512_cvttps_epi32(q), _mm512_set1_epi32(128));
+        _mm_storeu_si128(
+            u.as_mut_ptr().add(16 * h) as *mut __m128i,
+            _mm512_cvtusepi32_epi8(qi),
+        );
+    }
+    true
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn quantize_block(_: &[f32; 32], _: &mut [u8; 32], _: &mut f32) -> bool {
+    false
 }
 
 /// Whether the CPU has what [`tile`] uses.
@@ -261,4 +325,53 @@ unsafe fn tile(
     _: &mut [[f32; 2 * TILE]; ROWS],
 ) {
     unreachable!("available() is false off x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX-512 block quantizer gives Candle's bytes and scales: random blocks of several
+    /// magnitudes, exact ties (`x / d` = k + 1/2 both signs), zeros, a lone non-zero, and blocks
+    /// with NaN / ±inf (which take Candle's scalar code).
+    #[test]
+    fn simd_activation_rounding_equals_candles() {
+        if !available() {
+            return;
+        }
+        let mut blocks: Vec<[f32; 32]> = Vec::new();
+        let mut seed = 0x9e37_79b9u32;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed as f32 / u32::MAX as f32 - 0.5
+        };
+        for scale in [1e-30, 1e-3, 1.0, 7.0, 1e4, 3e38] {
+            for _ in 0..50 {
+                blocks.push(std::array::from_fn(|_| next() * scale));
+            }
+        }
+        // amax 127 gives d = 1, id = 1: x = k + 0.5 is an exact tie.
+        blocks.push(std::array::from_fn(|i| match i {
+            0 => 127.0,
+            _ => (i as f32 - 16.0) + 0.5,
+        }));
+        blocks.push([0.0; 32]);
+        blocks.push(std::array::from_fn(|i| if i == 5 { -3.0 } else { 0.0 }));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            blocks.push(std::array::from_fn(|i| if i == 9 { bad } else { i as f32 }));
+        }
+        for xs in &blocks {
+            let (mut u1, mut d1) = ([0u8; 32], 0f32);
+            let (mut u2, mut d2) = ([0u8; 32], 0f32);
+            quantize_block_scalar(xs, &mut u1, &mut d1);
+            // SAFETY: available() checked.
+            if !unsafe { quantize_block(xs, &mut u2, &mut d2) } {
+                assert!(xs.iter().any(|x| !x.is_finite()), "{xs:?}");
+                continue;
+            }
+            assert_eq!((u1, d1.to_bits()), (u2, d2.to_bits()), "{xs:?}");
+        }
+    }
 }
