@@ -66,16 +66,19 @@ fn assert_ran(ex: &HarnessExecutor, want: &[&str], what: &str) {
     }
 }
 
-const PREFILL_KERNELS: [&str; 5] = [
+const PREFILL_KERNELS: [&str; 6] = [
+    "embedding_gather",
     "causal_conv1d_fwd",
     "ssd_chunk_cb",
     "ssd_chunk_scan",
     "gated_rms_norm",
     "rms_norm_residual",
 ];
-/// The decode step: the residual norm, the in-projection and LM head (matrix-vector), the
-/// fused conv + state-update kernel, the out-projection with the gated norm folded in.
-const STEP_KERNELS: [&str; 4] = [
+/// The decode step: the embedding gather, the residual norm, the in-projection and LM head
+/// (matrix-vector), the fused conv + state-update kernel, the out-projection with the gated
+/// norm folded in.
+const STEP_KERNELS: [&str; 5] = [
+    "embedding_gather",
     "rms_norm_residual",
     "linear_matvec",
     "mamba2_decode_step",
@@ -319,9 +322,10 @@ fn bundled_model_logits_match_hf() {
     assert_ran(&ex, &PREFILL_KERNELS, "bundled 16-bit prefill");
 }
 
-/// Launches of one decode token, counted from the plans the executor ran: per layer the
-/// residual norm, the in-projection, the fused step and the out-projection with the gated norm
-/// (4, issue 18's budget), then the final norm and the LM head.
+/// Launches of one decode token, counted from the plans the executor ran: the embedding
+/// gather, per layer the residual norm, the in-projection, the fused step and the
+/// out-projection with the gated norm (4, issue 18's budget), then the final norm and the LM
+/// head: 4L + 3.
 #[test]
 fn decode_dispatches_per_layer() {
     for (i, name) in ["g1_ds128_hd64_padvocab", "g8_ds16_hd16_b3_untied"]
@@ -359,6 +363,7 @@ fn decode_dispatches_per_layer() {
         assert_eq!(count("linear_matvec"), n_layer + 1, "{what}");
         assert_eq!(count("mamba2_decode_step"), n_layer, "{what}");
         assert_eq!(count("linear_matvec_gated_norm"), n_layer, "{what}");
-        assert_eq!(ran.len(), 4 * n_layer + 2, "{what}");
+        assert_eq!(count("embedding_gather"), 1, "{what}");
+        assert_eq!(ran.len(), 4 * n_layer + 3, "{what}");
     }
 }

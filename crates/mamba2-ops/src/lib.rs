@@ -34,6 +34,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod decode_step;
+pub mod embedding;
 mod error;
 pub mod linear;
 #[cfg(feature = "metal")]
@@ -76,6 +77,7 @@ pub use decode_step::{
     mixer_decode_step, mixer_decode_step_out, mixer_decode_step_out_slow, mixer_decode_step_slow,
     mixer_decode_step_with, DecodeStepArgs,
 };
+pub use embedding::{embedding, embedding_slow};
 pub use error::{OpError, Result};
 pub use linear::{linear, linear_slow, linear_with};
 pub use moe::{

@@ -317,6 +317,15 @@ pub struct MatvecGatedNormParams {
     pub eps: f32,
 }
 
+/// `embedding.metal`: `embedding_gather_<dtype>`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EmbeddingParams {
+    pub n: u32,
+    pub d: u32,
+    pub vocab: u32,
+}
+
 /// `activation.metal`: `relu_squared_<dtype>`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -337,6 +346,7 @@ impl KernelParams for RotaryParams {}
 impl KernelParams for SwigluParams {}
 impl KernelParams for ReluSquaredParams {}
 impl KernelParams for MatvecParams {}
+impl KernelParams for EmbeddingParams {}
 impl KernelParams for MatvecGatedNormParams {}
 
 /// Sizes of a `causal_attention` call, for [`AttentionShape::launch`].

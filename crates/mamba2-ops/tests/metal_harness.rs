@@ -338,3 +338,58 @@ fn rms_norm_residual_matches_reference() {
     run_residual_norm(2, 100, true, true, 32, DType::BF16, Mode::Checked);
     run_residual_norm(2, 64, false, false, 32, DType::F32, Mode::Checked);
 }
+
+// -------------------------------------------------------------------------------- embedding
+
+fn run_embedding(n: usize, vocab: usize, d: usize, dtype: DType, mode: Mode) {
+    let mut rng = StdRng::seed_from_u64((n * d + vocab) as u64);
+    let table = rand_t(&mut rng, &[vocab, d], 1.0, dtype);
+    let v: Vec<u32> = (0..n).map(|i| ((i * 7 + 3) % vocab) as u32).collect();
+    let ids = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
+    let want = embedding_slow(&ids, &table).unwrap();
+    let ex = HarnessExecutor::new(mode);
+    let got = metal_plan::embedding(&ex, &ids, &table)
+        .unwrap_or_else(|e| panic!("embedding {dtype:?} {mode:?}: {e}"))
+        .expect("the plan takes this shape");
+    assert_eq!(ex.take_ran().len(), 1);
+    // a copy: exact (the NaN poison would differ)
+    let what = format!("embedding {dtype:?} {mode:?} n={n} d={d}");
+    assert_eq!(got.dims(), want.dims(), "{what}");
+    let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff == 0.0, "{what}: max diff {diff}");
+}
+
+#[test]
+fn embedding_gather_matches_reference() {
+    for (i, dtype) in DTYPES.into_iter().enumerate() {
+        // one decode row, a batch with repeated ids, a partial threadgroup of columns (100)
+        run_embedding(1, 50, 768, dtype, Mode::Shuffled { seed: i as u64 });
+        run_embedding(
+            13,
+            5,
+            100,
+            dtype,
+            Mode::Shuffled {
+                seed: 10 + i as u64,
+            },
+        );
+    }
+    run_embedding(4, 9, 40, DType::F32, Mode::Checked);
+    run_embedding(3, 9, 33, DType::BF16, Mode::Checked);
+    // an id past the table: zeros, no read outside it (the model checks ids before)
+    let table = Tensor::ones((3, 8), DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[1u32, 7], &Device::Cpu).unwrap();
+    let ex = HarnessExecutor::new(Mode::Checked);
+    let got = metal_plan::embedding(&ex, &ids, &table).unwrap().unwrap();
+    let rows = got.to_vec2::<f32>().unwrap();
+    assert_eq!((rows[0][0], rows[1][0]), (1.0, 0.0));
+}

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The `.metal` files by the names the plans use, embedded at build time.
-const SOURCES: [(&str, &str); 9] = [
+const SOURCES: [(&str, &str); 10] = [
     (
         "conv1d.metal",
         include_str!("../../../../kernels/metal/conv1d.metal"),
@@ -50,6 +50,10 @@ const SOURCES: [(&str, &str); 9] = [
     (
         "matvec.metal",
         include_str!("../../../../kernels/metal/matvec.metal"),
+    ),
+    (
+        "embedding.metal",
+        include_str!("../../../../kernels/metal/embedding.metal"),
     ),
 ];
 

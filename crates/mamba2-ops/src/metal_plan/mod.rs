@@ -31,7 +31,7 @@ pub use mamba::{
     causal_conv1d, causal_conv1d_update, conv_states_varlen, gated_rms_norm, linear,
     linear_gated_norm, linear_matvec, rms_norm_residual, selective_state_update, ssd_chunk_scan,
 };
-pub use pointwise::{relu_squared, rotary_embedding, swiglu};
+pub use pointwise::{embedding, relu_squared, rotary_embedding, swiglu};
 
 use crate::metal_params::KernelParams;
 use crate::Result;

@@ -1,5 +1,6 @@
-//! Plans of the rotary embedding and the MLP activations (`kernels/metal/rotary.metal`,
-//! `activation.metal`): one thread per rotated pair / pass-through channel, per output element.
+//! Plans of the rotary embedding, the MLP activations and the embedding gather
+//! (`kernels/metal/rotary.metal`, `activation.metal`, `embedding.metal`): one thread per
+//! rotated pair / pass-through channel, per output element.
 //!
 //! Preconditions, otherwise `Ok(None)` and the reference runs: a Metal float dtype, a non-empty
 //! input, sizes, strides and positions within u32. The rotary input is read in place through
@@ -106,6 +107,39 @@ pub fn relu_squared(ex: &dyn PlanExecutor, x: &Tensor) -> Result<Option<Tensor>>
         .write(&out)?
         .params(&p)
         .grid([count.div_ceil(tx), 1, 1], [tx, 1, 1]);
+    ex.run(plan)?;
+    Ok(Some(out))
+}
+
+const EMBEDDING: &str = "embedding.metal";
+
+/// `embedding_gather_<dtype>`: rows `ids` `(n)` u32 of `table` `(vocab, d)`, one thread per
+/// output element.
+pub fn embedding(ex: &dyn PlanExecutor, ids: &Tensor, table: &Tensor) -> Result<Option<Tensor>> {
+    let suffix = some!(dtype_suffix(table.dtype()));
+    let (vocab, d) = table.dims2()?;
+    let n = ids.dim(0)?;
+    require!(n > 0 && d > 0 && table.is_contiguous());
+    require!(u32_of(vocab).is_some() && u32_of(n * d).is_some());
+    let p = mp::EmbeddingParams {
+        n: n as u32,
+        d: d as u32,
+        vocab: vocab as u32,
+    };
+    let name = format!("embedding_gather_{suffix}");
+    let max = some!(ex.pipeline(EMBEDDING, &name)?);
+    let tx = d
+        .next_multiple_of(32)
+        .min(layout::ELEMENTWISE_THREADS as usize)
+        .min(max);
+    let ids = ids.contiguous()?;
+    let out = output(ex, (n, d), table.dtype(), "embedding_out")?; // (n, d)
+    let plan = DispatchPlan::new(EMBEDDING, name)
+        .read(&ids)?
+        .read(table)?
+        .write(&out)?
+        .params(&p)
+        .grid([d.div_ceil(tx), n, 1], [tx, 1, 1]);
     ex.run(plan)?;
     Ok(Some(out))
 }

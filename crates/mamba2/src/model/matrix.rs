@@ -74,7 +74,7 @@ impl Matrix {
     /// Rows `ids` `(n)` u32 → `(n, cols)` in `dtype` (the embedding lookup).
     pub fn rows(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         Ok(match self {
-            Matrix::Dense(t) => t.index_select(ids, 0)?.to_dtype(dtype)?,
+            Matrix::Dense(t) => mamba2_ops::embedding(ids, t)?.to_dtype(dtype)?,
             Matrix::Quantized(q) => mamba2_ops::quantized_embedding(ids, q, dtype)?,
         })
     }
