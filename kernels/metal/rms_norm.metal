@@ -103,7 +103,7 @@ kernel void gated_rms_norm(
 // Arguments:
 //   x             [[buffer(0)]] (rows, dim) T: block output
 //   residual      [[buffer(1)]] (rows, dim) R (has_residual)
-//   weight        [[buffer(2)]] (dim) f32
+//   weight        [[buffer(2)]] (dim) T (the dtype of x: read as it is stored, no cast launch)
 //   normed        [[buffer(3)]] (rows, dim) T, out: rmsnorm(residual_out) * weight
 //   residual_out  [[buffer(4)]] (rows, dim) R, out: x + residual, rounded to R
 // The norm reads the rounded residual_out, as the reference does. The host uses this kernel
@@ -114,7 +114,7 @@ template <typename T, typename R>
 kernel void rms_norm_residual(
     device const T* x [[buffer(0)]],
     device const R* residual [[buffer(1)]],
-    device const float* weight [[buffer(2)]],
+    device const T* weight [[buffer(2)]],
     device T* normed [[buffer(3)]],
     device R* residual_out [[buffer(4)]],
     constant RmsNormResidualParams& p [[buffer(5)]],
@@ -142,7 +142,7 @@ kernel void rms_norm_residual(
     for (uint i = tid; i < p.dim; i += ntg) {
         // the thread reads back its own write of the first loop
         const float h = float(residual_out[base + i]);
-        normed[base + i] = T(h * inv_rms * weight[i]);
+        normed[base + i] = T(h * inv_rms * float(weight[i]));
     }
 }
 

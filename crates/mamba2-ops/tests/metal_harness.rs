@@ -334,6 +334,8 @@ fn rms_norm_residual_matches_reference() {
             run_residual_norm(2, 768, true, fp32, 256, dtype, Mode::Shuffled { seed: 7 });
         }
         run_residual_norm(2, 100, false, true, 64, dtype, Mode::InOrder);
+        // an odd element count without a residual: the absent buffer is bound with R's size
+        run_residual_norm(1, 33, false, true, 64, dtype, Mode::InOrder);
     }
     run_residual_norm(2, 100, true, true, 32, DType::BF16, Mode::Checked);
     run_residual_norm(2, 64, false, false, 32, DType::F32, Mode::Checked);

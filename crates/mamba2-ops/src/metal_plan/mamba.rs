@@ -368,13 +368,15 @@ pub fn rms_norm_residual(
     let max = some!(ex.pipeline(RMS_NORM, &name)?);
     let x = x.contiguous()?;
     let r = residual.map(|t| t.contiguous()).transpose()?;
-    let w = f32_param(weight)?;
+    // read in x's dtype by the kernel (the model keeps block norms in the model dtype)
+    let w = weight.contiguous()?;
     let normed = output(ex, dims.as_slice(), dtype, "rms_norm_normed")?; // like x
     let res_out = output(ex, dims.as_slice(), res_dtype, "rms_norm_residual")?; // like x
     let tg = dim.next_multiple_of(32).min(1024).min(max);
     let plan = DispatchPlan::new(RMS_NORM, name)
         .read(&x)?
-        .read_opt(r.as_ref(), &x)?
+        // absent: bound to a buffer of the residual dtype R (never read)
+        .read_opt(r.as_ref(), &res_out)?
         .read(&w)?
         .write(&normed)?
         .write(&res_out)?
