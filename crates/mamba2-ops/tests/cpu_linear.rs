@@ -187,6 +187,39 @@ fn many_rows() {
     }
 }
 
+/// Prefill shapes of a bf16 model, which AVX-512 BF16 machines multiply with `vdpbf16ps`
+/// (`cpu/linear/gemm_bf16.rs`; even `in`, from 32 rows): a partial and several row panels, x
+/// chunks (256 rows), partial 12- and 48-output groups, biases, the 130m and granite-1b
+/// projection widths; odd `in` and fewer rows take the other kernels. Every dtype runs, so the
+/// f32/f16 paths see the same shapes.
+#[test]
+fn bf16_prefill_shapes() {
+    let mut rng = StdRng::seed_from_u64(6);
+    for (i, &(rows, in_f, out_f)) in [
+        (32, 2, 1),
+        (33, 64, 13),
+        (100, 768, 49),
+        (300, 1536, 100),
+        (513, 96, 48),
+        (64, 95, 12),
+        (31, 768, 7),
+    ]
+    .iter()
+    .enumerate()
+    {
+        check(
+            &mut rng,
+            &Case {
+                rows,
+                in_f,
+                out_f,
+                bias: i % 2 == 0,
+                layout: [XLayout::Flat, XLayout::Batched, XLayout::Narrowed][i % 3],
+            },
+        );
+    }
+}
+
 /// Without NaN poisoning (release test builds) an unwritten element would be 0: check that no
 /// element of a product of nonzero positive inputs is 0 or non-finite.
 #[test]
@@ -198,6 +231,8 @@ fn every_output_element_is_written() {
             (16, 768, 101),
             (40, 19, 7),
             (300, 19, 50),
+            (64, 20, 50),
+            (300, 768, 13),
         ] {
             let x = Tensor::ones((rows, in_f), dtype, &Device::Cpu).unwrap();
             let w = Tensor::ones((out_f, in_f), dtype, &Device::Cpu).unwrap();

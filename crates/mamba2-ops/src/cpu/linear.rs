@@ -270,6 +270,24 @@ mod gemm;
 const GEMM_MIN_ROWS: (usize, usize) = (32, 256);
 
 #[cfg(target_arch = "x86_64")]
+mod gemm_bf16;
+
+/// From this many rows on, bf16 activations against bf16 weights take [`gemm_bf16`] (no
+/// weight widening to amortise, so the threshold is the f32 GEMM's).
+#[cfg(target_arch = "x86_64")]
+const BF16_GEMM_MIN_ROWS: usize = 32;
+
+/// Whether [`gemm_bf16`] serves: the CPU has AVX-512 BF16, and `MAMBA2_CPU_BF16_GEMM=0` does
+/// not switch it off (for comparison with the widening GEMM).
+#[cfg(target_arch = "x86_64")]
+fn bf16_gemm_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("MAMBA2_CPU_BF16_GEMM").as_deref() != Ok("0") && gemm_bf16::available()
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 /// Kernel family for weights of type `T` on `isa`.
@@ -481,6 +499,23 @@ pub(crate) fn linear_on(
         return Ok(None);
     };
     let start = xl.start_offset();
+    #[cfg(target_arch = "x86_64")]
+    if let (Weight::Bf16(wb), super::common::Data::Bf16(xb)) = (w, xv.data()) {
+        if isa == Isa::Avx512
+            && k.is_multiple_of(2)
+            && rows >= BF16_GEMM_MIN_ROWS
+            && bf16_gemm_enabled()
+        {
+            gemm_bf16::run(
+                wb,
+                &xb[start..start + rows * k],
+                (rows, k, out_f),
+                bias,
+                &mut out,
+            );
+            return Ok(Some(out.into_tensor(&out_dims)?));
+        }
+    }
     let go = |xf: &[f32], n: usize, out: &mut OutVec, r0: usize| match w {
         Weight::F32(w) => run(isa, w, xf, (n, k, out_f), bias, (out, r0)),
         Weight::F16(w) => run(isa, w, xf, (n, k, out_f), bias, (out, r0)),
