@@ -501,9 +501,19 @@ fn decode_step_matches_unfused_reference() {
     }
 }
 
-/// The mixer's decode-step plan (fused step + gated norm, the new conv state in the second
-/// buffer) against the composed reference updating one buffer in place; and the reference
-/// itself given a second buffer (the CPU path of a cache that holds one).
+/// What [`mixer_decode_step_plan_matches_reference`] runs.
+#[derive(Clone, Copy, PartialEq)]
+enum StepRun {
+    Reference,
+    /// `metal_plan::mixer_decode_step`: fused step + gated norm.
+    Plan,
+    /// `metal_plan::mixer_decode_step_out`: fused step + out-projection with the norm folded.
+    PlanOut,
+}
+
+/// The mixer's decode-step plans (the new conv state in the second buffer) against the
+/// composed reference updating one buffer in place; the reference given a second buffer (the
+/// CPU path of a cache that holds one); the plans declining without one.
 #[test]
 fn mixer_decode_step_plan_matches_reference() {
     let dims = Dims {
@@ -518,28 +528,22 @@ fn mixer_decode_step_plan_matches_reference() {
     for (i, dtype) in DTYPES.into_iter().enumerate() {
         let mut rng = StdRng::seed_from_u64(90 + i as u64);
         let l = layer(dims, dtype, &mut rng);
-        let (bs, di) = (dims.batch, dims.d_inner());
+        let (bs, di, cd) = (dims.batch, dims.d_inner(), dims.conv_dim());
         // one row of in_proj's output, (z | xBC | dt), read through views as the model does
-        let proj = rand_t(
-            &mut rng,
-            &[bs, di + dims.conv_dim() + dims.nheads],
-            1.0,
-            dtype,
-        );
-        let z = proj.narrow(1, 0, di).unwrap();
-        let xbc = proj.narrow(1, di, dims.conv_dim()).unwrap();
-        let dt = proj.narrow(1, di + dims.conv_dim(), dims.nheads).unwrap();
-        let conv0 = rand_t(&mut rng, &[bs, dims.conv_dim(), 4], 1.0, DType::F32);
+        let proj = rand_t(&mut rng, &[bs, di + cd + dims.nheads], 1.0, dtype);
+        let conv0 = rand_t(&mut rng, &[bs, cd, 4], 1.0, DType::F32);
         let ssm0 = rand_t(&mut rng, &[bs, 4, 16, 32], 1.0, DType::F32);
-        let run = |backend: Option<&HarnessExecutor>, next: bool| {
-            let conv = conv0.copy().unwrap();
-            let ssm = ssm0.copy().unwrap();
+        let ex = HarnessExecutor::new(Mode::Shuffled { seed: i as u64 });
+        // returns (output, the conv state after the step, the ssm state), None when the plan
+        // declines
+        let run = |what: StepRun, next: bool| {
+            let (conv, ssm) = (conv0.copy().unwrap(), ssm0.copy().unwrap());
             let second =
                 next.then(|| Tensor::zeros(conv.shape(), DType::F32, conv.device()).unwrap());
             let a = DecodeStepArgs {
-                xbc: &xbc,
-                dt: &dt,
-                z: &z,
+                xbc: &proj.narrow(1, di, cd).unwrap(),
+                dt: &proj.narrow(1, di + cd, dims.nheads).unwrap(),
+                z: &proj.narrow(1, 0, di).unwrap(),
                 conv_state: &conv,
                 conv_state_next: second.as_ref(),
                 conv_weight: &l.conv_w,
@@ -553,133 +557,73 @@ fn mixer_decode_step_plan_matches_reference() {
                 ngroups: dims.ngroups,
                 norm_before_gate: false,
             };
-            let y = match backend {
-                Some(ex) => metal_plan::mixer_decode_step(ex, &a, &SsdParams::default())
-                    .unwrap()
-                    .expect("the plan takes this shape"),
-                None => mixer_decode_step_slow(&a, &SsdParams::default()).unwrap(),
+            let p = SsdParams::default();
+            let out = match what {
+                StepRun::Reference => Some(mixer_decode_step_slow(&a, &p).unwrap()),
+                StepRun::Plan => metal_plan::mixer_decode_step(&ex, &a, &p).unwrap(),
+                StepRun::PlanOut => {
+                    metal_plan::mixer_decode_step_out(&ex, &a, &p, &l.out_proj, None).unwrap()
+                }
             };
-            (y, second.unwrap_or(conv), ssm)
+            out.map(|o| (o, second.unwrap_or(conv), ssm))
         };
-        let (y_ref, conv_ref, ssm_ref) = run(None, false);
-        let what = format!("mixer decode step {dtype:?}");
-        // the reference with a second buffer leaves the state there
-        let (y2, conv2, ssm2) = run(None, true);
-        assert_close(
-            &y2,
-            &y_ref,
-            dtype,
-            &format!("{what} reference, second buffer"),
-        );
-        assert_close(
-            &conv2,
-            &conv_ref,
-            DType::F32,
-            &format!("{what} reference conv"),
-        );
-        assert_close(
-            &ssm2,
-            &ssm_ref,
-            DType::F32,
-            &format!("{what} reference ssm"),
-        );
-        let ex = HarnessExecutor::new(Mode::Shuffled { seed: i as u64 });
-        let (y, conv, ssm) = run(Some(&ex), true);
-        let ran: Vec<String> = ex.take_ran().into_iter().map(|r| r.function).collect();
-        let sfx = match dtype {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            _ => "bf16",
-        };
-        assert_eq!(
-            ran,
-            [
-                format!("mamba2_decode_step_{sfx}"),
-                format!("gated_rms_norm_{sfx}")
-            ]
-        );
-        assert_close(&y, &y_ref, dtype, &what);
-        assert_close(&conv, &conv_ref, DType::F32, &format!("{what} conv state"));
-        assert_close(&ssm, &ssm_ref, DType::F32, &format!("{what} ssm state"));
-        // through the out-projection: the fused step, then the out-projection with the gated
-        // norm folded in (2 launches), against the reference's y times out_proj
+        let (y_ref, conv_ref, ssm_ref) = run(StepRun::Reference, false).unwrap();
         let out_ref = linear_slow(&y_ref, &l.out_proj, None).unwrap();
-        let conv = conv0.copy().unwrap();
-        let ssm = ssm0.copy().unwrap();
-        let second = Tensor::zeros(conv.shape(), DType::F32, conv.device()).unwrap();
-        let a = DecodeStepArgs {
-            xbc: &xbc,
-            dt: &dt,
-            z: &z,
-            conv_state: &conv,
-            conv_state_next: Some(&second),
-            conv_weight: &l.conv_w,
-            conv_bias: Some(&l.conv_b),
-            ssm_state: &ssm,
-            a: &l.a,
-            d: Some(&l.d),
-            dt_bias: Some(&l.dt_bias),
-            norm_weight: &l.norm_w,
-            eps: 1e-5,
-            ngroups: dims.ngroups,
-            norm_before_gate: false,
-        };
-        let out =
-            metal_plan::mixer_decode_step_out(&ex, &a, &SsdParams::default(), &l.out_proj, None)
+        let sfx = kernel_name("", dtype);
+        for (what, next) in [
+            (StepRun::Reference, true),
+            (StepRun::Plan, true),
+            (StepRun::PlanOut, true),
+        ] {
+            let name = match what {
+                StepRun::Reference => "reference with a second buffer",
+                StepRun::Plan => "plan",
+                StepRun::PlanOut => "plan through out_proj",
+            };
+            let label = format!("mixer decode step {dtype:?} {name}");
+            let (out, conv, ssm) = run(what, next).expect("the plan takes this shape");
+            let ran: Vec<String> = ex.take_ran().into_iter().map(|r| r.function).collect();
+            match what {
+                StepRun::Reference => assert!(ran.is_empty()),
+                StepRun::Plan => assert_eq!(
+                    ran,
+                    [
+                        format!("mamba2_decode_step{sfx}"),
+                        format!("gated_rms_norm{sfx}")
+                    ]
+                ),
+                StepRun::PlanOut => assert_eq!(
+                    ran,
+                    [
+                        format!("mamba2_decode_step{sfx}"),
+                        format!("linear_matvec_gated_norm{sfx}")
+                    ]
+                ),
+            }
+            if what == StepRun::PlanOut {
+                // one more rounding of the normed activations on both sides: twice the op
+                // tolerance (|out| ~ 1)
+                let (atol, rtol) = tolerance(dtype);
+                let diff = (out.to_dtype(DType::F32).unwrap()
+                    - out_ref.to_dtype(DType::F32).unwrap())
                 .unwrap()
-                .expect("the plan takes this shape");
-        let ran: Vec<String> = ex.take_ran().into_iter().map(|r| r.function).collect();
-        assert_eq!(
-            ran,
-            [
-                format!("mamba2_decode_step_{sfx}"),
-                format!("linear_matvec_gated_norm_{sfx}")
-            ]
-        );
-        // one more rounding of the normed activations on both sides: twice the op tolerance
-        let (atol, rtol) = tolerance(dtype);
-        let diff = (out.to_dtype(DType::F32).unwrap() - out_ref.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff <= 2.0 * (atol + rtol), "{what} out_proj: {diff}");
-        assert_close(&second, &conv_ref, DType::F32, &format!("{what} out conv"));
-        assert_close(&ssm, &ssm_ref, DType::F32, &format!("{what} out ssm"));
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+                assert!(diff <= 2.0 * (atol + rtol), "{label}: {diff}");
+            } else {
+                assert_close(&out, &y_ref, dtype, &label);
+            }
+            assert_close(&conv, &conv_ref, DType::F32, &format!("{label} conv state"));
+            assert_close(&ssm, &ssm_ref, DType::F32, &format!("{label} ssm state"));
+        }
+        // no second buffer: both plans decline before running anything
+        assert!(run(StepRun::Plan, false).is_none() && run(StepRun::PlanOut, false).is_none());
+        assert!(ex.take_ran().is_empty());
     }
-    // no second buffer: the plan declines and the composed reference runs
-    let ex = HarnessExecutor::new(Mode::InOrder);
-    let mut rng = StdRng::seed_from_u64(99);
-    let dims1 = Dims { batch: 1, ..dims };
-    let l = layer(dims1, DType::F32, &mut rng);
-    let t = |d: &[usize]| rand_t(&mut rng.clone(), d, 1.0, DType::F32);
-    let (conv, ssm) = (t(&[1, dims.conv_dim(), 4]), t(&[1, 4, 16, 32]));
-    let a = DecodeStepArgs {
-        xbc: &t(&[1, dims.conv_dim()]),
-        dt: &t(&[1, 4]),
-        z: &t(&[1, dims.d_inner()]),
-        conv_state: &conv,
-        conv_state_next: None,
-        conv_weight: &l.conv_w,
-        conv_bias: None,
-        ssm_state: &ssm,
-        a: &l.a,
-        d: None,
-        dt_bias: None,
-        norm_weight: &l.norm_w,
-        eps: 1e-5,
-        ngroups: 2,
-        norm_before_gate: false,
-    };
-    assert!(
-        metal_plan::mixer_decode_step(&ex, &a, &SsdParams::default())
-            .unwrap()
-            .is_none()
-    );
-    assert!(ex.take_ran().is_empty());
 }

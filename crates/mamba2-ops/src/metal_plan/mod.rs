@@ -43,7 +43,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 /// tracking to order later readers after the dispatch; the harness rejects writes to read ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
+    /// Read only (`set_input_buffer`; the harness binds it read-only).
     Read,
+    /// Written, possibly also read (`set_output_buffer`).
     Write,
 }
 
@@ -51,8 +53,11 @@ pub enum Access {
 /// element in that storage, and the access.
 #[derive(Debug, Clone)]
 pub struct PlanBuffer {
+    /// The tensor whose storage is bound (the whole storage, as Metal binds a buffer).
     pub tensor: Tensor,
+    /// Byte offset of the kernel's first element in the storage.
     pub offset: usize,
+    /// Read or written.
     pub access: Access,
 }
 
