@@ -210,3 +210,96 @@ fn norms_on_metal() {
         }
     }
 }
+
+/// The decode path's kernels on the GPU: the projections' matrix-vector kernel (decode rows;
+/// 9 rows take the GEMM), the embedding gather, and the mixer's decode step through the
+/// out-projection (fused step + out-projection with the gated norm folded in), the new conv
+/// state in the second buffer.
+#[test]
+#[ignore = "needs a Metal device"]
+fn decode_kernels_on_metal() {
+    let dev = metal();
+    for dtype in DTYPES {
+        let mut rng = StdRng::seed_from_u64(4);
+        for rows in [1usize, 4, 9] {
+            let x = rand_t(&mut rng, &[rows, 768], 1.0, dtype);
+            let w = rand_t(&mut rng, &[1000, 768], 0.036, dtype);
+            let want = linear_slow(&x, &w, None).unwrap();
+            let got = linear(&on(&x, &dev), &on(&w, &dev), None).unwrap();
+            assert_close(&cpu(&got), &want, dtype, "linear on metal");
+        }
+        let table = rand_t(&mut rng, &[300, 256], 1.0, dtype);
+        let ids = Tensor::new(&[5u32, 299, 0, 5], &Device::Cpu).unwrap();
+        let want = embedding_slow(&ids, &table).unwrap();
+        let got = embedding(&on(&ids, &dev), &on(&table, &dev)).unwrap();
+        assert_close(&cpu(&got), &want, dtype, "embedding on metal");
+
+        // mixer step: 2 rows, 8 heads of 64, 2 groups of d_state 64, d_model 256
+        let (bs, h, p, g, n, d_model) = (2usize, 8usize, 64usize, 2usize, 64usize, 256usize);
+        let (di, cd) = (h * p, h * p + 2 * g * n);
+        let proj = rand_t(&mut rng, &[bs, di + cd + h], 1.0, dtype);
+        let conv_w = rand_t(&mut rng, &[cd, 4], 0.5, DType::F32);
+        let conv_b = rand_t(&mut rng, &[cd], 0.2, DType::F32);
+        let a = rand_range(&mut rng, &[h], 0.0, 2.5)
+            .exp()
+            .unwrap()
+            .neg()
+            .unwrap();
+        let d = rand_t(&mut rng, &[h], 1.0, DType::F32);
+        let dt_bias = rand_range(&mut rng, &[h], -4.0, -2.0);
+        let norm_w = rand_range(&mut rng, &[di], 0.5, 1.5);
+        let out_w = rand_t(&mut rng, &[d_model, di], 0.044, dtype);
+        let conv0 = rand_t(&mut rng, &[bs, cd, 4], 1.0, DType::F32);
+        let ssm0 = rand_t(&mut rng, &[bs, h, p, n], 1.0, DType::F32);
+        let t = [&proj, &conv_w, &conv_b, &a, &d, &dt_bias, &norm_w, &out_w];
+        let run = |t: [&Tensor; 8], conv: &Tensor, next: Option<&Tensor>, ssm: &Tensor| {
+            let args = DecodeStepArgs {
+                xbc: &t[0].narrow(1, di, cd).unwrap(),
+                dt: &t[0].narrow(1, di + cd, h).unwrap(),
+                z: &t[0].narrow(1, 0, di).unwrap(),
+                conv_state: conv,
+                conv_state_next: next,
+                conv_weight: t[1],
+                conv_bias: Some(t[2]),
+                ssm_state: ssm,
+                a: t[3],
+                d: Some(t[4]),
+                dt_bias: Some(t[5]),
+                norm_weight: t[6],
+                eps: 1e-5,
+                ngroups: g,
+                norm_before_gate: false,
+            };
+            mixer_decode_step_out(&args, &SsdParams::default(), t[7], None).unwrap()
+        };
+        let (conv_ref, ssm_ref) = (conv0.copy().unwrap(), ssm0.copy().unwrap());
+        let want = run(t, &conv_ref, None, &ssm_ref);
+        let tm: Vec<Tensor> = t.iter().map(|x| on(x, &dev)).collect();
+        let (conv_m, ssm_m) = (on(&conv0, &dev), on(&ssm0, &dev));
+        let next_m = conv_m.zeros_like().unwrap();
+        let got = run(
+            std::array::from_fn(|i| &tm[i]),
+            &conv_m,
+            Some(&next_m),
+            &ssm_m,
+        );
+        // the normed activations are rounded once more on each side: twice the tolerance
+        let (atol, rtol) = tolerance(dtype);
+        let diff = (cpu(&got).to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff <= 2.0 * (atol + rtol),
+            "mixer step out on metal: {diff}"
+        );
+        assert_close(&cpu(&next_m), &conv_ref, DType::F32, "conv state on metal");
+        assert_close(&cpu(&ssm_m), &ssm_ref, DType::F32, "ssm state on metal");
+    }
+}
