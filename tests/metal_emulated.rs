@@ -6,8 +6,9 @@
 //!
 //! Checked against HF transformers as `hf_fixtures.rs` and `bundled_golden.rs` check the CPU
 //! path, with the same tolerances: the HF fixtures (prefill, prefill then step decode, and
-//! prefill continued over a cache) in f32, f16 and bf16, and the bundled model's golden greedy
-//! tokens and logits. Each check also asserts which kernels ran, so a precondition that sent an
+//! prefill continued over a cache) in f32, f16 and bf16, the bundled model's golden greedy
+//! tokens and logits, and hybrid fixtures (attention, rotary, MLP activations) as
+//! `hybrid_fixtures.rs` checks them. Each check also asserts which kernels ran, so a precondition that sent an
 //! op back to its reference cannot pass unnoticed.
 //!
 //! Requires clang >= 17 (see crates/msl-harness/README.md).
@@ -366,4 +367,133 @@ fn decode_dispatches_per_layer() {
         assert_eq!(count("embedding_gather"), 1, "{what}");
         assert_eq!(ran.len(), 4 * n_layer + 3, "{what}");
     }
+}
+
+/// A hybrid fixture (`tests/fixtures/hybrid`, as `hybrid_fixtures.rs` checks the CPU path):
+/// prefill, prefill then step decode, and the three-piece continued prefill against HF, with
+/// `prefill_kernels` (attention, rotary, MLP activations, ...) among the kernels that ran in the
+/// prefill and `step_kernels` among those of the decode steps.
+fn check_hybrid(
+    case: &str,
+    dtype: DType,
+    prefill_kernels: &[&str],
+    step_kernels: &[&str],
+    seed: u64,
+) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hybrid")
+        .join(case);
+    let r: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let ids = &r["input_ids"];
+    let (batch, seq) = ids.dims2().unwrap();
+    let p = r["prefill_len"].to_vec1::<i64>().unwrap()[0] as usize;
+    let splits: Vec<usize> = r["continued_splits"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as usize)
+        .collect();
+    let files =
+        mamba2::hub::resolve_model(dir.join("hf").to_str().unwrap(), &Default::default()).unwrap();
+    let model = load_model(&files, dtype, &Device::Cpu).unwrap();
+    // hybrid_fixtures.rs's tolerances (logits |max| ~ 4-8)
+    let tol = if dtype == DType::F32 { 1e-4 } else { 0.25 };
+    let name = format!("{case} [emulated Metal, {dtype:?}]");
+    let (ex, _guard) = emulate(seed);
+
+    let prefill = model.forward(ids, None).unwrap();
+    check(
+        &format!("{name} prefill"),
+        &prefill,
+        &r["logits_prefill"],
+        tol,
+    );
+    assert_ran(&ex, prefill_kernels, &format!("{name} prefill"));
+
+    let mut cache = model.new_cache(batch).unwrap();
+    let mut out = vec![model
+        .forward(&ids.narrow(1, 0, p).unwrap(), Some(&mut cache))
+        .unwrap()];
+    ex.take_ran();
+    for t in p..seq {
+        let step = model
+            .step(
+                &ids.narrow(1, t, 1).unwrap().squeeze(1).unwrap(),
+                &mut cache,
+            )
+            .unwrap();
+        out.push(step.unsqueeze(1).unwrap());
+    }
+    assert_ran(&ex, step_kernels, &format!("{name} decode"));
+    let decode = Tensor::cat(&out, 1).unwrap();
+    check(&format!("{name} decode"), &decode, &r["logits_decode"], tol);
+
+    let mut cache = model.new_cache(batch).unwrap();
+    let mut bounds = vec![0];
+    bounds.extend(splits.iter().copied().filter(|&s| s > 0 && s < seq));
+    bounds.push(seq);
+    let out: Vec<Tensor> = bounds
+        .windows(2)
+        .map(|w| {
+            model
+                .forward(&ids.narrow(1, w[0], w[1] - w[0]).unwrap(), Some(&mut cache))
+                .unwrap()
+        })
+        .collect();
+    let continued = Tensor::cat(&out, 1).unwrap();
+    check(
+        &format!("{name} continued"),
+        &continued,
+        &r["logits_continued"],
+        tol,
+    );
+}
+
+#[test]
+fn hybrid_fixtures() {
+    let attn = ["causal_attention", "rms_norm_residual"];
+    let with = |extra: &[&'static str]| [&attn[..], extra].concat();
+    let step = ["linear_matvec", "mamba2_decode_step"];
+    let granite = with(&["rotary_embedding", "swiglu"]);
+    let granite_step = [&granite[..], &step[..]].concat();
+    check_hybrid(
+        "granite_rope_untied_limit_b1",
+        DType::F32,
+        &granite,
+        &granite_step,
+        60,
+    );
+    let nemotron = with(&["relu_squared"]);
+    let nemotron_step = [&nemotron[..], &step[..]].concat();
+    check_hybrid(
+        "nemotron_h_g2_b3",
+        DType::F32,
+        &nemotron,
+        &nemotron_step,
+        61,
+    );
+    check_hybrid(
+        "falcon_h1_rmsnorm_g2_b2",
+        DType::F32,
+        &attn,
+        &with(&step),
+        62,
+    );
+    // no gated norm: the ungated step (conv update + state update with the gate) writes the
+    // cache's second conv buffer too
+    let ungated = with(&[
+        "linear_matvec",
+        "causal_conv1d_update",
+        "selective_state_update",
+    ]);
+    check_hybrid("falcon_h1_nonorm_tied_b1", DType::F32, &attn, &ungated, 65);
+    check_hybrid(
+        "granite_rope_untied_limit_b1",
+        DType::BF16,
+        &granite,
+        &granite_step,
+        63,
+    );
+    check_hybrid("bamba_b2", DType::BF16, &attn, &with(&step), 64);
 }
