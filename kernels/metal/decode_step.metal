@@ -32,6 +32,10 @@ struct DecodeStepParams {
     uint dt_clamp;
     float dt_min;
     float dt_max;
+    // Row strides in elements of xbc, dt and z: views of one in-projection row are read in place.
+    uint xbc_stride;
+    uint dt_stride;
+    uint z_stride;
 };
 
 METAL_FUNC float silu_f(float v) {
@@ -63,7 +67,7 @@ METAL_FUNC float conv_step(
     uint b, uint c, bool write) {
     const uint dc = p.d_conv;
     const ulong s0 = ((ulong)b * p.conv_dim + c) * dc;
-    const float xv = float(xbc[(ulong)b * p.conv_dim + c]);
+    const float xv = float(xbc[(ulong)b * p.xbc_stride + c]);
     float acc = p.has_conv_bias != 0 ? bias[c] : 0.0f;
     for (uint k = 0; k + 1 < dc; ++k) {
         const float v = conv_in[s0 + k + 1];
@@ -83,7 +87,8 @@ METAL_FUNC float conv_step(
 // Reference: mamba2_ops::conv1d::causal_conv1d_update_slow (silu = true) on xBC, then
 // mamba2_ops::state_update::selective_state_update_slow on its x, B, C split.
 // Arguments:
-//   xbc        [[buffer(0)]]  (batch, conv_dim) T: pre-conv [x (nheads*headdim) | B | C]
+//   xbc        [[buffer(0)]]  (batch, conv_dim) T: pre-conv [x (nheads*headdim) | B | C],
+//              rows xbc_stride apart (dt and z likewise: views of the in-projection output)
 //   conv_in    [[buffer(1)]]  (batch, conv_dim, d_conv) f32: conv state before the step
 //   conv_out   [[buffer(2)]]  (batch, conv_dim, d_conv) f32, out: conv state after the step.
 //              Must not alias conv_in: the B and C channels are read by every head of a group
@@ -157,7 +162,7 @@ kernel void mamba2_decode_step(
     const float xv =
         round_t<T>(silu_f(conv_step(xbc, conv_in, conv_out, conv_w, conv_b, p, b, cx, lane == 0)));
     const ulong bh = (ulong)b * p.nheads + h;
-    float dtv = float(dt[bh]);
+    float dtv = float(dt[(ulong)b * p.dt_stride + h]);
     if (p.has_dt_bias != 0) {
         dtv += dt_bias[h];
     }
@@ -186,7 +191,7 @@ kernel void mamba2_decode_step(
         }
         const ulong yi = (ulong)b * d_inner + cx;
         if (p.has_z != 0) {
-            out *= silu_f(float(z[yi]));
+            out *= silu_f(float(z[(ulong)b * p.z_stride + cx]));
         }
         y[yi] = T(out);
     }

@@ -110,6 +110,7 @@ struct MatvecGatedNormParams {
     uint group_size;  // k / group_size <= MV_MAX_GROUPS norm groups
     uint norm_before_gate;
     float eps;
+    uint z_stride;  // row stride of z in elements
 };
 
 METAL_FUNC float silu_mv(float v) {
@@ -124,7 +125,7 @@ METAL_FUNC float silu_mv(float v) {
 //                      1: a = rmsnorm_group(y) * norm_w * silu(z)
 // Arguments:
 //   y      [[buffer(0)]] (rows, k) T, contiguous: the SSM output
-//   z      [[buffer(1)]] (rows, k) T, contiguous: the gate
+//   z      [[buffer(1)]] (rows, k) T, rows z_stride apart: the gate (a view of the in-projection)
 //   norm_w [[buffer(2)]] (k) f32
 //   w      [[buffer(3)]] (n_out, k) T, contiguous
 //   bias   [[buffer(4)]] (n_out) T (read when has_bias)
@@ -153,12 +154,14 @@ kernel void linear_matvec_gated_norm(
     const uint rows = min(p.rows, (uint)MV_MAX_ROWS);
     const bool gate_first = p.norm_before_gate == 0;
     for (uint q = simd; q < rows * ngroups; q += MV_SIMDS) {
-        const ulong base = (ulong)(q / ngroups) * k + (ulong)(q % ngroups) * gs;
+        const ulong col = (ulong)(q % ngroups) * gs;
+        const ulong base = (ulong)(q / ngroups) * k + col;
+        const ulong zbase = (ulong)(q / ngroups) * p.z_stride + col;
         float ss = 0.0f;
         for (uint i = lane; i < gs; i += 32) {
             float v = float(y[base + i]);
             if (gate_first) {
-                v *= silu_mv(float(z[base + i]));
+                v *= silu_mv(float(z[zbase + i]));
             }
             ss += v * v;
         }
@@ -186,9 +189,8 @@ kernel void linear_matvec_gated_norm(
         for (uint r = 0; r < MV_MAX_ROWS; ++r) {
             xv[r] = 0.0f;
             if (r < rows) {
-                const ulong at = (ulong)r * k + j;
-                const float s = silu_mv(float(z[at]));
-                float v = float(y[at]);
+                const float s = silu_mv(float(z[(ulong)r * p.z_stride + j]));
+                float v = float(y[(ulong)r * k + j]);
                 if (gate_first) {
                     v *= s;
                 }

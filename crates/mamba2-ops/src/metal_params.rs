@@ -220,6 +220,10 @@ pub struct DecodeStepParams {
     pub dt_clamp: u32,
     pub dt_min: f32,
     pub dt_max: f32,
+    /// Row strides in elements of `xbc`, `dt` and `z` (views of one in-projection row).
+    pub xbc_stride: u32,
+    pub dt_stride: u32,
+    pub z_stride: u32,
 }
 
 /// `rms_norm.metal`: `gated_rms_norm_<dtype>`.
@@ -315,6 +319,8 @@ pub struct MatvecGatedNormParams {
     pub group_size: u32,
     pub norm_before_gate: u32,
     pub eps: f32,
+    /// Row stride of `z` in elements (a view of the in-projection output).
+    pub z_stride: u32,
 }
 
 /// `embedding.metal`: `embedding_gather_<dtype>`.
@@ -483,7 +489,7 @@ mod tests {
     fn no_padding() {
         assert_eq!(size_of::<Conv1dParams>(), 8 * 4);
         assert_eq!(size_of::<SsdScanParams>(), 15 * 4);
-        assert_eq!(size_of::<DecodeStepParams>(), 15 * 4);
+        assert_eq!(size_of::<DecodeStepParams>(), 18 * 4);
         assert_eq!(size_of::<RmsNormResidualParams>(), 4 * 4);
         assert_eq!(size_of::<AttentionParams>(), 15 * 4);
         assert_eq!(size_of::<RotaryParams>(), 9 * 4);

@@ -464,7 +464,10 @@ fn decode_step_matches_unfused_reference() {
             let dt = rand_range(&mut rng, &[batch, nheads], -1.0, 1.0)
                 .to_dtype(dtype)
                 .unwrap();
-            let z = rand_t(&mut rng, &[batch, dims.d_inner()], 1.0, dtype);
+            // a view with a row stride, as the in-projection's gate is
+            let z = rand_t(&mut rng, &[batch, dims.d_inner() + 5], 1.0, dtype)
+                .narrow(1, 3, dims.d_inner())
+                .unwrap();
             let conv0 = rand_t(&mut rng, &[batch, dims.conv_dim(), 4], 1.0, DType::F32);
             let ssm0 = rand_t(
                 &mut rng,

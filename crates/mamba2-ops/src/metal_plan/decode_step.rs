@@ -4,7 +4,7 @@
 //! The conv state is read from one buffer and written to another (threads of one dispatch read
 //! channels other threads roll), so the caller ping-pongs two conv-state buffers across steps.
 
-use super::{dtype_suffix, f32_param, output, require, some, u32_of};
+use super::{dtype_suffix, f32_param, output, require, rows_arg, some, u32_of};
 use super::{DispatchPlan, PlanExecutor};
 use crate::metal_params::{self as mp, layout};
 use crate::{Result, SsdParams};
@@ -65,6 +65,14 @@ pub fn mamba2_decode_step(
         require!(z.dims() == [batch, d_inner] && z.dtype() == dtype);
     }
     let (dt_clamp, dt_min, dt_max) = mp::dt_clamp(params.dt_limit);
+    // views of the in-projection row, read in place through their row strides
+    let (xbc, xbc_stride) = some!(rows_arg(args.xbc)?);
+    let (dt, dt_stride) = some!(rows_arg(args.dt)?);
+    let z = args.z.map(rows_arg).transpose()?;
+    let z_stride = match &z {
+        Some(z) => some!(z.as_ref()).1,
+        None => d_inner as u32,
+    };
     let p = mp::DecodeStepParams {
         batch: some!(u32_of(batch)),
         nheads: some!(u32_of(nheads)),
@@ -81,31 +89,34 @@ pub fn mamba2_decode_step(
         dt_clamp,
         dt_min,
         dt_max,
+        xbc_stride,
+        dt_stride,
+        z_stride,
     };
     let name = format!("mamba2_decode_step_{suffix}");
     let rows = layout::SSU_ROWS as usize;
     require!(some!(ex.pipeline(DECODE_STEP, &name)?) >= 32 * rows);
-    let c = |t: &Tensor| t.contiguous();
-    let xbc = c(args.xbc)?;
-    let conv_in = c(args.conv_state_in)?;
+    let conv_in = args.conv_state_in.contiguous()?;
     let w = f32_param(args.conv_weight)?;
     let cb = args.conv_bias.map(f32_param).transpose()?;
-    let dt = c(args.dt)?;
     let a = f32_param(args.a)?;
     let d = args.d.map(f32_param).transpose()?;
-    let z = args.z.map(c).transpose()?;
     let dt_bias = args.dt_bias.map(f32_param).transpose()?;
     let y = output(ex, (batch, d_inner), dtype, "decode_step_y")?; // (batch, d_inner)
     let plan = DispatchPlan::new(DECODE_STEP, name)
-        .read(&xbc)?
+        .push(xbc)
         .read(&conv_in)?
         .write(args.conv_state_out)?
         .read(&w)?
         .read_opt(cb.as_ref(), &w)?
-        .read(&dt)?
+        .push(dt)
         .read(&a)?
-        .read_opt(d.as_ref(), &a)?
-        .read_opt(z.as_ref(), &a)?
+        .read_opt(d.as_ref(), &a)?;
+    let plan = match z.flatten() {
+        Some((zb, _)) => plan.push(zb),
+        None => plan.read(&a)?,
+    };
+    let plan = plan
         .read_opt(dt_bias.as_ref(), &a)?
         .write(args.state)?
         .write(&y)?

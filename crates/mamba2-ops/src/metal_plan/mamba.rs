@@ -3,7 +3,7 @@
 //! (`rms_norm.metal`) and the projections (`matvec.metal`). Each function returns `Ok(None)` when its preconditions do not hold (the
 //! dispatcher then runs the reference); arguments have already been validated by the op.
 
-use super::{dtype_suffix, f32_param, flag, output, require, some, u32_of};
+use super::{dtype_suffix, f32_param, flag, output, require, rows_arg, some, u32_of};
 use super::{DispatchPlan, PlanExecutor};
 use crate::metal_params::{self as mp, layout};
 use crate::{Conv1dArgs, GatedRmsNormArgs, Result, SsdArgs, SsdParams, StateUpdateArgs};
@@ -473,11 +473,20 @@ pub fn linear_gated_norm(
         group_size: norm.group_size as u32,
         norm_before_gate: flag(norm.norm_before_gate),
         eps: norm.eps as f32,
+        z_stride: 0,
     };
     let name = format!("linear_matvec_gated_norm_{suffix}");
     let threads = 32 * layout::MV_SIMDS as usize;
     require!(some!(ex.pipeline(MATVEC, &name)?) >= threads);
-    let (xc, zc) = (x.contiguous()?, z.contiguous()?);
+    let xc = x.contiguous()?;
+    // z (a view of the in-projection row) is read in place through its row stride
+    let z2 = if z.rank() == 2 {
+        z.clone()
+    } else {
+        z.reshape((rows, k))? // (rows, k): a view when z is contiguous
+    };
+    let (zb, z_stride) = some!(rows_arg(&z2)?);
+    let p = mp::MatvecGatedNormParams { z_stride, ..p };
     let nw = f32_param(norm.weight)?;
     let b = bias.map(|t| t.contiguous()).transpose()?;
     let mut dims = x.dims().to_vec();
@@ -486,7 +495,7 @@ pub fn linear_gated_norm(
     let per_group = (layout::MV_SIMDS * layout::MV_OUTS_PER_SIMD) as usize;
     let plan = DispatchPlan::new(MATVEC, name)
         .read(&xc)?
-        .read(&zc)?
+        .push(zb)
         .read(&nw)?
         .read(weight)?
         .read_opt(b.as_ref(), weight)?

@@ -238,6 +238,18 @@ fn strided_arg(t: &Tensor) -> Option<(PlanBuffer, Vec<usize>)> {
     Some((b, stride))
 }
 
+/// A `(rows, n)` tensor read in place with its row stride (e.g. a view of the in-projection
+/// output), or a contiguous copy when its channels are not unit-stride: the buffer and the
+/// row stride in elements; `None` when the stride exceeds u32.
+fn rows_arg(t: &Tensor) -> Result<Option<(PlanBuffer, u32)>> {
+    let (_, n) = t.dims2()?;
+    if let Some((b, stride)) = strided_arg(t) {
+        return Ok(u32_of(stride[0]).map(|s| (b, s)));
+    }
+    let c = t.contiguous()?;
+    Ok(u32_of(n).map(|s| (contiguous_arg(&c, Access::Read).expect("contiguous"), s)))
+}
+
 /// A fresh output of the executor.
 fn output(
     ex: &dyn PlanExecutor,
