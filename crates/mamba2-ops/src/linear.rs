@@ -88,7 +88,6 @@ pub fn linear_slow(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result
 
 /// `x · weightᵀ (+ bias)` by Candle's matmul in the activation dtype (cuBLAS / Metal GEMM, f32
 /// accumulation inside): the GPU fast paths use it where no kernel of ours is faster.
-#[allow(dead_code)] // used only by the GPU backends
 pub(crate) fn linear_native(
     x: &Tensor,
     weight: &Tensor,

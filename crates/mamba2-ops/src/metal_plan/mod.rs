@@ -3,8 +3,10 @@
 //! A [`DispatchPlan`] describes one kernel launch without touching a GPU: the pipeline (library
 //! file and function name), each buffer with its byte offset and access, the parameter bytes,
 //! the grid and threadgroup size and the threadgroup memory. The op functions of this module
-//! (`causal_conv1d`, `ssd_chunk_scan`, ...) check the fast path's preconditions, prepare the
-//! tensors, build the plans and hand them to a [`PlanExecutor`]:
+//! (`causal_conv1d`, `ssd_chunk_scan`, `linear` (matrix-vector for decode rows),
+//! `mixer_decode_step_out` (the fused step and the out-projection with the gated norm folded
+//! in), `embedding`, ...) check the fast path's preconditions, prepare the tensors, build the
+//! plans and hand them to a [`PlanExecutor`]:
 //! - on macOS, the `metal` module's executor encodes each plan on Candle's command encoder of
 //!   the tensors' `MetalDevice`;
 //! - everywhere, the MSL harness tests (`crates/msl-harness`) execute the same plans on the CPU

@@ -23,7 +23,8 @@ pub(crate) enum Pass {
 
 /// A projection `x · wᵀ (+ bias)`, `x` `(..., in)`: a dense weight through the `linear` op (on
 /// CPU its streaming / tiled / GEMM kernels with f32 accumulation, on CUDA a matrix-vector kernel
-/// for decode rows and cuBLAS beyond, on Metal Candle's matmul), a block-quantized one through
+/// for decode rows and cuBLAS beyond, on Metal a matrix-vector kernel for up to 8 rows and
+/// Candle's matmul beyond), a block-quantized one through
 /// `quantized_linear`.
 pub(crate) fn project(x: &Tensor, l: &Proj) -> Result<Tensor> {
     l.forward(x)
