@@ -53,8 +53,17 @@ fn bench_linear() {
         ("in_proj", 3352, 768),
         ("out_proj", 768, 1536),
         ("lm_head", 50288, 768),
+        // granite-4.0-h-1b: Mamba in_proj, SwiGLU up (gate|up) and down.
+        ("g_in", 6448, 1536),
+        ("g_up", 8192, 1536),
+        ("g_down", 1536, 4096),
     ];
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
+    // LINEAR_DTYPES=bf16: a subset of the dtypes.
+    let dtypes: Vec<DType> = match std::env::var("LINEAR_DTYPES").as_deref() {
+        Ok("bf16") => vec![DType::BF16],
+        _ => vec![DType::F32, DType::F16, DType::BF16],
+    };
+    for dtype in dtypes {
         for (name, out_f, in_f) in shapes {
             let w = randn(&[out_f, in_f], dtype);
             let bytes = (out_f * in_f * dtype.size_in_bytes()) as f64;

@@ -23,23 +23,76 @@ pub(crate) fn unit_last(t: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// Hints the CPU to fetch, into all cache levels, the 64-byte lines that lie `ahead` bytes past
-/// the `n` elements at `p` (one `prefetcht0` per line; nothing off x86-64). For loops that
-/// stream a large buffer once (decode weights, the SSM state): the hardware prefetchers stop at
-/// each 4 KiB page, software prefetch does not. Prefetches never fault and the address is formed
-/// with wrapping arithmetic, so running past the end of the buffer is harmless.
+/// Where and how far [`prefetch_ahead`] fetches: `MAMBA2_CPU_PREFETCH` = `off`, `l1` / `l2`
+/// (the caller's distance) or `l1:BYTES` / `l2:BYTES`; unset: [`DEFAULT_PREFETCH`]. Read once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Prefetch {
+    Off,
+    /// `prefetcht0` (every level), at this many bytes ahead (0: the caller's distance).
+    L1(usize),
+    /// `prefetcht1` (L2 and below).
+    L2(usize),
+}
+
+/// The policy without `MAMBA2_CPU_PREFETCH`.
+pub(crate) const DEFAULT_PREFETCH: Prefetch = Prefetch::L1(0);
+
+impl Prefetch {
+    /// Parses `MAMBA2_CPU_PREFETCH`'s value; `None` for anything else.
+    pub(crate) fn parse(v: &str) -> Option<Self> {
+        let (level, bytes) = match v.split_once(':') {
+            Some((l, b)) => (l, b.parse().ok()?),
+            None => (v, 0),
+        };
+        match level {
+            "off" if bytes == 0 => Some(Self::Off),
+            "l1" => Some(Self::L1(bytes)),
+            "l2" => Some(Self::L2(bytes)),
+            _ => None,
+        }
+    }
+
+    fn get() -> Self {
+        static P: std::sync::OnceLock<Prefetch> = std::sync::OnceLock::new();
+        *P.get_or_init(|| match std::env::var("MAMBA2_CPU_PREFETCH") {
+            Ok(v) => Self::parse(&v).unwrap_or_else(|| {
+                eprintln!("mamba2-ops: MAMBA2_CPU_PREFETCH={v:?} is not off, l1[:BYTES] or l2[:BYTES]; ignored");
+                DEFAULT_PREFETCH
+            }),
+            Err(_) => DEFAULT_PREFETCH,
+        })
+    }
+}
+
+/// Hints the CPU to fetch the 64-byte lines that lie `ahead` bytes past the `n` elements at `p`
+/// (one prefetch per line, into the level [`Prefetch`] says; nothing off x86-64). For loops
+/// that stream a large buffer once (decode weights, the SSM state): the hardware prefetchers
+/// stop at each 4 KiB page, software prefetch does not. Prefetches never fault and the address
+/// is formed with wrapping arithmetic, so running past the end of the buffer is harmless.
 #[inline(always)]
 pub(crate) fn prefetch_ahead<T>(p: *const T, n: usize, ahead: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        let (l1, dist) = match Prefetch::get() {
+            Prefetch::Off => return,
+            Prefetch::L1(d) => (true, d),
+            Prefetch::L2(d) => (false, d),
+        };
+        let ahead = if dist > 0 { dist } else { ahead };
         let base = (p as *const i8).wrapping_add(ahead);
         let bytes = n * std::mem::size_of::<T>();
         let mut off = 0;
         while off < bytes {
             // SAFETY: SSE is part of the x86-64 baseline; a prefetch reads nothing
             // architecturally and cannot fault.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(off)) };
+            unsafe {
+                if l1 {
+                    _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(off))
+                } else {
+                    _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(off))
+                }
+            };
             off += 64;
         }
     }
@@ -453,5 +506,21 @@ mod tests {
         assert_eq!(exp_f32(-1000.0), 0.0);
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
         assert!(exp_f32(f32::NAN).is_nan());
+    }
+}
+
+#[cfg(test)]
+mod prefetch_tests {
+    use super::Prefetch;
+
+    #[test]
+    fn prefetch_policy_parses() {
+        assert_eq!(Prefetch::parse("off"), Some(Prefetch::Off));
+        assert_eq!(Prefetch::parse("l1"), Some(Prefetch::L1(0)));
+        assert_eq!(Prefetch::parse("l2:4096"), Some(Prefetch::L2(4096)));
+        assert_eq!(Prefetch::parse("l1:8192"), Some(Prefetch::L1(8192)));
+        for bad in ["", "l3", "l2:", "l2:x", "off:5", "L1"] {
+            assert_eq!(Prefetch::parse(bad), None, "{bad}");
+        }
     }
 }
