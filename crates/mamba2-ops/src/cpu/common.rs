@@ -34,8 +34,13 @@ pub(crate) enum Prefetch {
     L2(usize),
 }
 
-/// The policy without `MAMBA2_CPU_PREFETCH`.
-pub(crate) const DEFAULT_PREFETCH: Prefetch = Prefetch::L1(0);
+/// The policy without `MAMBA2_CPU_PREFETCH`: into L2, 4 KiB ahead. Measured on the 2-core AMD
+/// EPYC (Zen 4) VM, interleaved, medians (BENCHMARKS.md, "CPU decode prefetch"): bf16 decode
+/// of granite-4.0-h-1b (2.9 GB of weights per token) 8.3-9.4 tok/s with `l2:4096`, 6.8-7.5 with
+/// `l1:8192` (the previous default), 9.3-9.8 with none; 130m 104.7 / 87.7 / 99.4 tok/s. A
+/// `prefetcht0` stream fills L1's miss buffers that the demand loads need; `prefetcht1` still
+/// crosses the 4 KiB pages where the hardware prefetchers stop.
+pub(crate) const DEFAULT_PREFETCH: Prefetch = Prefetch::L2(4096);
 
 impl Prefetch {
     /// Parses `MAMBA2_CPU_PREFETCH`'s value; `None` for anything else.

@@ -31,13 +31,11 @@ unsafe fn ld512_bf16(p: *const bf16, mask: __mmask16) -> __m512 {
 }
 
 /// How far ahead of the weight row being read the streaming tiles (`M = 1`) prefetch, in
-/// bytes. Rows of a weight matrix are contiguous, so this runs on into the following rows (which
-/// the same thread streams next: work items are consecutive row blocks).
-///
-/// Why: at decode the weight stream is the whole cost, and the hardware prefetchers (which stop
-/// at 4 KiB page boundaries) alone leave bandwidth unused: a two-thread bf16 matrix-vector
-/// product over the 77 MB LM head read 33-38 GB/s without software prefetch and 46-47 GB/s with
-/// it 8 KiB ahead (2, 4, 16 and 32 KiB: 38-39, 42, 42-45, 43-46 GB/s; side by side, same load).
+/// bytes, unless the prefetch policy (`cpu::common::Prefetch`, whose default sets its own
+/// distance) says otherwise. Rows of a weight matrix are contiguous, so this runs on into the
+/// following rows (which the same thread streams next: work items are consecutive row blocks).
+/// Why prefetch at all: at decode the weight stream is the whole cost, and the hardware
+/// prefetchers stop at 4 KiB page boundaries.
 const PREFETCH_BYTES: usize = 8192;
 
 macro_rules! avx512_tile {
