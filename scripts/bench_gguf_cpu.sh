@@ -15,8 +15,9 @@ mkdir -p "$work"
 for t in Q8_0 Q4_K_M; do
   [ -f "$work/m130-$t.gguf" ] || "$LLAMA_BIN/llama-quantize" "$work/m130-f32.gguf" "$work/m130-$t.gguf" "$t"
 done
-cargo build --release -p mamba2-cli
-M=target/release/mamba2
+# MAMBA2_BIN: a mamba2 binary built elsewhere (else this checkout's release build).
+if [ -z "${MAMBA2_BIN:-}" ]; then cargo build --release -p mamba2-cli; fi
+M=${MAMBA2_BIN:-target/release/mamba2}
 lscpu | grep 'Model name'
 for t in Q8_0 Q4_K_M; do
   f="$work/m130-$t.gguf"
