@@ -20,52 +20,10 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod support;
 use support::flat;
-
-const FORMATS: [GgmlDType; 10] = [
-    GgmlDType::Q4_0,
-    GgmlDType::Q4_1,
-    GgmlDType::Q5_0,
-    GgmlDType::Q5_1,
-    GgmlDType::Q8_0,
-    GgmlDType::Q2K,
-    GgmlDType::Q3K,
-    GgmlDType::Q4K,
-    GgmlDType::Q5K,
-    GgmlDType::Q6K,
-];
+use support::quantized::{randn, rms, tol, FORMATS};
 
 fn cuda() -> Option<Device> {
     support::poisoned_cuda("CUDA quantized test")
-}
-
-/// As `cpu_quantized.rs`: 8-bit activation blocks (~0.8 % of the output RMS per output, a
-/// `sqrt(2 ln n)` tail over `n` outputs) plus one rounding step of a 16-bit output.
-fn tol(dtype: DType, n: usize) -> f32 {
-    let tail = (2.0 * (n.max(2) as f32).ln()).sqrt();
-    let out_rounding = match dtype {
-        DType::F32 => 0.0,
-        DType::F16 => 1.0 / 2048.0,
-        _ => 1.0 / 256.0,
-    };
-    tail * (0.012 + out_rounding)
-}
-
-fn randn(rng: &mut StdRng, dims: &[usize], dtype: DType) -> Tensor {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            let (u1, u2): (f32, f32) = (rng.random_range(1e-7..1.0), rng.random());
-            (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-        })
-        .collect();
-    Tensor::from_vec(v, dims, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
-}
-
-fn rms(v: &[f32]) -> f32 {
-    (v.iter().map(|x| x * x).sum::<f32>() / v.len().max(1) as f32).sqrt()
 }
 
 /// One case: the matrix quantized on the CPU, copied to the GPU block for block; CUDA's output

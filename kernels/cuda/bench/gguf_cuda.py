@@ -15,34 +15,38 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 
+def check(exe, gguf, ids, p, want, t, what):
+    """`mamba2 logits` on CUDA (prefill and prefill-then-step) against `want`; returns failures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, out = os.path.join(tmp, "in.safetensors"), os.path.join(tmp, "out.safetensors")
+        save_file({"input_ids": ids.astype(np.int64)}, inp)
+        r = subprocess.run([exe, "logits", "--model", gguf, "--device", "cuda", "--dtype", "f32",
+                            "--input", inp, "--out", out, "--prefill-len", str(p)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"FAIL {gguf}: {r.stderr.strip()[-400:]}")
+            return 1
+        got = load_file(out)
+        fails = 0
+        for key in ("logits_prefill", "logits_decode"):
+            d = float(np.abs(got[key] - want).max())
+            ok = d <= t
+            fails += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {gguf} {key}: max |cuda - {what}| {d:.3g} (tol {t})")
+        return fails
+
+
 def main():
     exe = sys.argv[1]
     fails = 0
     for ref_path in sorted(glob.glob("tests/fixtures/gguf/*/*.reference.safetensors")):
         gguf = ref_path.replace(".reference.safetensors", ".gguf")
         with safe_open(ref_path, "np") as f:
-            meta = f.metadata()
-        tol = json.loads(meta["tolerances"])
+            tol = json.loads(f.metadata()["tolerances"])
         ref = load_file(ref_path)
-        quantized = "logits_act_quant" in ref
-        t = tol["logits_any_cpu_math"] if quantized else tol["logits_f32_math"]
+        t = tol["logits_any_cpu_math"] if "logits_act_quant" in ref else tol["logits_f32_math"]
         p = int(ref["prefill_len"].reshape(-1)[0])
-        with tempfile.TemporaryDirectory() as tmp:
-            inp, out = os.path.join(tmp, "in.safetensors"), os.path.join(tmp, "out.safetensors")
-            save_file({"input_ids": ref["input_ids"].astype(np.int64)}, inp)
-            r = subprocess.run([exe, "logits", "--model", gguf, "--device", "cuda", "--dtype", "f32",
-                                "--input", inp, "--out", out, "--prefill-len", str(p)],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                print(f"FAIL {gguf}: {r.stderr.strip()[-400:]}")
-                fails += 1
-                continue
-            got = load_file(out)
-            for key in ("logits_prefill", "logits_decode"):
-                d = float(np.abs(got[key] - ref["logits"]).max())
-                ok = d <= t
-                fails += not ok
-                print(f"{'ok  ' if ok else 'FAIL'} {gguf} {key}: max |cuda - HF dequantized| {d:.3g} (tol {t})")
+        fails += check(exe, gguf, ref["input_ids"], p, ref["logits"], t, "HF dequantized")
     fails += hybrids(exe)
     print("gguf fixtures on cuda: " + ("all pass" if fails == 0 else f"{fails} failures"))
     sys.exit(1 if fails else 0)
@@ -62,25 +66,10 @@ HYBRID = [
 def hybrids(exe):
     fails = 0
     for name, ref_path, t in HYBRID:
-        gguf = f"tests/fixtures/gguf/hybrid/{name}.f32.gguf"
         ref = load_file(ref_path)
         p = int(load_file(f"tests/fixtures/hybrid/{name}/reference.safetensors")["prefill_len"].reshape(-1)[0])
-        with tempfile.TemporaryDirectory() as tmp:
-            inp, out = os.path.join(tmp, "in.safetensors"), os.path.join(tmp, "out.safetensors")
-            save_file({"input_ids": ref["input_ids"].astype(np.int64)}, inp)
-            r = subprocess.run([exe, "logits", "--model", gguf, "--device", "cuda", "--dtype", "f32",
-                                "--input", inp, "--out", out, "--prefill-len", str(p)],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                print(f"FAIL {gguf}: {r.stderr.strip()[-400:]}")
-                fails += 1
-                continue
-            got = load_file(out)
-            for key in ("logits_prefill", "logits_decode"):
-                d = float(np.abs(got[key] - ref["logits_prefill"]).max())
-                ok = d <= t
-                fails += not ok
-                print(f"{'ok  ' if ok else 'FAIL'} {gguf} {key}: max |cuda - reference| {d:.3g} (tol {t})")
+        fails += check(exe, f"tests/fixtures/gguf/hybrid/{name}.f32.gguf", ref["input_ids"], p,
+                       ref["logits_prefill"], t, "reference")
     return fails
 
 

@@ -2,6 +2,8 @@
 //! every binary uses every helper).
 #![allow(dead_code)]
 
+pub mod quantized;
+
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng};
 
