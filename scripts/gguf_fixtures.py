@@ -26,7 +26,8 @@ Quantized files also get `logits_act_quant`: the same model with llama.cpp's CPU
 
 The hybrid HF fixtures of tests/fixtures/hybrid/ are converted too (build_hybrid): their tensor and metadata
 listings and llama.cpp's distance to their reference logits go into the manifest; the families llama.cpp reproduces
-are committed under tests/fixtures/gguf/hybrid/.
+are committed under tests/fixtures/gguf/hybrid/. The mixture-of-experts fixtures of tests/fixtures/moe/ go the same way
+into tests/fixtures/gguf/moe/ (manifest key `moe`; `python3 scripts/gguf_fixtures.py granite_moe_b2 ...` for some).
 
 Small tools of ours on llama.cpp's C API (llama_tokenize, logits_f32kv) are compiled into target/gguf_fixtures/.
 
@@ -1018,6 +1019,66 @@ HYBRID_NOTES = {
 }
 
 
+# Mixture-of-experts hybrids (issue 16): the HF fixtures of tests/fixtures/moe/ converted the same way, committed under
+# tests/fixtures/gguf/moe/ (all three: the grouped Nemotron case is the converter's output that llama.cpp cannot load).
+MOE = REPO_ROOT / "tests" / "fixtures" / "moe"
+MOE_CASES = ["granite_moe_b2", "nemotron_moe_grouped_b2", "nemotron_moe_flat_b1"]
+HYBRID_NOTES.update({
+    "granite_moe_b2": "arch granitehybrid with expert_count 8, expert_used_count 3, feed_forward_length 16 (the experts' "
+    "width), expert_shared_feed_forward_length 24; input_linear split into ffn_gate_exps | ffn_up_exps (E, I, H) each, "
+    "output_linear -> ffn_down_exps, router -> ffn_gate_inp, shared_mlp -> ffn_{gate,up,down}_shexp. The converter "
+    "writes rope.scaling.finetuned = false (no RoPE) for a GraniteMoeHybrid with SSM layers, so llama.cpp runs this "
+    "position_embedding_type rope model without RoPE: its reference is variant_reference (HF with "
+    "position_embedding_type nope).",
+    "nemotron_moe_grouped_b2": "arch nemotron_h_moe (expert_count 8, expert_used_count 3, expert_group_count 4, "
+    "expert_group_used_count 2, expert_weights_norm true, expert_weights_scale 2.5, expert_feed_forward_length 16, "
+    "expert_shared_feed_forward_length 20). Its dense MLP layer 4 (`-` in ME*E-M) cannot be expressed: the converter "
+    "writes feed_forward_length 0 for it (only E layers get a length) and head_count_kv 0, so llama.cpp takes it for a "
+    "Mamba-2 layer and fails to load (blk.4.ssm_in.weight not found); its ffn_up/ffn_down tensors are in the file.",
+    "nemotron_moe_flat_b1": "arch nemotron_h_moe, one group (expert_group_count 1, expert_group_used_count 1), "
+    "expert_weights_norm false, expert_weights_scale 1. Experts stacked as ffn_up_exps (E, I, H) / ffn_down_exps "
+    "(E, H, I), gate -> ffn_gate_inp, e_score_correction_bias -> exp_probs_b.bias, shared experts -> ffn_*_shexp. As "
+    "for nemotron_h, the GGUF has no time_step_min: HF clamps dt >= 0.001 in its chunked path, llama.cpp never does.",
+})
+
+
+@torch.no_grad()
+def save_granite_moe_variant(name: str, gguf_path: Path, ref: dict) -> dict:
+    """tests/fixtures/gguf/moe/<name>.variant.safetensors: HF's GraniteMoeHybrid as llama.cpp runs the converted file
+    (position_embedding_type nope: the converter turns RoPE off), f32 prefill, decode through HF's cache, bf16 prefill
+    and the experts the f32 prefill chose (sorted per token); llama.cpp's own distances to it beside."""
+    import hybrid_fixtures as hfx
+    from moe_fixtures import RoutingLog
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = MOE / name / "hf"
+    hcfg = AutoConfig.from_pretrained(hf)
+    hcfg.position_embedding_type = "nope"
+    model = AutoModelForCausalLM.from_pretrained(hf, config=hcfg).eval()
+    ids, p = ref["input_ids"], int(ref["prefill_len"][0])
+    log = RoutingLog(model)
+    prefill = hfx.run_prefill(model, ids)
+    log.close()
+    routing = {i: c[0].reshape(ids.shape[0], ids.shape[1], -1).sort(dim=-1)[0].float() for i, c in log.calls.items()}
+    decode, _ = hfx.run_decode(model, ids, p)
+    bf16 = AutoModelForCausalLM.from_pretrained(hf, config=hcfg, dtype=torch.bfloat16).eval()
+    prefill_bf16 = hfx.run_prefill(bf16, ids)
+    out = OUT / "moe" / f"{name}.variant.safetensors"
+    variant = "HF with position_embedding_type nope (the converter writes rope.scaling.finetuned false)"
+    save_reference(out, {"input_ids": ids.contiguous(), "prefill_len": ref["prefill_len"].contiguous(),
+                         "logits_prefill": prefill.contiguous(), "logits_decode": decode.contiguous(),
+                         "logits_prefill_bf16": prefill_bf16.contiguous()}
+                   | {f"routing.{i}": r.contiguous() for i, r in routing.items()},
+                   {"generator": GENERATOR, "variant": variant})
+    d1 = d2 = 0.0
+    for b in range(ids.shape[0]):
+        d1 = max(d1, max_abs(torch.from_numpy(llama_logits(gguf_path, ids[b].tolist())), prefill[b]))
+        d2 = max(d2, max_abs(torch.from_numpy(llama_logits(gguf_path, ids[b].tolist(), step=p)), decode[b]))
+    return {"file": f"moe/{out.name}", "variant": variant, "hf_decode_vs_prefill": sig(max_abs(decode, prefill)),
+            "hf_bf16_prefill_vs_f32": sig(max_abs(prefill_bf16, prefill)),
+            "llama_oneshot_vs_variant_prefill": sig(d1), "llama_step_vs_variant_decode": sig(d2)}
+
+
 def falcon_h1_as_llama_runs_it(name: str, cfg: dict):
     """The HF Falcon-H1 model that a converted GGUF holds (llama.cpp's semantics), and what was changed: llama.cpp
     always gates, then normalises (no mamba_norm_before_gate), and for a tied model the converter multiplies token_embd
@@ -1132,7 +1193,9 @@ def _bytes_to_unicode_inv() -> dict:
 
 
 def build_hybrid(name: str, vers: dict) -> dict:
-    src = HYBRID / name / "hub"
+    moe = name in MOE_CASES
+    fixtures = MOE if moe else HYBRID
+    src = fixtures / name / "hub"
     cfg = json.loads((src / "config.json").read_text())
     work = WORK / "hybrid" / name
     if work.exists():
@@ -1145,10 +1208,11 @@ def build_hybrid(name: str, vers: dict) -> dict:
     (hf_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
         "pad_token": "<|pad|>", "add_bos_token": False, "add_eos_token": False}, indent=2) + "\n")
-    committed = name in HYBRID_COMMIT
-    out = (OUT / "hybrid" if committed else work) / f"{name}.f32.gguf"
+    committed = moe or name in HYBRID_COMMIT
+    out_dir = OUT / ("moe" if moe else "hybrid")
+    out = (out_dir if committed else work) / f"{name}.f32.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
-    stale = OUT / "hybrid" / f"{name}.f32.gguf"
+    stale = out_dir / f"{name}.f32.gguf"
     if not committed and stale.exists():
         stale.unlink()
     try:
@@ -1165,7 +1229,7 @@ def build_hybrid(name: str, vers: dict) -> dict:
             continue
         if gguf.GGUFValueType(f.types[0]).name == "ARRAY":
             arrays[k] = [v.item() if hasattr(v, "item") else v for v in f.contents()]
-    ref = safetensors.torch.load_file(HYBRID / name / "reference.safetensors")
+    ref = safetensors.torch.load_file(fixtures / name / "reference.safetensors")
     ids_all, p = ref["input_ids"], int(ref["prefill_len"][0])
     d1 = d2 = dd = f1 = f2 = 0.0
     llama_error = None
@@ -1182,18 +1246,20 @@ def build_hybrid(name: str, vers: dict) -> dict:
     except ToolError as e:  # llama.cpp refuses the model (e.g. an assertion in its graph)
         llama_error = [ln for ln in str(e).splitlines() if "GGML_ASSERT" in ln or "error" in ln.lower()][-3:] or [str(e)[:300]]
     warnings = sorted({ln.split(":", 2)[-1].strip() for ln in log.splitlines() if ln.startswith("WARNING")})
-    explain = hybrid_explain(name, cfg, out, ref) if llama_error is None and d1 > 1e-4 else None
+    explain = hybrid_explain(name, cfg, out, ref) if llama_error is None and d1 > 1e-4 and not moe else None
     variant_ref = save_falcon_variant(name, cfg, out, ref) if cfg["model_type"] == "falcon_h1" else None
+    if moe and cfg["model_type"] == "granitemoehybrid" and llama_error is None:
+        variant_ref = save_granite_moe_variant(name, out, ref)
     return {
         "hf_class": cfg["architectures"][0],
         "note": HYBRID_NOTES.get(name, ""),
         **({"proposed_tolerance_vs_logits_prefill": round_up(2 * max(d1, d2))} if committed else {}),
-        "source": f"tests/fixtures/hybrid/{name}/hub/ (Hub spelling of the config) + a 128-token byte-level BPE "
-        "(tiny_tokenizer) + tokenizer_config.json",
-        "gguf": f"hybrid/{out.name}" if committed else f"(not committed) target/gguf_fixtures/hybrid/{name}/{out.name}",
+        "source": f"tests/fixtures/{fixtures.name}/{name}/hub/ (Hub spelling of the config) + a 128-token byte-level "
+        "BPE (tiny_tokenizer) + tokenizer_config.json",
+        "gguf": f"{out_dir.name}/{out.name}" if committed else f"(not committed) target/gguf_fixtures/hybrid/{name}/{out.name}",
         "bytes": out.stat().st_size,
         "sha256": sha256(out),
-        "reference": f"tests/fixtures/hybrid/{name}/reference.safetensors (logits_prefill, every batch row)",
+        "reference": f"tests/fixtures/{fixtures.name}/{name}/reference.safetensors (logits_prefill, every batch row)",
         "prefill_len": p,
         "distances": None if llama_error else {
             "llama_oneshot_vs_logits_prefill": sig(d1),
@@ -1216,9 +1282,9 @@ def build_hybrid(name: str, vers: dict) -> dict:
 def main(argv):
     names = [c.name for c in CASES]
     wanted = set(argv[1:])
-    unknown = wanted - set(names) - set(HYBRID_CASES) - {"tokenizer"}
+    unknown = wanted - set(names) - set(HYBRID_CASES) - set(MOE_CASES) - {"tokenizer"}
     if unknown:
-        sys.exit(f"unknown case(s): {sorted(unknown)}; known: {names + HYBRID_CASES + ['tokenizer']}")
+        sys.exit(f"unknown case(s): {sorted(unknown)}; known: {names + HYBRID_CASES + MOE_CASES + ['tokenizer']}")
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -1233,6 +1299,7 @@ def main(argv):
         "tokenizer": manifest.get("tokenizer"),
         "cases": manifest.get("cases", {}),
         "hybrid": manifest.get("hybrid", {}),
+        "moe": manifest.get("moe", {}),
     }
     if not wanted or "tokenizer" in wanted:
         manifest["tokenizer"] = build_tokenizer(vers)
@@ -1254,8 +1321,16 @@ def main(argv):
         manifest["hybrid"][name] = h
         print(f"== hybrid {name}  {h.get('bytes')} B  {h.get('distances')}  {h.get('llama_cpp_error', '')}"
               f"{h.get('converter_error', '')}")
+    for name in MOE_CASES:
+        if wanted and name not in wanted:
+            continue
+        h = build_hybrid(name, vers)
+        manifest["moe"][name] = h
+        print(f"== moe {name}  {h.get('bytes')} B  {h.get('distances')}  {h.get('llama_cpp_error', '')}"
+              f"{h.get('converter_error', '')}  {h.get('variant_reference', '')}")
     manifest["cases"] = {k: manifest["cases"][k] for k in names if k in manifest["cases"]}
     manifest["hybrid"] = {k: manifest["hybrid"][k] for k in HYBRID_CASES if k in manifest["hybrid"]}
+    manifest["moe"] = {k: manifest["moe"][k] for k in MOE_CASES if k in manifest["moe"]}
     manifest_path.write_text(json.dumps(manifest, ensure_ascii=False, indent=1) + "\n")
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"tests/fixtures/gguf total: {total / 1e6:.2f} MB")

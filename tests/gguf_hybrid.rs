@@ -4,8 +4,8 @@
 //! checkpoints (`tests/fixtures/hybrid/<case>/reference.safetensors`): one-shot prefill and
 //! prefill + token-by-token decode of every batch row, f32 and bf16, the final states, the
 //! config against the one read from `config.json`, text generation through
-//! `TextGenerator::load`, and the typed refusals (MoE, unknown architectures). Falcon-H1 is in
-//! `gguf_falcon_h1.rs`.
+//! `TextGenerator::load`, and the typed errors (a dense file claiming experts, unknown
+//! architectures). Falcon-H1 is in `gguf_falcon_h1.rs`, the MoE files in `gguf_moe.rs`.
 
 mod common;
 #[path = "common/hybrid_gguf.rs"]
@@ -314,39 +314,50 @@ fn unsupported(r: mamba2::Result<Mamba2Model>) -> String {
     }
 }
 
+/// The dense fixture with `expert_count` 8: its `expert_used_count` 0 is named; with a top-k,
+/// the first MoE block's router is the missing tensor.
 #[test]
-fn granite_with_experts_is_refused() {
+fn dense_granite_claiming_experts_is_a_typed_error() {
     let f = rewrite(
         &open(&GRANITE),
         set("granitehybrid.expert_count", GgufValue::U32(8)),
         |_| true,
     );
-    let m = unsupported(build(&f));
-    assert!(
-        m.contains("granitehybrid.expert_count 8") && m.contains("mixture of experts"),
-        "{m}"
+    match build(&f) {
+        Err(Error::ConfigField { field, message }) => {
+            assert_eq!(field, "granitehybrid.expert_used_count");
+            assert!(message.contains("0 experts per token"), "{message}");
+        }
+        other => panic!("{:?}", other.err()),
+    }
+    let f = rewrite(
+        &f,
+        set("granitehybrid.expert_used_count", GgufValue::U32(2)),
+        |_| true,
     );
+    match build(&f) {
+        Err(Error::MissingTensor { name, source_desc }) => {
+            assert_eq!(name, "model.layers.0.block_sparse_moe.router.layer.weight");
+            assert!(
+                source_desc.contains("`blk.0.ffn_gate_inp.weight`"),
+                "{source_desc}"
+            );
+        }
+        other => panic!("{:?}", other.err()),
+    }
 }
 
 #[test]
-fn nemotron_moe_and_unknown_architectures_are_refused() {
-    let src = open(&NEMOTRON);
-    let arch = |a: &str| {
-        let f = rewrite(
-            &src,
-            set("general.architecture", GgufValue::String(a.into())),
-            |_| true,
-        );
-        unsupported(build(&f))
-    };
-    let m = arch("nemotron_h_moe");
-    assert!(
-        m.contains("`nemotron_h_moe`") && m.contains("issue 16"),
-        "{m}"
+fn unknown_architectures_are_refused() {
+    let f = rewrite(
+        &open(&NEMOTRON),
+        set("general.architecture", GgufValue::String("jamba".into())),
+        |_| true,
     );
-    let m = arch("jamba");
+    let m = unsupported(build(&f));
     assert!(
-        m.contains("`jamba`") && m.contains("granitehybrid, nemotron_h, falcon-h1"),
+        m.contains("`jamba`")
+            && m.contains("mamba2, granitehybrid, nemotron_h, nemotron_h_moe, falcon-h1"),
         "{m}"
     );
 }

@@ -8,8 +8,8 @@
 //! size: llama.cpp runs with the limit (0, inf), HF's default, and the chunk size does not change
 //! the result.
 //!
-//! The hybrid architectures (`granitehybrid`, `nemotron_h`, `falcon-h1`) are read in
-//! `gguf_hybrid.rs`; `nemotron_h_moe` is recognised and refused with the reason.
+//! The hybrid architectures (`granitehybrid`, `nemotron_h`, `nemotron_h_moe`, `falcon-h1`) are
+//! read in `gguf_hybrid.rs`, their mixture-of-experts keys in `gguf_moe.rs`.
 
 use super::{Family, Mamba2Config};
 use crate::error::{Error, Result};
@@ -17,17 +17,17 @@ use crate::gguf::{GgufError, GgufFile, GgufValue};
 
 #[path = "gguf_hybrid.rs"]
 mod gguf_hybrid;
+#[path = "gguf_moe.rs"]
+mod gguf_moe;
 
 /// The GGUF architectures this engine maps to a model graph.
-pub const GGUF_ARCHITECTURES: &[&str] = &["mamba2", "granitehybrid", "nemotron_h", "falcon-h1"];
-
-/// Architectures llama.cpp defines for families this engine knows, refused with the reason.
-fn refused(arch: &str) -> Option<&'static str> {
-    match arch {
-        "nemotron_h_moe" => Some("mixture-of-experts layers are not supported yet (issue 16)"),
-        _ => None,
-    }
-}
+pub const GGUF_ARCHITECTURES: &[&str] = &[
+    "mamba2",
+    "granitehybrid",
+    "nemotron_h",
+    "nemotron_h_moe",
+    "falcon-h1",
+];
 
 /// Typed access to the `{arch}.*` keys of one file; errors name the full key.
 pub(super) struct Keys<'a> {
@@ -186,28 +186,26 @@ impl Mamba2Config {
     /// of `token_embd.weight`, tying from the absence of `output.weight`, the token ids from
     /// `tokenizer.ggml.*`. The result is validated like any config.
     ///
-    /// `granitehybrid` and `nemotron_h` give the [`Family::GraniteHybrid`] and
-    /// [`Family::NemotronH`] configs (layer kinds from the per-layer `attention.head_count_kv`
-    /// and `feed_forward_length` arrays, Granite's scales from `embedding_scale`,
-    /// `residual_scale`, `logit_scale` and `attention.scale`); `falcon-h1` gives a
-    /// [`Family::FalconH1`] config with every multiplier 1 (the converter folded them into the
-    /// tensors) and the gate before the norm, as llama.cpp runs it. `nemotron_h_moe` and Granite
-    /// files with experts are [`Error::Unsupported`], saying why.
+    /// `granitehybrid` and `nemotron_h` / `nemotron_h_moe` give the [`Family::GraniteHybrid`]
+    /// and [`Family::NemotronH`] configs (layer kinds from the per-layer
+    /// `attention.head_count_kv` and `feed_forward_length` arrays, Granite's scales from
+    /// `embedding_scale`, `residual_scale`, `logit_scale` and `attention.scale`), with a
+    /// [`MoeConfig`](super::MoeConfig) when `expert_count` > 0 (see `gguf_moe.rs` for the keys
+    /// and what is refused); `falcon-h1` gives a [`Family::FalconH1`] config with every
+    /// multiplier 1 (the converter folded them into the tensors) and the gate before the norm,
+    /// as llama.cpp runs it; experts there are [`Error::Unsupported`].
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let arch = file.architecture()?;
         let cfg = match arch {
             "mamba2" => mamba2(file)?,
             "granitehybrid" => gguf_hybrid::granite(file)?,
-            "nemotron_h" => gguf_hybrid::nemotron_h(file)?,
+            "nemotron_h" | "nemotron_h_moe" => gguf_hybrid::nemotron_h(file)?,
             "falcon-h1" => gguf_hybrid::falcon_h1(file)?,
             _ => {
-                let why = match refused(arch) {
-                    Some(why) => format!(" is not supported: {why}"),
-                    None => format!(" (supported: {})", GGUF_ARCHITECTURES.join(", ")),
-                };
                 return Err(Error::Unsupported(format!(
-                    "{}: GGUF architecture `{arch}`{why}",
+                    "{}: GGUF architecture `{arch}` (supported: {})",
                     file.path().display(),
+                    GGUF_ARCHITECTURES.join(", ")
                 )));
             }
         };

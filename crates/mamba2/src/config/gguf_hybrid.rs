@@ -4,15 +4,18 @@
 //!
 //! `granitehybrid` (Granite-4.0-H; Bamba converts to it too): a layer is attention when its
 //! `attention.head_count_kv` entry is > 0, else Mamba-2; every layer then has a SwiGLU MLP of
-//! `expert_shared_feed_forward_length` (else `feed_forward_length`) rows. `embedding_scale`,
+//! `expert_shared_feed_forward_length` (else `feed_forward_length`) rows, or, when
+//! `expert_count` > 0, a MoE block of `feed_forward_length`-wide experts beside that MLP. `embedding_scale`,
 //! `residual_scale`, `logit_scale` (logits are divided by it) and `attention.scale` are
 //! Granite's multipliers, unfolded (0 or absent: no scaling, `head_dim^-0.5` for attention).
 //! RoPE is on unless `rope.scaling.finetuned` is false: the converter writes false for every
 //! model with Mamba layers except Bamba, so Granite-4.0-H files are NoPE whatever their HF
 //! `position_embedding_type` said, as llama.cpp runs them.
 //!
-//! `nemotron_h`: a layer is an MLP when its `feed_forward_length` entry is > 0 (ReLU²),
-//! attention when its `attention.head_count_kv` entry is > 0, else Mamba-2; no RoPE. The file
+//! `nemotron_h` / `nemotron_h_moe`: a layer is an MLP (ReLU²) when its `feed_forward_length`
+//! entry is not 0, a MoE block instead when `expert_count` is not 0 either (llama.cpp then builds
+//! every such layer as MoE), attention when its `attention.head_count_kv` entry is > 0, else
+//! Mamba-2; no RoPE. The file
 //! has no `time_step_min`: dt is not clamped (limit (0, inf)), as llama.cpp runs it, where HF's
 //! chunked scan clamps dt to `time_step_min` (see `tests/gguf_hybrid.rs` for what that costs).
 //!
@@ -28,6 +31,7 @@
 //!
 //! No architecture here stores a chunk size (it does not change the result): 256 is used.
 
+use super::gguf_moe;
 use super::{token_ids, vocab_rows, Keys, SsmSizes};
 use crate::config::{
     AttentionConfig, BlockKind, BlockSpec, ConfigFlavor, Family, Mamba2Config, MlpActivation,
@@ -48,15 +52,15 @@ fn missing(keys: &Keys<'_>, k: &str) -> Error {
     .into()
 }
 
-/// MoE layers are issue 16: refused, naming the key that says the file has experts.
+/// Falcon-H1 has no MoE variant: refused, naming the key that says the file has experts.
 fn refuse_experts(keys: &Keys<'_>) -> Result<()> {
-    match keys.optional("expert_count")? {
-        Some(n) if n > 0 => Err(Error::Unsupported(format!(
-            "{}: {} {n} > 0 (mixture of experts) is not supported yet (issue 16)",
+    match gguf_moe::expert_count(keys)? {
+        0 => Ok(()),
+        n => Err(Error::Unsupported(format!(
+            "{}: {} {n} > 0 (mixture of experts) is not supported for this architecture",
             keys.path(),
             keys.key("expert_count")
         ))),
-        _ => Ok(()),
     }
 }
 
@@ -226,10 +230,15 @@ fn layers_of(pattern: &[BlockSpec], kind: BlockKind) -> Vec<usize> {
         .collect()
 }
 
-/// `granitehybrid`: every layer a mixer (Mamba-2 or attention) followed by a SwiGLU MLP.
+/// `granitehybrid`: every layer a mixer (Mamba-2 or attention) followed by a SwiGLU MLP, or by
+/// a MoE block beside that MLP.
 pub(super) fn granite(file: &GgufFile) -> Result<Mamba2Config> {
     let keys = Keys::new(file)?;
-    refuse_experts(&keys)?;
+    let experts = gguf_moe::expert_count(&keys)?;
+    let second = match experts {
+        0 => BlockKind::Mlp,
+        _ => BlockKind::Moe,
+    };
     let n_layer = keys.required("block_count")?;
     let kv_key = "attention.head_count_kv";
     let kv = keys
@@ -247,7 +256,7 @@ pub(super) fn granite(file: &GgufFile) -> Result<Mamba2Config> {
             [
                 BlockSpec { kind, layer },
                 BlockSpec {
-                    kind: BlockKind::Mlp,
+                    kind: second,
                     layer,
                 },
             ]
@@ -266,17 +275,23 @@ pub(super) fn granite(file: &GgufFile) -> Result<Mamba2Config> {
     let attn_scale = scale(&keys, "attention.scale")?;
     c.attention = attention(&keys, c.d_model, &kv, &attn, rope, attn_scale)?;
     // The dense shared MLP: the converter writes shared_intermediate_size as
-    // expert_shared_feed_forward_length and the experts' intermediate_size as
-    // feed_forward_length; older files may have only the latter.
+    // expert_shared_feed_forward_length and intermediate_size (the routed experts' width when
+    // there are experts) as feed_forward_length; older dense files may have only the latter.
     let ff_key = "feed_forward_length";
-    let intermediate_size = match keys.optional("expert_shared_feed_forward_length")? {
-        Some(n) if n > 0 => n,
-        _ => {
-            let ff = keys
-                .per_layer(ff_key, n_layer)?
-                .ok_or_else(|| missing(&keys, ff_key))?;
-            uniform(&keys, ff_key, &ff, &(0..n_layer).collect::<Vec<_>>())?
-        }
+    let all: Vec<usize> = (0..n_layer).collect();
+    let ff = || -> Result<usize> {
+        let ff = keys
+            .per_layer(ff_key, n_layer)?
+            .ok_or_else(|| missing(&keys, ff_key))?;
+        uniform(&keys, ff_key, &ff, &all)
+    };
+    if experts > 0 {
+        c.moe = Some(gguf_moe::granite(&keys, experts, ff()?, n_layer, &all)?);
+    }
+    let intermediate_size = match (c.moe, keys.optional("expert_shared_feed_forward_length")?) {
+        (Some(m), _) => m.shared_intermediate_size,
+        (None, Some(n)) if n > 0 => n,
+        _ => ff()?,
     };
     // HF's shared_mlp has no biases; llama.cpp would add them, this graph cannot.
     for l in 0..n_layer {
@@ -304,11 +319,25 @@ pub(super) fn granite(file: &GgufFile) -> Result<Mamba2Config> {
     Ok(c)
 }
 
-/// `nemotron_h`: one block per layer, Mamba-2, attention or a ReLU² MLP.
+/// `nemotron_h` / `nemotron_h_moe`: one block per layer, Mamba-2, attention, a ReLU² MLP or a
+/// MoE block.
 pub(super) fn nemotron_h(file: &GgufFile) -> Result<Mamba2Config> {
     let keys = Keys::new(file)?;
-    refuse_experts(&keys)?;
+    let experts = gguf_moe::expert_count(&keys)?;
+    // The converter appends the multi-token-prediction head as extra blocks (counted in
+    // block_count); HF's model does not run it.
+    if let Some(n) = keys.optional("nextn_predict_layers")?.filter(|&n| n > 0) {
+        return Err(Error::Unsupported(format!(
+            "{}: {} {n} (multi-token-prediction blocks) is not supported",
+            keys.path(),
+            keys.key("nextn_predict_layers")
+        )));
+    }
     let n_layer = keys.required("block_count")?;
+    let ff_kind = match experts {
+        0 => BlockKind::Mlp,
+        _ => BlockKind::Moe,
+    };
     let (kv_key, ff_key) = ("attention.head_count_kv", "feed_forward_length");
     let kv = keys
         .per_layer(kv_key, n_layer)?
@@ -320,7 +349,7 @@ pub(super) fn nemotron_h(file: &GgufFile) -> Result<Mamba2Config> {
     let pattern: Vec<BlockSpec> = (0..n_layer)
         .map(|layer| BlockSpec {
             kind: match (ff[layer], kv[layer]) {
-                (f, _) if f > 0 => BlockKind::Mlp,
+                (f, _) if f > 0 => ff_kind,
                 (_, k) if k > 0 => BlockKind::Attention,
                 _ => BlockKind::Mamba,
             },
@@ -336,6 +365,7 @@ pub(super) fn nemotron_h(file: &GgufFile) -> Result<Mamba2Config> {
     };
     let attn = layers_of(&pattern, BlockKind::Attention);
     let mlp = layers_of(&pattern, BlockKind::Mlp);
+    let moe = layers_of(&pattern, BlockKind::Moe);
     let mut c = base(&keys, Family::NemotronH, pattern, eps)?;
     // No RoPE, and llama.cpp's Nemotron-H graph ignores attention.scale.
     c.attention = attention(&keys, c.d_model, &kv, &attn, false, None)?;
@@ -345,6 +375,18 @@ pub(super) fn nemotron_h(file: &GgufFile) -> Result<Mamba2Config> {
             activation: MlpActivation::ReluSquared,
             bias: has(file, &format!("blk.{first}.ffn_up.bias")),
         });
+    }
+    if !moe.is_empty() {
+        let m = gguf_moe::nemotron(&keys, experts, &ff, &moe)?;
+        // A MoE file has no dense MLP layer (llama.cpp builds every layer with a
+        // feed_forward_length as MoE); the shared experts (ReLU², no biases in llama.cpp's graph)
+        // stand for it.
+        c.mlp = Some(MlpConfig {
+            intermediate_size: m.shared_intermediate_size,
+            activation: MlpActivation::ReluSquared,
+            bias: false,
+        });
+        c.moe = Some(m);
     }
     Ok(c)
 }

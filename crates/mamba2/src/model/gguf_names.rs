@@ -13,6 +13,12 @@
 //! | `mixer.{up,down}_proj` (Nemotron-H) | `ffn_{up,down}` |
 //! | `pre_ff_layernorm` (Falcon-H1) | `ffn_norm` (no `.weight` suffix) |
 //! | `feed_forward.{gate,up,down}_proj` (Falcon-H1) | `ffn_{gate,up,down}` |
+//! | `block_sparse_moe.router.layer` / `mixer.gate` (MoE router) | `ffn_gate_inp` |
+//! | `mixer.gate.e_score_correction_bias` (Nemotron-H) | `exp_probs_b.bias` |
+//! | `block_sparse_moe.input_linear` (Granite, `(E, 2I, H)`: per expert gate rows then up rows) | `ffn_gate_exps` + `ffn_up_exps`, `(E, I, H)` each, joined per expert |
+//! | `block_sparse_moe.output_linear` (Granite) / `mixer.experts.down_proj` (Nemotron-H) | `ffn_down_exps` `(E, H, I)` |
+//! | `mixer.experts.up_proj` (Nemotron-H, `(E, I, H)`) | `ffn_up_exps` |
+//! | `mixer.shared_experts.{up,down}_proj` (Nemotron-H) | `ffn_{up,down}_shexp` |
 //!
 //! The converter routes attention layers of both families through its Llama class, which
 //! permutes the rows of q and k within each head for llama.cpp's pairwise RoPE: HF row
@@ -20,8 +26,12 @@
 //! way (q and k move together), but the permutation only equals HF's rotate-half RoPE when the
 //! whole head rotates; reading the rows back in HF's order gives HF's model in every case
 //! (Bamba rotates 8 of 16 channels). Falcon-H1 goes through the Mamba-2 class, which leaves
-//! q/k as they are (llama.cpp runs it with NeoX RoPE, HF's rotate-half). Granite-4.0-H files with experts name their shared MLP
-//! `ffn_*_shexp`; those names are accepted in place of `ffn_*`.
+//! q/k as they are (llama.cpp runs it with NeoX RoPE, HF's
+//! rotate-half). Granite-4.0-H files with experts name their shared MLP `ffn_*_shexp`; those
+//! names are accepted in place of `ffn_*`. The converter stacks Nemotron-H's per-expert
+//! tensors into one 3-D tensor; a per-expert canonical name (`mixer.experts.{e}.up_proj.weight`,
+//! asked for only when the stacked one is absent) points at the stacked GGUF tensor, so that the
+//! error names what the file lacks.
 
 use super::{mamba_leaf, Transform};
 use crate::config::{Family, Mamba2Config};
@@ -35,6 +45,8 @@ pub(super) enum Located {
     Unpermuted { name: String, head_dim: usize },
     /// The rows of these tensors, stacked in order.
     Rows(Vec<String>),
+    /// These `(experts, rows, cols)` tensors joined along the rows of each expert, in order.
+    Experts(Vec<String>),
 }
 
 /// The location of `canonical` in a file of a hybrid family (None for a name the family does
@@ -97,6 +109,12 @@ pub(super) fn locate_hybrid(
             "shared_mlp.output_linear.weight" => {
                 one(&pick(&["ffn_down.weight", "ffn_down_shexp.weight"])?)
             }
+            "block_sparse_moe.router.layer.weight" => one(&blk("ffn_gate_inp.weight")),
+            "block_sparse_moe.input_linear.weight" => Some(Located::Experts(vec![
+                blk("ffn_gate_exps.weight"),
+                blk("ffn_up_exps.weight"),
+            ])),
+            "block_sparse_moe.output_linear.weight" => one(&blk("ffn_down_exps.weight")),
             _ => match leaf.split_once('.')? {
                 ("mamba", l) => mamba(l),
                 ("self_attn", l) => attention(l),
@@ -107,11 +125,26 @@ pub(super) fn locate_hybrid(
             "norm.weight" => one(&blk("attn_norm.weight")),
             _ => {
                 let l = leaf.strip_prefix("mixer.")?;
-                let mlp = match l {
-                    "up_proj.weight" => Some("ffn_up.weight"),
-                    "up_proj.bias" => Some("ffn_up.bias"),
-                    "down_proj.weight" => Some("ffn_down.weight"),
-                    "down_proj.bias" => Some("ffn_down.bias"),
+                let expert = l
+                    .strip_prefix("experts.")
+                    .and_then(|e| e.split_once('.'))
+                    .filter(|(x, _)| x.parse::<usize>().is_ok())
+                    .map(|(_, leaf)| leaf);
+                let mlp = match (l, expert) {
+                    ("up_proj.weight", _) => Some("ffn_up.weight"),
+                    ("up_proj.bias", _) => Some("ffn_up.bias"),
+                    ("down_proj.weight", _) => Some("ffn_down.weight"),
+                    ("down_proj.bias", _) => Some("ffn_down.bias"),
+                    ("gate.weight", _) => Some("ffn_gate_inp.weight"),
+                    ("gate.e_score_correction_bias", _) => Some("exp_probs_b.bias"),
+                    ("experts.up_proj", _) | (_, Some("up_proj.weight")) => {
+                        Some("ffn_up_exps.weight")
+                    }
+                    ("experts.down_proj", _) | (_, Some("down_proj.weight")) => {
+                        Some("ffn_down_exps.weight")
+                    }
+                    ("shared_experts.up_proj.weight", _) => Some("ffn_up_shexp.weight"),
+                    ("shared_experts.down_proj.weight", _) => Some("ffn_down_shexp.weight"),
                     _ => None,
                 };
                 match mlp {

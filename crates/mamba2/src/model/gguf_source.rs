@@ -9,7 +9,13 @@
 //! `ssm_dt.bias`; a tied head has no `output.weight`. The hybrid families (`granitehybrid`,
 //! `nemotron_h`) use the same Mamba-2 layouts plus the attention and MLP names of
 //! `gguf_names.rs`, where one canonical tensor may be several GGUF tensors stacked by rows
-//! (Granite's `input_linear` = `ffn_gate` | `ffn_up`) or rows to reorder (q and k).
+//! (Granite's `input_linear` = `ffn_gate` | `ffn_up`), joined per expert (its experts'
+//! `input_linear` = `ffn_gate_exps` | `ffn_up_exps`) or rows to reorder (q and k).
+//!
+//! Expert tensors are 3-D `(experts, rows, cols)` and must have exactly the canonical stacked
+//! shape (a transposed stack has the right number of elements). The MoE block holds its experts
+//! dense (`model/moe.rs`), so block-quantized expert tensors are dequantized at load into the
+//! model dtype, like every tensor read through [`TensorSource::tensor`].
 
 use super::build::TensorSource;
 use super::matrix::Matrix;
@@ -140,8 +146,9 @@ impl<'a> GgufSource<'a> {
             .ok_or_else(|| self.missing(canonical, Some(gguf)))
     }
 
-    /// The GGUF tensors that hold `canonical`, in row order.
-    fn locate(&self, canonical: &str) -> Result<Vec<Part<'a>>> {
+    /// The GGUF tensors that hold `canonical`, in order, and the canonical axis they are
+    /// joined along (0: rows; 1: rows within each expert).
+    fn locate(&self, canonical: &str) -> Result<(Vec<Part<'a>>, usize)> {
         let located = match self.config.family {
             Family::Mamba2 => gguf_name(canonical).map(|(n, t)| Located::One(n, t)),
             _ => locate_hybrid(self.config, canonical, |n| {
@@ -155,20 +162,25 @@ impl<'a> GgufSource<'a> {
                 unpermute,
             })
         };
+        let all = |names: &[String]| -> Result<Vec<Part<'a>>> {
+            names
+                .iter()
+                .map(|n| part(n, Transform::Reshape, None))
+                .collect()
+        };
         match located.ok_or_else(|| self.missing(canonical, None))? {
-            Located::One(name, t) => Ok(vec![part(&name, t, None)?]),
+            Located::One(name, t) => Ok((vec![part(&name, t, None)?], 0)),
             Located::Unpermuted { name, head_dim } => {
                 let p = part(&name, Transform::Reshape, None)?;
                 let rows = p.info.shape().first().copied().unwrap_or(0);
-                Ok(vec![Part {
+                let p = Part {
                     unpermute: Some((rows, head_dim)),
                     ..p
-                }])
+                };
+                Ok((vec![p], 0))
             }
-            Located::Rows(names) => names
-                .iter()
-                .map(|n| part(n, Transform::Reshape, None))
-                .collect(),
+            Located::Rows(names) => Ok((all(&names)?, 0)),
+            Located::Experts(names) => Ok((all(&names)?, 1)),
         }
     }
 
@@ -246,29 +258,57 @@ fn shape_err(name: &str, expected: &[usize], got: Vec<usize>) -> Error {
     }
 }
 
-/// The canonical shape of stacked parts: their rows summed, when they agree on the rest.
-fn stacked_shape(parts: &[Part<'_>]) -> Option<Vec<usize>> {
+/// The canonical shape of parts joined along `axis`: their sizes there summed, when they agree
+/// on the rest.
+fn stacked_shape(parts: &[Part<'_>], axis: usize) -> Option<Vec<usize>> {
     let mut shape = parts.first()?.info.shape();
+    if axis >= shape.len() {
+        return None;
+    }
     for p in &parts[1..] {
         let s = p.info.shape();
-        if s.len() != shape.len() || s.get(1..) != shape.get(1..) {
+        let others_agree =
+            s.len() == shape.len() && (0..s.len()).all(|d| d == axis || s[d] == shape[d]);
+        if !others_agree {
             return None;
         }
-        shape[0] += s[0];
+        shape[axis] += s[axis];
     }
     Some(shape)
 }
 
+/// The shape to report for parts that do not give the canonical shape: the stacked shape, or,
+/// when the parts do not stack, the first part that disagrees with the first one.
+fn reported_shape(parts: &[Part<'_>], axis: usize) -> Vec<usize> {
+    stacked_shape(parts, axis).unwrap_or_else(|| {
+        let first = parts[0].info.shape();
+        let odd = parts[1..].iter().map(|p| p.info.shape()).find(|s| {
+            s.len() != first.len() || (0..s.len()).any(|d| d != axis && s[d] != first[d])
+        });
+        odd.unwrap_or(first)
+    })
+}
+
 impl TensorSource for GgufSource<'_> {
     fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let parts = self.locate(name)?;
+        let (parts, axis) = self.locate(name)?;
+        let stacked = stacked_shape(&parts, axis);
         let n: usize = parts.iter().map(|p| p.info.elem_count()).sum();
-        if n != shape.iter().product::<usize>() {
-            let got = stacked_shape(&parts).unwrap_or_else(|| parts[0].info.shape());
-            return Err(shape_err(name, shape, got));
+        // Other tensors may differ from the canonical shape by unit axes or a regrouping (conv,
+        // norm, D); expert stacks (3-D in the file) must match exactly.
+        let exact = parts.iter().any(|p| p.info.dims.len() == 3);
+        if n != shape.iter().product::<usize>() || (exact && stacked.as_deref() != Some(shape)) {
+            return Err(shape_err(name, shape, reported_shape(&parts, axis)));
         }
         let values = match parts.as_slice() {
             [one] => self.values(one)?,
+            _ if axis > 0 => {
+                let values = parts
+                    .iter()
+                    .map(|p| self.values(p))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&values, axis)?
+            }
             _ => {
                 // Stacked rows: each part flattened to (rows, columns of the canonical shape).
                 let cols: usize = shape[1..].iter().product();
@@ -286,13 +326,12 @@ impl TensorSource for GgufSource<'_> {
     }
 
     fn matrix(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Matrix> {
-        let parts = self.locate(name)?;
-        match stacked_shape(&parts) {
-            Some(s) if s == shape => {}
-            s => {
-                let got = s.unwrap_or_else(|| parts[0].info.shape());
-                return Err(shape_err(name, shape, got));
-            }
+        let (parts, axis) = self.locate(name)?;
+        if axis > 0 {
+            return Ok(Matrix::Dense(self.tensor(name, shape, dtype)?));
+        }
+        if stacked_shape(&parts, axis).as_deref() != Some(shape) {
+            return Err(shape_err(name, shape, reported_shape(&parts, axis)));
         }
         let matrices = parts
             .iter()
@@ -302,7 +341,8 @@ impl TensorSource for GgufSource<'_> {
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        stacked_shape(&self.locate(name).ok()?)
+        let (parts, axis) = self.locate(name).ok()?;
+        stacked_shape(&parts, axis)
     }
 
     fn device(&self) -> &Device {
@@ -317,8 +357,10 @@ impl TensorSource for GgufSource<'_> {
 impl Mamba2Model {
     /// Builds the model a GGUF file describes (config from its metadata, see
     /// [`Mamba2Config::from_gguf`]): block-quantized matrices run quantized, the other tensors
-    /// are converted to `dtype` (norms, conv, A, D and dt in f32 as always). `quantize`
-    /// additionally quantizes the matrices the file stores unquantized (F32/F16/BF16).
+    /// are converted to `dtype` (norms, conv, A, D and dt in f32 as always), and so are the
+    /// routed experts of a MoE model, quantized or not (the MoE block holds them dense).
+    /// `quantize` additionally quantizes the matrices the file stores unquantized
+    /// (F32/F16/BF16).
     ///
     /// ```no_run
     /// use candle_core::{DType, Device};
