@@ -13,7 +13,8 @@ pub struct BenchArgs {
     model: ModelArgs,
     /// Random weights of a real shape instead of a checkpoint: 130m, 370m, 780m, 1.3b, 2.7b,
     /// granite-4.0-h-1b, granite-4.0-h-350m, nemotron-h-8b, nemotron-nano-9b-v2,
-    /// falcon-h1-0.5b, falcon-h1-1.5b, bamba-9b.
+    /// falcon-h1-0.5b, falcon-h1-1.5b, bamba-9b, and the mixture-of-experts
+    /// granite-4.0-h-tiny, granite-4.0-h-small, nemotron-3-nano-30b-a3b.
     #[arg(long, conflicts_with = "model")]
     shape: Option<String>,
     /// Prompt tokens per prefill.
@@ -109,6 +110,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                   "nheads": c.nheads, "ngroups": c.ngroups, "vocab_rows": model.vocab_rows(),
                   "family": c.family.model_type(), "layer_pattern": c.pattern_string()},
         "parameters": model.num_parameters(),
+        "active_parameters": model.num_active_parameters(),
         "dtype": format!("{dtype:?}").to_lowercase(),
         "quantization": model.quantization().map(mamba2_ops::quantized::type_name),
         "device": format!("{:?}", device.location()).to_lowercase(),

@@ -58,7 +58,8 @@ enum Command {
     Logits(commands::LogitsArgs),
     /// Measure prefill and decode speed; prints one JSON line.
     Bench(bench::BenchArgs),
-    /// Show the config, parameter count and memory of a model.
+    /// Show the config, the total and active (per token, top-k experts) parameter counts, the
+    /// weight bytes in memory and read per decode token, and the state sizes of a model.
     Info(commands::InfoArgs),
     /// Print the token ids of a text (argument or stdin) as one JSON array; `--model` may be a
     /// `.gguf` file, whose metadata holds the tokenizer.

@@ -105,8 +105,54 @@ impl Mamba2Model {
             .sum::<usize>()
     }
 
-    /// Bytes of weights read per decoded token: every matrix once as stored (block-quantized
-    /// ones at their block size), the embedding table not at all (one row is negligible).
+    /// Parameters one token computes with: [`Mamba2Model::num_parameters`] less, in every
+    /// mixture-of-experts block, the `num_experts - num_experts_per_tok` routed experts the token
+    /// is not sent to. The embedding table is included (a tied one counted once), as in the
+    /// "active parameters" figures published with embeddings; equal to the total for dense
+    /// models.
+    pub fn num_active_parameters(&self) -> usize {
+        let mut n = self.embeddings.elem_count() + self.norm_f.elem_count();
+        if !self.tied {
+            n += self.lm_head.elem_count();
+        }
+        n + self
+            .blocks
+            .iter()
+            .map(|b| b.norm_weight.elem_count() + b.mixer.active_parameters())
+            .sum::<usize>()
+    }
+
+    /// Bytes of every weight as stored (block-quantized matrices at their block size, a tied
+    /// embedding once): the model's weight memory.
+    pub fn weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let lm_head = if self.tied {
+            0
+        } else {
+            self.lm_head.storage_bytes()
+        };
+        self.embeddings.storage_bytes()
+            + lm_head
+            + bytes(&self.norm_f)
+            + self
+                .blocks
+                .iter()
+                .map(|b| bytes(&b.norm_weight) + b.mixer.storage_bytes())
+                .sum::<usize>()
+    }
+
+    /// Bytes of weights one decode step of one sequence reads, as stored (block-quantized
+    /// matrices at their block size):
+    ///
+    /// `norms + LM head + sum over blocks of their weights`, where a mixture-of-experts block
+    /// counts its router, its shared MLP and only `num_experts_per_tok / num_experts` of its
+    /// stacked routed experts (the `up` and `down` rows of the experts the token is sent to), and
+    /// the embedding table counts nothing (one row is read).
+    ///
+    /// This is the active figure of batch 1. A batch of `B` sequences reads the shared weights
+    /// once and up to `min(num_experts, B * num_experts_per_tok)` experts per MoE block.
+    /// `crates/mamba2/tests/moe_bytes_touched.rs` measures the pages a decode step touches
+    /// against it.
     pub fn weight_bytes_per_token(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         bytes(&self.norm_f)
@@ -114,8 +160,42 @@ impl Mamba2Model {
             + self
                 .blocks
                 .iter()
-                .map(|b| bytes(&b.norm_weight) + b.mixer.storage_bytes())
+                .map(|b| bytes(&b.norm_weight) + b.mixer.active_storage_bytes())
                 .sum::<usize>()
+    }
+
+    /// Bytes one decode step of one sequence reads besides the attention caches:
+    /// [`Mamba2Model::weight_bytes_per_token`] plus the recurrent state
+    /// ([`Mamba2Config::ssm_state_bytes`], read once; its write-back is not counted). Attention
+    /// blocks also read their KV cache, which grows with the context
+    /// ([`Mamba2Config::kv_bytes_per_token`] per cached position).
+    pub fn decode_bytes_per_token(&self) -> usize {
+        self.weight_bytes_per_token() + self.config.ssm_state_bytes()
+    }
+
+    /// Test API: every dense weight tensor under a name (`embeddings`, `lm_head` when untied,
+    /// `norm_f`, `blocks.{b}.norm`, `blocks.{b}.{role}` with roles such as `in_proj`, `qkv`,
+    /// `router`, `experts.up`, `experts.down`, `shared_up`). Block-quantized matrices are left
+    /// out. For measuring which weights an op reads.
+    #[doc(hidden)]
+    pub fn dense_weight_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        out.extend(
+            self.embeddings
+                .dense()
+                .map(|t| ("embeddings".into(), t.clone())),
+        );
+        if !self.tied {
+            out.extend(self.lm_head.dense().map(|t| ("lm_head".into(), t.clone())));
+        }
+        out.push(("norm_f".into(), self.norm_f.clone()));
+        for (b, block) in self.blocks.iter().enumerate() {
+            out.push((format!("blocks.{b}.norm"), block.norm_weight.clone()));
+            for (role, t) in block.mixer.dense_tensors() {
+                out.push((format!("blocks.{b}.{role}"), t));
+            }
+        }
+        out
     }
 
     /// The block format of the projections, when the model was loaded block-quantized (the

@@ -412,6 +412,67 @@ impl Mixer {
             }
         }
     }
+
+    /// Parameters one token computes with: all of them, except that a MoE block counts only
+    /// `top_k` of its `n_experts` routed experts.
+    pub(crate) fn active_parameters(&self) -> usize {
+        match self {
+            Mixer::Moe(m) => {
+                self.num_parameters() - m.routed_parameters() + m.per_token(m.routed_parameters())
+            }
+            _ => self.num_parameters(),
+        }
+    }
+
+    /// Bytes of weights one decode step of one sequence reads, as stored: all of them, except
+    /// that a MoE block reads the rows of `top_k` of its `n_experts` routed experts.
+    pub(crate) fn active_storage_bytes(&self) -> usize {
+        match self {
+            Mixer::Moe(m) => {
+                self.storage_bytes() - m.routed_bytes() + m.per_token(m.routed_bytes())
+            }
+            _ => self.storage_bytes(),
+        }
+    }
+
+    /// The mixer's dense weight tensors by role (block-quantized matrices left out).
+    pub(crate) fn dense_tensors(&self) -> Vec<(&'static str, Tensor)> {
+        fn proj(out: &mut Vec<(&'static str, Tensor)>, name: &'static str, p: &Proj) {
+            out.extend(p.weight.dense().map(|t| (name, t.clone())));
+            out.extend(p.bias.as_ref().map(|t| (name, t.clone())));
+        }
+        let mut out = Vec::new();
+        let mamba = |out: &mut Vec<_>, m: &MambaMixer| {
+            proj(out, "in_proj", &m.in_proj);
+            proj(out, "out_proj", &m.out_proj);
+            out.extend(m.small_tensors().map(|t| ("mamba_small", t.clone())));
+        };
+        let attn = |out: &mut Vec<_>, a: &Attention| {
+            proj(out, "qkv", &a.qkv);
+            proj(out, "o_proj", &a.o_proj);
+        };
+        match self {
+            Mixer::Mamba(m) => mamba(&mut out, m),
+            Mixer::Attention(a) => attn(&mut out, a),
+            Mixer::MambaAttention(m, a) => {
+                mamba(&mut out, m);
+                attn(&mut out, a);
+            }
+            Mixer::Mlp(m) => {
+                proj(&mut out, "mlp_up", &m.up);
+                proj(&mut out, "mlp_down", &m.down);
+            }
+            Mixer::Moe(m) => {
+                out.push(("router", m.router.clone()));
+                out.extend(m.correction_bias.iter().map(|t| ("router", t.clone())));
+                out.push(("experts.up", m.up.clone()));
+                out.push(("experts.down", m.down.clone()));
+                proj(&mut out, "shared_up", &m.shared.up);
+                proj(&mut out, "shared_down", &m.shared.down);
+            }
+        }
+        out
+    }
 }
 
 /// One residual block: RMSNorm weight, mixer, and its state slots in the cache.

@@ -67,6 +67,24 @@ impl MoeBlock {
         Ok((routed + self.shared.forward(x)?)?)
     }
 
+    /// Elements of the routed experts' `up` and `down` stacks (every expert).
+    pub(crate) fn routed_parameters(&self) -> usize {
+        self.up.elem_count() + self.down.elem_count()
+    }
+
+    /// Bytes of the routed experts' `up` and `down` stacks (every expert).
+    pub(crate) fn routed_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        bytes(&self.up) + bytes(&self.down)
+    }
+
+    /// The part of `all` (a quantity summed over the stacked experts, which are all the same
+    /// size) that belongs to the `top_k` experts one token is sent to.
+    pub(crate) fn per_token(&self, all: usize) -> usize {
+        let experts = self.up.dim(0).unwrap_or(1).max(1);
+        all / experts * self.top_k.min(experts)
+    }
+
     pub(crate) fn tensors(&self) -> impl Iterator<Item = &Tensor> {
         [&self.router, &self.up, &self.down]
             .into_iter()
