@@ -1079,6 +1079,68 @@ def save_granite_moe_variant(name: str, gguf_path: Path, ref: dict) -> dict:
             "llama_oneshot_vs_variant_prefill": sig(d1), "llama_step_vs_variant_decode": sig(d2)}
 
 
+# Expert tensors quantized by llama-quantize, everything else kept f32 (--tensor-type overrides): the experts whose
+# rows are whole blocks (gate/up: H = 32 columns; down has I = 16 and stays f32).
+MOE_QUANT = ["Q8_0", "Q4_0"]
+MOE_F32_KEEP = ["ssm_in", "ssm_out", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_shexp", "ffn_up_shexp",
+                "ffn_down_shexp", "ffn_down_exps", "ffn_gate_inp"]
+
+
+@torch.no_grad()
+def build_moe_quant(name: str, f32_path: Path, ref: dict) -> list:
+    """tests/fixtures/gguf/moe/<name>.<type>.gguf (llama-quantize, experts only) and its reference: HF's model (the
+    file's semantics: NoPE Granite) with every quantized expert tensor replaced by gguf-py's exact dequantization,
+    f32 prefill and decode through HF's cache; llama.cpp's distances to it (it also quantizes the activations)."""
+    import hybrid_fixtures as hfx
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = MOE / name / "hf"
+    hcfg = AutoConfig.from_pretrained(hf)
+    if hcfg.model_type == "granitemoehybrid":
+        hcfg.position_embedding_type = "nope"
+    ids, p = ref["input_ids"], int(ref["prefill_len"][0])
+    out = []
+    for qtype in MOE_QUANT:
+        path = OUT / "moe" / f"{name}.{qtype.lower()}.gguf"
+        keep = [a for t in MOE_F32_KEEP for a in ("--tensor-type", f"{t}=f32")]
+        sh(["nice", "-n", "10", Path(TOOLS["LLAMA_BIN"]) / "llama-quantize", "--token-embedding-type", "f32",
+            "--output-tensor-type", "f32", *keep, f32_path, path, qtype, "2"])
+        model = AutoModelForCausalLM.from_pretrained(hf, config=hcfg).eval()
+        unquantized = hfx.run_prefill(model, ids)
+        params = dict(model.named_parameters())
+        quantized = []
+        for t in gguf.GGUFReader(str(path)).tensors:
+            if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                continue
+            w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+            layer = int(t.name.split(".")[1])
+            quantized.append(f"{t.name} {t.tensor_type.name}")
+            if hcfg.model_type == "granitemoehybrid":
+                gate_up = params[f"model.layers.{layer}.block_sparse_moe.experts.gate_up_proj"]
+                i = gate_up.shape[1] // 2
+                half = {"ffn_gate_exps.weight": 0, "ffn_up_exps.weight": 1}[t.name.split(".", 2)[2]]
+                gate_up[:, half * i:(half + 1) * i, :] = w
+            else:
+                assert t.name.endswith("ffn_up_exps.weight"), t.name
+                params[f"model.layers.{layer}.mixer.experts.up_proj"].copy_(w)
+        prefill = hfx.run_prefill(model, ids)
+        decode, _ = hfx.run_decode(model, ids, p)
+        reference = OUT / "moe" / f"{name}.{qtype.lower()}.reference.safetensors"
+        save_reference(reference, {"input_ids": ids.contiguous(), "prefill_len": ref["prefill_len"].contiguous(),
+                                   "logits_prefill": prefill.contiguous(), "logits_decode": decode.contiguous()},
+                       {"generator": GENERATOR, "reference": "HF with the file's expert tensors exactly dequantized "
+                        "(gguf.quants.dequantize)" + (", position_embedding_type nope" if "granite" in name else "")})
+        d1 = d2 = 0.0
+        for b in range(ids.shape[0]):
+            d1 = max(d1, max_abs(torch.from_numpy(llama_logits(path, ids[b].tolist())), prefill[b]))
+            d2 = max(d2, max_abs(torch.from_numpy(llama_logits(path, ids[b].tolist(), step=p)), decode[b]))
+        out.append({"gguf": f"moe/{path.name}", "bytes": path.stat().st_size, "sha256": sha256(path),
+                    "reference": f"moe/{reference.name}", "quantized_tensors": quantized,
+                    "reference_vs_unquantized_prefill": sig(max_abs(prefill, unquantized)),
+                    "llama_oneshot_vs_reference_prefill": sig(d1), "llama_step_vs_reference_decode": sig(d2)})
+    return out
+
+
 def falcon_h1_as_llama_runs_it(name: str, cfg: dict):
     """The HF Falcon-H1 model that a converted GGUF holds (llama.cpp's semantics), and what was changed: llama.cpp
     always gates, then normalises (no mamba_norm_before_gate), and for a tied model the converter multiplies token_embd
@@ -1250,6 +1312,7 @@ def build_hybrid(name: str, vers: dict) -> dict:
     variant_ref = save_falcon_variant(name, cfg, out, ref) if cfg["model_type"] == "falcon_h1" else None
     if moe and cfg["model_type"] == "granitemoehybrid" and llama_error is None:
         variant_ref = save_granite_moe_variant(name, out, ref)
+    quantized = build_moe_quant(name, out, ref) if moe and llama_error is None else None
     return {
         "hf_class": cfg["architectures"][0],
         "note": HYBRID_NOTES.get(name, ""),
@@ -1271,6 +1334,7 @@ def build_hybrid(name: str, vers: dict) -> dict:
         **({"llama_cpp_error": llama_error} if llama_error else {}),
         **({"difference_analysis": explain} if explain else {}),
         **({"variant_reference": variant_ref} if variant_ref else {}),
+        **({"quantized_experts": quantized} if quantized else {}),
         "converter_warnings": warnings,
         "metadata": md,
         "metadata_arrays": arrays,
