@@ -22,11 +22,13 @@ mod hybrid_gguf;
 mod support_gguf;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use common::max_abs_diff;
 use hybrid_gguf::{decode, root};
 use mamba2::config::{ConfigFlavor, MoeRouter};
 use mamba2::gguf::{GgufError, GgufFile, GgufTensorInfo, GgufValue};
+use mamba2::pipeline::{LoadOptions, TextGenerator, TextOptions};
+use mamba2::session::CancelToken;
 use mamba2::{Error, Mamba2Config, Mamba2Model};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -229,6 +231,48 @@ fn grouped_file_with_a_dense_layer_is_a_missing_tensor() {
             );
         }
         other => panic!("expected a missing tensor, got {:?}", other.err()),
+    }
+}
+
+/// `mamba2 generate --model <file>.gguf` on a MoE file: `TextGenerator::load` builds tokenizer
+/// and model from the file alone; each greedy token is the argmax of the model's logits.
+#[test]
+fn text_generator_loads_moe_ggufs() {
+    for name in [GRANITE, FLAT] {
+        let path = gguf_path(name);
+        let gen = TextGenerator::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
+        assert!(gen.model().config().moe.is_some(), "{name}");
+        let mut session = gen.new_session().unwrap();
+        let opts = TextOptions {
+            max_new_tokens: 5,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let summary = gen
+            .generate(
+                &mut session,
+                "hello world",
+                &opts,
+                &CancelToken::new(),
+                |_| std::ops::ControlFlow::Continue(()),
+            )
+            .unwrap();
+        assert_eq!(summary.tokens.len(), 5, "{name}");
+        let all = session.tokens().to_vec();
+        let p = all.len() - 5;
+        let ids = Tensor::new(all.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = gen.model().forward(&ids, None).unwrap();
+        for k in 0..5 {
+            let best = logits.i((0, p - 1 + k)).unwrap().argmax(0).unwrap();
+            assert_eq!(
+                best.to_scalar::<u32>().unwrap(),
+                summary.tokens[k],
+                "{name}: token {k}"
+            );
+        }
     }
 }
 
