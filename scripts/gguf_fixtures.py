@@ -1125,7 +1125,7 @@ def build_moe_quant(name: str, f32_path: Path, ref: dict) -> list:
                 params[f"model.layers.{layer}.mixer.experts.up_proj"].copy_(w)
         prefill = hfx.run_prefill(model, ids)
         decode, _ = hfx.run_decode(model, ids, p)
-        reference = OUT / "moe" / f"{name}.{qtype.lower()}.reference.safetensors"
+        reference = OUT / "moe" / f"{name}.{qtype.lower()}.hf.safetensors"
         save_reference(reference, {"input_ids": ids.contiguous(), "prefill_len": ref["prefill_len"].contiguous(),
                                    "logits_prefill": prefill.contiguous(), "logits_decode": decode.contiguous()},
                        {"generator": GENERATOR, "reference": "HF with the file's expert tensors exactly dequantized "

@@ -392,7 +392,7 @@ fn quantized_expert_files_match_hf_with_dequantized_experts() {
                 .count();
             assert!(n >= 2, "{name}.{q}: {n} quantized tensors");
             let r = candle_core::safetensors::load(
-                dir.join(format!("{name}.{q}.reference.safetensors")),
+                dir.join(format!("{name}.{q}.hf.safetensors")),
                 &Device::Cpu,
             )
             .unwrap();
@@ -467,6 +467,17 @@ fn wrong_expert_stack_shapes_are_typed_errors() {
         vec![7, 16, 32],
         "the up half, which disagrees with the gate half"
     );
+    // Gate and up flattened to 2-D (experts x rows, cols): the same values, not a stack.
+    let flat = rewrite(&open(GRANITE), same_kv, |t, bytes| {
+        let mut dims: Vec<u64> = t.dims.iter().map(|&d| d as u64).collect();
+        if t.name.starts_with("blk.1.ffn_gate_exps") || t.name.starts_with("blk.1.ffn_up_exps") {
+            dims = vec![dims[0], dims[1] * dims[2]];
+        }
+        Some((dims, t.ty.id(), bytes.to_vec()))
+    });
+    let (name, got) = shape_error(build(&flat, DType::F32));
+    assert_eq!(name, "model.layers.1.block_sparse_moe.input_linear.weight");
+    assert_eq!(got, vec![128, 64]);
     let f = rewrite(&open(FLAT), same_kv, short("blk.3.ffn_up_exps.weight"));
     let (name, got) = shape_error(build(&f, DType::F32));
     assert_eq!(name, "backbone.layers.3.mixer.experts.up_proj");

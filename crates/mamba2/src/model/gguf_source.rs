@@ -295,8 +295,8 @@ impl TensorSource for GgufSource<'_> {
         let stacked = stacked_shape(&parts, axis);
         let n: usize = parts.iter().map(|p| p.info.elem_count()).sum();
         // Other tensors may differ from the canonical shape by unit axes or a regrouping (conv,
-        // norm, D); expert stacks (3-D in the file) must match exactly.
-        let exact = parts.iter().any(|p| p.info.dims.len() == 3);
+        // norm, D); expert stacks (3-D in the file, or joined per expert) must match exactly.
+        let exact = axis > 0 || parts.iter().any(|p| p.info.dims.len() == 3);
         if n != shape.iter().product::<usize>() || (exact && stacked.as_deref() != Some(shape)) {
             return Err(shape_err(name, shape, reported_shape(&parts, axis)));
         }
