@@ -2,7 +2,7 @@
 # Runs the CUDA test binaries and model benchmarks on the device machine (see ../README.md and
 # ../../../../shared/tools/CUDA.md): binaries carried as .carry/bins.tar.xz (bin/mamba2, the
 # cuda_* test executables and bin/candle-transformers-mamba2-bench), logs to $OUT. Usage:
-# device_run.sh MODE... with MODE tests|hybops|hybfix|hyb8b|quick|lin|ab5|ncufull|bench13|bench27|ab13|ab16|ncu|ncu16|b16ct13|ct16|all13|all27 (all*: every engine, one shape;
+# device_run.sh MODE... with MODE tests|hybops|hybfix|hyb8b|moe|quant|quick|lin|ab5|ncufull|bench13|bench27|ab13|ab16|ncu|ncu16|b16ct13|ct16|all13|all27 (all*: every engine, one shape;
 # HF needs .carry/pylib from fetch_mamba_ssm_triton.sh for mamba_ssm's Triton kernels)
 set -u
 OUT=${OUT:-/tmp/out}
@@ -67,6 +67,15 @@ ab13)  # decode layouts of the captured step, 1.3b batch 1 (short prefill: decod
     done ;;
 bench27)
     bench 2.7b 1; bench 2.7b 16 ;;
+moe)  # the MoE ops' CUDA parity tests, then granite-4.0-h-tiny (MoE, 64 experts, top 6) decode
+    unit_tests cuda_moe
+    PREFILL=512 bench granite-4.0-h-tiny 1 ;;
+quant)  # quantized ops on CUDA, the llama.cpp-made GGUF fixtures end to end, then 1.3b decode
+       # at batch 1 in bf16, Q8_0 and Q4_K (short prompt: decode is compared)
+    unit_tests cuda_quantized
+    timeout 300 python3 kernels/cuda/bench/gguf_cuda.py $B/mamba2 > "$OUT/gguf_cuda.log" 2>&1
+    echo "gguf_cuda: exit $?"; grep -v "^ok" "$OUT/gguf_cuda.log" | tail -8
+    for q in "" q8_0 q4_k; do PREFILL=64 bench 1.3b 1 ${q:+--quantize $q}; done ;;
 hybfix)  # the HF fixtures (Mamba-2 and hybrid) end to end, f32 and bf16
     timeout 400 python3 kernels/cuda/bench/fixtures_cuda.py $B/mamba2 f32 bf16 > "$OUT/fixtures.log" 2>&1
     echo "fixtures: exit $?"; grep -v "^ok" "$OUT/fixtures.log" | tail -12 ;;

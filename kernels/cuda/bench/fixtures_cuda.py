@@ -1,4 +1,5 @@
-"""The committed HF fixtures (tests/fixtures/* and the hybrid families' tests/fixtures/hybrid/*)
+"""The committed HF fixtures (tests/fixtures/*, the hybrid families' tests/fixtures/hybrid/* and the
+MoE hybrids' tests/fixtures/moe/*)
 end to end on CUDA through the CLI: `mamba2 logits --device cuda` for both checkpoint layouts
 and f32/bf16/f16, against HF's f32 logits (prefill path and prefill-then-step path), with the
 tolerances of tests/hf_fixtures.rs and tests/hybrid_fixtures.rs (hybrids: f32 and bf16 only).
@@ -20,6 +21,8 @@ def main():
     cases = [("tests/fixtures", c, ("hf", "ssm"), TOL) for c in sorted(os.listdir("tests/fixtures"))]
     cases += [("tests/fixtures/hybrid", c, ("hf", "hub"), TOL_HYBRID)
               for c in sorted(os.listdir("tests/fixtures/hybrid"))]
+    cases += [("tests/fixtures/moe", c, ("hf", "hub"), TOL_HYBRID)  # as tests/moe_fixtures.rs
+              for c in sorted(os.listdir("tests/fixtures/moe"))]
     for root, case, layouts, tols in cases:
         ref_path = os.path.join(root, case, "reference.safetensors")
         if not os.path.exists(ref_path):
