@@ -1,6 +1,6 @@
 //! Plumbing shared by the CUDA fast paths: device pointers of Candle tensors, stride checks,
-//! module loading (PTX built by `build.rs`, cached per device by Candle) and kernel launches on
-//! the device's stream. Nothing here synchronises with the host.
+//! module loading (PTX built by `mamba2-kernels`, cached per device by Candle) and kernel
+//! launches on the device's stream. Nothing here synchronises with the host.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -11,10 +11,9 @@ use candle_core::{DType, Device, Shape, Storage, Tensor};
 use std::sync::Arc;
 use std::sync::OnceLock;
 
-/// PTX of `kernels/cuda/*.cu`, one `&str` per file (`CONV1D`, `SSD`, ...).
-pub(crate) mod ptx {
-    include!(concat!(env!("OUT_DIR"), "/cuda_ptx.rs"));
-}
+/// PTX of `kernels/cuda/*.cu`, one `&str` per file (`CONV1D`, `SSD`, ...), built by the
+/// `mamba2-kernels` crate.
+pub(crate) use mamba2_kernels::ptx;
 
 pub(crate) type Result<T> = candle_core::Result<T>;
 

@@ -1,6 +1,7 @@
-//! CUDA fast paths of the ops, kernels in `kernels/cuda/*.cu` (compiled to PTX by `build.rs`,
-//! launched on the Candle device's stream). Each function returns `Ok(None)` when its
-//! preconditions do not hold, and the dispatcher then falls back to the reference.
+//! CUDA fast paths of the ops, kernels in `kernels/cuda/*.cu` (compiled to PTX by the
+//! `mamba2-kernels` build script, launched on the Candle device's stream). Each function
+//! returns `Ok(None)` when its preconditions do not hold, and the dispatcher then falls back to
+//! the reference.
 
 mod attention;
 mod blas;

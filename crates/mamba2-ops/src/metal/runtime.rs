@@ -1,5 +1,5 @@
 //! [`MetalExecutor`]: the kernel libraries (compiled once per device from the embedded
-//! `kernels/metal/*.metal` sources), a pipeline cache keyed by function name, output
+//! sources of `mamba2_kernels::metal`), a pipeline cache keyed by function name, output
 //! allocation, and one [`DispatchPlan`] encoded as one dispatch on Candle's command encoder of
 //! the device (so our kernels are ordered with Candle's own, with the encoder's hazard tracking
 //! seeing which buffers we read and write).
@@ -12,50 +12,6 @@ use candle_metal_kernels::metal::{ComputePipeline, Library};
 use objc2_metal::MTLSize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-
-/// The `.metal` files by the names the plans use, embedded at build time.
-const SOURCES: [(&str, &str); 10] = [
-    (
-        "conv1d.metal",
-        include_str!("../../../../kernels/metal/conv1d.metal"),
-    ),
-    (
-        "ssd.metal",
-        include_str!("../../../../kernels/metal/ssd.metal"),
-    ),
-    (
-        "state_update.metal",
-        include_str!("../../../../kernels/metal/state_update.metal"),
-    ),
-    (
-        "rms_norm.metal",
-        include_str!("../../../../kernels/metal/rms_norm.metal"),
-    ),
-    (
-        "decode_step.metal",
-        include_str!("../../../../kernels/metal/decode_step.metal"),
-    ),
-    (
-        "attention.metal",
-        include_str!("../../../../kernels/metal/attention.metal"),
-    ),
-    (
-        "rotary.metal",
-        include_str!("../../../../kernels/metal/rotary.metal"),
-    ),
-    (
-        "activation.metal",
-        include_str!("../../../../kernels/metal/activation.metal"),
-    ),
-    (
-        "matvec.metal",
-        include_str!("../../../../kernels/metal/matvec.metal"),
-    ),
-    (
-        "embedding.metal",
-        include_str!("../../../../kernels/metal/embedding.metal"),
-    ),
-];
 
 /// Libraries and pipelines of one device. A library is compiled on the first use of one of its
 /// kernels; a missing function (the bf16 variants on a compiler older than MSL 3.1) is
@@ -102,10 +58,7 @@ impl MetalExecutor {
             return Ok(p.clone());
         }
         if !k.libraries.contains_key(library) {
-            let text = SOURCES
-                .iter()
-                .find(|(n, _)| *n == library)
-                .map(|(_, t)| *t)
+            let text = mamba2_kernels::metal::source(library)
                 .ok_or_else(|| candle_core::Error::msg(format!("no kernel library {library}")))?;
             let lib = crate::metal_support::new_library(&self.device, text)
                 .map_err(|e| candle_core::Error::msg(format!("compiling {library}: {e}")))?;

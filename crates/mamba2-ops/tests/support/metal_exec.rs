@@ -64,16 +64,16 @@ impl HarnessExecutor {
     }
 }
 
-/// The compiled `.metal` file of `kernels/metal/` (compiled once per test process).
+/// The compiled `.metal` file of `mamba2_kernels::metal` (compiled once per test process).
 pub fn metal_library(file: &str) -> &'static Library {
     static LIBS: OnceLock<Mutex<HashMap<String, &'static Library>>> = OnceLock::new();
     let mut libs = LIBS.get_or_init(Default::default).lock().unwrap();
     libs.entry(file.to_string()).or_insert_with(|| {
-        let path = msl_harness::workspace_root()
-            .join("kernels/metal")
-            .join(file);
+        // The embedded source the shipped Metal executor compiles, not a file of the tree.
+        let source = mamba2_kernels::metal::source(file)
+            .unwrap_or_else(|| panic!("{file} is not a mamba2-kernels Metal source"));
         Box::leak(Box::new(
-            Library::compile(&[path]).unwrap_or_else(|e| panic!("{file}: {e}")),
+            Library::from_source(file, source).unwrap_or_else(|e| panic!("{file}: {e}")),
         ))
     })
 }
