@@ -4,6 +4,7 @@
 //! HF-transformers layout), run prefill and decode through the ops of [`mamba2_ops`], and generate
 //! text with streaming and cancellation.
 
+pub mod batch;
 pub mod cache;
 pub mod config;
 pub mod device;
