@@ -43,6 +43,7 @@ pub mod metal_params;
 pub mod metal_plan;
 pub mod metal_support;
 pub mod moe;
+pub mod moe_quantized;
 pub mod quantized;
 pub mod rms_norm;
 pub mod rotary;
@@ -84,9 +85,13 @@ pub use moe::{
     moe_experts, moe_experts_path, moe_experts_slow, moe_experts_with, moe_route, moe_route_slow,
     moe_route_with, ExpertActivation, ExpertsPath, MoeExpertsArgs, MoeRouteArgs, MoeRouting,
 };
+pub use moe_quantized::{
+    moe_experts_quantized, moe_experts_quantized_path, moe_experts_quantized_slow,
+    MoeQuantizedExpertsArgs, QuantizedExpert,
+};
 pub use quantized::{
     quantized_embedding, quantized_embedding_slow, quantized_linear, quantized_linear_slow,
-    quantized_linear_with, QuantizedMatrix,
+    quantized_linear_with, QuantizedMatrix, SharedBytes,
 };
 pub use rms_norm::{
     gated_rms_norm, gated_rms_norm_slow, gated_rms_norm_with, rms_norm_residual,

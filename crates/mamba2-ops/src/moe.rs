@@ -22,7 +22,7 @@ use crate::{linear, relu_squared, swiglu, Backend, OpError, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 const OP_ROUTE: &str = "moe_route";
-const OP_EXPERTS: &str = "moe_experts";
+pub(crate) const OP_EXPERTS: &str = "moe_experts";
 
 /// How the router turns logits into experts and gates.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -79,7 +79,7 @@ pub struct MoeExpertsArgs<'a> {
     pub activation: ExpertActivation,
 }
 
-fn param(op: &'static str, param: &'static str, message: String) -> OpError {
+pub(crate) fn param(op: &'static str, param: &'static str, message: String) -> OpError {
     OpError::Param { op, param, message }
 }
 
@@ -426,7 +426,25 @@ pub fn moe_experts_with(args: &MoeExpertsArgs<'_>, backend: Backend) -> Result<T
 /// [`moe_experts`] through the given path (both give the same result; for tests).
 pub fn moe_experts_path(args: &MoeExpertsArgs<'_>, path: ExpertsPath) -> Result<Tensor> {
     let (t, h, k, e, _) = validate_experts(args)?;
-    let ids = args.ids.flatten_all()?.to_vec1::<u32>()?;
+    let mlp = |xs: &Tensor, ex: usize| {
+        expert_mlp(xs, &args.up.get(ex)?, &args.down.get(ex)?, args.activation)
+    };
+    run_experts(args.x, args.ids, args.gates, (t, h, k, e), path, &mlp)
+}
+
+/// The routing shared by the dense and the block-quantized experts: `mlp(xs, e)` maps the rows
+/// `xs` `(n, hidden)` through expert `e`; the result `(tokens, hidden)` in x's dtype is the
+/// gate-weighted sum over each token's experts, accumulated in f32. Checks that every id is an
+/// expert.
+pub(crate) fn run_experts(
+    x: &Tensor,     // (tokens, hidden)
+    ids: &Tensor,   // (tokens, top_k) u32
+    gates: &Tensor, // (tokens, top_k) f32
+    (t, h, k, e): (usize, usize, usize, usize),
+    path: ExpertsPath,
+    mlp: &dyn Fn(&Tensor, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let ids = ids.flatten_all()?.to_vec1::<u32>()?;
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= e) {
         return Err(param(
             OP_EXPERTS,
@@ -434,18 +452,16 @@ pub fn moe_experts_path(args: &MoeExpertsArgs<'_>, path: ExpertsPath) -> Result<
             format!("expert id {bad} out of range (n_experts {e})"),
         ));
     }
-    let dev: &Device = args.x.device();
-    let gates = args.gates.flatten_all()?.to_vec1::<f32>()?;
+    let dev: &Device = x.device();
+    let gates = gates.flatten_all()?.to_vec1::<f32>()?;
     let out = match path {
         ExpertsPath::PerToken => {
             let mut rows = Vec::with_capacity(t);
             for tok in 0..t {
-                let xr = args.x.narrow(0, tok, 1)?; // (1, hidden)
+                let xr = x.narrow(0, tok, 1)?; // (1, hidden)
                 let mut acc = Tensor::zeros((1, h), DType::F32, dev)?;
                 for slot in 0..k {
-                    let ex = ids[tok * k + slot] as usize;
-                    let y =
-                        expert_mlp(&xr, &args.up.get(ex)?, &args.down.get(ex)?, args.activation)?;
+                    let y = mlp(&xr, ids[tok * k + slot] as usize)?; // (1, hidden)
                     acc = (acc
                         + y.to_dtype(DType::F32)?
                             .affine(gates[tok * k + slot] as f64, 0.0)?)?;
@@ -466,15 +482,15 @@ pub fn moe_experts_path(args: &MoeExpertsArgs<'_>, path: ExpertsPath) -> Result<
                 let g: Vec<f32> = m.iter().map(|p| p.1).collect();
                 let toks = Tensor::from_vec(toks, m.len(), dev)?;
                 let g = Tensor::from_vec(g, (m.len(), 1), dev)?;
-                let xs = args.x.index_select(&toks, 0)?; // (n, hidden)
-                let y = expert_mlp(&xs, &args.up.get(ex)?, &args.down.get(ex)?, args.activation)?; // (n, hidden)
+                let xs = x.index_select(&toks, 0)?; // (n, hidden)
+                let y = mlp(&xs, ex)?; // (n, hidden)
                 let y = y.to_dtype(DType::F32)?.broadcast_mul(&g)?;
                 acc = acc.index_add(&toks, &y, 0)?;
             }
             acc
         }
     };
-    Ok(out.to_dtype(args.x.dtype())?)
+    Ok(out.to_dtype(x.dtype())?)
 }
 
 /// Plain-tensor reference of [`moe_experts`], as HF's dense loop: every expert runs on every

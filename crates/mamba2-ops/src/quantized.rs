@@ -36,19 +36,43 @@ const OP_EMB: &str = "quantized_embedding";
 /// ```
 #[derive(Clone)]
 pub struct QuantizedMatrix {
-    inner: Arc<QTensor>,
+    blocks: Blocks,
     out_features: usize,
     in_features: usize,
+}
+
+/// Bytes owned elsewhere and shared by reference count, such as a memory-mapped GGUF file.
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// Where a matrix's blocks live.
+#[derive(Clone)]
+enum Blocks {
+    /// Candle's quantized storage (on any device).
+    Candle(Arc<QTensor>),
+    /// A byte range of a shared buffer on the host, read in place: a matrix-vector product on
+    /// the CPU touches only these bytes, so the pages of a memory-mapped file that no
+    /// computation reads are never loaded. Anything that needs Candle's storage (other
+    /// devices, Candle's kernels) gets a copy made on first use.
+    Shared {
+        owner: SharedBytes,
+        range: std::ops::Range<usize>,
+        ty: GgmlDType,
+        copy: Arc<std::sync::OnceLock<Arc<QTensor>>>,
+    },
 }
 
 impl std::fmt::Debug for QuantizedMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "QuantizedMatrix({:?}, {} x {})",
-            self.inner.dtype(),
+            "QuantizedMatrix({:?}, {} x {}{})",
+            self.ggml_dtype(),
             self.out_features,
-            self.in_features
+            self.in_features,
+            match self.blocks {
+                Blocks::Candle(_) => "",
+                Blocks::Shared { .. } => ", shared bytes",
+            }
         )
     }
 }
@@ -80,10 +104,87 @@ impl QuantizedMatrix {
             });
         }
         Ok(Self {
-            inner: q,
+            blocks: Blocks::Candle(q),
             out_features,
             in_features,
         })
+    }
+
+    /// A matrix `(out_features, in_features)` of `ty` blocks stored in `owner[range]` on the host
+    /// (row-major, whole blocks per row, as GGUF stores them), read in place without a copy.
+    /// Errors when the range is outside the buffer, its length is not what the shape needs, or
+    /// `in_features` is not a multiple of the block size.
+    ///
+    /// ```
+    /// use candle_core::{quantized::GgmlDType, Device, Tensor};
+    /// use mamba2_ops::{quantized_linear, QuantizedMatrix, SharedBytes};
+    /// use std::sync::Arc;
+    /// let w = Tensor::randn(0f32, 1.0, (4, 64), &Device::Cpu)?;
+    /// let owned = QuantizedMatrix::quantize(&w, GgmlDType::Q8_0)?;
+    /// let bytes: SharedBytes = Arc::new(owned.data()?.into_owned());
+    /// let len = bytes.as_ref().as_ref().len();
+    /// let shared = QuantizedMatrix::from_shared_bytes(bytes, 0..len, GgmlDType::Q8_0, 4, 64)?;
+    /// let x = Tensor::randn(0f32, 1.0, (1, 64), &Device::Cpu)?;
+    /// let d = (quantized_linear(&x, &shared, None)? - quantized_linear(&x, &owned, None)?)?;
+    /// assert_eq!(d.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+    /// # Ok::<(), mamba2_ops::OpError>(())
+    /// ```
+    pub fn from_shared_bytes(
+        owner: SharedBytes,
+        range: std::ops::Range<usize>,
+        ty: GgmlDType,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Self> {
+        let bad = |expected: String| OpError::Shape {
+            op: OP,
+            arg: "weight",
+            got: vec![out_features, in_features],
+            expected,
+        };
+        let bs = ty.block_size();
+        if in_features % bs != 0 {
+            return Err(bad(format!(
+                "in_features a multiple of {}'s block size {bs}",
+                type_name(ty)
+            )));
+        }
+        let need = out_features
+            .checked_mul(in_features / bs)
+            .and_then(|b| b.checked_mul(ty.type_size()));
+        let have = (*owner).as_ref().len();
+        if range.start > range.end || range.end > have || need != Some(range.len()) {
+            return Err(bad(format!(
+                "{} bytes of {} blocks inside the buffer (range {range:?} of {have} bytes)",
+                need.map_or("more".to_string(), |n| n.to_string()),
+                type_name(ty)
+            )));
+        }
+        Ok(Self {
+            blocks: Blocks::Shared {
+                owner,
+                range,
+                ty,
+                copy: Default::default(),
+            },
+            out_features,
+            in_features,
+        })
+    }
+
+    /// The blocks' bytes, row-major (borrowed for shared bytes and CPU storage).
+    pub fn data(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        match &self.blocks {
+            Blocks::Candle(q) => Ok(q.data()?),
+            Blocks::Shared { owner, range, .. } => Ok(std::borrow::Cow::Borrowed(
+                &(**owner).as_ref()[range.clone()],
+            )),
+        }
+    }
+
+    /// Whether the blocks are read in place from shared bytes ([`Self::from_shared_bytes`]).
+    pub fn is_shared_bytes(&self) -> bool {
+        matches!(self.blocks, Blocks::Shared { .. })
     }
 
     /// Quantizes a float matrix `(out_features, in_features)` to `ty` on the matrix's device.
@@ -113,7 +214,7 @@ impl QuantizedMatrix {
         if self.device().same_device(device) {
             return Ok(self.clone());
         }
-        let bytes = self.inner.data()?;
+        let bytes = self.data()?;
         let storage =
             candle_core::quantized::QStorage::from_data(bytes, device, self.ggml_dtype())?;
         Self::new(QTensor::new(
@@ -132,27 +233,50 @@ impl QuantizedMatrix {
 
     /// The block format.
     pub fn ggml_dtype(&self) -> GgmlDType {
-        self.inner.dtype()
+        match &self.blocks {
+            Blocks::Candle(q) => q.dtype(),
+            Blocks::Shared { ty, .. } => *ty,
+        }
     }
 
     /// Bytes of the quantized blocks: what a matrix-vector product reads.
     pub fn storage_bytes(&self) -> usize {
-        self.inner.storage_size_in_bytes()
+        match &self.blocks {
+            Blocks::Candle(q) => q.storage_size_in_bytes(),
+            Blocks::Shared { range, .. } => range.len(),
+        }
     }
 
     /// Device of the blocks.
     pub fn device(&self) -> Device {
-        self.inner.device()
+        match &self.blocks {
+            Blocks::Candle(q) => q.device(),
+            Blocks::Shared { .. } => Device::Cpu,
+        }
     }
 
     /// The exact f32 values the blocks encode, `(out_features, in_features)` on `device`.
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
-        Ok(self.inner.dequantize(device)?)
+        Ok(self.qtensor()?.dequantize(device)?)
     }
 
-    /// The underlying `QTensor`.
-    pub fn qtensor(&self) -> &Arc<QTensor> {
-        &self.inner
+    /// The blocks as Candle's `QTensor` (for shared bytes, a copy made once and kept).
+    pub fn qtensor(&self) -> Result<Arc<QTensor>> {
+        match &self.blocks {
+            Blocks::Candle(q) => Ok(q.clone()),
+            Blocks::Shared { ty, copy, .. } => {
+                if let Some(q) = copy.get() {
+                    return Ok(q.clone());
+                }
+                let storage =
+                    candle_core::quantized::QStorage::from_data(self.data()?, &Device::Cpu, *ty)?;
+                let q = Arc::new(QTensor::new(
+                    storage,
+                    (self.out_features, self.in_features),
+                )?);
+                Ok(copy.get_or_init(|| q).clone())
+            }
+        }
     }
 }
 
@@ -251,7 +375,7 @@ pub fn quantized_linear_with(
         .to_dtype(DType::F32)?
         .reshape((rows, w.in_features))?
         .contiguous()?; // (rows, in_features)
-    let mut y = QMatMul::QTensor(w.inner.clone()).forward(&x2)?; // (rows, out_features) f32
+    let mut y = QMatMul::QTensor(w.qtensor()?).forward(&x2)?; // (rows, out_features) f32
     if x.device().is_cpu() {
         crate::cpu::record_fast_path(OP);
     }
@@ -335,7 +459,7 @@ pub fn quantized_embedding(ids: &Tensor, table: &QuantizedMatrix, dtype: DType) 
     if !is_block_format(table.ggml_dtype()) {
         return quantized_embedding_slow(ids, table, dtype);
     }
-    let rows = table.inner.embedding(ids)?.to_dtype(dtype)?; // (..., dim)
+    let rows = table.qtensor()?.embedding(ids)?.to_dtype(dtype)?; // (..., dim)
     if ids.device().is_cpu() {
         crate::cpu::record_fast_path(OP_EMB);
     }

@@ -45,6 +45,7 @@ fn check(
         dtype,
     );
     let b = bias.then(|| randn(rng, &[out_f], dtype));
+    support::init_options();
     let before = fast_path_count("quantized_linear");
     let fast = quantized_linear(&x, &q, b.as_ref()).unwrap();
     assert_eq!(
@@ -323,7 +324,7 @@ fn q8_0_vnni_dot_equals_candles() {
     for k in [32, 64, 96, 768, 1536, 2048] {
         let w = QuantizedMatrix::quantize(&randn(&mut rng, &[1, k], DType::F32), GgmlDType::Q8_0)
             .unwrap();
-        let bytes = w.qtensor().data().unwrap().to_vec();
+        let bytes = w.data().unwrap().to_vec();
         let x = flat(&randn(&mut rng, &[k], DType::F32));
         let Some((vnni, candle)) = mamba2_ops::q8_0_dot_both(&bytes, &x) else {
             eprintln!("no AVX-512 VNNI here: the Candle side is covered by the other tests");

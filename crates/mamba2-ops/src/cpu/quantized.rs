@@ -52,7 +52,7 @@ pub(crate) fn quantized_linear(x: &Tensor, w: &QuantizedMatrix) -> Result<Option
         return Ok(None);
     }
     if rows > MAX_ROWS && w.ggml_dtype() == GgmlDType::Q8_0 && q8_0_gemm() {
-        let data = w.qtensor().data()?;
+        let data = w.data()?;
         if let Some(wb) = blocks::<BlockQ8_0>(&data, n, k) {
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?; // (rows * k)
             let y = super::quantized_gemm::gemm_q8_0(&xs, wb, rows, k, n);
@@ -71,7 +71,7 @@ pub(crate) fn quantized_linear(x: &Tensor, w: &QuantizedMatrix) -> Result<Option
         ));
     }
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?; // (rows * in_features)
-    let data = w.qtensor().data()?;
+    let data = w.data()?;
     let out = match w.ggml_dtype() {
         GgmlDType::Q8_0 if q8_0_vnni() => {
             matvec_with::<BlockQ8_0>(&xs, &data, rows, k, n, |k, w, x| {
@@ -116,7 +116,7 @@ fn blocks<T: GgmlType>(bytes: &[u8], n: usize, k: usize) -> Option<&[T]> {
 /// The exact f32 values of `w`'s blocks, `(out_features, in_features)`, decoded in parallel.
 fn dequantize(w: &QuantizedMatrix) -> Result<Option<Tensor>> {
     let (k, n) = (w.in_features(), w.out_features());
-    let data = w.qtensor().data()?;
+    let data = w.data()?;
     let v = match w.ggml_dtype() {
         GgmlDType::Q8_0 => decode_blocks::<BlockQ8_0>(&data, n, k),
         GgmlDType::Q4_0 => decode_blocks::<BlockQ4_0>(&data, n, k),

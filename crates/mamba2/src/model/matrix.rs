@@ -95,7 +95,7 @@ impl Matrix {
                 let mut device = candle_core::Device::Cpu;
                 for m in &parts {
                     if let Matrix::Quantized(q) = m {
-                        bytes.extend_from_slice(&q.qtensor().data()?);
+                        bytes.extend_from_slice(&q.data()?);
                         rows += q.out_features();
                         device = q.device();
                     }
