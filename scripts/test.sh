@@ -19,3 +19,18 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+
+# The run above takes the best CPU tier this machine has (AVX-512 where present). Each lower
+# x86-64 tier is forced in turn (MAMBA2_CPU_TIER, read by the test harnesses) for the CPU op
+# parity tests and the HF fixtures, so the AVX2 kernels and the portable ones are tested too.
+# The test binaries are already built: this only runs them (about a minute per tier).
+tiers=(generic)
+if grep -qw avx512f /proc/cpuinfo 2>/dev/null && grep -qw avx2 /proc/cpuinfo; then
+  tiers=(avx2 generic)
+fi
+for tier in "${tiers[@]}"; do
+  echo "== CPU tier $tier"
+  MAMBA2_CPU_TIER=$tier cargo test -p mamba2-ops --test cpu_parity --test cpu_linear \
+    --test cpu_quantized --test cpu_attention --test cpu_rotary_mlp
+  MAMBA2_CPU_TIER=$tier cargo test -p mamba2-rs --test hf_fixtures
+done

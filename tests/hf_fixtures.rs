@@ -74,6 +74,7 @@ fn decode_path(model: &Mamba2Model, ids: &Tensor, p: usize) -> (Tensor, mamba2::
 }
 
 fn check_layout(dir: &Path, layout: &str, dtype: DType) {
+    common::init_kernel_options();
     let r = reference(dir);
     let files = mamba2::hub::resolve_model(dir.join(layout).to_str().unwrap(), &Default::default())
         .unwrap();

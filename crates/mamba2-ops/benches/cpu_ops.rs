@@ -177,6 +177,9 @@ fn bench_quantized() {
 }
 
 fn main() {
+    // The bench is an edge: the kernel switches (`MAMBA2_CPU_*`) come from the environment.
+    let opts = mamba2_ops::options::KernelOptions::from_env().unwrap_or_else(|e| panic!("{e}"));
+    mamba2_ops::options::set_process_options(opts).expect("set once");
     if std::env::args().any(|a| a == "quantized") {
         bench_quantized();
         return;

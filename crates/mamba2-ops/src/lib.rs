@@ -44,6 +44,7 @@ pub mod metal_plan;
 pub mod metal_support;
 pub mod moe;
 pub mod moe_quantized;
+pub mod options;
 pub mod quantized;
 pub mod rms_norm;
 pub mod rotary;
@@ -62,9 +63,9 @@ pub use conv1d::{
     conv_states_varlen_with, Conv1dArgs,
 };
 #[doc(hidden)]
-pub use cpu::fast_path_count;
-#[doc(hidden)]
 pub use cpu::quantized::{q8_0_dot_both, q8_0_prefill_rounds_activations};
+#[doc(hidden)]
+pub use cpu::{fast_path_count, fast_path_tier};
 #[cfg(feature = "cuda")]
 pub use cuda::launch_count as cuda_launch_count;
 /// A decode step captured as one CUDA graph (see the module docs of `cuda/graph.rs`).

@@ -42,6 +42,7 @@ fn tol(dtype: DType) -> (f32, f32) {
 /// Runs `f` and checks it took the CPU fast path of `causal_attention` exactly `n` times.
 #[track_caller]
 fn fast<T>(n: usize, f: impl FnOnce() -> T) -> T {
+    support::init_options();
     let before = fast_path_count("causal_attention");
     let out = f();
     assert_eq!(

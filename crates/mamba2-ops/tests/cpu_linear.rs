@@ -79,6 +79,7 @@ fn check(rng: &mut StdRng, c: &Case) {
                                        // Scaled so that the outputs are of magnitude ~1 whatever in_f.
         let w = rand_t(rng, &[c.out_f, c.in_f], (3.0 / c.in_f as f32).sqrt(), dtype); // (out_f, in_f)
         let b = c.bias.then(|| rand_t(rng, &[c.out_f], 1.0, dtype)); // (out_f)
+        support::init_options();
         let before = fast_path_count("linear");
         let y = linear(&x, &w, b.as_ref()).unwrap(); // (..., out_f)
         assert_eq!(
@@ -86,6 +87,7 @@ fn check(rng: &mut StdRng, c: &Case) {
             1,
             "{c:?} {dtype:?}: fast path not taken"
         );
+        support::assert_tier("linear");
         let mut want_dims = x.dims().to_vec();
         *want_dims.last_mut().unwrap() = c.out_f;
         assert_eq!(y.dims(), &want_dims[..], "{c:?} {dtype:?}: output shape");

@@ -32,9 +32,13 @@ fn tol(dtype: DType) -> (f32, f32) {
 /// Runs `f` and checks it took the CPU fast path of `op` exactly `n` times.
 #[track_caller]
 fn fast<T>(op: &str, n: usize, f: impl FnOnce() -> T) -> T {
+    support::init_options();
     let before = fast_path_count(op);
     let out = f();
     assert_eq!(fast_path_count(op) - before, n, "{op}: fast path calls");
+    if n > 0 {
+        support::assert_tier(op);
+    }
     out
 }
 

@@ -19,12 +19,13 @@ fn fused_decode_step_matches_composed_ops() {
     }
     // Both layouts of the kernel: one block per head, and heads split over up to 4 blocks
     // where batch x heads is below the SM count; and both variants, `n128` (the default for
-    // d_state <= 128) and the general one (both switches are read at every launch).
-    for (split, n128) in [("1", "1"), ("4", "1"), ("1", "0")] {
-        std::env::set_var("MAMBA2_CUDA_STEP_SPLIT", split);
-        std::env::set_var("MAMBA2_CUDA_STEP_N128", n128);
+    // d_state <= 128) and the general one (both options are read at every launch).
+    for (split, n128) in [(1, true), (4, true), (1, false)] {
+        let mut opts = mamba2_ops::options::current_options();
+        opts.cuda.step_split = Some(split);
+        opts.cuda.step_n128 = n128;
         println!("blocks per head: up to {split}, n128 variant: {n128}");
-        check_cases();
+        mamba2_ops::options::with_options(&opts, check_cases);
     }
 }
 

@@ -135,7 +135,12 @@ fn linear_views_and_fallbacks() {
 #[ignore]
 fn bench_linear_vs_cublas() {
     let Some(dev) = cuda() else { return };
-    std::env::remove_var("MAMBA2_CUDA_POISON");
+    let mut opts = mamba2_ops::options::current_options();
+    opts.cuda.poison = false;
+    mamba2_ops::options::with_options(&opts, || bench_linear(&dev));
+}
+
+fn bench_linear(dev: &Device) {
     let mut rng = StdRng::seed_from_u64(10);
     let time = |f: &dyn Fn()| {
         for _ in 0..5 {

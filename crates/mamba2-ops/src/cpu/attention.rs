@@ -47,6 +47,7 @@
 use super::common::{exp_f32, gemm_f32, view, with_scratch, OutPtr, OutVec, View};
 use super::linear::Isa;
 use crate::attention::AttnDims;
+use crate::options::{current_options, Prefetch};
 use crate::{AttentionArgs, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -90,6 +91,9 @@ struct Attn<'a> {
     /// Whether this CPU runs the AVX-512 kernels (`x86`) and compilation of the loop.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     avx512: bool,
+    /// Software prefetch of the K and V streams in the AVX-512 kernels.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    prefetch: Prefetch,
 }
 
 /// One work item: `positions` queries from `i0`, of the query heads of kv heads `g0..g0 + ng`.
@@ -197,6 +201,7 @@ impl Attn<'_> {
             ng: self.ng,
             per_g: self.rep * it.positions,
             dh: self.d.head_dim,
+            prefetch: self.prefetch,
         }
     }
 
@@ -207,7 +212,7 @@ impl Attn<'_> {
         #[cfg(target_arch = "x86_64")]
         if self.avx512 {
             let b = self.x86_block(&self.k, it, j0, kb);
-            // SAFETY: `avx512` is set only when `Isa::detect` found AVX-512 (see `x86`).
+            // SAFETY: `avx512` is set only for the AVX-512 tier, which this CPU supports.
             return unsafe { x86::qk(self.k.data(), b, q, s) };
         }
         let (dh, per_g) = (self.d.head_dim, self.rep * it.positions);
@@ -268,7 +273,7 @@ impl Attn<'_> {
             ) {
                 a.run_body(it, keys, scratch, st)
             }
-            // SAFETY: `avx512` is set only when `Isa::detect` found AVX-512F.
+            // SAFETY: `avx512` is set only for the AVX-512 tier, which this CPU supports.
             return unsafe { avx512(self, it, keys, scratch, st) };
         }
         self.run_body(it, keys, scratch, st)
@@ -386,11 +391,15 @@ fn unit_last(t: &Tensor) -> bool {
 }
 
 pub(crate) fn causal_attention(args: &AttentionArgs) -> Result<Option<Tensor>> {
-    causal_attention_on(Isa::detect(), args)
+    let opts = current_options().cpu;
+    causal_attention_on((Isa::from_tier(opts.effective_tier()), opts.prefetch), args)
 }
 
 /// [`causal_attention`] with the kernels of `isa` (AVX-512, or the portable loops otherwise).
-pub(crate) fn causal_attention_on(isa: Isa, args: &AttentionArgs) -> Result<Option<Tensor>> {
+pub(crate) fn causal_attention_on(
+    (isa, prefetch): (Isa, Prefetch),
+    args: &AttentionArgs,
+) -> Result<Option<Tensor>> {
     let d = crate::attention::validate(args)?;
     if d.batch * d.q_len * d.n_heads * d.head_dim == 0 || !unit_last(args.k) || !unit_last(args.v) {
         return Ok(None);
@@ -419,6 +428,7 @@ pub(crate) fn causal_attention_on(isa: Isa, args: &AttentionArgs) -> Result<Opti
         off: d.kv_len - d.q_len,
         scale: args.scale as f32,
         avx512: isa_avx512(isa),
+        prefetch,
     };
     let Some(mut out) = OutVec::new(args.q.dtype(), d.batch * d.q_len * d.n_heads * d.head_dim)
     else {

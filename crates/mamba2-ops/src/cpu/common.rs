@@ -6,6 +6,7 @@
 //! dtype is dispatched once per row instead of once per element, and mixed input dtypes need no
 //! extra monomorphisation.
 
+use crate::options::Prefetch;
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 
@@ -23,63 +24,18 @@ pub(crate) fn unit_last(t: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// Where and how far [`prefetch_ahead`] fetches: `MAMBA2_CPU_PREFETCH` = `off`, `l1` / `l2`
-/// (the caller's distance) or `l1:BYTES` / `l2:BYTES`; unset: [`DEFAULT_PREFETCH`]. Read once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Prefetch {
-    Off,
-    /// `prefetcht0` (every level), at this many bytes ahead (0: the caller's distance).
-    L1(usize),
-    /// `prefetcht1` (L2 and below).
-    L2(usize),
-}
-
-/// The policy without `MAMBA2_CPU_PREFETCH`: into L2, 4 KiB ahead. Measured on the 2-core AMD
-/// EPYC (Zen 4) VM, interleaved, medians (BENCHMARKS.md, "CPU decode prefetch"): bf16 decode
-/// of granite-4.0-h-1b (2.9 GB of weights per token) 8.3-9.4 tok/s with `l2:4096`, 6.8-7.5 with
-/// `l1:8192` (the previous default), 9.3-9.8 with none; 130m 104.7 / 87.7 / 99.4 tok/s. A
-/// `prefetcht0` stream fills L1's miss buffers that the demand loads need; `prefetcht1` still
-/// crosses the 4 KiB pages where the hardware prefetchers stop.
-pub(crate) const DEFAULT_PREFETCH: Prefetch = Prefetch::L2(4096);
-
-impl Prefetch {
-    /// Parses `MAMBA2_CPU_PREFETCH`'s value; `None` for anything else.
-    pub(crate) fn parse(v: &str) -> Option<Self> {
-        let (level, bytes) = match v.split_once(':') {
-            Some((l, b)) => (l, b.parse().ok()?),
-            None => (v, 0),
-        };
-        match level {
-            "off" if bytes == 0 => Some(Self::Off),
-            "l1" => Some(Self::L1(bytes)),
-            "l2" => Some(Self::L2(bytes)),
-            _ => None,
-        }
-    }
-
-    fn get() -> Self {
-        static P: std::sync::OnceLock<Prefetch> = std::sync::OnceLock::new();
-        *P.get_or_init(|| match std::env::var("MAMBA2_CPU_PREFETCH") {
-            Ok(v) => Self::parse(&v).unwrap_or_else(|| {
-                eprintln!("mamba2-ops: MAMBA2_CPU_PREFETCH={v:?} is not off, l1[:BYTES] or l2[:BYTES]; ignored");
-                DEFAULT_PREFETCH
-            }),
-            Err(_) => DEFAULT_PREFETCH,
-        })
-    }
-}
-
 /// Hints the CPU to fetch the 64-byte lines that lie `ahead` bytes past the `n` elements at `p`
-/// (one prefetch per line, into the level [`Prefetch`] says; nothing off x86-64). For loops
+/// (one prefetch per line, into the level and at the distance `policy` says, `ahead` when it
+/// names none; nothing off x86-64). For loops
 /// that stream a large buffer once (decode weights, the SSM state): the hardware prefetchers
 /// stop at each 4 KiB page, software prefetch does not. Prefetches never fault and the address
 /// is formed with wrapping arithmetic, so running past the end of the buffer is harmless.
 #[inline(always)]
-pub(crate) fn prefetch_ahead<T>(p: *const T, n: usize, ahead: usize) {
+pub(crate) fn prefetch_ahead<T>(policy: Prefetch, p: *const T, n: usize, ahead: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
-        let (l1, dist) = match Prefetch::get() {
+        let (l1, dist) = match policy {
             Prefetch::Off => return,
             Prefetch::L1(d) => (true, d),
             Prefetch::L2(d) => (false, d),
@@ -102,7 +58,7 @@ pub(crate) fn prefetch_ahead<T>(p: *const T, n: usize, ahead: usize) {
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, n, ahead);
+    let _ = (policy, p, n, ahead);
 }
 
 /// Borrowed CPU data of one float dtype.
@@ -175,6 +131,7 @@ impl<'a> View<'a> {
 
     /// The underlying buffer, for kernels that read it in its own dtype.
     #[inline]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn data(&self) -> Data<'a> {
         self.data
     }
@@ -511,21 +468,5 @@ mod tests {
         assert_eq!(exp_f32(-1000.0), 0.0);
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
         assert!(exp_f32(f32::NAN).is_nan());
-    }
-}
-
-#[cfg(test)]
-mod prefetch_tests {
-    use super::Prefetch;
-
-    #[test]
-    fn prefetch_policy_parses() {
-        assert_eq!(Prefetch::parse("off"), Some(Prefetch::Off));
-        assert_eq!(Prefetch::parse("l1"), Some(Prefetch::L1(0)));
-        assert_eq!(Prefetch::parse("l2:4096"), Some(Prefetch::L2(4096)));
-        assert_eq!(Prefetch::parse("l1:8192"), Some(Prefetch::L1(8192)));
-        for bad in ["", "l3", "l2:", "l2:x", "off:5", "L1"] {
-            assert_eq!(Prefetch::parse(bad), None, "{bad}");
-        }
     }
 }

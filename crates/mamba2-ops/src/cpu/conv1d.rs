@@ -10,6 +10,7 @@
 
 use super::common::{overlaps, run_ids, silu_f32, view, view_opt, with_scratch, OutVec, View};
 use crate::conv1d::Conv1dArgs;
+use crate::options::{current_options, CpuTier};
 use crate::Result;
 use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
 use rayon::prelude::*;
@@ -148,6 +149,7 @@ struct ConvUpdate<'a> {
     batch: usize,
     channels: usize,
     d_conv: usize,
+    tier: CpuTier,
     out: std::cell::RefCell<OutVec>,
 }
 
@@ -202,33 +204,14 @@ impl InplaceOp1 for ConvUpdate<'_> {
                 self.x.load(self.x.at([0, 0, bi, 0]), xrow);
                 let st = &mut state[bi * c * k..(bi + 1) * c * k];
                 if k == 4 {
-                    // The released models' width: fixed-size rows the compiler keeps in registers.
-                    for (((s, wr), (&xv, &bv)), y) in st
-                        .chunks_exact_mut(4)
-                        .zip(w.chunks_exact(4))
-                        .zip(xrow.iter().zip(brow.iter()))
-                        .zip(yrow.iter_mut())
-                    {
-                        let (s1, s2, s3) = (s[1], s[2], s[3]);
-                        s[0] = s1;
-                        s[1] = s2;
-                        s[2] = s3;
-                        s[3] = xv;
-                        *y = bv + s1 * wr[0] + s2 * wr[1] + s3 * wr[2] + xv * wr[3];
-                    }
+                    // The released models' width.
+                    update_width4(self.tier, st, &w[..c * 4], (xrow, brow), yrow);
                     // SiLU in its own pass over the contiguous row, so that its exp vectorizes.
                     if self.silu {
-                        silu_row(yrow);
+                        silu_row(self.tier, yrow);
                     }
                 } else {
-                    for ch in 0..c {
-                        let s = &mut st[ch * k..(ch + 1) * k];
-                        s.copy_within(1.., 0);
-                        s[k - 1] = xrow[ch];
-                        let wr = &w[ch * k..(ch + 1) * k];
-                        let acc = brow[ch] + s.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>();
-                        yrow[ch] = if self.silu { silu_f32(acc) } else { acc };
-                    }
+                    update_any_width(self.tier, st, &w[..c * k], (xrow, brow), yrow, self.silu);
                 }
                 // SAFETY: single-threaded, row bi written once.
                 unsafe { writer.store(bi * c, yrow) };
@@ -270,6 +253,7 @@ pub(crate) fn causal_conv1d_update(
     let Some(out) = OutVec::new(x.dtype(), batch * channels) else {
         return Ok(None);
     };
+    let tier = current_options().cpu.effective_tier();
     let op = ConvUpdate {
         x: xv,
         w: wv,
@@ -278,9 +262,11 @@ pub(crate) fn causal_conv1d_update(
         batch,
         channels,
         d_conv,
+        tier,
         out: std::cell::RefCell::new(out),
     };
     conv_state.inplace_op1(&op)?;
+    super::record_tier("causal_conv1d_update", tier);
     Ok(Some(op.out.into_inner().into_tensor(&[batch, channels])?))
 }
 
@@ -315,17 +301,109 @@ pub(crate) fn conv_states_varlen(
     )?))
 }
 
-/// `y = y · sigmoid(y)` over a row, compiled with AVX-512F as well and picked at run time (the
-/// crate targets baseline SSE2): for a decode step this is one exp per conv channel.
-fn silu_row(y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn avx512(y: &mut [f32]) {
-            y.iter_mut().for_each(|v| *v = silu_f32(*v));
+/// `y = y · sigmoid(y)` over a row, compiled for the tier's vector width (the crate targets
+/// baseline SSE2 on x86-64; NEON is aarch64's baseline): for a decode step this is one exp per
+/// conv channel. Same operations on every tier, so the same results.
+fn silu_row(tier: CpuTier, y: &mut [f32]) {
+    match tier {
+        #[cfg(target_arch = "x86_64")]
+        CpuTier::Avx512 => {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512(y: &mut [f32]) {
+                y.iter_mut().for_each(|v| *v = silu_f32(*v));
+            }
+            // SAFETY: the tier is one this CPU supports (`CpuOptions::effective_tier`).
+            unsafe { avx512(y) }
         }
-        // SAFETY: AVX-512F checked just above.
-        return unsafe { avx512(y) };
+        #[cfg(target_arch = "x86_64")]
+        CpuTier::Avx2 => {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(y: &mut [f32]) {
+                y.iter_mut().for_each(|v| *v = silu_f32(*v));
+            }
+            // SAFETY: as above.
+            unsafe { avx2(y) }
+        }
+        _ => y.iter_mut().for_each(|v| *v = silu_f32(*v)),
     }
-    y.iter_mut().for_each(|v| *v = silu_f32(*v));
+}
+
+/// The update of every channel of one sequence for a width `k` other than 4: each state row
+/// `(k)` shifts left by one and takes `x`, and `y = bias + state · w` (SiLU'd when `silu`).
+/// `st`, `w` `(channels, k)`; `x`, `b`, `y` `(channels)`. One body compiled for the tier's
+/// instruction set (on aarch64, NEON is the baseline the portable body is compiled for).
+fn update_any_width(
+    tier: CpuTier,
+    st: &mut [f32],
+    w: &[f32],
+    (x, b): (&[f32], &[f32]),
+    y: &mut [f32],
+    silu: bool,
+) {
+    type Rows<'a> = (&'a [f32], &'a [f32]);
+    #[inline(always)]
+    fn body(st: &mut [f32], w: &[f32], (x, b): Rows, y: &mut [f32], silu: bool) {
+        let k = st.len() / y.len().max(1);
+        for (ch, yv) in y.iter_mut().enumerate() {
+            let s = &mut st[ch * k..(ch + 1) * k];
+            s.copy_within(1.., 0);
+            s[k - 1] = x[ch];
+            let wr = &w[ch * k..(ch + 1) * k];
+            let acc = b[ch] + s.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>();
+            *yv = if silu { silu_f32(acc) } else { acc };
+        }
+    }
+    match tier {
+        #[cfg(target_arch = "x86_64")]
+        CpuTier::Avx512 => {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512(st: &mut [f32], w: &[f32], xb: Rows, y: &mut [f32], silu: bool) {
+                body(st, w, xb, y, silu)
+            }
+            // SAFETY: the tier is one this CPU supports (`CpuOptions::effective_tier`).
+            unsafe { avx512(st, w, (x, b), y, silu) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        CpuTier::Avx2 => {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(st: &mut [f32], w: &[f32], xb: Rows, y: &mut [f32], silu: bool) {
+                body(st, w, xb, y, silu)
+            }
+            // SAFETY: as above.
+            unsafe { avx2(st, w, (x, b), y, silu) }
+        }
+        _ => body(st, w, (x, b), y, silu),
+    }
+}
+
+/// The width-4 update of every channel of one sequence: each state row `(4)` shifts left by
+/// one and takes `x`, and `y = bias + state · w`. `st`, `w` `(channels, 4)`; `x`, `b`, `y`
+/// `(channels)`.
+fn update_width4(
+    tier: CpuTier,
+    st: &mut [f32],
+    w: &[f32],
+    (x, b): (&[f32], &[f32]),
+    y: &mut [f32],
+) {
+    #[cfg(target_arch = "aarch64")]
+    if tier == CpuTier::Neon {
+        // SAFETY: the tier is one this CPU supports; the kernel checks the lengths.
+        return unsafe { super::neon::conv_update_width4(st, w, x, b, y) };
+    }
+    let _ = tier;
+    // Fixed-size rows the compiler keeps in registers.
+    for (((s, wr), (&xv, &bv)), y) in st
+        .chunks_exact_mut(4)
+        .zip(w.chunks_exact(4))
+        .zip(x.iter().zip(b.iter()))
+        .zip(y.iter_mut())
+    {
+        let (s1, s2, s3) = (s[1], s[2], s[3]);
+        s[0] = s1;
+        s[1] = s2;
+        s[2] = s3;
+        s[3] = xv;
+        *y = bv + s1 * wr[0] + s2 * wr[1] + s3 * wr[2] + xv * wr[3];
+    }
 }

@@ -23,8 +23,9 @@
 //!   work items are then 2-D (row blocks x weight blocks, weight-major);
 //! - from `GEMM_MIN_ROWS` on, with AVX-512: the packed outer-product GEMM of [`gemm`] (prefill).
 //!
-//! Kernels, picked at run time ([`x86`]): AVX-512F (+BW/VL for the masked 16-bit tails),
-//! AVX2+FMA+F16C, and a portable loop. Register budget of the largest AVX-512 tile (4 x 4):
+//! Kernels, picked from the tier of the options in force ([`crate::options::CpuTier`]):
+//! AVX-512F (+BW/VL for the masked 16-bit tails) and AVX2+FMA+F16C (`x86`), NEON (`neon`), and
+//! a portable loop. Register budget of the largest AVX-512 tile (4 x 4):
 //! 16 accumulators + 4 weight + 1 x vector of the 32 zmm.
 //!
 //! A 16-bit x is converted once to f32 in this thread's reusable scratch (a few KiB at decode;
@@ -35,6 +36,7 @@
 //! it is not used.
 
 use super::common::{view_opt, with_scratch, OutVec, View};
+use crate::options::{current_options, CpuOptions, CpuTier, Prefetch};
 use crate::Result;
 use candle_core::{CpuStorage, Storage, Tensor};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
@@ -62,54 +64,59 @@ enum Weight<'a> {
     Bf16(&'a [bf16]),
 }
 
-/// Instruction set of the kernels, detected once per call (std caches the CPUID result).
+/// Instruction set of the kernels: the tier of the options in force ([`CpuTier`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
     #[cfg(target_arch = "x86_64")]
     Avx512,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "aarch64")]
+    Neon,
     Portable,
 }
 
 impl Isa {
-    pub(crate) fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("f16c")
-            {
-                return Self::Avx512;
-            }
-            if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                return Self::Avx2;
-            }
+    /// The kernels of `tier` (the portable ones for a tier of another architecture; callers
+    /// pass [`crate::options::CpuOptions::effective_tier`], which this CPU supports).
+    pub(crate) fn from_tier(tier: CpuTier) -> Self {
+        match tier {
+            #[cfg(target_arch = "x86_64")]
+            CpuTier::Avx512 => Self::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            CpuTier::Avx2 => Self::Avx2,
+            #[cfg(target_arch = "aarch64")]
+            CpuTier::Neon => Self::Neon,
+            _ => Self::Portable,
         }
-        Self::Portable
+    }
+
+    /// The tier these kernels belong to.
+    pub(crate) fn tier(self) -> CpuTier {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => CpuTier::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => CpuTier::Avx2,
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon => CpuTier::Neon,
+            Self::Portable => CpuTier::Generic,
+        }
+    }
+
+    /// The kernels of the tier in force on this thread.
+    #[cfg(test)]
+    pub(crate) fn current() -> Self {
+        Self::from_tier(current_options().cpu.effective_tier())
     }
 
     /// Every instruction set this machine can run (for the kernel unit tests).
     #[cfg(test)]
     fn available() -> Vec<Self> {
-        let mut v = vec![Self::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                v.push(Self::Avx2);
-            }
-            if Self::detect() == Self::Avx512 {
-                v.push(Self::Avx512);
-            }
-        }
-        v
+        CpuTier::available()
+            .into_iter()
+            .map(Self::from_tier)
+            .collect()
     }
 }
 
@@ -117,7 +124,7 @@ impl Isa {
 /// `k` elements long. Unsafe: every pointer must be valid for `k` reads, and the fn must only be
 /// called on a CPU with the kernel's instruction set.
 type TileFn<T, const M: usize, const N: usize> =
-    unsafe fn([*const T; M], [*const f32; N], usize) -> [[f32; M]; N];
+    unsafe fn([*const T; M], [*const f32; N], usize, Prefetch) -> [[f32; M]; N];
 
 /// The tiles of one kernel family: `s*` stream one weight row (`M = 1`) against 1..=4 x rows,
 /// `t*` take [`MW`] weight rows at a time.
@@ -159,6 +166,7 @@ const fn unroll(m: usize) -> usize {
 }
 
 /// Widening of one weight element, for the portable kernel and the AVX2 tails.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 trait Widen: Copy + Send + Sync {
     const IS_F32: bool = false;
     fn widen(self) -> f32;
@@ -202,7 +210,7 @@ impl Widen for bf16 {
 }
 
 /// Portable tile: 8 independent lanes per accumulator so that the compiler can vectorize the
-/// baseline target's SSE2.
+/// baseline target's SSE2. No software prefetch.
 ///
 /// # Safety
 /// Pointers valid for `k` reads.
@@ -210,6 +218,7 @@ unsafe fn tile_portable<T: Widen, const M: usize, const N: usize>(
     w: [*const T; M],
     x: [*const f32; N],
     k: usize,
+    _: Prefetch,
 ) -> [[f32; M]; N] {
     const L: usize = 8;
     let w: [&[T]; M] = w.map(|p| std::slice::from_raw_parts(p, k));
@@ -251,8 +260,9 @@ fn portable_tiles<T: Widen>() -> Tiles<T> {
             w: [*const T; M],
             x: [*const f32; N],
             k: usize,
+            pf: Prefetch,
         ) -> [[f32; M]; N] {
-            tile_portable::<T, M, N>(w, x, k)
+            tile_portable::<T, M, N>(w, x, k, pf)
         }
     }
     tiles!(P::<T>::f)
@@ -277,25 +287,18 @@ mod gemm_bf16;
 #[cfg(target_arch = "x86_64")]
 const BF16_GEMM_MIN_ROWS: usize = 32;
 
-/// Whether [`gemm_bf16`] serves: the CPU has AVX-512 BF16, and `MAMBA2_CPU_BF16_GEMM=0` does
-/// not switch it off (for comparison with the widening GEMM).
-#[cfg(target_arch = "x86_64")]
-fn bf16_gemm_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var("MAMBA2_CPU_BF16_GEMM").as_deref() != Ok("0") && gemm_bf16::available()
-    })
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 /// Kernel family for weights of type `T` on `isa`.
 trait Kernels: Widen + Sized {
     fn tiles(isa: Isa) -> Tiles<Self>;
 }
 macro_rules! kernels {
-    ($t:ty, $avx512:ident, $avx2:ident) => {
+    ($t:ty, $avx512:ident, $avx2:ident, $neon:ident) => {
         impl Kernels for $t {
             fn tiles(isa: Isa) -> Tiles<Self> {
                 match isa {
@@ -303,34 +306,36 @@ macro_rules! kernels {
                     Isa::Avx512 => x86::$avx512(),
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => x86::$avx2(),
+                    #[cfg(target_arch = "aarch64")]
+                    Isa::Neon => neon::$neon(),
                     Isa::Portable => portable_tiles(),
                 }
             }
         }
     };
 }
-kernels!(f32, avx512_f32, avx2_f32);
-kernels!(f16, avx512_f16, avx2_f16);
-kernels!(bf16, avx512_bf16, avx2_bf16);
+kernels!(f32, avx512_f32, avx2_f32, neon_f32);
+kernels!(f16, avx512_f16, avx2_f16, neon_f16);
+kernels!(bf16, avx512_bf16, avx2_bf16, neon_bf16);
 
 /// Calls the tile of width `n` (1..=4) from family `$s1..$s4` on weight rows `$wp` and x rows
 /// `$xp(0..n)`, handing each `(x row, results)` to `$put`.
 macro_rules! call_tile {
-    ($tiles:expr, $s1:ident, $s2:ident, $s3:ident, $s4:ident, $n:expr, $wp:expr, $xp:expr, $k:expr, $put:expr) => {
+    ($tiles:expr, $s1:ident, $s2:ident, $s3:ident, $s4:ident, $n:expr, $wp:expr, $xp:expr, ($k:expr, $pf:expr), $put:expr) => {
         match $n {
-            1 => ($tiles.$s1)($wp, [$xp(0)], $k)
+            1 => ($tiles.$s1)($wp, [$xp(0)], $k, $pf)
                 .iter()
                 .enumerate()
                 .for_each($put),
-            2 => ($tiles.$s2)($wp, [$xp(0), $xp(1)], $k)
+            2 => ($tiles.$s2)($wp, [$xp(0), $xp(1)], $k, $pf)
                 .iter()
                 .enumerate()
                 .for_each($put),
-            3 => ($tiles.$s3)($wp, [$xp(0), $xp(1), $xp(2)], $k)
+            3 => ($tiles.$s3)($wp, [$xp(0), $xp(1), $xp(2)], $k, $pf)
                 .iter()
                 .enumerate()
                 .for_each($put),
-            _ => ($tiles.$s4)($wp, [$xp(0), $xp(1), $xp(2), $xp(3)], $k)
+            _ => ($tiles.$s4)($wp, [$xp(0), $xp(1), $xp(2), $xp(3)], $k, $pf)
                 .iter()
                 .enumerate()
                 .for_each($put),
@@ -351,7 +356,7 @@ const STREAM_ROWS: usize = 4;
 ///
 /// `w` `(out, k)` row-major; `x` `(rows, k)` row-major f32.
 fn block<T: Kernels>(
-    tiles: &Tiles<T>,
+    (tiles, pf): (&Tiles<T>, Prefetch),
     w: &[T],
     x: &[f32],
     (k, rows): (usize, usize),
@@ -372,8 +377,8 @@ fn block<T: Kernels>(
             for t in 0..n_out {
                 let put = |(r, v): (usize, &[f32; 1])| y[(r0 + r) * BLOCK + t] = v[0];
                 // SAFETY: pointers valid for `k` reads (above); `tiles` was built for an
-                // instruction set that `Isa::detect` found on this CPU.
-                unsafe { call_tile!(tiles, s1, s2, s3, s4, n, [wrow(o0 + t)], xp, k, put) }
+                // instruction set this CPU supports (`Isa::from_tier` of a supported tier).
+                unsafe { call_tile!(tiles, s1, s2, s3, s4, n, [wrow(o0 + t)], xp, (k, pf), put) }
             }
         } else {
             for t in (0..n_out).step_by(MW) {
@@ -386,7 +391,7 @@ fn block<T: Kernels>(
                     }
                 };
                 // SAFETY: as above.
-                unsafe { call_tile!(tiles, t1, t2, t3, t4, n, wp, xp, k, put) }
+                unsafe { call_tile!(tiles, t1, t2, t3, t4, n, wp, xp, (k, pf), put) }
             }
         }
         r0 += n;
@@ -407,7 +412,7 @@ const ROW_BLOCK: usize = 16;
 /// `x` `(rows, k)` f32 row-major, `w` `(out_f, k)`, bias `(out_f)`; the results go to rows
 /// `row_off..row_off + rows` of `out` `(.., out_f)`.
 fn run<T: Kernels>(
-    isa: Isa,
+    (isa, pf): (Isa, Prefetch),
     w: &[T],
     x: &[f32],
     (rows, k, out_f): (usize, usize, usize),
@@ -437,7 +442,7 @@ fn run<T: Kernels>(
         // (ROW_BLOCK, BLOCK) on the stack: 2 KiB.
         let mut y = [0f32; ROW_BLOCK * BLOCK];
         let xs = &x[r0 * k..(r0 + n_rows) * k]; // (n_rows, k)
-        block(&tiles, w, xs, (k, n_rows), (o0, n_out), &mut y);
+        block((&tiles, pf), w, xs, (k, n_rows), (o0, n_out), &mut y);
         let mut bv = [0f32; BLOCK];
         if let Some(bias) = &bias {
             bias.load(bias.at([0, 0, 0, o0]), &mut bv[..n_out]);
@@ -456,12 +461,18 @@ fn run<T: Kernels>(
 /// Fast path of [`crate::linear::linear`] for a contiguous CPU weight (any number of rows);
 /// `Ok(None)` otherwise.
 pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    linear_on(Isa::detect(), x, weight, bias)
+    let opts = current_options().cpu;
+    let isa = Isa::from_tier(opts.effective_tier());
+    let r = linear_on((isa, &opts), x, weight, bias)?;
+    if r.is_some() {
+        super::record_tier("linear", isa.tier());
+    }
+    Ok(r)
 }
 
 /// [`linear`] on an explicit instruction set (the unit tests run every one this CPU has).
 pub(crate) fn linear_on(
-    isa: Isa,
+    (isa, opts): (Isa, &CpuOptions),
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
@@ -504,7 +515,8 @@ pub(crate) fn linear_on(
         if isa == Isa::Avx512
             && k.is_multiple_of(2)
             && rows >= BF16_GEMM_MIN_ROWS
-            && bf16_gemm_enabled()
+            && opts.bf16_gemm
+            && gemm_bf16::available()
         {
             gemm_bf16::run(
                 wb,
@@ -516,10 +528,11 @@ pub(crate) fn linear_on(
             return Ok(Some(out.into_tensor(&out_dims)?));
         }
     }
+    let pf = opts.prefetch;
     let go = |xf: &[f32], n: usize, out: &mut OutVec, r0: usize| match w {
-        Weight::F32(w) => run(isa, w, xf, (n, k, out_f), bias, (out, r0)),
-        Weight::F16(w) => run(isa, w, xf, (n, k, out_f), bias, (out, r0)),
-        Weight::Bf16(w) => run(isa, w, xf, (n, k, out_f), bias, (out, r0)),
+        Weight::F32(w) => run((isa, pf), w, xf, (n, k, out_f), bias, (out, r0)),
+        Weight::F16(w) => run((isa, pf), w, xf, (n, k, out_f), bias, (out, r0)),
+        Weight::Bf16(w) => run((isa, pf), w, xf, (n, k, out_f), bias, (out, r0)),
     };
     match xv.f32_slice(start, rows * k) {
         Some(xf) => go(xf, rows, &mut out, 0),
@@ -543,67 +556,4 @@ fn widen_all<T: Widen>(src: &[T]) -> Vec<f32> {
 }
 
 #[cfg(test)]
-mod tests {
-    //! Every kernel family this CPU can run against a plain f64 dot product, on sizes around
-    //! the vector widths (the public op's tests cover the dispatch; these cover the ISAs the
-    //! dispatcher would not pick here).
-    use super::*;
-    use candle_core::DType;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    fn check<T: Kernels>(isa: Isa, w: &[T], x: &[f32], (rows, k, out_f): (usize, usize, usize)) {
-        let mut out = OutVec::new(DType::F32, rows * out_f).unwrap();
-        run(isa, w, x, (rows, k, out_f), None, (&mut out, 0));
-        let OutVec::F32(y) = out else { unreachable!() };
-        let wf = widen_all(w);
-        for r in 0..rows {
-            for o in 0..out_f {
-                let want: f64 = (0..k)
-                    .map(|i| x[r * k + i] as f64 * wf[o * k + i] as f64)
-                    .sum();
-                let got = y[r * out_f + o] as f64;
-                assert!(
-                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
-                    "{isa:?} rows {rows} k {k} out {out_f}: y[{r}][{o}] = {got}, want {want}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn every_isa_matches_f64_dot() {
-        let mut seed = 7;
-        for isa in Isa::available() {
-            for &(rows, k, out_f) in &[
-                (1, 1, 1),
-                (1, 7, 3),
-                (2, 15, 5),
-                (3, 16, 4),
-                (4, 17, 33),
-                (5, 31, 9),
-                (7, 33, 66),
-                (16, 100, 37),
-                (1, 768, 70),
-                (37, 19, 70),
-                (64, 100, 50),
-                (33, 768, 97),
-                (300, 45, 13),
-                (3, 2048, 5),
-            ] {
-                let x: Vec<f32> = (0..rows * k).map(|_| lcg(&mut seed)).collect();
-                let w: Vec<f32> = (0..out_f * k).map(|_| lcg(&mut seed)).collect();
-                check(isa, &w, &x, (rows, k, out_f));
-                let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-                check(isa, &wh, &x, (rows, k, out_f));
-                let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-                check(isa, &wb, &x, (rows, k, out_f));
-            }
-        }
-    }
-}
+mod tests;

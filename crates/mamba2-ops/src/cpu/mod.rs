@@ -17,12 +17,15 @@ mod attention;
 mod common;
 mod conv1d;
 mod linear;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 pub(crate) mod quantized;
 mod quantized_gemm;
 mod rms_norm;
 mod ssd;
 mod state_update;
 
+use crate::options::CpuTier;
 use crate::{
     AttentionArgs, Conv1dArgs, GatedRmsNormArgs, Result, RotaryArgs, SsdArgs, SsdParams,
     StateUpdateArgs,
@@ -53,6 +56,30 @@ thread_local! {
     /// running in parallel do not see each other's calls.
     static FAST_PATH_HITS: [Cell<usize>; OPS.len()] =
         const { [const { Cell::new(0) }; OPS.len()] };
+}
+
+thread_local! {
+    /// The instruction-set tier of the last fast-path call of each op on this thread, for ops
+    /// with tier-specific kernels.
+    static LAST_TIER: [Cell<Option<CpuTier>>; OPS.len()] =
+        const { [const { Cell::new(None) }; OPS.len()] };
+}
+
+/// Records that `op`'s fast path just ran the kernels of `tier` on this thread.
+pub(crate) fn record_tier(op: &str, tier: CpuTier) {
+    if let Some(i) = OPS.iter().position(|&o| o == op) {
+        LAST_TIER.with(|t| t[i].set(Some(tier)));
+    }
+}
+
+/// The instruction-set tier whose kernels the last CPU fast-path call of `op` on this thread
+/// ran (`None` before any, and for ops without tier-specific kernels). For the dispatch tests
+/// only: they check that a forced tier, or NEON on aarch64, really served.
+#[doc(hidden)]
+pub fn fast_path_tier(op: &str) -> Option<CpuTier> {
+    OPS.iter()
+        .position(|&o| o == op)
+        .and_then(|i| LAST_TIER.with(|t| t[i].get()))
 }
 
 fn count<T>(op: usize, r: Result<Option<T>>) -> Result<Option<T>> {

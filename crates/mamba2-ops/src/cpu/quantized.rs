@@ -25,6 +25,7 @@
 //! Memory: decode holds the quantized activation rows (`rows x in_features` bytes) and the f32
 //! output; prefill one dequantized matrix (`out_features x in_features` values) at a time.
 
+use crate::options::{current_options, CpuTier};
 use crate::quantized::QuantizedMatrix;
 use crate::Result;
 use candle_core::quantized::k_quants::{
@@ -211,15 +212,20 @@ fn matvec_with<T: GgmlType>(
     Some(out)
 }
 
-/// Whether Q8_0 decode uses [`dot_q8_0_vnni`]: AVX-512 VNNI present, and not switched off with
-/// `MAMBA2_CPU_Q8_0_VNNI=0` (for comparison with Candle's AVX2 dot product).
+/// Whether Q8_0 decode uses [`dot_q8_0_vnni`]: the options in force on this thread run the
+/// AVX-512 tier with `q8_0_vnni` on, and the CPU has AVX-512 VNNI.
 fn q8_0_vnni() -> bool {
+    let o = current_options().cpu;
+    o.q8_0_vnni && o.effective_tier() == CpuTier::Avx512 && vnni_present()
+}
+
+/// Whether the CPU has everything [`dot_q8_0_vnni`] uses (detected once).
+fn vnni_present() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            std::env::var("MAMBA2_CPU_Q8_0_VNNI").as_deref() != Ok("0")
-                && is_x86_feature_detected!("avx512f")
+            is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512vnni")
@@ -232,14 +238,11 @@ fn q8_0_vnni() -> bool {
 }
 
 /// Whether Q8_0 prefill uses the VNNI GEMM of `quantized_gemm.rs` (activations rounded to Q8_0
-/// like decode's) rather than the dequantized matrix through the f32 GEMM: AVX-512 VNNI present,
-/// and not switched off with `MAMBA2_CPU_Q8_0_GEMM=0` (for comparison).
+/// like decode's) rather than the dequantized matrix through the f32 GEMM: the options in force
+/// run the AVX-512 tier with `q8_0_gemm` on, and the CPU has AVX-512 VNNI.
 pub(crate) fn q8_0_gemm() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var("MAMBA2_CPU_Q8_0_GEMM").as_deref() != Ok("0")
-            && super::quantized_gemm::available()
-    })
+    let o = current_options().cpu;
+    o.q8_0_gemm && o.effective_tier() == CpuTier::Avx512 && super::quantized_gemm::available()
 }
 
 /// `Σ_b d_w[b] d_x[b] Σ_i w[b][i] x[b][i]` over `nb` Q8_0 blocks (34 bytes each: an f16 scale,
@@ -312,7 +315,8 @@ pub fn q8_0_dot_both(w: &[u8], x: &[f32]) -> Option<(f32, f32)> {
 }
 
 /// Whether Q8_0 prefill rows on the CPU round the activations to Q8_0 (the VNNI GEMM) rather
-/// than multiply by the exactly dequantized matrix: what a test's reference must assume.
+/// than multiply by the exactly dequantized matrix, under the options in force on this thread:
+/// what a test's reference must assume.
 #[doc(hidden)]
 pub fn q8_0_prefill_rounds_activations() -> bool {
     q8_0_gemm()

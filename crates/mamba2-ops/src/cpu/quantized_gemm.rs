@@ -39,6 +39,7 @@ const TASK_PAIRS: usize = 8;
 
 /// Q8_0 weights repacked for [`tile`]: per tile of 16 columns and block of 32 k, the bytes in
 /// `vpdpbusd` order, the 16 f32 scales and the 16 `-128 · Σ w` corrections.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Packed {
     tiles: usize,
     nb: usize,

@@ -6,6 +6,7 @@
 //! thread in its reused scratch, so a decode step allocates only the output tensors.
 
 use super::common::{silu_f32, view, view_opt, with_scratch, OutPtr, OutVec, View};
+use crate::options::{current_options, CpuTier};
 use crate::{GatedRmsNormArgs, Result};
 use candle_core::{DType, Tensor};
 use half::{bf16, f16};
@@ -73,6 +74,7 @@ pub(crate) fn gated_rms_norm(args: &GatedRmsNormArgs) -> Result<Option<Tensor>> 
     let gs = args.group_size;
     let eps = args.eps as f32;
     let nbg = args.norm_before_gate;
+    let tier = current_options().cpu.effective_tier();
     with_weight(&w, dim, |wf| {
         for_rows(rows, dim, 2 * dim, |r, s| {
             let (xr, zr) = s.split_at_mut(dim);
@@ -84,11 +86,7 @@ pub(crate) fn gated_rms_norm(args: &GatedRmsNormArgs) -> Result<Option<Tensor>> 
                     xr.iter_mut().zip(zr.iter()).for_each(|(x, g)| *x *= g);
                 }
             }
-            for (xg, wg) in xr.chunks_exact_mut(gs).zip(wf.chunks_exact(gs)) {
-                let ss: f32 = sum_sq(xg);
-                let inv = 1.0 / (ss / gs as f32 + eps).sqrt();
-                xg.iter_mut().zip(wg).for_each(|(x, &w)| *x = *x * inv * w);
-            }
+            norm_groups(tier, xr, wf, gs, eps);
             if z.is_some() && nbg {
                 xr.iter_mut().zip(zr.iter()).for_each(|(x, g)| *x *= g);
             }
@@ -96,11 +94,57 @@ pub(crate) fn gated_rms_norm(args: &GatedRmsNormArgs) -> Result<Option<Tensor>> 
             unsafe { writer.store(r * dim, xr) };
         })
     });
+    super::record_tier("gated_rms_norm", tier);
     Ok(Some(out.into_tensor(&dims)?))
 }
 
+/// Normalises each group of `gs` values of `x` by its RMS and scales it by the matching part
+/// of `w`: `x = x · (mean(x²) + eps)^-½ · w`.
+///
+/// Compiled for the tier's vector width on x86-64 (the crate targets baseline SSE2; same
+/// operations, so the same results on every x86 tier); NEON has its own kernel
+/// (`cpu/neon.rs`).
+fn norm_groups(tier: CpuTier, x: &mut [f32], w: &[f32], gs: usize, eps: f32) {
+    match tier {
+        #[cfg(target_arch = "x86_64")]
+        CpuTier::Avx512 => {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512(x: &mut [f32], w: &[f32], gs: usize, eps: f32) {
+                norm_groups_body(x, w, gs, eps)
+            }
+            // SAFETY: the tier is one this CPU supports (`CpuOptions::effective_tier`).
+            unsafe { avx512(x, w, gs, eps) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        CpuTier::Avx2 => {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(x: &mut [f32], w: &[f32], gs: usize, eps: f32) {
+                norm_groups_body(x, w, gs, eps)
+            }
+            // SAFETY: as above.
+            unsafe { avx2(x, w, gs, eps) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        CpuTier::Neon => {
+            for (xg, wg) in x.chunks_exact_mut(gs).zip(w.chunks_exact(gs)) {
+                // SAFETY: as above (NEON).
+                unsafe { super::neon::rms_scale(xg, wg, eps) }
+            }
+        }
+        _ => norm_groups_body(x, w, gs, eps),
+    }
+}
+
+#[inline(always)]
+fn norm_groups_body(x: &mut [f32], w: &[f32], gs: usize, eps: f32) {
+    for (xg, wg) in x.chunks_exact_mut(gs).zip(w.chunks_exact(gs)) {
+        let inv = 1.0 / (sum_sq(xg) / gs as f32 + eps).sqrt();
+        xg.iter_mut().zip(wg).for_each(|(x, &w)| *x = *x * inv * w);
+    }
+}
+
 /// Sum of squares with independent partial sums, so the loop vectorizes.
-#[inline]
+#[inline(always)]
 fn sum_sq(v: &[f32]) -> f32 {
     const L: usize = 16;
     let mut acc = [0f32; L];
@@ -190,6 +234,7 @@ pub(crate) fn rms_norm_residual(
     };
     let (nw, rw): (OutPtr, OutPtr) = (normed.writer(), res_out.writer());
     let eps = eps as f32;
+    let tier = current_options().cpu.effective_tier();
     with_weight(&w, dim, |wf| {
         for_rows(rows, dim, 2 * dim, |r, s| {
             let (h, tmp) = s.split_at_mut(dim);
@@ -202,11 +247,11 @@ pub(crate) fn rms_norm_residual(
             round_through(res_dtype, h);
             // SAFETY: row r of both outputs is written by this task only.
             unsafe { rw.store(r * dim, h) };
-            let inv = 1.0 / (sum_sq(h) / dim as f32 + eps).sqrt();
-            h.iter_mut().zip(wf).for_each(|(v, &w)| *v = *v * inv * w);
+            norm_groups(tier, h, wf, dim, eps);
             unsafe { nw.store(r * dim, h) };
         })
     });
+    super::record_tier("rms_norm_residual", tier);
     Ok(Some((
         normed.into_tensor(&dims)?,
         res_out.into_tensor(&dims)?,

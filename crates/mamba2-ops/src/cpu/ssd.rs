@@ -293,11 +293,11 @@ pub(crate) fn ssd_chunk_scan(
     Ok(Some((y, final_state)))
 }
 
-/// Whether this CPU runs [`decay_mask`] with 512-bit vectors (checked once per call).
+/// Whether the tier in force runs [`decay_mask`] with 512-bit vectors (read once per call).
 fn wide_vectors() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx512f")
+        crate::options::current_options().cpu.effective_tier() == crate::options::CpuTier::Avx512
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -318,7 +318,7 @@ fn decay_mask(wide: bool, q: usize, s: &[f32], cb: &[f32], mask: &mut [f32]) {
         unsafe fn avx512(q: usize, s: &[f32], cb: &[f32], mask: &mut [f32]) {
             decay_mask_body(q, s, cb, mask)
         }
-        // SAFETY: `wide` comes from `wide_vectors`, which checked the CPU has AVX-512F.
+        // SAFETY: `wide` comes from `wide_vectors`: the AVX-512 tier, which this CPU supports.
         return unsafe { avx512(q, s, cb, mask) };
     }
     let _ = wide;

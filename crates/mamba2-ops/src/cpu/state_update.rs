@@ -13,6 +13,7 @@
 use super::common::{
     overlaps, prefetch_ahead, silu_f32, softplus_f32, view, view_opt, with_scratch, OutVec, View,
 };
+use crate::options::{current_options, CpuTier, Prefetch};
 use crate::{Result, SsdParams, StateUpdateArgs};
 use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
 use rayon::prelude::*;
@@ -36,6 +37,8 @@ struct StateUpdate<'a> {
     /// B and C of every (batch, group), f32: `(batch, ngroups, 2, d_state)`.
     bc: &'a [f32],
     params: SsdParams,
+    tier: CpuTier,
+    prefetch: Prefetch,
     dims: (usize, usize, usize, usize, usize), // (batch, nheads, headdim, ngroups, d_state)
     out: std::cell::RefCell<OutVec>,
 }
@@ -71,7 +74,7 @@ impl InplaceOp1 for StateUpdate<'_> {
             params,
             ..
         } = self;
-        let wide = wide_vectors();
+        let tiers = (self.tier, self.prefetch);
         buf[start..end]
             .par_chunks_mut(p * n)
             .enumerate()
@@ -95,7 +98,7 @@ impl InplaceOp1 for StateUpdate<'_> {
                 x.load(x.at([0, bi, h, 0]), xs);
                 let mut y = [0f32; MAX_DIM];
                 let y = &mut y[..p];
-                head_rows(wide, st, n, xs, (dtv, decay), (bv, cv), y);
+                head_rows(tiers, st, n, xs, (dtv, decay), (bv, cv), y);
                 if let Some(d) = d {
                     let d_h = d.get([0, 0, 0, h]);
                     y.iter_mut()
@@ -116,28 +119,17 @@ impl InplaceOp1 for StateUpdate<'_> {
     }
 }
 
-/// Whether this CPU runs [`head_rows`] with 512-bit vectors (checked once per call).
-fn wide_vectors() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// The state rows of one head, `st` `(headdim, d_state)`: each row is decayed, gets `dt x B`, is
 /// written back and dotted with C while in registers; `y[j]` = that dot product.
 ///
-/// Why two compilations of one body: the crate is built for the baseline x86-64 target (SSE2),
-/// and this loop is a third of a decode step's non-projection time; compiled with AVX-512 it
-/// runs on 16 lanes. Same operations in the same order (no FMA contraction), so both give
-/// bit-identical results.
+/// Why several compilations of one body: the crate is built for the baseline x86-64 target
+/// (SSE2), and this loop is a third of a decode step's non-projection time; compiled with
+/// AVX-512 (AVX2) it runs on 16 (8) lanes. Same operations in the same order (no FMA
+/// contraction), so every x86 tier gives bit-identical results. NEON has its own kernel
+/// (`cpu/neon.rs`), with fused multiply-adds.
 #[allow(clippy::too_many_arguments)]
 fn head_rows(
-    wide: bool,
+    (tier, pf): (CpuTier, Prefetch),
     st: &mut [f32],
     n: usize,
     xs: &[f32],
@@ -146,27 +138,56 @@ fn head_rows(
     y: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if wide {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn avx512(
-            st: &mut [f32],
-            n: usize,
-            xs: &[f32],
-            dd: (f32, f32),
-            bc: (&[f32], &[f32]),
-            y: &mut [f32],
-        ) {
-            head_rows_body(st, n, xs, dd, bc, y)
+    type Args<'a> = (&'a [f32], &'a [f32]);
+    match tier {
+        #[cfg(target_arch = "x86_64")]
+        CpuTier::Avx512 => {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512(
+                pf: Prefetch,
+                st: &mut [f32],
+                n: usize,
+                xs: &[f32],
+                dd: (f32, f32),
+                bc: Args,
+                y: &mut [f32],
+            ) {
+                head_rows_body(pf, st, n, xs, dd, bc, y)
+            }
+            // SAFETY: the tier is one this CPU supports (`CpuOptions::effective_tier`).
+            unsafe { avx512(pf, st, n, xs, (dtv, decay), (bv, cv), y) }
         }
-        // SAFETY: `wide` comes from `wide_vectors`, which checked the CPU has AVX-512F.
-        return unsafe { avx512(st, n, xs, (dtv, decay), (bv, cv), y) };
+        #[cfg(target_arch = "x86_64")]
+        CpuTier::Avx2 => {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(
+                pf: Prefetch,
+                st: &mut [f32],
+                n: usize,
+                xs: &[f32],
+                dd: (f32, f32),
+                bc: Args,
+                y: &mut [f32],
+            ) {
+                head_rows_body(pf, st, n, xs, dd, bc, y)
+            }
+            // SAFETY: as above.
+            unsafe { avx2(pf, st, n, xs, (dtv, decay), (bv, cv), y) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        CpuTier::Neon => {
+            for (j, row) in st.chunks_exact_mut(n).enumerate() {
+                // SAFETY: as above (NEON).
+                y[j] = unsafe { super::neon::state_row(row, xs[j] * dtv, decay, bv, cv) };
+            }
+        }
+        _ => head_rows_body(pf, st, n, xs, (dtv, decay), (bv, cv), y),
     }
-    let _ = wide;
-    head_rows_body(st, n, xs, (dtv, decay), (bv, cv), y)
 }
 
 #[inline(always)]
 fn head_rows_body(
+    pf: Prefetch,
     st: &mut [f32],
     n: usize,
     xs: &[f32],
@@ -175,7 +196,7 @@ fn head_rows_body(
     y: &mut [f32],
 ) {
     for (j, row) in st.chunks_exact_mut(n).enumerate() {
-        prefetch_ahead(row.as_ptr(), n, STATE_PREFETCH_BYTES);
+        prefetch_ahead(pf, row.as_ptr(), n, STATE_PREFETCH_BYTES);
         let xdt = xs[j] * dtv;
         let mut acc = [0f32; LANES];
         let mut rows = row.chunks_exact_mut(LANES);
@@ -238,6 +259,8 @@ pub(crate) fn selective_state_update(
     let Some(out) = OutVec::new(args.x.dtype(), batch * nheads * p) else {
         return Ok(None);
     };
+    let opts = current_options().cpu;
+    let tier = opts.effective_tier();
     let out = with_scratch(
         batch * ngroups * 2 * n,
         |bc| -> candle_core::Result<OutVec> {
@@ -258,6 +281,8 @@ pub(crate) fn selective_state_update(
                 dt_bias,
                 bc,
                 params: *params,
+                tier,
+                prefetch: opts.prefetch,
                 dims: (batch, nheads, p, ngroups, n),
                 out: std::cell::RefCell::new(out),
             };
@@ -265,5 +290,6 @@ pub(crate) fn selective_state_update(
             Ok(op.out.into_inner())
         },
     )?;
+    super::record_tier("selective_state_update", tier);
     Ok(Some(out.into_tensor(&[batch, nheads, p])?))
 }

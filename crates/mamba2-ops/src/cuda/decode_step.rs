@@ -3,8 +3,8 @@
 //! enqueue half is shared with the captured decode step (`graph.rs`), which owns its scratch.
 
 use super::launch::{
-    cfg, code, device, env_switch, func, launch, opt_ptr, output, ptr, ptx, rows, sm_count, suffix,
-    Kernel, Result,
+    cfg, code, cuda_options, device, func, launch, opt_ptr, output, ptr, ptx, rows, sm_count,
+    suffix, Kernel, Result,
 };
 use super::state_update::dt_params;
 use crate::decode_step::{validate, DecodeStepArgs, StepDims};
@@ -25,7 +25,7 @@ pub(crate) const MAX_SPLIT: usize = 4;
 /// batch 1, captured: 814 -> 839 tok/s, run 20 in BENCHMARKS.md); in [`StepMode::Norm`] every
 /// block of a group counts in on one atomic and the last one normalises the group, and splitting
 /// measured slower (19 us per step at 3 blocks per head against 14 us unsplit, run 15), so it is
-/// 1 there. `MAMBA2_CUDA_STEP_SPLIT` overrides the most for both (the kernel's tests cover 1 and
+/// 1 there. `CudaOptions::step_split` overrides the most for both (the kernel's tests cover 1 and
 /// 4).
 pub(crate) fn split(
     dev: &CudaDevice,
@@ -36,9 +36,8 @@ pub(crate) fn split(
 ) -> Result<usize> {
     let blocks = (nheads * batch).max(1);
     let default = if mode == StepMode::Defer { 2 } else { 1 };
-    let most = std::env::var("MAMBA2_CUDA_STEP_SPLIT")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
+    let most = cuda_options()
+        .step_split
         .map_or(default, |v| v.clamp(1, MAX_SPLIT));
     if most == 1 {
         return Ok(1); // no device query on every eager step
@@ -117,9 +116,10 @@ fn launch_step(
 
 /// Whether the step takes the `n128` variant (d_state <= 128, d_conv <= 4: every released
 /// Mamba-2 model): half the state registers, two blocks per SM, for large batches (1.3b batch
-/// 16 is 1,024 blocks). `MAMBA2_CUDA_STEP_N128=0` keeps the general variant, for comparisons.
+/// 16 is 1,024 blocks). `CudaOptions::step_n128 = false` keeps the general variant, for
+/// comparisons.
 pub(crate) fn narrow(d_state: usize, d_conv: usize) -> bool {
-    d_state <= 128 && d_conv <= 4 && env_switch("MAMBA2_CUDA_STEP_N128", true)
+    d_state <= 128 && d_conv <= 4 && cuda_options().step_n128
 }
 
 /// The kernel of the step for activation suffix `sfx`, narrow (`n128`) or general.

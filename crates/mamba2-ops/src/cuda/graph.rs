@@ -14,8 +14,8 @@
 //!
 //! A layer's kernels, by batch size:
 //! - up to `linear::MAX_ROWS` sequences, "norm epilogues" (the default;
-//!   `MAMBA2_CUDA_NORM_EPILOGUES=0` switches back to the four-kernel layout below): matrix-vector
-//!   input projection, fused mixer step, matrix-vector output projection. Neither norm has a kernel:
+//!   `CudaOptions::norm_epilogues = false` switches back to the four-kernel layout below):
+//!   matrix-vector input projection, fused mixer step, matrix-vector output projection. Neither norm has a kernel:
 //!   an RMSNorm scales its input by one number per row (per group), so its producer writes the input
 //!   times the norm weight with per-block partial sums of squares, and the projection that consumes
 //!   it multiplies its dot products by 1 / rms after the reduction (`linear_scaled`, `linear_res`).
@@ -35,7 +35,7 @@
 use super::blas::StreamBlas;
 use super::decode_step::{self, StepMode, StepScratchPtrs, StepShape};
 use super::launch::Result as CResult;
-use super::launch::{env_switch, func_on, pdl_capable, ptr, ptx, suffix, Kernel};
+use super::launch::{cuda_options, func_on, pdl_capable, ptr, ptx, suffix, Kernel};
 pub use super::linear::{ConvShift, ResidualEpilogue, RowScale};
 use super::{embedding, linear, rms_norm};
 use crate::decode_step::{validate, DecodeStepArgs, StepDims};
@@ -46,9 +46,6 @@ use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
 const OP: &str = "cuda_graph";
-
-/// Whether the captured step uses the norm-epilogue layout by default (see the module docs).
-const NORM_EPILOGUES: bool = true;
 
 fn need(ok: bool, what: &'static str) -> Result<()> {
     if ok {
@@ -105,12 +102,14 @@ impl StepStream {
         })?;
         need(batch > 0, "batch")?;
         let stream = dev.cuda_stream().context().new_stream().w()?;
-        // Batches the matrix-vector kernels take get the norm-epilogue layout (unless switched
-        // off for a comparison: read at every capture); the others run cuBLAS, which does not
+        // Batches the matrix-vector kernels take get the norm-epilogue layout (unless the
+        // options switch it off for a comparison: read at every capture); the others run
+        // cuBLAS, which does not
         // join a PDL chain.
         let bb = linear::variant(batch);
-        let epilogues = bb.is_some() && env_switch("MAMBA2_CUDA_NORM_EPILOGUES", NORM_EPILOGUES);
-        let pdl = bb.is_some() && pdl_capable(dev)? && env_switch("MAMBA2_CUDA_PDL", true);
+        let opts = cuda_options();
+        let epilogues = bb.is_some() && opts.norm_epilogues;
+        let pdl = bb.is_some() && pdl_capable(dev)? && opts.pdl;
         let k =
             |module: &str, src: &str, name: String| func_on(dev, &stream, module, src, &name, pdl);
         let matvec = match bb {

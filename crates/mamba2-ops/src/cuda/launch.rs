@@ -9,7 +9,6 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
 use candle_core::{DType, Device, Shape, Storage, Tensor};
 use std::sync::Arc;
-use std::sync::OnceLock;
 
 /// PTX of `kernels/cuda/*.cu`, one `&str` per file (`CONV1D`, `SSD`, ...), built by the
 /// `mamba2-kernels` crate.
@@ -344,30 +343,17 @@ pub fn launch_count() -> u64 {
     LAUNCHES.with(|c| c.get())
 }
 
-/// A diagnostic switch read from the environment at each call (`0` turns it off, `1` on,
-/// anything else or unset keeps `default`): lets one binary compare the captured step's layouts
-/// on the GPU (`MAMBA2_CUDA_PDL`, `MAMBA2_CUDA_NORM_EPILOGUES`, `MAMBA2_CUDA_STEP_N128`,
-/// `MAMBA2_CUDA_MATVEC_RESIDENT`).
-pub(crate) fn env_switch(name: &str, default: bool) -> bool {
-    match std::env::var(name).as_deref() {
-        Ok("0") => false,
-        Ok("1") => true,
-        _ => default,
-    }
-}
-
-/// Whether outputs are poisoned (NaN-filled) before the kernels write them: tests set
-/// `MAMBA2_CUDA_POISON=1` so that an element a kernel forgets to write shows up as NaN.
-fn poison() -> bool {
-    static POISON: OnceLock<bool> = OnceLock::new();
-    *POISON.get_or_init(|| std::env::var_os("MAMBA2_CUDA_POISON").is_some_and(|v| v != "0"))
+/// The CUDA switches in force on the calling thread (`crate::options`): the launch layouts
+/// one binary compares on the GPU, and output poisoning for the tests.
+pub(crate) fn cuda_options() -> crate::options::CudaOptions {
+    crate::options::current_options().cuda
 }
 
 /// A fresh output tensor: uninitialised (every kernel writes all of its outputs), or NaN-filled
-/// under `MAMBA2_CUDA_POISON`.
+/// when the options say `poison` (tests: an element a kernel forgets to write shows up as NaN).
 pub(crate) fn output<S: Into<Shape>>(shape: S, dtype: DType, dev: &CudaDevice) -> Result<Tensor> {
     let device = Device::Cuda(dev.clone());
-    if poison() {
+    if cuda_options().poison {
         return Tensor::full(f32::NAN, shape, &device)?.to_dtype(dtype);
     }
     // SAFETY: every caller passes the tensor to a kernel that writes each element.

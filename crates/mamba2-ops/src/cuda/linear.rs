@@ -3,7 +3,7 @@
 //! (Candle's matmul).
 
 use super::launch::{
-    cfg, code, device, env_switch, func, launch, opt_ptr, output, ptr, ptx, suffix,
+    cfg, code, cuda_options, device, func, launch, opt_ptr, output, ptr, ptx, suffix,
 };
 use super::launch::{Kernel, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
@@ -123,11 +123,11 @@ const THREADS: u32 = 256;
 /// Blocks of a matrix-vector launch of `f` for `n` outputs, hence the columns of
 /// [`ResidualEpilogue::parts_out`] (one partial sum per block): as many as the GPU holds at
 /// once (each block then walks a balanced range of rows with two weight tiles in flight), or
-/// one per [`ROWS_PER_GROUP`] rows when there are fewer groups. `MAMBA2_CUDA_MATVEC_RESIDENT=0`
-/// always launches one block per group (session 4's grid, for comparisons on the GPU).
+/// one per [`ROWS_PER_GROUP`] rows when there are fewer groups. `CudaOptions::matvec_resident =
+/// false` always launches one block per group (session 4's grid, for comparisons on the GPU).
 pub(crate) fn matvec_blocks(dev: &CudaDevice, f: &Kernel, n: usize) -> Result<usize> {
     let groups = n.div_ceil(ROWS_PER_GROUP).max(1);
-    if !env_switch("MAMBA2_CUDA_MATVEC_RESIDENT", true) {
+    if !cuda_options().matvec_resident {
         return Ok(groups);
     }
     Ok(groups.min(f.resident_blocks(dev, THREADS)?))

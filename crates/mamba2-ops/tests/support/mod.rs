@@ -5,7 +5,48 @@
 pub mod quantized;
 
 use candle_core::{DType, Device, Tensor};
+use mamba2_ops::options::{current_options, set_process_options, KernelOptions};
 use rand::{rngs::StdRng, Rng};
+
+/// Installs this test binary's kernel options once: the defaults overridden by the environment
+/// (`MAMBA2_CPU_TIER=avx2` runs every CPU fast path on the AVX2 kernels, ...; see
+/// `mamba2_ops::options::ENV_VARS`). The test harness is the edge where the environment is
+/// read; helpers call this before their first op.
+/// CUDA outputs are always NaN-poisoned in the tests, so that an element a kernel forgets to
+/// write fails the comparison.
+pub fn init_options() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut opts = KernelOptions::from_env().expect("kernel options from the environment");
+        opts.cuda.poison = true;
+        set_process_options(opts).expect("options set once");
+    });
+}
+
+/// The ops whose CPU fast paths have kernels per instruction-set tier (AVX-512, AVX2, NEON,
+/// generic) and record which one ran.
+pub const TIERED_OPS: [&str; 5] = [
+    "linear",
+    "selective_state_update",
+    "causal_conv1d_update",
+    "gated_rms_norm",
+    "rms_norm_residual",
+];
+
+/// Asserts that the last fast-path call of `op` on this thread ran the kernels of the tier in
+/// force (the forced one, or the best this CPU has: NEON on aarch64, not the portable loops).
+/// Nothing to check for ops without tier-specific kernels.
+#[track_caller]
+pub fn assert_tier(op: &str) {
+    if TIERED_OPS.contains(&op) {
+        let want = current_options().cpu.effective_tier();
+        assert_eq!(
+            mamba2_ops::fast_path_tier(op),
+            Some(want),
+            "{op}: kernels of the wrong instruction-set tier ran"
+        );
+    }
+}
 
 /// `dims` of values uniform in `[lo, hi)`, f32 on the CPU.
 pub fn uniform(rng: &mut StdRng, dims: &[usize], lo: f32, hi: f32) -> Tensor {
@@ -76,11 +117,10 @@ pub fn assert_close(what: &str, fast: &Tensor, reference: &Tensor, (atol, rtol):
     }
 }
 
-/// The CUDA device with every output of the fast paths NaN-poisoned (`MAMBA2_CUDA_POISON`, read
-/// once by the crate, so set before any op), or `None` without one: the test `test` then skips
-/// and says why.
+/// The CUDA device with every output of the fast paths NaN-poisoned (the process options of
+/// [`init_options`]), or `None` without one: the test `test` then skips and says why.
 pub fn poisoned_cuda(test: &str) -> Option<Device> {
-    std::env::set_var("MAMBA2_CUDA_POISON", "1");
+    init_options();
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {

@@ -182,7 +182,7 @@ struct Recorder<'a> {
 impl Recorder<'_> {
     /// The four-kernel layer (residual norm, input projection, fused step with its norm,
     /// output projection): batches beyond the matrix-vector kernels, or
-    /// `MAMBA2_CUDA_NORM_EPILOGUES=0`.
+    /// `CudaOptions::norm_epilogues` off.
     fn layers_with_norm_kernels(&self, cache: &mut Mamba2Cache) -> mamba2_ops::Result<()> {
         let (model, s, b) = (self.model, self.s, self.buf);
         let c = model.config();

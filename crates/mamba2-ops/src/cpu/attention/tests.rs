@@ -50,8 +50,8 @@ fn max_excess(got: &Tensor, want: &Tensor, (atol, rtol): (f32, f32)) -> f32 {
 #[test]
 fn every_isa_matches_reference() {
     let mut isas = vec![Isa::Portable];
-    if Isa::detect() != Isa::Portable {
-        isas.push(Isa::detect());
+    if Isa::current() != Isa::Portable {
+        isas.push(Isa::current());
     }
     // (batch, q_len, kv_len, capacity, n_heads, n_kv_heads, head_dim)
     let cases = [
@@ -79,7 +79,9 @@ fn every_isa_matches_reference() {
                     v: &v,
                     scale: 0.3,
                 };
-                let got = causal_attention_on(isa, &args).unwrap().expect("fast path");
+                let got = causal_attention_on((isa, Default::default()), &args)
+                    .unwrap()
+                    .expect("fast path");
                 let want = causal_attention_slow(&args).unwrap();
                 let e = max_excess(&got, &want, tol);
                 assert!(

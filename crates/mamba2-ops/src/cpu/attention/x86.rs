@@ -7,6 +7,7 @@
 //! `(ng × per_g, kb)` f32; K/V element `(position jj, kv head g, c)` at `base + jj·ps + g·hs + c`.
 
 use crate::cpu::common::{prefetch_ahead, Data};
+use crate::options::Prefetch;
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 
@@ -103,6 +104,8 @@ pub(super) struct Block {
     pub ng: usize,
     pub per_g: usize,
     pub dh: usize,
+    /// Prefetch policy of the K and V streams.
+    pub prefetch: Prefetch,
 }
 
 impl Block {
@@ -141,7 +144,12 @@ unsafe fn qk_positions<T: Lanes, const P: usize>(
     s: &mut [f32],
 ) {
     let (per_g, dh, kb) = (b.per_g, b.dh, b.kb);
-    prefetch_ahead(k.wrapping_add(b.base + jj * b.ps), P * b.ps, PREFETCH_BYTES);
+    prefetch_ahead(
+        b.prefetch,
+        k.wrapping_add(b.base + jj * b.ps),
+        P * b.ps,
+        PREFETCH_BYTES,
+    );
     let q = q.as_ptr();
     for g in 0..b.ng {
         let kp: [*const T; P] = std::array::from_fn(|p| k.add(b.base + (jj + p) * b.ps + g * b.hs));
@@ -184,7 +192,12 @@ unsafe fn pv_positions<T: Lanes, const P: usize>(
     acc: &mut [f32],
 ) {
     let (per_g, dh, kb) = (b.per_g, b.dh, b.kb);
-    prefetch_ahead(v.wrapping_add(b.base + jj * b.ps), P * b.ps, PREFETCH_BYTES);
+    prefetch_ahead(
+        b.prefetch,
+        v.wrapping_add(b.base + jj * b.ps),
+        P * b.ps,
+        PREFETCH_BYTES,
+    );
     let acc = acc.as_mut_ptr();
     for g in 0..b.ng {
         let vp: [*const T; P] = std::array::from_fn(|p| v.add(b.base + (jj + p) * b.ps + g * b.hs));

@@ -3,6 +3,7 @@
 
 use super::{unroll, Tiles, Widen, MW};
 use crate::cpu::common::prefetch_ahead;
+use crate::options::Prefetch;
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 
@@ -31,8 +32,8 @@ unsafe fn ld512_bf16(p: *const bf16, mask: __mmask16) -> __m512 {
 }
 
 /// How far ahead of the weight row being read the streaming tiles (`M = 1`) prefetch, in
-/// bytes, unless the prefetch policy (`cpu::common::Prefetch`, whose default sets its own
-/// distance) says otherwise. Rows of a weight matrix are contiguous, so this runs on into the
+/// bytes, unless the prefetch policy ([`Prefetch`], whose default sets its own distance) says
+/// otherwise. Rows of a weight matrix are contiguous, so this runs on into the
 /// following rows (which the same thread streams next: work items are consecutive row blocks).
 /// Why prefetch at all: at decode the weight stream is the whole cost, and the hardware
 /// prefetchers stop at 4 KiB page boundaries.
@@ -49,6 +50,7 @@ macro_rules! avx512_tile {
             w: [*const $t; M],
             x: [*const f32; N],
             k: usize,
+            pf: Prefetch,
         ) -> [[f32; M]; N] {
             let u_n = unroll(M);
             let mut acc = [[[_mm512_setzero_ps(); 4]; M]; N];
@@ -75,7 +77,7 @@ macro_rules! avx512_tile {
             let mut i = 0;
             while i < main {
                 if M == 1 {
-                    prefetch_ahead(w[0].wrapping_add(i), wide, PREFETCH_BYTES);
+                    prefetch_ahead(pf, w[0].wrapping_add(i), wide, PREFETCH_BYTES);
                 }
                 step!(i, u_n, 0xffff);
                 i += wide;
@@ -179,6 +181,7 @@ macro_rules! avx2_tile {
             w: [*const $t; M],
             x: [*const f32; N],
             k: usize,
+            _: Prefetch,
         ) -> [[f32; M]; N] {
             let u_n = unroll(M);
             let mut acc = [[[_mm256_setzero_ps(); 4]; M]; N];
