@@ -28,9 +28,10 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let model = args
-        .model
-        .unwrap_or_else(|| bundled_model_dir().to_string_lossy().into_owned());
+    let model = match args.model {
+        Some(m) => m,
+        None => bundled_model_dir()?.to_string_lossy().into_owned(),
+    };
     // `auto` picks CUDA or Metal when compiled in and present, else the CPU.
     let device = "auto".parse::<mamba2::device::DeviceChoice>()?.open()?;
     let generator = TextGenerator::load(

@@ -70,7 +70,7 @@ fn main() -> Result<()> {
     if every == 0 {
         bail!("--every must be at least 1");
     }
-    let bundled = bundled_model_dir();
+    let bundled = bundled_model_dir()?;
     let (model, what) = match model_dir {
         Some(dir) => {
             let files = mamba2::hub::resolve_model(&dir, &Default::default())?;

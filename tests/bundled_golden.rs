@@ -29,7 +29,8 @@ fn generator(dtype: DType) -> TextGenerator {
         dtype,
         ..Default::default()
     };
-    TextGenerator::load(bundled_model_dir().to_str().unwrap(), &opts).expect("bundled model loads")
+    TextGenerator::load(bundled_model_dir().unwrap().to_str().unwrap(), &opts)
+        .expect("bundled model loads")
 }
 
 fn ids(t: &Tensor) -> Vec<u32> {

@@ -246,7 +246,8 @@ fn bundled(dtype: DType) -> TextGenerator {
         dtype,
         ..Default::default()
     };
-    TextGenerator::load(bundled_model_dir().to_str().unwrap(), &opts).expect("bundled model loads")
+    TextGenerator::load(bundled_model_dir().unwrap().to_str().unwrap(), &opts)
+        .expect("bundled model loads")
 }
 
 #[test]

@@ -72,7 +72,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             )?,
             format!("random:{shape}"),
         ),
-        None => (a.model.load_model()?.0, a.model.model_spec()),
+        None => (a.model.load_model()?.0, a.model.model_spec()?),
     };
     model.set_cuda_graphs(!a.eager);
     let vocab = model.config().vocab_size as u32;

@@ -15,10 +15,15 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 impl ModelArgs {
-    pub fn model_spec(&self) -> String {
-        self.model
-            .clone()
-            .unwrap_or_else(|| bundled_model_dir().to_string_lossy().into_owned())
+    /// `--model`, else the bundled model's folder.
+    pub fn model_spec(&self) -> Result<String> {
+        match &self.model {
+            Some(m) => Ok(m.clone()),
+            None => Ok(bundled_model_dir()
+                .context("the bundled model")?
+                .to_string_lossy()
+                .into_owned()),
+        }
     }
 
     pub fn hub(&self) -> HubOptions {
@@ -51,7 +56,7 @@ impl ModelArgs {
     }
 
     pub fn source(&self) -> Result<ModelSource> {
-        Ok(ModelSource::resolve(&self.model_spec(), &self.hub())?)
+        Ok(ModelSource::resolve(&self.model_spec()?, &self.hub())?)
     }
 
     pub fn load_options(&self) -> Result<LoadOptions> {
@@ -99,12 +104,44 @@ pub struct GenerateArgs {
     repeat_last_n: usize,
     #[arg(long, default_value_t = 299_792_458)]
     seed: u64,
-    /// Stop when this string is generated (repeatable).
-    #[arg(long)]
+    /// Stop when this string is generated (repeatable). The escapes \n, \t, \r and \\ stand
+    /// for a newline, tab, carriage return and backslash, so `--stop "\n\n"` stops at a blank
+    /// line.
+    #[arg(long, value_parser = parse_stop)]
     stop: Vec<String>,
     /// Keep going past EOS.
     #[arg(long)]
     ignore_eos: bool,
+}
+
+/// `--stop` as typed on a command line, where a newline is hard to type: `\n`, `\t`, `\r` and
+/// `\\` become a newline, tab, carriage return and backslash; any other backslash escape is
+/// refused rather than guessed at.
+fn parse_stop(s: &str) -> std::result::Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        out.push(match chars.next() {
+            Some('n') => '\n',
+            Some('t') => '\t',
+            Some('r') => '\r',
+            Some('\\') => '\\',
+            Some(other) => {
+                return Err(format!(
+                    "unknown escape `\\{other}` (known: \\n \\t \\r \\\\)"
+                ))
+            }
+            None => return Err("a trailing `\\` escapes nothing (write `\\\\`)".into()),
+        });
+    }
+    if out.is_empty() {
+        return Err("an empty stop string would stop at once".into());
+    }
+    Ok(out)
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
@@ -119,7 +156,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         }
     };
     let opts = a.model.load_options()?;
-    let spec = a.model.model_spec();
+    let spec = a.model.model_spec()?;
     let gen =
         TextGenerator::load(&spec, &opts).with_context(|| format!("loading model `{spec}`"))?;
     let sampling = SamplingParams {
@@ -268,4 +305,34 @@ pub fn info(a: InfoArgs) -> Result<()> {
         "vocab_rows": model.vocab_rows(),
     });
     crate::print_stdout(&serde_json::to_string_pretty(&info)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_stop;
+
+    #[test]
+    fn stop_escapes_become_the_characters() {
+        assert_eq!(parse_stop(r"\n\n").unwrap(), "\n\n");
+        assert_eq!(parse_stop(r"a\tb\rc").unwrap(), "a\tb\rc");
+        assert_eq!(parse_stop(r"C:\\dir").unwrap(), "C:\\dir");
+        assert_eq!(
+            parse_stop(r"\\n").unwrap(),
+            "\\n",
+            "an escaped backslash then n"
+        );
+        assert_eq!(parse_stop("The End").unwrap(), "The End");
+        assert_eq!(
+            parse_stop("é\n").unwrap(),
+            "é\n",
+            "a real newline stays one"
+        );
+    }
+
+    #[test]
+    fn bad_stop_escapes_are_refused() {
+        assert!(parse_stop(r"\q").unwrap_err().contains(r"\q"));
+        assert!(parse_stop("end\\").unwrap_err().contains("trailing"));
+        assert!(parse_stop("").is_err());
+    }
 }

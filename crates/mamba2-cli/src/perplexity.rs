@@ -272,7 +272,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         "text_tokens": ids.len(),
         "bos": bos,
         "batch": a.batch,
-        "model": a.model.model_spec(),
+        "model": a.model.model_spec()?,
         "dtype": format!("{dtype:?}").to_lowercase(),
         "quantization": model.quantization().map(mamba2_ops::quantized::type_name),
         "device": match device.location() {

@@ -58,7 +58,7 @@ fn from_gguf(path: &str) -> Result<Tokenizer> {
 /// The `--tokenizer` override when given (a `.gguf` file, a tokenizer.json, a folder or a repo),
 /// else the model's: a `.gguf` model's metadata, or the folder's / repo's tokenizer.json.
 fn load(m: &ModelArgs) -> Result<Tokenizer> {
-    let spec = m.model_spec();
+    let spec = m.model_spec()?;
     let hub = m.hub();
     if let Some(t) = m.tokenizer.as_deref().filter(|t| is_gguf_file(t)) {
         return from_gguf(t);

@@ -5,6 +5,7 @@
 //! text with streaming and cancellation.
 
 pub mod batch;
+mod bundled;
 pub mod cache;
 pub mod config;
 pub mod device;

@@ -16,14 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokenizers::Tokenizer;
 
-/// The small Mamba-2 trained for this project and shipped in the repository
-/// (`models/`), used when no model is given.
-pub fn bundled_model_dir() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../models/mamba2-tiny"
-    ))
-}
+pub use crate::bundled::bundled_model_dir;
 
 /// How to load a model.
 #[derive(Debug, Clone)]
@@ -74,7 +67,7 @@ impl ModelSource {
     ///
     /// ```
     /// use mamba2::pipeline::{bundled_model_dir, ModelSource};
-    /// let src = ModelSource::resolve(&bundled_model_dir().to_string_lossy(), &Default::default())?;
+    /// let src = ModelSource::resolve(&bundled_model_dir()?.to_string_lossy(), &Default::default())?;
     /// assert!(matches!(src, ModelSource::Files(_)));
     /// # Ok::<(), mamba2::Error>(())
     /// ```
@@ -185,7 +178,7 @@ impl Default for TextOptions {
 /// ```no_run
 /// use mamba2::pipeline::{TextGenerator, LoadOptions, TextOptions};
 /// use mamba2::session::CancelToken;
-/// let gen = TextGenerator::load(&mamba2::pipeline::bundled_model_dir().to_string_lossy(), &LoadOptions::default())?;
+/// let gen = TextGenerator::load(&mamba2::pipeline::bundled_model_dir()?.to_string_lossy(), &LoadOptions::default())?;
 /// let mut session = gen.new_session()?;
 /// gen.generate(&mut session, "Once upon a time", &TextOptions::default(), &CancelToken::new(), |text| {
 ///     print!("{text}");
