@@ -113,10 +113,6 @@ fn captured_step_matches_eager_step_and_cpu() {
     // Both layouts of the captured layer (read at each capture): norm kernels of their own,
     // norms in the projections' epilogues (the default).
     for epilogues in [false, true] {
-        std::env::set_var(
-            "MAMBA2_CUDA_NORM_EPILOGUES",
-            if epilogues { "1" } else { "0" },
-        );
         println!("norm epilogues: {epilogues}");
         check_layout(&dev, epilogues);
     }
@@ -129,7 +125,10 @@ fn check_layout(dev: &Device, epilogues: bool) {
     ];
     for (name, cfg) in &configs {
         for dtype in [DType::F32, DType::BF16] {
-            let graph = Mamba2Model::random(cfg, dtype, dev, 5).unwrap();
+            let mut graph = Mamba2Model::random(cfg, dtype, dev, 5).unwrap();
+            let mut opts = mamba2_ops::options::KernelOptions::default();
+            opts.cuda.norm_epilogues = epilogues;
+            graph.set_kernel_options(opts).unwrap();
             let mut eager = graph.clone();
             eager.set_cuda_graphs(false);
             let cpu = Mamba2Model::random(cfg, dtype, &Device::Cpu, 5).unwrap();

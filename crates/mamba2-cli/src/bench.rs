@@ -63,18 +63,20 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let dtype = a.model.dtype_on(&device)?;
     let (mut model, name) = match &a.shape {
         Some(shape) => (
-            Mamba2Model::random_quantized(
+            Mamba2Model::random_in_pages(
                 &Mamba2Config::preset(shape)?,
                 dtype,
                 &device,
                 0,
                 a.model.load_options()?.quantize,
+                !a.model.no_huge_pages,
             )?,
             format!("random:{shape}"),
         ),
         None => (a.model.load_model()?.0, a.model.model_spec()?),
     };
     model.set_cuda_graphs(!a.eager);
+    model.set_threads(a.model.threads.map(|n| n as usize))?;
     let vocab = model.config().vocab_size as u32;
     let prompt: Vec<u32> = (0..a.batch * a.prefill)
         .map(|i| (i as u32 * 7919 + 13) % vocab)
@@ -114,7 +116,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "dtype": format!("{dtype:?}").to_lowercase(),
         "quantization": model.quantization().map(mamba2_ops::quantized::type_name),
         "device": format!("{:?}", device.location()).to_lowercase(),
-        "threads": candle_core::utils::get_num_threads(),
+        "threads": model.threads()?,
+        "huge_pages": !a.model.no_huge_pages,
+        "cpu_tier": mamba2_ops::options::current_options().cpu.effective_tier().name(),
         "batch": a.batch,
         "cuda_graph": device.is_cuda() && !a.eager && model.decode_graph_supported(),
         "prefill_tokens": a.prefill,

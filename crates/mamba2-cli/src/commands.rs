@@ -68,6 +68,8 @@ impl ModelArgs {
             tokenizer: self.tokenizer.clone(),
             quantize: self.quantize.as_deref().map(parse_quant_type).transpose()?,
             check_weights: true,
+            threads: self.threads.map(|n| n as usize),
+            huge_pages: !self.no_huge_pages,
         })
     }
 

@@ -48,6 +48,14 @@ pub struct ModelArgs {
     /// Never touch the network (same as HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
+    /// CPU threads (default: the physical cores). Models of the same thread count share one
+    /// pool, so concurrent sessions never run more threads than this.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Option<u32>,
+    /// Keep CPU weights in ordinary pages instead of memory advised for transparent huge pages
+    /// (MADV_HUGEPAGE, the default on Linux), for comparison.
+    #[arg(long)]
+    pub no_huge_pages: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -87,6 +95,9 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
+    // The CLI is the edge where the kernel switches (MAMBA2_CPU_TIER, MAMBA2_CPU_PREFETCH, ...)
+    // are read from the environment, once; the library never reads them.
+    mamba2_ops::options::set_process_options(mamba2_ops::options::KernelOptions::from_env()?)?;
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(a) => commands::generate(a),

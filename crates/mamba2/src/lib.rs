@@ -21,6 +21,7 @@ pub mod sampling;
 pub mod session;
 mod session_file;
 pub mod text_stream;
+pub mod threads;
 pub mod weights;
 
 pub use cache::Mamba2Cache;

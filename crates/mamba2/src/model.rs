@@ -69,6 +69,8 @@ pub struct Mamba2Model {
     ssd_params: SsdParams,
     max_prefill_tokens: usize,
     cuda_graphs: bool,
+    /// Thread pool and kernel options (see [`crate::threads`]).
+    runtime: crate::threads::Runtime,
 }
 
 impl Mamba2Model {
@@ -219,6 +221,45 @@ impl Mamba2Model {
         self.cuda_graphs = on;
     }
 
+    /// Sets the CPU threads this model computes on (`None`: the physical cores). The pool is
+    /// shared with every model of the same thread count in the process, so sessions generating
+    /// at once never run more threads than that. `Some(0)` is refused.
+    ///
+    /// ```
+    /// # use mamba2::{config::Mamba2Config, model::Mamba2Model};
+    /// # let mut cfg = Mamba2Config::preset("130m")?;
+    /// # cfg.n_layer = 1; cfg.d_model = 64; cfg.d_inner = 128; cfg.nheads = 2; cfg.d_state = 16;
+    /// # cfg.vocab_size = 100; cfg.pad_vocab_size_multiple = 1;
+    /// let mut model =
+    ///     Mamba2Model::random(&cfg, candle_core::DType::F32, &candle_core::Device::Cpu, 0)?;
+    /// model.set_threads(Some(1))?;
+    /// assert_eq!(model.threads()?, 1);
+    /// # Ok::<(), mamba2::Error>(())
+    /// ```
+    pub fn set_threads(&mut self, threads: Option<usize>) -> Result<()> {
+        self.runtime.set_threads(threads)
+    }
+
+    /// The number of CPU threads this model computes on.
+    pub fn threads(&self) -> Result<usize> {
+        Ok(self.runtime.pool()?.current_num_threads())
+    }
+
+    /// Sets the switches of the ops' fast paths for this model's forwards and steps (CPU tier,
+    /// prefetch, GEMM variants, CUDA layouts); without it the ops use the process options of
+    /// [`mamba2_ops::options`]. A CPU tier this machine lacks is refused.
+    pub fn set_kernel_options(
+        &mut self,
+        options: mamba2_ops::options::KernelOptions,
+    ) -> Result<()> {
+        self.runtime.set_options(options)
+    }
+
+    /// The kernel options set with [`Mamba2Model::set_kernel_options`], if any.
+    pub fn kernel_options(&self) -> Option<&mamba2_ops::options::KernelOptions> {
+        self.runtime.options()
+    }
+
     /// A zeroed cache for `batch` sequences.
     pub fn new_cache(&self, batch: usize) -> Result<Mamba2Cache> {
         Mamba2Cache::new(&self.config, batch, &self.device)
@@ -269,13 +310,20 @@ impl Mamba2Model {
     /// `(batch, seqlen, vocab_rows)`. With a cache, the sequence continues from the cache's
     /// state and the cache is left at the end of it (prefill, chunked prefill, multi-turn).
     pub fn forward(&self, input_ids: &Tensor, cache: Option<&mut Mamba2Cache>) -> Result<Tensor> {
-        let hidden = self.backbone(input_ids, cache)?; // (batch, seqlen, d_model)
-        self.logits(&hidden)
+        self.runtime.run(self.device.is_cpu(), || {
+            let hidden = self.backbone(input_ids, cache)?; // (batch, seqlen, d_model)
+            self.logits(&hidden)
+        })?
     }
 
     /// Prefill that returns only the logits of the last position, `(batch, vocab_rows)` f32,
     /// feeding the prompt in pieces of bounded size so memory does not grow with its length.
     pub fn prefill(&self, input_ids: &Tensor, cache: &mut Mamba2Cache) -> Result<Tensor> {
+        self.runtime
+            .run(self.device.is_cpu(), || self.prefill_here(input_ids, cache))?
+    }
+
+    fn prefill_here(&self, input_ids: &Tensor, cache: &mut Mamba2Cache) -> Result<Tensor> {
         let (_, seqlen) = input_ids.dims2().map_err(|_| {
             Error::InvalidInput(format!(
                 "input_ids must be (batch, seqlen), got {:?}",
@@ -372,14 +420,9 @@ impl Mamba2Model {
     /// One decode step: `input_ids` `(batch)` → f32 logits `(batch, vocab_rows)`; the cache
     /// advances by one token.
     pub fn step(&self, input_ids: &Tensor, cache: &mut Mamba2Cache) -> Result<Tensor> {
-        // On the CPU a step is ~70 short parallel sections (one per op); started from a thread
-        // outside the Rayon pool, each one hands its work to sleeping workers and waits for
-        // them, about an eighth of a 130m step. Running the whole step on a pool worker lets the
-        // sections fork and join inside the pool.
-        if self.device.is_cpu() && rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.step_here(input_ids, cache));
-        }
-        self.step_here(input_ids, cache)
+        // On the CPU the whole step runs on a worker of the model's pool (see `threads::Runtime`).
+        self.runtime
+            .run(self.device.is_cpu(), || self.step_here(input_ids, cache))?
     }
 
     fn step_here(&self, input_ids: &Tensor, cache: &mut Mamba2Cache) -> Result<Tensor> {

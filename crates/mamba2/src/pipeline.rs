@@ -36,6 +36,11 @@ pub struct LoadOptions {
     /// [`crate::Error::NonFinite`] naming the tensor, instead of generating from them. Costs one
     /// pass over the weights at load; on by default.
     pub check_weights: bool,
+    /// CPU threads of the model (`None`: the physical cores; see [`crate::threads`]).
+    pub threads: Option<usize>,
+    /// Large CPU weight tensors in memory advised for transparent huge pages (Linux; see
+    /// [`crate::weights::Weights::with_huge_pages`]); on by default.
+    pub huge_pages: bool,
 }
 
 impl Default for LoadOptions {
@@ -47,6 +52,8 @@ impl Default for LoadOptions {
             tokenizer: None,
             quantize: None,
             check_weights: true,
+            threads: None,
+            huge_pages: true,
         }
     }
 }
@@ -89,11 +96,18 @@ impl ModelSource {
 
     /// Loads the model: config and weights from the files, or everything from the GGUF.
     pub fn load_model(&self, opts: &LoadOptions) -> Result<Mamba2Model> {
+        let mut model = self.load_model_here(opts)?;
+        model.set_threads(opts.threads)?;
+        Ok(model)
+    }
+
+    fn load_model_here(&self, opts: &LoadOptions) -> Result<Mamba2Model> {
         match self {
             ModelSource::Files(files) => {
                 let config = Mamba2Config::from_file(&files.config)?;
                 let weights = Weights::from_files(&files.weights, &opts.device)?
-                    .with_finite_check(opts.check_weights);
+                    .with_finite_check(opts.check_weights)
+                    .with_huge_pages(opts.huge_pages);
                 Mamba2Model::from_weights_quantized(&config, &weights, opts.dtype, opts.quantize)
             }
             ModelSource::Gguf(path) => {

@@ -20,7 +20,8 @@ mod finite;
 mod pages;
 pub use files::{find_weight_file, ShardIndex, WEIGHT_FILE_CANDIDATES};
 use finite::all_finite;
-use pages::{cpu_tensor_from_bytes, in_huge_pages, release_pages};
+pub(crate) use pages::in_huge_pages;
+use pages::{cpu_tensor_from_bytes, release_pages};
 
 /// On-disk format of a weight file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +89,7 @@ pub struct Weights {
     entries: HashMap<String, Entry>,
     device: Device,
     check_finite: bool,
+    huge_pages: bool,
 }
 
 impl std::fmt::Debug for Weights {
@@ -139,6 +141,23 @@ impl Weights {
     /// ([`Error::NonFinite`]); off by default (it reads each tensor once more).
     pub fn with_finite_check(mut self, on: bool) -> Self {
         self.check_finite = on;
+        self
+    }
+
+    /// Whether large CPU tensors go into memory advised for transparent huge pages
+    /// (`madvise(MADV_HUGEPAGE)`, Linux; on by default, a no-op elsewhere). Decode streams every
+    /// weight once per token, and 4 KiB pages cost it a TLB miss per page and a
+    /// hardware-prefetch stop at each page boundary. `false` keeps ordinary pages (for A/B
+    /// comparisons, `scripts/bench_hugepages.sh`).
+    ///
+    /// ```no_run
+    /// # use mamba2::weights::Weights;
+    /// let w = Weights::from_dir("mamba2-130m".as_ref(), &candle_core::Device::Cpu)?
+    ///     .with_huge_pages(false);
+    /// # Ok::<(), mamba2::Error>(())
+    /// ```
+    pub fn with_huge_pages(mut self, on: bool) -> Self {
+        self.huge_pages = on;
         self
     }
 
@@ -228,7 +247,7 @@ impl Weights {
                 let (lo, hi) = (data_start + start, data_start + end);
                 let t = if self.device.is_cpu() {
                     // Already in huge-page-advised memory where that applies.
-                    cpu_tensor_from_bytes(&mmap[lo..hi], stored, shape)
+                    cpu_tensor_from_bytes(&mmap[lo..hi], stored, shape, self.huge_pages)
                 } else {
                     let dev = if on_cpu_first {
                         &Device::Cpu
@@ -285,7 +304,13 @@ impl Weights {
         let t = raw
             .to_dtype(dtype)
             .and_then(|t| t.to_device(&self.device))
-            .and_then(|t| if in_place { Ok(t) } else { in_huge_pages(t) })
+            .and_then(|t| {
+                if in_place || !self.huge_pages {
+                    Ok(t)
+                } else {
+                    in_huge_pages(t)
+                }
+            })
             .map_err(|e| load_err(e.to_string()))?;
         if self.check_finite && t.dtype().is_float() {
             // In the load dtype, after the conversion: an f32 weight past f16's range becomes
@@ -356,6 +381,7 @@ impl Weights {
             entries,
             device: device.clone(),
             check_finite: false,
+            huge_pages: true,
         })
     }
 

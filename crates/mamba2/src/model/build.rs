@@ -71,6 +71,8 @@ struct RandomSource {
     device: Device,
     /// Std of the output projections: 1/sqrt(in) / sqrt(2 * blocks), as GPT-2-style inits.
     out_scale: f32,
+    /// Large tensors in memory advised for transparent huge pages, as loaded weights are.
+    huge_pages: bool,
 }
 
 impl RandomSource {
@@ -114,9 +116,14 @@ impl TensorSource for RandomSource {
         let (mean, std) = self.distribution(name, shape);
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| mean + std * rng.normal()).collect();
-        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+        let t = Tensor::from_vec(v, shape, &Device::Cpu)?
             .to_dtype(dtype)?
-            .to_device(&self.device)?)
+            .to_device(&self.device)?;
+        Ok(if self.huge_pages {
+            crate::weights::in_huge_pages(t)?
+        } else {
+            t
+        })
     }
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.shapes.get(name).cloned()
@@ -482,6 +489,19 @@ impl Mamba2Model {
         seed: u64,
         quantize: Option<GgmlDType>,
     ) -> Result<Self> {
+        Self::random_in_pages(config, dtype, device, seed, quantize, true)
+    }
+
+    /// [`Mamba2Model::random_quantized`] with the large CPU weights in huge-page-advised memory
+    /// (`huge_pages`, as [`crate::weights::Weights::with_huge_pages`]) or in ordinary pages.
+    pub fn random_in_pages(
+        config: &Mamba2Config,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+        quantize: Option<GgmlDType>,
+        huge_pages: bool,
+    ) -> Result<Self> {
         config.validate()?;
         let mut c = config.clone();
         // Random untied heads would double the vocabulary matrix for nothing a benchmark needs.
@@ -492,6 +512,7 @@ impl Mamba2Model {
             seed,
             device: device.clone(),
             out_scale: (2.0 * c.n_blocks() as f32).powf(-0.5),
+            huge_pages,
         };
         let mut model = Self::build(&c, &src, c.default_root(), dtype, quantize)?;
         model.config.tie_embeddings = config.tie_embeddings;
@@ -617,6 +638,7 @@ impl Mamba2Model {
             ssd_params,
             max_prefill_tokens,
             cuda_graphs: true,
+            runtime: Default::default(),
         }
     }
 }

@@ -19,7 +19,7 @@ const MIN_BYTES: usize = 2 << 20;
 /// 11); this advice on the weights alone was within that machine's ±15 % run-to-run noise
 /// (medians 199 -> 203 tok/s over four pairs), with peak RSS unchanged to 2 %. Other devices,
 /// small tensors and other systems are returned as they are; the advice is best effort.
-pub(super) fn in_huge_pages(t: Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn in_huge_pages(t: Tensor) -> candle_core::Result<Tensor> {
     #[cfg(target_os = "linux")]
     {
         if t.device().is_cpu() && t.elem_count() * t.dtype().size_in_bytes() >= MIN_BYTES {
@@ -36,14 +36,15 @@ pub(super) fn in_huge_pages(t: Tensor) -> candle_core::Result<Tensor> {
 
 /// A CPU tensor of `dtype` and `shape` holding `bytes` (native byte order, as
 /// `Tensor::from_raw_buffer`), built directly in huge-page-advised memory where
-/// [`in_huge_pages`] would move it: one copy out of the mapped file instead of two.
+/// [`in_huge_pages`] would move it (when `huge`): one copy out of the mapped file instead of two.
 pub(super) fn cpu_tensor_from_bytes(
     bytes: &[u8],
     dtype: DType,
     shape: &[usize],
+    huge: bool,
 ) -> candle_core::Result<Tensor> {
     #[cfg(target_os = "linux")]
-    if bytes.len() >= MIN_BYTES {
+    if huge && bytes.len() >= MIN_BYTES {
         let t = match dtype {
             DType::F32 => advised_from_bytes::<f32>(bytes, shape),
             DType::F16 => advised_from_bytes::<half::f16>(bytes, shape),
@@ -131,4 +132,73 @@ pub(super) fn release_pages(mmap: &Mmap, lo: usize, hi: usize) {
     }
     #[cfg(not(unix))]
     let _ = (mmap, lo, hi);
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    /// The `VmFlags` of the mapping of this process that holds address `p` (from
+    /// `/proc/self/smaps`); `hg` marks memory advised with `MADV_HUGEPAGE`.
+    pub(crate) fn vm_flags(p: usize) -> Vec<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let mut inside = false;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((a, b)) = first.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = a <= p && p < b;
+                    continue;
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.split_whitespace().map(String::from).collect();
+                }
+            }
+        }
+        panic!("no mapping holds {p:#x}")
+    }
+
+    /// Address of the middle of a CPU tensor's buffer (inside its advised whole pages).
+    pub(crate) fn middle(t: &Tensor) -> usize {
+        let (s, _) = t.storage_and_layout();
+        let candle_core::Storage::Cpu(c) = &*s else {
+            panic!("not a CPU tensor")
+        };
+        let v = c.as_slice::<f32>().expect("f32");
+        v.as_ptr() as usize + v.len() * 2
+    }
+
+    /// Whether this kernel has transparent huge pages at all (else madvise refuses the advice
+    /// and there is nothing to check).
+    fn thp_available() -> bool {
+        std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+    }
+
+    #[test]
+    fn large_weights_land_in_advised_memory_unless_switched_off() {
+        if !thp_available() {
+            eprintln!("no transparent huge pages in this kernel: skipped");
+            return;
+        }
+        let n = 3 << 20; // 12 MiB of f32: several whole 2 MiB pages
+        let bytes: Vec<u8> = (0..n).flat_map(|i| (i as f32).to_ne_bytes()).collect();
+        let on = cpu_tensor_from_bytes(&bytes, DType::F32, &[n], true).unwrap();
+        assert!(vm_flags(middle(&on)).iter().any(|f| f == "hg"), "advised");
+        let off = cpu_tensor_from_bytes(&bytes, DType::F32, &[n], false).unwrap();
+        assert!(
+            !vm_flags(middle(&off)).iter().any(|f| f == "hg"),
+            "not advised"
+        );
+        // Same values either way.
+        assert_eq!(on.to_vec1::<f32>().unwrap(), off.to_vec1::<f32>().unwrap());
+        // A converted tensor is moved into advised memory too.
+        let moved = in_huge_pages(off).unwrap();
+        assert!(vm_flags(middle(&moved)).iter().any(|f| f == "hg"), "moved");
+        // Small tensors stay where they are.
+        let small = cpu_tensor_from_bytes(&bytes[..4096], DType::F32, &[1024], true).unwrap();
+        assert_eq!(small.dims(), &[1024]);
+    }
 }
