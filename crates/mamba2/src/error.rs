@@ -3,8 +3,10 @@
 
 use std::path::PathBuf;
 
-/// Errors returned by the `mamba2` library.
+/// Errors returned by the `mamba2` library. New variants may be added in minor releases: match
+/// with a wildcard arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A config file could not be parsed as JSON, or a field had the wrong type.
     #[error("config {path}: {message}")]
@@ -69,12 +71,35 @@ pub enum Error {
     /// Invalid generation parameters (temperature < 0, top_p outside (0, 1], ...).
     #[error("generation parameter `{field}`: {message}")]
     GenerationParam { field: String, message: String },
-    /// A saved session file that is truncated, corrupt or belongs to another model.
+    /// A saved session file that is truncated or corrupt.
     #[error("session file {path}: {message}")]
     SessionFile { path: PathBuf, message: String },
-    /// Generation was cancelled through its cancellation token.
+    /// A session file in a format version this library does not read (an older one without
+    /// the weights fingerprint, or a newer one).
+    #[error("session file {path}: format `{found}` is not read by this version (it reads `{supported}`); save the session again with this version")]
+    SessionVersion {
+        path: PathBuf,
+        found: String,
+        supported: String,
+    },
+    /// A session file saved from another model: another architecture or shape (`what` =
+    /// `model`), or the same shapes with other weights (`what` = `weights`, e.g. a fine-tune).
+    #[error("session file {path} was saved from another model: its {what} is `{saved}`, this model's is `{current}`")]
+    SessionModelMismatch {
+        path: PathBuf,
+        what: &'static str,
+        saved: String,
+        current: String,
+    },
+    /// A download, a load or a prefill was cancelled through its [`crate::session::CancelToken`]
+    /// (a decode that is cancelled ends with [`crate::session::StopReason::Cancelled`] instead,
+    /// keeping the tokens generated so far).
     #[error("cancelled")]
     Cancelled,
+    /// A chat template that does not compile, or that failed while rendering (including the
+    /// template's own `raise_exception`), with the template engine's message.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
     /// An error from one of the Mamba-2 ops.
     #[error(transparent)]
     Op(#[from] mamba2_ops::OpError),

@@ -7,6 +7,7 @@
 pub mod batch;
 mod bundled;
 pub mod cache;
+pub mod chat_template;
 pub mod config;
 pub mod device;
 pub mod error;
@@ -25,6 +26,9 @@ pub mod threads;
 pub mod weights;
 
 pub use cache::Mamba2Cache;
+/// The Candle version this crate is built on, so that applications build tensors and devices of
+/// the same version without naming it in their own manifest.
+pub use candle_core;
 pub use config::Mamba2Config;
 pub use error::{Error, Result};
 pub use model::Mamba2Model;
