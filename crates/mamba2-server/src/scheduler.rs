@@ -224,7 +224,8 @@ impl Scheduler {
 
     fn drop_cancelled(&mut self) {
         let before = self.seqs.len();
-        self.seqs.retain(|s| !s.events.is_closed());
+        // A finishing sequence has sent its answer; it only feeds its last token.
+        self.seqs.retain(|s| s.finishing || !s.events.is_closed());
         for _ in self.seqs.len()..before {
             self.release_slot(true);
         }
