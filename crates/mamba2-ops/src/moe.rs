@@ -1,4 +1,4 @@
-//! Mixture-of-experts ops (GitHub issue 16): the router's top-k choice and the routed experts.
+//! Mixture-of-experts ops: the router's top-k choice and the routed experts.
 //!
 //! Reference: HF transformers 5.24 `GraniteMoeHybridTopKRouter` / `NemotronHTopkRouter` (routing)
 //! and `GraniteMoeHybridExperts` / `NemotronHExperts` (experts). Shapes:

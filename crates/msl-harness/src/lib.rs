@@ -1,4 +1,4 @@
-//! MSL-on-CPU harness (issue 4): runs the exact `.metal` kernel sources on
+//! MSL-on-CPU harness: runs the exact `.metal` kernel sources on
 //! the CPU with GPU semantics, for tests only.
 //!
 //! Each `.metal` file is rewritten (see [`rewrite`]) and compiled by clang as

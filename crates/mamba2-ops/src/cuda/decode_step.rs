@@ -22,9 +22,9 @@ pub(crate) const MAX_SPLIT: usize = 4;
 /// Blocks per head of the fused step: up to [`MAX_SPLIT`] where batch x heads is below the SM
 /// count, at most the rows of a head. How many at most depends on the mode: in
 /// [`StepMode::Defer`] the blocks of a head share nothing, and two per head measured faster (1.3b
-/// batch 1, captured: 814 -> 839 tok/s, run 20 in BENCHMARKS.md); in [`StepMode::Norm`] every
+/// batch 1, captured: 814 -> 839 tok/s, BENCHMARKS.md "CUDA"); in [`StepMode::Norm`] every
 /// block of a group counts in on one atomic and the last one normalises the group, and splitting
-/// measured slower (19 us per step at 3 blocks per head against 14 us unsplit, run 15), so it is
+/// measured slower (19 us per step at 3 blocks per head against 14 us unsplit), so it is
 /// 1 there. `CudaOptions::step_split` overrides the most for both (the kernel's tests cover 1 and
 /// 4).
 pub(crate) fn split(

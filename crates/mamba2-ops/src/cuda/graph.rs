@@ -25,12 +25,12 @@
 //!   kernel is a programmatic dependent of the previous one (it starts while that one ends and loads
 //!   its weights or states before waiting for its inputs).
 //! - up to `linear::MAX_ROWS` sequences, four-kernel layout: residual norm, input projection,
-//!   fused mixer step with its norm, output projection (1.3b batch 1: 624 tok/s, run 17).
+//!   fused mixer step with its norm, output projection (1.3b batch 1: 624 tok/s on an H200).
 //! - more sequences: the four-kernel layout with cuBLAS GEMMs on this stream (see `blas.rs`)
-//!   for the projections (1.3b batch 16: 3,107 tok/s eager -> 3,423 captured, run 17).
+//!   for the projections (1.3b batch 16: 3,107 tok/s eager -> 3,423 captured).
 //!
-//! (Session 3 fused the norms into the projections' prologues instead: every block recomputed
-//! the row's norm from L2 before its first multiply, and that lost, 515-612 against 624 tok/s.)
+//! Fusing the norms into the projections' prologues instead (every block recomputing the row's
+//! norm from L2 before its first multiply) measured slower: 515-612 against 624 tok/s.
 
 use super::blas::StreamBlas;
 use super::decode_step::{self, StepMode, StepScratchPtrs, StepShape};

@@ -124,7 +124,8 @@ const THREADS: u32 = 256;
 /// [`ResidualEpilogue::parts_out`] (one partial sum per block): as many as the GPU holds at
 /// once (each block then walks a balanced range of rows with two weight tiles in flight), or
 /// one per [`ROWS_PER_GROUP`] rows when there are fewer groups. `CudaOptions::matvec_resident =
-/// false` always launches one block per group (session 4's grid, for comparisons on the GPU).
+/// false` always launches one block per group (the plain grid, kept to compare against on the
+/// GPU).
 pub(crate) fn matvec_blocks(dev: &CudaDevice, f: &Kernel, n: usize) -> Result<usize> {
     let groups = n.div_ceil(ROWS_PER_GROUP).max(1);
     if !cuda_options().matvec_resident {

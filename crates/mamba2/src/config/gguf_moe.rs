@@ -1,4 +1,4 @@
-//! Mixture-of-experts settings of the hybrid GGUF architectures (issue 16), read as llama.cpp
+//! Mixture-of-experts settings of the hybrid GGUF architectures, read as llama.cpp
 //! reads them (`src/llama-model.cpp`, `src/models/granite-hybrid.cpp`, `src/models/nemotron-h.cpp`,
 //! `build_moe_ffn` in `src/llama-graph.cpp`) from what `convert_hf_to_gguf.py` writes.
 //!

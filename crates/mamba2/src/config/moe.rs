@@ -1,4 +1,4 @@
-//! Mixture-of-experts settings of the hybrid families (GitHub issue 16): Granite-4.0-H's
+//! Mixture-of-experts settings of the hybrid families: Granite-4.0-H's
 //! `block_sparse_moe` (softmax over the top-k router logits, SwiGLU experts, beside the
 //! `shared_mlp`) and Nemotron-H's `E` layers (sigmoid router with a score-correction bias,
 //! group-limited top-k, ReLU² experts plus shared experts). Field names and defaults are those of

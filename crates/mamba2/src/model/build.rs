@@ -620,7 +620,7 @@ impl Mamba2Model {
         // CPU a piece's activations must also stay in the last-level cache: at 130m f32 they are
         // ~50 KB per token and layer, and 2048-token pieces (100 MB per layer, 32 MiB of L3 here)
         // prefilled 2048 tokens 27 % slower per token than 512-token pieces do (BENCHMARKS.md,
-        // CPU round 11). 512 tokens, rounded up to whole SSD chunks.
+        // "CPU"). 512 tokens, rounded up to whole SSD chunks.
         let max_prefill_tokens = if device.is_cpu() {
             512usize.div_ceil(config.chunk_size) * config.chunk_size // chunk_size >= 1 (validated)
         } else {

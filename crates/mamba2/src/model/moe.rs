@@ -1,4 +1,4 @@
-//! The mixture-of-experts block (issue 16): router, routed experts and the always-on shared MLP,
+//! The mixture-of-experts block: router, routed experts and the always-on shared MLP,
 //! written against the `moe_route` / `moe_experts` ops. Maps a normed `(batch, seqlen, d_model)`
 //! input to `experts(x) + shared(x)`, like HF's `GraniteMoeHybridMoE + shared_mlp` and
 //! `NemotronHMoE`.

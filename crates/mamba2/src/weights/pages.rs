@@ -15,8 +15,8 @@ const MIN_BYTES: usize = 2 << 20;
 /// (`transparent_hugepage=madvise`, the common default). Decode streams every weight once per
 /// token, and 4 KiB pages cost it a TLB miss per page and a hardware-prefetch stop at each page
 /// boundary. Measured on the 2-core build machine: glibc's `hugetlb` tunable (huge pages for
-/// every allocation) gave 130m bf16 decode a median +15 % in A/B pairs (BENCHMARKS.md round
-/// 11); this advice on the weights alone was within that machine's ±15 % run-to-run noise
+/// every allocation) gave 130m bf16 decode a median +15 % in A/B pairs (BENCHMARKS.md,
+/// "CPU"); this advice on the weights alone was within that machine's ±15 % run-to-run noise
 /// (medians 199 -> 203 tok/s over four pairs), with peak RSS unchanged to 2 %. Other devices,
 /// small tensors and other systems are returned as they are; the advice is best effort.
 pub(crate) fn in_huge_pages(t: Tensor) -> candle_core::Result<Tensor> {
