@@ -46,7 +46,7 @@ async fn stream_one(server: &TestServer, i: usize, max_tokens: u32) -> (String, 
         include_usage: Some(true),
         include_obfuscation: None,
     };
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         let mut req = CreateCompletionRequestArgs::default()
             .model(MODEL)
             .prompt(prompt(i))
