@@ -211,7 +211,7 @@ fn cancel_leaves_session_consistent_and_save_restore_continues_identically() {
     o.save(&other_path).unwrap();
     assert!(matches!(
         Session::load(model.clone(), &other_path),
-        Err(mamba2::Error::SessionFile { .. })
+        Err(mamba2::Error::SessionModelMismatch { what: "model", .. })
     ));
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();

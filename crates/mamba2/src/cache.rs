@@ -168,6 +168,21 @@ impl Mamba2Cache {
 
     /// Builds a cache from existing state tensors (e.g. restored from a file): one conv and one
     /// SSM state per Mamba block, one KV cache per attention block, all for the same batch.
+    /// Lists of different lengths, states of another rank, batch or dtype, and KV caches of
+    /// another length than `seqlen_offset` are [`Error::InvalidInput`]; a cache whose lists do
+    /// not match a model's blocks is refused by that model's forward and step the same way.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use mamba2::Mamba2Cache;
+    /// let conv = Tensor::zeros((1, 8, 4), DType::F32, &Device::Cpu)?;
+    /// let ssm = Tensor::zeros((1, 2, 4, 16), DType::F32, &Device::Cpu)?;
+    /// let cache = Mamba2Cache::from_states(vec![conv.clone()], vec![ssm.clone()], vec![], 0)?;
+    /// assert_eq!(cache.n_layer(), 1);
+    /// let err = Mamba2Cache::from_states(vec![conv], vec![ssm.clone(), ssm], vec![], 0);
+    /// assert!(matches!(err, Err(mamba2::Error::InvalidInput(_))));
+    /// # Ok::<(), mamba2::Error>(())
+    /// ```
     pub fn from_states(
         conv_states: Vec<Tensor>,
         ssm_states: Vec<Tensor>,
@@ -189,18 +204,28 @@ impl Mamba2Cache {
                 .iter()
                 .find_map(|c| c.k.as_ref().map(|k| k.dim(0).unwrap_or(0))))
             .unwrap_or(0);
-        for (name, t) in conv_states
+        for (name, rank, t) in conv_states
             .iter()
-            .map(|t| ("conv", t))
-            .chain(ssm_states.iter().map(|t| ("ssm", t)))
+            .map(|t| ("conv", 3, t))
+            .chain(ssm_states.iter().map(|t| ("ssm", 4, t)))
         {
-            if t.dim(0)? != batch || t.dtype() != DType::F32 {
+            if t.rank() != rank || t.dim(0)? != batch || t.dtype() != DType::F32 {
                 return Err(Error::InvalidInput(format!(
-                    "{name} state {:?} {:?}: expected batch {batch}, f32",
+                    "{name} state {:?} {:?}: expected rank {rank}, batch {batch}, f32",
                     t.dims(),
                     t.dtype()
                 )));
             }
+        }
+        if let Some(k) = kv
+            .iter()
+            .filter_map(|c| c.k.as_ref())
+            .find(|k| k.dim(0).ok() != Some(batch))
+        {
+            return Err(Error::InvalidInput(format!(
+                "a KV cache of shape {:?} does not hold batch {batch}",
+                k.dims()
+            )));
         }
         if let Some(c) = kv.iter().find(|c| c.len != seqlen_offset && !c.is_empty()) {
             return Err(Error::InvalidInput(format!(

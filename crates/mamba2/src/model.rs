@@ -13,6 +13,8 @@ mod build;
 /// The decode step captured as a CUDA graph (reads the model's weights directly).
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda_step;
+/// The weights' content fingerprint that session files record.
+mod fingerprint;
 /// Models from GGUF files.
 mod gguf_source;
 #[allow(unused_imports)] // for the GGUF writer
@@ -71,6 +73,8 @@ pub struct Mamba2Model {
     cuda_graphs: bool,
     /// Thread pool and kernel options (see [`crate::threads`]).
     runtime: crate::threads::Runtime,
+    /// [`Mamba2Model::weights_fingerprint`], computed on first use.
+    fingerprint: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 impl Mamba2Model {
@@ -265,7 +269,32 @@ impl Mamba2Model {
         Mamba2Cache::new(&self.config, batch, &self.device)
     }
 
-    /// Checks `(batch, seqlen)` ids: integer dtype, non-empty, every id a row of the embedding.
+    /// Rows of prompt this model feeds per forward in [`Mamba2Model::prefill`] and
+    /// [`Mamba2Model::prefill_tokens`] (cancellation is checked between pieces).
+    pub fn max_prefill_tokens(&self) -> usize {
+        self.max_prefill_tokens
+    }
+
+    /// Host token ids checked on the host (every id a row of the embedding) and uploaded once,
+    /// `(n)` u32 on the model's device: the paths fed from host ids never read ids back.
+    fn upload_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        if ids.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let rows = self.vocab_rows();
+        if let Some((pos, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= rows) {
+            return Err(Error::TokenOutOfRange {
+                id: id as i64,
+                position: pos,
+                vocab: rows,
+            });
+        }
+        Ok(Tensor::new(ids, &self.device)?)
+    }
+
+    /// Checks `(batch, seqlen)` ids given as a tensor: integer dtype, non-empty, every id a row
+    /// of the embedding (which reads the ids to the host once; the `*_tokens` methods take host
+    /// ids and skip that).
     fn check_ids(&self, ids: &Tensor) -> Result<Tensor> {
         if !matches!(
             ids.dtype(),
@@ -333,14 +362,80 @@ impl Mamba2Model {
         if seqlen == 0 {
             return Err(Error::EmptyPrompt);
         }
+        let ids = self.check_ids(input_ids)?;
+        self.prefill_pieces(&ids, cache, None, &mut |_, _| {})
+    }
+
+    /// [`Mamba2Model::prefill`] of one sequence given as host token ids: the ids are checked on
+    /// the host and uploaded once (no device read-back), and `cancel` is checked before every
+    /// piece of [`Mamba2Model::max_prefill_tokens`] tokens. A cancelled prefill returns
+    /// [`Error::Cancelled`], with the cache left after the pieces that ran (its
+    /// [`Mamba2Cache::seqlen_offset`] says how many tokens that is). Returns the logits of the
+    /// last token, `(1, vocab_rows)` f32.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use mamba2::{session::CancelToken, Mamba2Config, Mamba2Model};
+    /// let mut cfg = Mamba2Config::preset("130m")?;
+    /// cfg.n_layer = 1; cfg.d_model = 64; cfg.d_inner = 128; cfg.nheads = 2; cfg.d_state = 16;
+    /// cfg.vocab_size = 50; cfg.pad_vocab_size_multiple = 1;
+    /// let model = Mamba2Model::random(&cfg, DType::F32, &Device::Cpu, 0)?;
+    /// let mut cache = model.new_cache(1)?;
+    /// let logits = model.prefill_tokens(&[1, 2, 3], &mut cache, &CancelToken::new())?;
+    /// assert_eq!(logits.dims(), &[1, 50]);
+    /// let cancelled = CancelToken::new();
+    /// cancelled.cancel();
+    /// let err = model.prefill_tokens(&[4, 5], &mut cache, &cancelled).unwrap_err();
+    /// assert!(matches!(err, mamba2::Error::Cancelled));
+    /// assert_eq!(cache.seqlen_offset(), 3);
+    /// # Ok::<(), mamba2::Error>(())
+    /// ```
+    pub fn prefill_tokens(
+        &self,
+        tokens: &[u32],
+        cache: &mut Mamba2Cache,
+        cancel: &crate::session::CancelToken,
+    ) -> Result<Tensor> {
+        self.prefill_tokens_with_progress(tokens, cache, cancel, &mut |_, _| {})
+    }
+
+    /// [`Mamba2Model::prefill_tokens`] that calls `on_piece(done, total)` after every piece
+    /// (tokens prefilled so far, tokens in all): a progress bar for long prompts, and a place
+    /// to decide to cancel.
+    pub fn prefill_tokens_with_progress(
+        &self,
+        tokens: &[u32],
+        cache: &mut Mamba2Cache,
+        cancel: &crate::session::CancelToken,
+        on_piece: &mut (dyn FnMut(usize, usize) + Send),
+    ) -> Result<Tensor> {
+        let ids = self.upload_ids(tokens)?.unsqueeze(0)?; // (1, n)
+        self.runtime.run(self.device.is_cpu(), || {
+            self.prefill_pieces(&ids, cache, Some(cancel), on_piece)
+        })?
+    }
+
+    /// The pieces of a prefill over checked `(batch, seqlen)` u32 ids on the device.
+    fn prefill_pieces(
+        &self,
+        ids: &Tensor,
+        cache: &mut Mamba2Cache,
+        cancel: Option<&crate::session::CancelToken>,
+        on_piece: &mut (dyn FnMut(usize, usize) + Send),
+    ) -> Result<Tensor> {
+        let seqlen = ids.dim(1)?;
         let mut start = 0;
         let mut last_hidden = None;
         while start < seqlen {
+            if cancel.is_some_and(|c| c.is_cancelled()) {
+                return Err(Error::Cancelled);
+            }
             let len = self.max_prefill_tokens.min(seqlen - start);
-            let piece = input_ids.narrow(1, start, len)?;
-            let hidden = self.backbone(&piece, Some(cache))?; // (batch, len, d_model)
+            let piece = ids.narrow(1, start, len)?;
+            let hidden = self.backbone_checked(&piece, Some(cache))?; // (batch, len, d_model)
             last_hidden = Some(hidden.narrow(1, len - 1, 1)?);
             start += len;
+            on_piece(start, seqlen);
         }
         let last = last_hidden.expect("seqlen >= 1");
         Ok(self.logits(&last)?.squeeze(1)?)
@@ -349,13 +444,19 @@ impl Mamba2Model {
     /// Embeddings, blocks and final norm over a sequence;
     /// `(batch, seqlen, d_model)` in the model dtype.
     fn backbone(&self, input_ids: &Tensor, cache: Option<&mut Mamba2Cache>) -> Result<Tensor> {
-        let (batch, seqlen) = input_ids.dims2().map_err(|_| {
+        input_ids.dims2().map_err(|_| {
             Error::InvalidInput(format!(
                 "input_ids must be (batch, seqlen), got {:?}",
                 input_ids.dims()
             ))
         })?;
         let ids = self.check_ids(input_ids)?;
+        self.backbone_checked(&ids, cache)
+    }
+
+    /// [`Self::backbone`] over ids already checked and on the device, `(batch, seqlen)` u32.
+    fn backbone_checked(&self, ids: &Tensor, cache: Option<&mut Mamba2Cache>) -> Result<Tensor> {
+        let (batch, seqlen) = ids.dims2()?;
         if let Some(c) = cache.as_deref() {
             self.check_cache(c, batch)?;
         }
@@ -433,15 +534,29 @@ impl Mamba2Model {
             ))
         })?;
         let ids = self.check_ids(&input_ids.unsqueeze(1)?)?.squeeze(1)?;
+        self.step_checked(&ids, batch, cache)
+    }
+
+    /// [`Mamba2Model::step`] with one token per sequence given as host ids: checked on the
+    /// host and uploaded, with no device read-back (the decode loop of a session).
+    pub fn step_tokens(&self, tokens: &[u32], cache: &mut Mamba2Cache) -> Result<Tensor> {
+        let ids = self.upload_ids(tokens)?; // (batch)
+        self.runtime.run(self.device.is_cpu(), || {
+            self.step_checked(&ids, tokens.len(), cache)
+        })?
+    }
+
+    /// A step over checked `(batch)` u32 ids on the device.
+    fn step_checked(&self, ids: &Tensor, batch: usize, cache: &mut Mamba2Cache) -> Result<Tensor> {
         self.check_cache(cache, batch)?;
         #[cfg(feature = "cuda")]
         if self.cuda_graphs {
-            if let Some(logits) = cuda_step::step(self, &ids, cache)? {
+            if let Some(logits) = cuda_step::step(self, ids, cache)? {
                 cache.advance(1);
                 return Ok(logits);
             }
         }
-        let hidden = self.embed(&ids)?.unsqueeze(1)?; // (batch, 1, d_model)
+        let hidden = self.embed(ids)?.unsqueeze(1)?; // (batch, 1, d_model)
         let normed = self.run_blocks(hidden, Some(cache), Pass::Step)?;
         cache.swap_conv_buffers();
         self.logits(&normed.squeeze(1)?)

@@ -6,7 +6,7 @@ use crate::gguf::{tokenizer_from_gguf, GgufFile};
 use crate::hub::{load_tokenizer, resolve_model, resolve_tokenizer, HubOptions, ModelFiles};
 use crate::model::Mamba2Model;
 use crate::sampling::SamplingParams;
-use crate::session::{CancelToken, GenerateOptions, GenerationSummary, Session};
+use crate::session::{CancelToken, GenerateOptions, GenerationSummary, Session, TokenStream};
 use crate::text_stream::TextStream;
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -286,7 +286,9 @@ impl TextGenerator {
 
     /// Appends `prompt` to the session and generates, calling `on_text` with each new piece of
     /// text (never a split UTF-8 character). An empty prompt is allowed only when the session
-    /// already holds tokens (continuing a conversation).
+    /// already holds tokens (continuing a conversation). Cancellation as in
+    /// [`Session::generate`]: during the prompt's prefill it is [`Error::Cancelled`], during
+    /// decoding a summary with [`crate::session::StopReason::Cancelled`].
     pub fn generate(
         &self,
         session: &mut Session,
@@ -295,15 +297,52 @@ impl TextGenerator {
         cancel: &CancelToken,
         mut on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<GenerationSummary> {
+        let mut pieces = self.stream(session, prompt, opts, cancel)?;
+        while let Some(piece) = pieces.next() {
+            if on_text(&piece?).is_break() {
+                pieces.stop();
+                break;
+            }
+        }
+        Ok(pieces.finish())
+    }
+
+    /// The pull-style form of [`TextGenerator::generate`]: an iterator of the same pieces of
+    /// text the callback would get, in order (the held-back tail of a possible stop string
+    /// last). Dropping it or calling [`TextPieces::stop`] ends the generation.
+    ///
+    /// ```no_run
+    /// use mamba2::pipeline::{bundled_model_dir, LoadOptions, TextGenerator, TextOptions};
+    /// use mamba2::session::CancelToken;
+    /// let gen = TextGenerator::load(&bundled_model_dir().to_string_lossy(), &LoadOptions::default())?;
+    /// let mut session = gen.new_session()?;
+    /// let mut text = String::new();
+    /// for piece in gen.stream(&mut session, "The old man said", &TextOptions::default(), &CancelToken::new())? {
+    ///     text.push_str(&piece?);
+    /// }
+    /// # Ok::<(), mamba2::Error>(())
+    /// ```
+    pub fn stream<'a>(
+        &self,
+        session: &'a mut Session,
+        prompt: &str,
+        opts: &TextOptions,
+        cancel: &CancelToken,
+    ) -> Result<TextPieces<'a>> {
         let ids = self.encode(prompt)?;
-        if ids.is_empty() && session.tokens().is_empty() {
+        if ids.is_empty() && session.tokens().is_empty() && session.pending().is_empty() {
             return Err(Error::EmptyPrompt);
         }
         session.feed(&ids)?;
-        let mut stream = TextStream::new(self.tokenizer.clone(), opts.stop_strings.clone());
+        let mut text = TextStream::new(self.tokenizer.clone(), opts.stop_strings.clone());
         // Decoders that strip a leading space need the preceding tokens to place the first word.
-        let context: Vec<u32> = session.tokens().iter().chain(ids.iter()).copied().collect();
-        stream.set_context(&context)?;
+        let context: Vec<u32> = session
+            .tokens()
+            .iter()
+            .chain(session.pending())
+            .copied()
+            .collect();
+        text.set_context(&context)?;
         let gen_opts = GenerateOptions {
             max_new_tokens: opts.max_new_tokens,
             sampling: opts.sampling.clone(),
@@ -313,38 +352,70 @@ impl TextGenerator {
                 self.eos_token_ids.clone()
             },
         };
-        let mut failure = None;
-        let mut user_stopped = false;
-        let summary = session.generate(&gen_opts, cancel, |tok| match stream.push(tok) {
-            Ok(chunk) => {
-                let user = if chunk.text.is_empty() {
-                    ControlFlow::Continue(())
-                } else {
-                    on_text(&chunk.text)
-                };
-                user_stopped = user.is_break();
-                if chunk.stopped {
-                    ControlFlow::Break(())
-                } else {
-                    user
+        Ok(TextPieces {
+            tokens: session.stream(&gen_opts, cancel)?,
+            text,
+            done: false,
+        })
+    }
+}
+
+/// Pieces of generated text, pulled one at a time (see [`TextGenerator::stream`]).
+pub struct TextPieces<'a> {
+    tokens: TokenStream<'a>,
+    text: TextStream,
+    done: bool,
+}
+
+impl TextPieces<'_> {
+    /// Ends the generation now; the text held back for a possible stop string is dropped.
+    pub fn stop(&mut self) {
+        self.tokens.stop();
+        self.done = true;
+    }
+
+    /// Ends the generation if it is still running and returns what it did.
+    pub fn finish(self) -> GenerationSummary {
+        self.tokens.finish()
+    }
+}
+
+impl Iterator for TextPieces<'_> {
+    type Item = Result<String>;
+
+    fn next(&mut self) -> Option<Result<String>> {
+        while !self.done {
+            match self.tokens.next() {
+                None => {
+                    self.done = true;
+                    // Text held back for a possible stop string is released at the end.
+                    if !self.text.stopped() {
+                        match self.text.finish() {
+                            Ok(rest) if rest.is_empty() => {}
+                            other => return Some(other),
+                        }
+                    }
                 }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                Some(Ok(tok)) => match self.text.push(tok) {
+                    Err(e) => {
+                        self.stop();
+                        return Some(Err(e));
+                    }
+                    Ok(chunk) => {
+                        if chunk.stopped {
+                            self.stop();
+                        }
+                        if !chunk.text.is_empty() {
+                            return Some(Ok(chunk.text));
+                        }
+                    }
+                },
             }
-            Err(e) => {
-                failure = Some(e);
-                ControlFlow::Break(())
-            }
-        })?;
-        if let Some(e) = failure {
-            return Err(e);
         }
-        // Text held back for a possible stop string is released at the end, unless a stop string
-        // matched or the caller asked to stop.
-        if !stream.stopped() && !user_stopped {
-            let rest = stream.finish()?;
-            if !rest.is_empty() {
-                let _ = on_text(&rest);
-            }
-        }
-        Ok(summary)
+        None
     }
 }

@@ -1,11 +1,13 @@
 //! A generation session: one sequence's recurrent state on a shared model, the tokens it has
 //! seen, and token-level generation with sampling, EOS, streaming and cancellation.
 
+pub use crate::session_file::SESSION_FORMAT;
+
 use crate::cache::Mamba2Cache;
 use crate::model::Mamba2Model;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -194,16 +196,91 @@ impl Session {
 
     /// Runs pending tokens through the model now. Returns how many were processed.
     pub fn flush(&mut self) -> Result<usize> {
+        self.flush_cancellable(&CancelToken::new())
+    }
+
+    /// Tokens given to [`Session::feed`] that the state has not seen yet.
+    pub fn pending(&self) -> &[u32] {
+        &self.pending
+    }
+
+    /// Drops the pending tokens (e.g. the rest of a prompt whose prefill was cancelled).
+    pub fn discard_pending(&mut self) {
+        self.pending.clear();
+    }
+
+    /// [`Session::flush`] that checks `cancel` before every prefill piece of
+    /// [`Mamba2Model::max_prefill_tokens`] tokens. When cancelled it returns
+    /// [`Error::Cancelled`]; the pieces already run stay in the state (and in
+    /// [`Session::tokens`]), the rest stays [`Session::pending`], so a later flush or generation
+    /// continues where it stopped (or [`Session::discard_pending`] drops it).
+    pub fn flush_cancellable(&mut self, cancel: &CancelToken) -> Result<usize> {
+        self.flush_with_progress(cancel, |_, _| {})
+    }
+
+    /// [`Session::flush_cancellable`] that calls `on_piece(done, total)` after every prefill
+    /// piece (pending tokens prefilled so far, pending tokens in all).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use candle_core::{DType, Device};
+    /// use mamba2::{Mamba2Config, Mamba2Model, session::{Session, CancelToken}};
+    /// let mut cfg = Mamba2Config::preset("130m")?;
+    /// cfg.n_layer = 1; cfg.d_model = 64; cfg.d_inner = 128; cfg.nheads = 2; cfg.d_state = 16;
+    /// cfg.vocab_size = 50; cfg.pad_vocab_size_multiple = 1; cfg.chunk_size = 4;
+    /// let mut model = Mamba2Model::random(&cfg, DType::F32, &Device::Cpu, 7)?;
+    /// model.set_max_prefill_tokens(4);
+    /// let mut session = Session::new(Arc::new(model))?;
+    /// session.feed(&[1; 10])?;
+    /// let cancel = CancelToken::new();
+    /// let err = session.flush_with_progress(&cancel, |done, _total| if done >= 4 { cancel.cancel() });
+    /// assert!(matches!(err, Err(mamba2::Error::Cancelled)));
+    /// assert_eq!((session.tokens().len(), session.pending().len()), (4, 6));
+    /// # Ok::<(), mamba2::Error>(())
+    /// ```
+    pub fn flush_with_progress(
+        &mut self,
+        cancel: &CancelToken,
+        mut on_piece: impl FnMut(usize, usize) + Send,
+    ) -> Result<usize> {
         if self.pending.is_empty() {
             return Ok(0);
         }
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
         let pending = std::mem::take(&mut self.pending);
-        let logits = if pending.len() == 1 {
-            let ids = Tensor::new(&pending[..], self.model.device())?; // (1)
-            self.model.step(&ids, &mut self.cache)?.squeeze(0)? // (vocab_rows)
+        let start = self.cache.seqlen_offset();
+        // Ids were checked against the embedding in `feed`; the model checks them again on the
+        // host, never on the device.
+        let result = if pending.len() == 1 {
+            let r = self.model.step_tokens(&pending, &mut self.cache);
+            if r.is_ok() {
+                on_piece(1, 1);
+            }
+            r
         } else {
-            let ids = Tensor::new(&pending[..], self.model.device())?.unsqueeze(0)?; // (1, n)
-            self.model.prefill(&ids, &mut self.cache)?.squeeze(0)?
+            self.model.prefill_tokens_with_progress(
+                &pending,
+                &mut self.cache,
+                cancel,
+                &mut on_piece,
+            )
+        };
+        let done = self.cache.seqlen_offset() - start;
+        let logits = match result {
+            Ok(l) => l.squeeze(0)?, // (vocab_rows)
+            Err(e) => {
+                // Keep tokens and state in step: what ran is seen, the rest is pending again.
+                self.tokens.extend_from_slice(&pending[..done]);
+                self.pending = pending[done..].to_vec();
+                if done > 0 {
+                    // The logits of a partial prefill were not kept; they are recomputed from
+                    // the rest of the prompt, which must be fed before generating.
+                    self.last_logits = None;
+                }
+                return Err(e);
+            }
         };
         self.last_logits = Some(logits.to_device(&Device::Cpu)?.to_vec1::<f32>()?);
         self.tokens.extend_from_slice(&pending);
@@ -234,13 +311,56 @@ impl Session {
 
     /// Generates up to `opts.max_new_tokens` tokens, calling `on_token` with each as soon as it
     /// is sampled. Every emitted token is fed back, so after return (also after cancellation or
-    /// an early stop) the state has seen exactly [`Session::tokens`].
+    /// an early stop) the state has seen exactly [`Session::tokens`]. Pending prompt tokens are
+    /// prefilled first, checking `cancel` between pieces: a cancel during that prefill returns
+    /// [`Error::Cancelled`] (see [`Session::flush_cancellable`]); one during decoding ends with
+    /// [`StopReason::Cancelled`] and the tokens generated so far. An EOS token ends the
+    /// generation without being passed to `on_token` (it is in the summary's tokens).
     pub fn generate(
         &mut self,
         opts: &GenerateOptions,
         cancel: &CancelToken,
         mut on_token: impl FnMut(u32) -> ControlFlow<()>,
     ) -> Result<GenerationSummary> {
+        let mut tokens = self.stream(opts, cancel)?;
+        while let Some(tok) = tokens.next() {
+            if on_token(tok?).is_break() {
+                tokens.stop();
+                break;
+            }
+        }
+        Ok(tokens.finish())
+    }
+
+    /// The pull-style form of [`Session::generate`]: prefills the pending tokens (checking
+    /// `cancel` between pieces), then returns an iterator that samples, feeds back and yields
+    /// one token per `next()`: exactly the tokens `generate` passes to its callback, in order.
+    /// Dropping the iterator (or calling [`TokenStream::stop`]) ends the generation with
+    /// [`StopReason::Callback`]; [`TokenStream::finish`] gives the summary.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use candle_core::{DType, Device};
+    /// use mamba2::{Mamba2Config, Mamba2Model, session::{Session, GenerateOptions, CancelToken}};
+    /// let mut cfg = Mamba2Config::preset("130m")?;
+    /// cfg.n_layer = 1; cfg.d_model = 64; cfg.d_inner = 128; cfg.nheads = 2; cfg.d_state = 16;
+    /// cfg.vocab_size = 50; cfg.pad_vocab_size_multiple = 1;
+    /// let model = Arc::new(Mamba2Model::random(&cfg, DType::F32, &Device::Cpu, 7)?);
+    /// let mut session = Session::new(model)?;
+    /// session.feed(&[1, 2, 3])?;
+    /// let opts = GenerateOptions { max_new_tokens: 4, ..Default::default() };
+    /// let mut stream = session.stream(&opts, &CancelToken::new())?;
+    /// let first_two: Vec<u32> = stream.by_ref().take(2).collect::<Result<_, _>>()?;
+    /// let summary = stream.finish(); // stopped after two tokens
+    /// assert_eq!(summary.tokens, first_two);
+    /// assert_eq!(session.tokens().len(), 5);
+    /// # Ok::<(), mamba2::Error>(())
+    /// ```
+    pub fn stream<'a>(
+        &'a mut self,
+        opts: &GenerateOptions,
+        cancel: &CancelToken,
+    ) -> Result<TokenStream<'a>> {
         let mut sampler = Sampler::new(opts.sampling.clone())?;
         if let Some((seed, state)) = self.rng {
             if seed == opts.sampling.seed {
@@ -248,46 +368,138 @@ impl Session {
             }
         }
         let t0 = Instant::now();
-        let prompt_tokens = self.flush()?;
+        let prompt_tokens = self.flush_cancellable(cancel)?;
         let prompt_s = t0.elapsed().as_secs_f64();
         if self.last_logits.is_none() {
             return Err(Error::EmptyPrompt);
         }
-        let allowed = self.model.config().vocab_size.min(self.model.vocab_rows());
-        let t1 = Instant::now();
-        let mut out = Vec::new();
-        let mut stop_reason = StopReason::MaxTokens;
-        while out.len() < opts.max_new_tokens {
-            if cancel.is_cancelled() {
-                stop_reason = StopReason::Cancelled;
-                break;
-            }
-            let logits = self.last_logits.as_deref().expect("flushed above");
-            let tok = sampler.sample(logits, &self.tokens, allowed)?;
-            out.push(tok);
-            self.feed(&[tok])?;
-            self.flush()?;
-            if opts.eos_token_ids.contains(&tok) {
-                stop_reason = StopReason::Eos;
-                break;
-            }
-            if on_token(tok).is_break() {
-                stop_reason = StopReason::Callback;
-                break;
-            }
-        }
-        self.rng = Some((opts.sampling.seed, sampler.rng_state()));
-        let decode_s = t1.elapsed().as_secs_f64();
-        Ok(GenerationSummary {
+        Ok(TokenStream {
+            allowed: self.model.config().vocab_size.min(self.model.vocab_rows()),
+            session: self,
+            sampler,
+            seed: opts.sampling.seed,
+            max_new_tokens: opts.max_new_tokens,
+            eos_token_ids: opts.eos_token_ids.clone(),
+            cancel: cancel.clone(),
+            out: Vec::new(),
+            stop_reason: None,
             prompt_tokens,
-            prompt_tok_s: if prompt_tokens > 0 {
-                prompt_tokens as f64 / prompt_s.max(1e-9)
+            prompt_s,
+            t1: Instant::now(),
+            decode_s: None,
+        })
+    }
+}
+
+/// The tokens of one generation, pulled one at a time (see [`Session::stream`]). Yields
+/// `Ok(token)` per sampled token, `Err` once if a step fails, then `None`.
+pub struct TokenStream<'a> {
+    session: &'a mut Session,
+    sampler: Sampler,
+    seed: u64,
+    allowed: usize,
+    max_new_tokens: usize,
+    eos_token_ids: Vec<u32>,
+    cancel: CancelToken,
+    out: Vec<u32>,
+    stop_reason: Option<StopReason>,
+    prompt_tokens: usize,
+    prompt_s: f64,
+    t1: Instant,
+    decode_s: Option<f64>,
+}
+
+impl TokenStream<'_> {
+    /// Why the generation ended, once it has.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop_reason
+    }
+
+    /// Tokens produced so far (including a final EOS).
+    pub fn tokens(&self) -> &[u32] {
+        &self.out
+    }
+
+    /// Ends the generation now (as a callback returning `Break` would): later `next()` calls
+    /// return `None`. Does nothing once it has ended.
+    pub fn stop(&mut self) {
+        self.end(StopReason::Callback);
+    }
+
+    fn end(&mut self, reason: StopReason) {
+        if self.stop_reason.is_none() {
+            self.stop_reason = Some(reason);
+            self.decode_s = Some(self.t1.elapsed().as_secs_f64());
+            // Later turns with the same seed continue this random stream.
+            self.session.rng = Some((self.seed, self.sampler.rng_state()));
+        }
+    }
+
+    /// Ends the generation ([`TokenStream::stop`] if it is still running) and returns what it
+    /// did.
+    pub fn finish(mut self) -> GenerationSummary {
+        self.stop();
+        let decode_s = self.decode_s.unwrap_or_default();
+        GenerationSummary {
+            prompt_tokens: self.prompt_tokens,
+            prompt_tok_s: if self.prompt_tokens > 0 {
+                self.prompt_tokens as f64 / self.prompt_s.max(1e-9)
             } else {
                 0.0
             },
-            decode_tok_s: out.len() as f64 / decode_s.max(1e-9),
-            tokens: out,
-            stop_reason,
-        })
+            decode_tok_s: self.out.len() as f64 / decode_s.max(1e-9),
+            tokens: std::mem::take(&mut self.out),
+            stop_reason: self.stop_reason.unwrap_or(StopReason::Callback),
+        }
+    }
+
+    fn sample_one(&mut self) -> Result<u32> {
+        let logits = self
+            .session
+            .last_logits
+            .as_deref()
+            .ok_or(Error::EmptyPrompt)?;
+        let tok = self
+            .sampler
+            .sample(logits, &self.session.tokens, self.allowed)?;
+        self.out.push(tok);
+        self.session.feed(&[tok])?;
+        self.session.flush()?;
+        Ok(tok)
+    }
+}
+
+impl Iterator for TokenStream<'_> {
+    type Item = Result<u32>;
+
+    fn next(&mut self) -> Option<Result<u32>> {
+        if self.stop_reason.is_some() {
+            return None;
+        }
+        if self.out.len() >= self.max_new_tokens {
+            self.end(StopReason::MaxTokens);
+            return None;
+        }
+        if self.cancel.is_cancelled() {
+            self.end(StopReason::Cancelled);
+            return None;
+        }
+        match self.sample_one() {
+            Err(e) => {
+                self.end(StopReason::Callback);
+                Some(Err(e))
+            }
+            Ok(tok) if self.eos_token_ids.contains(&tok) => {
+                self.end(StopReason::Eos);
+                None
+            }
+            Ok(tok) => Some(Ok(tok)),
+        }
+    }
+}
+
+impl Drop for TokenStream<'_> {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -2,10 +2,17 @@
 //! the KV caches of attention blocks, the tokens and the last logits, with metadata that ties it
 //! to the model it came from.
 //!
-//! Format versions: `mamba2-rs-session-v2` (written) adds `key.{j}` / `value.{j}` for attention
-//! block `j` and the model family and layer pattern to the fingerprint. `v1` files (SSM states
-//! only) are still read for pure Mamba-2 models, whose state they fully describe; a hybrid model
-//! refuses them.
+//! Format `mamba2-rs-session-v3` (the only one read and written): tensors `conv_state.{i}` /
+//! `ssm_state.{i}` per Mamba block, `key.{j}` / `value.{j}` per attention block, `tokens`,
+//! `last_logits`; metadata `format`, `model` (family, layer pattern and every dimension that
+//! shapes the state), `weights` ([`Mamba2Model::weights_fingerprint`], a hash of every weight
+//! byte), `seqlen_offset` and the sampler's `rng`. Files of v1 and v2 carry no weights
+//! fingerprint, so nothing could stop a same-shape fine-tune from continuing their state; they
+//! are refused with [`Error::SessionVersion`] rather than read unchecked.
+//!
+//! Writes are atomic: the file is written and synced under a temporary name in the target's
+//! folder, then renamed over the target, so a crash or a full disk leaves the previous file
+//! whole.
 
 use crate::cache::{KvCache, Mamba2Cache};
 use crate::model::Mamba2Model;
@@ -13,13 +20,14 @@ use crate::session::Session;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-const FORMAT: &str = "mamba2-rs-session-v2";
-const FORMAT_V1: &str = "mamba2-rs-session-v1";
+/// The session file format this version writes and reads.
+pub const SESSION_FORMAT: &str = "mamba2-rs-session-v3";
 
-/// A fingerprint of everything that decides the shape and meaning of the state.
+/// Everything that decides the shape and meaning of the state.
 fn model_fingerprint(model: &Mamba2Model) -> String {
     let c = model.config();
     let attn = c
@@ -27,25 +35,36 @@ fn model_fingerprint(model: &Mamba2Model) -> String {
         .map(|a| format!(" attn={}x{}/{}", a.num_heads, a.head_dim, a.num_kv_heads))
         .unwrap_or_default();
     format!(
-        "family={} pattern={}{attn} {}",
+        "family={} pattern={}{attn} d_model={} n_layer={} d_state={} d_conv={} headdim={} nheads={} ngroups={} vocab_rows={} params={}",
         c.family.model_type(),
         c.pattern_string(),
-        model_fingerprint_v1(model)
-    )
-}
-
-/// The fingerprint of format v1 (pure Mamba-2 models).
-fn model_fingerprint_v1(model: &Mamba2Model) -> String {
-    let c = model.config();
-    format!(
-        "d_model={} n_layer={} d_state={} d_conv={} headdim={} nheads={} ngroups={} vocab_rows={} params={}",
         c.d_model, c.n_layer, c.d_state, c.d_conv, c.headdim, c.nheads, c.ngroups, model.vocab_rows(), model.num_parameters()
     )
 }
 
+/// Writes `data` to `path` through a synced temporary file in the same folder and a rename.
+fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".mamba2-session-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(data).map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
 impl Session {
-    /// Writes the session (state, tokens, last logits) to `path`. Pending, not yet processed
-    /// tokens are processed first.
+    /// Writes the session (state, tokens, last logits) to `path`, atomically (a temporary file
+    /// in the same folder renamed over it). Pending, not yet processed tokens are processed
+    /// first. The first save of a model computes its weights fingerprint (one read of the
+    /// weights).
     pub fn save(&mut self, path: &Path) -> Result<()> {
         self.flush()?;
         let cpu = Device::Cpu;
@@ -73,8 +92,9 @@ impl Session {
             tensors.insert("last_logits".into(), Tensor::new(l, &cpu)?);
         }
         let meta: HashMap<String, String> = [
-            ("format".to_string(), FORMAT.to_string()),
+            ("format".to_string(), SESSION_FORMAT.to_string()),
             ("model".to_string(), model_fingerprint(self.model())),
+            ("weights".to_string(), self.model().weights_fingerprint()?),
             (
                 "seqlen_offset".to_string(),
                 self.cache().seqlen_offset().to_string(),
@@ -93,11 +113,13 @@ impl Session {
                 path: path.into(),
                 message: e.to_string(),
             })?;
-        std::fs::write(path, data).map_err(|e| Error::io(path, e))
+        write_atomic(path, &data)
     }
 
-    /// Restores a session saved by [`Session::save`] onto `model`. Files from another model,
-    /// truncated or corrupt files are refused with [`Error::SessionFile`].
+    /// Restores a session saved by [`Session::save`] onto `model`. A file from another model
+    /// (other shapes, or the same shapes with other weights) is [`Error::SessionModelMismatch`],
+    /// one of another format version [`Error::SessionVersion`], a truncated or corrupt one
+    /// [`Error::SessionFile`].
     pub fn load(model: Arc<Mamba2Model>, path: &Path) -> Result<Self> {
         let bad = |m: String| Error::SessionFile {
             path: path.into(),
@@ -107,29 +129,32 @@ impl Session {
         let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
             .map_err(|e| bad(format!("not a session file: {e}")))?;
         let meta = meta.metadata().clone().unwrap_or_default();
-        let want = match meta.get("format").map(String::as_str) {
-            Some(FORMAT) => model_fingerprint(&model),
-            Some(FORMAT_V1) if model.config().family == crate::config::Family::Mamba2 => {
-                model_fingerprint_v1(&model)
-            }
-            Some(FORMAT_V1) => {
-                return Err(bad(format!(
-                    "a {FORMAT_V1} file holds no attention caches; this {} model needs {FORMAT}",
-                    model.config().family.model_type()
-                )))
-            }
+        match meta.get("format").map(String::as_str) {
+            Some(SESSION_FORMAT) => {}
             Some(other) => {
-                return Err(bad(format!(
-                    "format `{other}` is not one this version reads ({FORMAT}, {FORMAT_V1})"
-                )))
+                return Err(Error::SessionVersion {
+                    path: path.into(),
+                    found: other.to_string(),
+                    supported: SESSION_FORMAT.to_string(),
+                })
             }
-            None => return Err(bad(format!("not a {FORMAT} file"))),
+            None => return Err(bad(format!("not a {SESSION_FORMAT} file (no `format`)"))),
+        }
+        let mismatch = |what: &'static str, saved: Option<&String>, current: String| {
+            Error::SessionModelMismatch {
+                path: path.into(),
+                what,
+                saved: saved.map_or("(missing)".to_string(), String::clone),
+                current,
+            }
         };
+        let want = model_fingerprint(&model);
         if meta.get("model") != Some(&want) {
-            return Err(bad(format!(
-                "saved from another model ({}), this model is {want}",
-                meta.get("model").map_or("?", |s| s.as_str())
-            )));
+            return Err(mismatch("model", meta.get("model"), want));
+        }
+        let weights = model.weights_fingerprint()?;
+        if meta.get("weights") != Some(&weights) {
+            return Err(mismatch("weights", meta.get("weights"), weights));
         }
         let st = safetensors::SafeTensors::deserialize(&data)
             .map_err(|e| bad(format!("corrupt: {e}")))?;

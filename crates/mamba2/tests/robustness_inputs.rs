@@ -352,12 +352,22 @@ fn session_file_errors_name_the_file_and_the_reason() {
         }
         other => panic!("{}: expected SessionFile, got {other:?}", path.display()),
     };
-    // Another model: same shapes but other weights (the parameter count matches too) are not
-    // told apart; a different shape is.
+    // Another model: a different shape, and the same shapes with other weights.
     let mut wider = cfg.clone();
     wider.d_state = 32;
     let other = Arc::new(Mamba2Model::random(&wider, DType::F32, &Device::Cpu, 1).unwrap());
-    expect(&good, &other, "another model");
+    let reseeded = Arc::new(Mamba2Model::random(&cfg, DType::F32, &Device::Cpu, 99).unwrap());
+    for (m, what) in [(&other, "model"), (&reseeded, "weights")] {
+        match Session::load(m.clone(), &good) {
+            Err(e @ Error::SessionModelMismatch { .. }) => {
+                assert!(matches!(&e, Error::SessionModelMismatch { what: w, .. } if *w == what));
+                let msg = e.to_string();
+                assert!(msg.contains(&good.display().to_string()), "{msg}");
+                assert!(msg.contains("another model"), "{msg}");
+            }
+            other => panic!("expected SessionModelMismatch {what}, got {other:?}"),
+        }
+    }
     // Truncated at several points, empty, and a file that is not a session at all.
     let bytes = std::fs::read(&good).unwrap();
     let bad = dir.path().join("bad.session");
@@ -372,7 +382,7 @@ fn session_file_errors_name_the_file_and_the_reason() {
         &bad,
     )
     .unwrap();
-    expect(&bad, &model, "not a mamba2-rs-session-v2 file");
+    expect(&bad, &model, "not a mamba2-rs-session-v3 file");
     // A missing file is an Io error with the path.
     let missing = dir.path().join("nope.session");
     assert!(matches!(

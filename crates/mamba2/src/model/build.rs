@@ -639,6 +639,7 @@ impl Mamba2Model {
             max_prefill_tokens,
             cuda_graphs: true,
             runtime: Default::default(),
+            fingerprint: Default::default(),
         }
     }
 }
