@@ -30,7 +30,7 @@ if grep -qw avx512f /proc/cpuinfo 2>/dev/null && grep -qw avx2 /proc/cpuinfo; th
 fi
 for tier in "${tiers[@]}"; do
   echo "== CPU tier $tier"
-  MAMBA2_CPU_TIER=$tier cargo test -p mamba2-ops --test cpu_parity --test cpu_linear \
-    --test cpu_quantized --test cpu_attention --test cpu_rotary_mlp
-  MAMBA2_CPU_TIER=$tier cargo test -p mamba2-rs --test hf_fixtures
+  # --workspace keeps the features of the run above, so nothing is rebuilt.
+  MAMBA2_CPU_TIER=$tier cargo test --workspace --test cpu_parity --test cpu_linear \
+    --test cpu_quantized --test cpu_attention --test cpu_rotary_mlp --test hf_fixtures
 done
