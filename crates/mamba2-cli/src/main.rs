@@ -4,6 +4,7 @@ mod bench;
 mod commands;
 mod perplexity;
 mod quantize;
+mod serve;
 mod tokenize;
 
 use anyhow::Result;
@@ -79,6 +80,9 @@ enum Command {
     /// checkpoint folder or Hub repo of a pure Mamba-2 model, tokenizer embedded; a .gguf input
     /// is re-quantized. Prints a summary (tensors, types, bytes) to stderr.
     Quantize(quantize::QuantizeArgs),
+    /// OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models,
+    /// /health): continuous batching, streaming, prompt-state reuse across chat turns.
+    Serve(serve::ServeArgs),
 }
 
 /// Prints a line to stdout; a closed pipe (`| head`) is not an error.
@@ -107,5 +111,6 @@ fn main() -> Result<()> {
         Command::Tokenize(a) => tokenize::tokenize(a),
         Command::Perplexity(a) => perplexity::perplexity(a),
         Command::Quantize(a) => quantize::quantize(a),
+        Command::Serve(a) => serve::serve(a),
     }
 }
