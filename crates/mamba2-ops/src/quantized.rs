@@ -143,7 +143,7 @@ impl QuantizedMatrix {
             expected,
         };
         let bs = ty.block_size();
-        if in_features % bs != 0 {
+        if !in_features.is_multiple_of(bs) {
             return Err(bad(format!(
                 "in_features a multiple of {}'s block size {bs}",
                 type_name(ty)
