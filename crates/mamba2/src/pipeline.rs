@@ -314,7 +314,7 @@ impl TextGenerator {
     /// ```no_run
     /// use mamba2::pipeline::{bundled_model_dir, LoadOptions, TextGenerator, TextOptions};
     /// use mamba2::session::CancelToken;
-    /// let gen = TextGenerator::load(&bundled_model_dir().to_string_lossy(), &LoadOptions::default())?;
+    /// let gen = TextGenerator::load(&bundled_model_dir()?.to_string_lossy(), &LoadOptions::default())?;
     /// let mut session = gen.new_session()?;
     /// let mut text = String::new();
     /// for piece in gen.stream(&mut session, "The old man said", &TextOptions::default(), &CancelToken::new())? {
