@@ -114,6 +114,17 @@ pub struct GenerateArgs {
     /// Keep going past EOS.
     #[arg(long)]
     ignore_eos: bool,
+    /// Chat through the model's chat template: answer the conversation in FILE (a JSON array of
+    /// {"role", "content"} messages, or {"messages": [...], "tools": [...]}); without FILE (or
+    /// with `-`), read user turns from stdin, one per line, and answer each in turn.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    chat: Option<PathBuf>,
+    /// With --chat: a system message put before the conversation.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// With --chat: a Jinja chat template file to use instead of the model's.
+    #[arg(long, requires = "chat", value_name = "FILE")]
+    chat_template: Option<PathBuf>,
 }
 
 /// `--stop` as typed on a command line, where a newline is hard to type: `\n`, `\t`, `\r` and
@@ -147,7 +158,11 @@ fn parse_stop(s: &str) -> std::result::Result<String, String> {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
+    if a.chat.is_some() && a.prompt.is_some() {
+        bail!("--chat takes its messages from a file or stdin, not --prompt");
+    }
     let prompt = match a.prompt.as_deref() {
+        _ if a.chat.is_some() => String::new(),
         Some(p) if p != "-" => p.to_string(),
         _ => {
             let mut s = String::new();
@@ -176,6 +191,15 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         stop_strings: a.stop.clone(),
         ignore_eos: a.ignore_eos,
     };
+    if let Some(source) = &a.chat {
+        return crate::chat::run(
+            gen,
+            source,
+            a.system.as_deref(),
+            a.chat_template.as_deref(),
+            &text_opts,
+        );
+    }
     let mut session = gen.new_session()?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

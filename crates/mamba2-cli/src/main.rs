@@ -1,6 +1,7 @@
 //! `mamba2`: generate text, dump logits, benchmark and inspect Mamba-2 checkpoints.
 
 mod bench;
+mod chat;
 mod commands;
 mod perplexity;
 mod quantize;

@@ -148,6 +148,16 @@ impl ChatTemplate {
         })
     }
 
+    /// The text of the BOS token the template may print.
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos_token.as_deref()
+    }
+
+    /// The text of the EOS token the template may print.
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
+
     /// The template's source text.
     pub fn source(&self) -> &str {
         &self.source

@@ -25,6 +25,8 @@ pub const DEFAULT_TOKENIZER_REPO: &str = "EleutherAI/gpt-neox-20b";
 const CONFIG_FILE: &str = "config.json";
 const TOKENIZER_FILE: &str = "tokenizer.json";
 const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+/// Where a repo keeps its chat template (and the special tokens it prints).
+const CHAT_TEMPLATE_FILES: [&str; 2] = ["tokenizer_config.json", "chat_template.jinja"];
 
 /// The local paths of one model's files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -528,6 +530,10 @@ fn hub_model(repo_id: &str, opts: &HubOptions) -> Result<ModelFiles> {
     let optional = |file: &str| listed.contains(file).then(|| fetch(file)).transpose();
     let tokenizer = optional(TOKENIZER_FILE)?;
     let generation_config = optional(GENERATION_CONFIG_FILE)?;
+    // Read from the snapshot folder by `ChatTemplate::from_model_dir`.
+    for file in CHAT_TEMPLATE_FILES {
+        optional(file)?;
+    }
     let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok(ModelFiles {
         dir,

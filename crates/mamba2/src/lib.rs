@@ -26,6 +26,7 @@
 pub mod batch;
 mod bundled;
 pub mod cache;
+mod chat;
 pub mod chat_template;
 pub mod config;
 pub mod device;

@@ -1,6 +1,7 @@
 //! Text in, text out: a model with its tokenizer and EOS ids, loaded from a Hub id or a folder,
 //! generating into a [`Session`] with streamed, UTF-8-safe text and stop strings.
 
+use crate::chat_template::ChatTemplate;
 use crate::config::{read_generation_eos, Mamba2Config};
 use crate::gguf::{tokenizer_from_gguf, GgufFile};
 use crate::hub::{load_tokenizer, resolve_model, resolve_tokenizer, HubOptions, ModelFiles};
@@ -206,6 +207,7 @@ pub struct TextGenerator {
     tokenizer: Arc<Tokenizer>,
     eos_token_ids: Vec<u32>,
     bos_token_id: Option<u32>,
+    chat_template: Option<Arc<ChatTemplate>>,
 }
 
 impl TextGenerator {
@@ -235,7 +237,11 @@ impl TextGenerator {
                 .collect();
         }
         let bos = m.config().bos_token_id;
-        Ok(Self::new(Arc::new(m), Arc::new(tokenizer), eos, bos))
+        let chat_template = match &source {
+            ModelSource::Files(files) => ChatTemplate::from_model_dir(&files.dir)?,
+            ModelSource::Gguf(path) => ChatTemplate::from_gguf(&GgufFile::open(path)?)?,
+        };
+        Ok(Self::new(Arc::new(m), Arc::new(tokenizer), eos, bos).with_chat_template(chat_template))
     }
 
     /// Assembles a generator from parts.
@@ -250,7 +256,20 @@ impl TextGenerator {
             tokenizer,
             eos_token_ids,
             bos_token_id,
+            chat_template: None,
         }
+    }
+
+    /// Sets (or clears) the chat template used by [`TextGenerator::apply_chat_template`] and
+    /// [`TextGenerator::chat`]; [`TextGenerator::load`] sets the model's own.
+    pub fn with_chat_template(mut self, template: Option<ChatTemplate>) -> Self {
+        self.chat_template = template.map(Arc::new);
+        self
+    }
+
+    /// The model's chat template, if it has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_deref()
     }
 
     pub fn model(&self) -> &Arc<Mamba2Model> {

@@ -204,6 +204,39 @@ impl Session {
         &self.pending
     }
 
+    /// Makes the session hold exactly `tokens` (seen or pending): when the tokens it holds are
+    /// a prefix of `tokens` only the rest is fed, otherwise it starts over from an empty state
+    /// (a recurrent state cannot be rewound). Returns how many tokens were reused. This is how
+    /// a chat keeps its state across turns: each turn's prompt extends the last.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use candle_core::{DType, Device};
+    /// use mamba2::{Mamba2Config, Mamba2Model, session::Session};
+    /// let mut cfg = Mamba2Config::preset("130m")?;
+    /// cfg.n_layer = 1; cfg.d_model = 64; cfg.d_inner = 128; cfg.nheads = 2; cfg.d_state = 16;
+    /// cfg.vocab_size = 50; cfg.pad_vocab_size_multiple = 1;
+    /// let mut s = Session::new(Arc::new(Mamba2Model::random(&cfg, DType::F32, &Device::Cpu, 7)?))?;
+    /// assert_eq!(s.sync_tokens(&[1, 2, 3])?, 0);
+    /// assert_eq!(s.sync_tokens(&[1, 2, 3, 4])?, 3); // extends: only 4 is fed
+    /// assert_eq!(s.sync_tokens(&[1, 5])?, 0);       // diverges: starts over
+    /// assert_eq!(s.pending(), &[1, 5]);
+    /// # Ok::<(), mamba2::Error>(())
+    /// ```
+    pub fn sync_tokens(&mut self, tokens: &[u32]) -> Result<usize> {
+        let held = self.tokens.len() + self.pending.len();
+        let extends =
+            held <= tokens.len() && self.tokens.iter().chain(&self.pending).eq(&tokens[..held]);
+        if extends {
+            self.feed(&tokens[held..])?;
+            Ok(held)
+        } else {
+            self.reset()?;
+            self.feed(tokens)?;
+            Ok(0)
+        }
+    }
+
     /// Drops the pending tokens (e.g. the rest of a prompt whose prefill was cancelled).
     pub fn discard_pending(&mut self) {
         self.pending.clear();
