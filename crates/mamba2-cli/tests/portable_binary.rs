@@ -156,3 +156,44 @@ fn a_mamba2_tiny_folder_in_mamba2_home_or_beside_the_binary_wins() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// Where `unshare -m` works (root on Linux), the source tree is hidden for real: a tmpfs is
+/// mounted over the repository in a private mount namespace, so nothing of it is readable while
+/// the copied binary generates. Elsewhere the test says why it did not run this part.
+#[test]
+fn a_copied_binary_generates_with_the_source_tree_hidden() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap();
+    let probe = Command::new("unshare").args(["-m", "true"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: `unshare -m` is not available here (needs root on Linux)");
+        return;
+    }
+    let c = Copied::new();
+    assert!(
+        !c.path("").starts_with(&repo),
+        "the temp dir must be outside the repository"
+    );
+    let home = c.path("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let script = format!(
+        "mount -t tmpfs none '{}' && test ! -e '{}/Cargo.toml' && exec '{}' generate -n 12 \
+         --temperature 0 --prompt '{PROMPT}'",
+        repo.display(),
+        repo.display(),
+        c.path("bin/mamba2").display()
+    );
+    let o = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .current_dir(c.path("work"))
+        .env_clear()
+        .env("HOME", &home)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()
+        .unwrap();
+    let text = stdout_ok(&o);
+    assert_eq!(text, from_repo_folder());
+    cached_copy(&home.join(".cache/mamba2"));
+}
