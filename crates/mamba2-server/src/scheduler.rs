@@ -418,7 +418,10 @@ impl Scheduler {
         } else {
             rows.iter().map(|&i| (i, self.step_alone(i))).collect()
         };
-        self.stats.decode_steps.fetch_add(1, Ordering::SeqCst);
+        let steps = if self.batchable { 1 } else { stepped.len() };
+        self.stats
+            .decode_steps
+            .fetch_add(steps as u64, Ordering::SeqCst);
         self.stats
             .decode_rows
             .fetch_add(stepped.len() as u64, Ordering::SeqCst);
