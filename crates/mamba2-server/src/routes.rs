@@ -15,6 +15,7 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use mamba2::chat_template::{ChatMessage, ChatOptions};
 use mamba2::pipeline::TextGenerator;
 use mamba2::sampling::SamplingParams;
 use serde::de::DeserializeOwned;
@@ -265,9 +266,29 @@ async fn chat_inner(s: Arc<AppState>, body: Bytes) -> Result<Response, ApiError>
     let req: ChatCompletionRequest = parse(&body)?;
     check_model(&s, &req.model)?;
     let (max_tokens, sampling, mut stop) = gen_settings(&req.params, &s.config)?;
-    let prompt = encode(&s, &render_chat(&chat_messages(&req)?))?;
+    let messages = chat_messages(&req)?;
+    let text = match s.generator.chat_template() {
+        // The model's own template; its turns end with an EOS token, not with a next turn.
+        Some(template) => {
+            let msgs: Vec<ChatMessage> = messages
+                .iter()
+                .map(|m| ChatMessage::new(m.role.name(), m.content.clone()))
+                .collect();
+            let opts = ChatOptions {
+                add_generation_prompt: true,
+                ..Default::default()
+            };
+            template
+                .render(&msgs, &opts)
+                .map_err(|e| ApiError::param("messages", e.to_string()))?
+        }
+        None => {
+            stop.push(CHAT_STOP.to_string());
+            render_chat(&messages)
+        }
+    };
+    let prompt = encode(&s, &text)?;
     check_prompt(&s, &prompt, "messages")?;
-    stop.push(CHAT_STOP.to_string());
     let rx = s.engine.submit(GenRequest {
         prompt,
         max_tokens,

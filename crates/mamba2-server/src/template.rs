@@ -1,5 +1,5 @@
 //! Chat messages to prompt text, for models that publish no chat template (such as the bundled
-//! one): each message becomes `Role: content` followed by a blank line, and the prompt ends
+//! one; a model's own template, [`mamba2::chat_template`], is used when it has one): each message becomes `Role: content` followed by a blank line, and the prompt ends
 //! with `Assistant:` for the model to continue.
 //!
 //! The rendering is prefix-stable: the prompt of turn `n` followed by the text generated for it
@@ -31,6 +31,15 @@ impl Role {
             "user" => Some(Role::User),
             "assistant" => Some(Role::Assistant),
             _ => None,
+        }
+    }
+
+    /// The OpenAI role name (`system`, `user`, `assistant`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
         }
     }
 

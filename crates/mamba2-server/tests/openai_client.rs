@@ -243,3 +243,36 @@ async fn stop_strings_seeds_and_temperature() {
     }
     assert!(texts.len() > 1, "four seeds gave one text: {texts:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_models_chat_template_renders_the_prompt() {
+    let source = "{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}\
+                  {% if add_generation_prompt %}<assistant>{% endif %}";
+    let template = mamba2::chat_template::ChatTemplate::new(source, None, None).unwrap();
+    let templated = generator().with_chat_template(Some(template));
+    let server = mamba2_server::Server::new(
+        templated,
+        mamba2_server::routes::HttpConfig::new(MODEL),
+        Default::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(server.serve(listener, std::future::pending()));
+    let client = async_openai::Client::with_config(
+        async_openai::config::OpenAIConfig::new().with_api_base(base),
+    );
+    let r = client
+        .chat()
+        .create(chat_request("Where is Pemberley?", 8, false))
+        .await
+        .unwrap();
+    let rendered = "<user> Where is Pemberley?\n<assistant>";
+    assert_eq!(
+        r.usage.unwrap().prompt_tokens as usize,
+        generator().encode(rendered).unwrap().len()
+    );
+    assert_eq!(
+        r.choices[0].message.content.as_deref().unwrap(),
+        library_greedy(rendered, 8)
+    );
+}
