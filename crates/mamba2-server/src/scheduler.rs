@@ -50,6 +50,8 @@ struct Sequence {
     /// saved state covers the whole text, then the sequence leaves.
     finishing: bool,
     generated: usize,
+    /// The client went away (a send failed).
+    gone: bool,
     prefill_time: Duration,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
@@ -216,6 +218,7 @@ impl Scheduler {
             pending: None,
             finishing: false,
             generated: 0,
+            gone: false,
             prefill_time: Duration::ZERO,
             first_token: None,
             last_token: None,
@@ -254,6 +257,7 @@ impl Scheduler {
         match seq.stream.push(tok) {
             Ok(chunk) => {
                 if !chunk.text.is_empty() && seq.events.send(Event::Text(chunk.text)).is_err() {
+                    seq.gone = true;
                     return Next::Leave(false);
                 }
                 if chunk.stopped {
@@ -351,7 +355,7 @@ impl Scheduler {
                     self.cache.insert(&seq.tokens[..seq.fed], state);
                 }
             }
-            self.release_slot(false);
+            self.release_slot(seq.gone);
         }
     }
 
