@@ -70,6 +70,7 @@ impl ModelArgs {
             check_weights: true,
             threads: self.threads.map(|n| n as usize),
             huge_pages: !self.no_huge_pages,
+            monitor: Default::default(),
         })
     }
 

@@ -16,6 +16,7 @@ use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Repo, RepoType};
 
 use crate::error::{Error, Result};
+use crate::progress::{LoadMonitor, Progress};
 use crate::weights::{ShardIndex, WEIGHT_FILE_CANDIDATES};
 
 /// Tokenizer repo used when neither the model nor the caller provides a tokenizer
@@ -57,6 +58,9 @@ pub struct HubOptions {
     pub progress: bool,
     /// Access token (`None`: `HF_TOKEN`, then the token file under `HF_HOME`).
     pub token: Option<String>,
+    /// Progress reports for each file and cancellation between files (see
+    /// [`crate::progress`]).
+    pub monitor: LoadMonitor,
 }
 
 impl Default for HubOptions {
@@ -67,6 +71,7 @@ impl Default for HubOptions {
             offline: None,
             progress: true,
             token: None,
+            monitor: LoadMonitor::default(),
         }
     }
 }
@@ -374,6 +379,7 @@ fn cached_model(repo_id: &str, opts: &HubOptions) -> Result<ModelFiles> {
     if !config.is_file() {
         return Err(not_found(CONFIG_FILE));
     }
+    report_cached(opts, repo_id, &config)?;
     let weights = match local_weights(&snapshot) {
         Ok(Some(w)) => w,
         Ok(None) => return Err(not_found("no weight file is")),
@@ -386,6 +392,9 @@ fn cached_model(repo_id: &str, opts: &HubOptions) -> Result<ModelFiles> {
         }
         Err(e) => return Err(e),
     };
+    for w in &weights {
+        report_cached(opts, repo_id, w)?;
+    }
     Ok(ModelFiles {
         tokenizer: Some(snapshot.join(TOKENIZER_FILE)).filter(|p| p.is_file()),
         generation_config: Some(snapshot.join(GENERATION_CONFIG_FILE)).filter(|p| p.is_file()),
@@ -395,6 +404,51 @@ fn cached_model(repo_id: &str, opts: &HubOptions) -> Result<ModelFiles> {
     })
 }
 
+/// Checks the monitor's token, then reports a file found in the cache.
+fn report_cached(opts: &HubOptions, repo_id: &str, path: &Path) -> Result<()> {
+    opts.monitor.check()?;
+    if opts.monitor.has_progress() {
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        opts.monitor.report(Progress::Download {
+            repo: repo_id.to_string(),
+            file: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            done: size,
+            total: size,
+            cached: true,
+        });
+    }
+    Ok(())
+}
+
+/// Downloads one file; the token is checked before and after, and the monitor gets one report
+/// when the file is in the cache (hf-hub's blocking client reports chunks only to its own bar).
+fn download(
+    repo: &ApiRepo,
+    repo_id: &str,
+    file: &str,
+    opts: &HubOptions,
+) -> Result<std::result::Result<PathBuf, ApiError>> {
+    opts.monitor.check()?;
+    let got = repo.download(file);
+    opts.monitor.check()?;
+    if let Ok(path) = &got {
+        if opts.monitor.has_progress() {
+            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            opts.monitor.report(Progress::Download {
+                repo: repo_id.to_string(),
+                file: file.to_string(),
+                done: size,
+                total: size,
+                cached: false,
+            });
+        }
+    }
+    Ok(got)
+}
+
 /// One file of a repo: from the cache, or downloaded when online.
 fn repo_file(repo_id: &str, file: &str, opts: &HubOptions) -> Result<PathBuf> {
     let cached = CachedRepo::new(&opts.cache_dir(), repo_id, opts.revision())
@@ -402,6 +456,7 @@ fn repo_file(repo_id: &str, file: &str, opts: &HubOptions) -> Result<PathBuf> {
         .map(|s| s.join(file))
         .filter(|p| p.is_file());
     if let Some(path) = cached {
+        report_cached(opts, repo_id, &path)?;
         return Ok(path);
     }
     let not_cached = || Error::ModelNotFound {
@@ -412,11 +467,10 @@ fn repo_file(repo_id: &str, file: &str, opts: &HubOptions) -> Result<PathBuf> {
         return Err(not_cached());
     }
     let repo = api_repo(repo_id, opts)?;
-    repo.download(file)
-        .map_err(|e| match classify_api_error(&e) {
-            ApiFailure::Unreachable => not_cached(),
-            _ => hub_error(repo_id, file, e),
-        })
+    download(&repo, repo_id, file, opts)?.map_err(|e| match classify_api_error(&e) {
+        ApiFailure::Unreachable => not_cached(),
+        _ => hub_error(repo_id, file, e),
+    })
 }
 
 enum ApiFailure {
@@ -471,6 +525,7 @@ fn api_repo(repo_id: &str, opts: &HubOptions) -> Result<ApiRepo> {
 }
 
 fn hub_model(repo_id: &str, opts: &HubOptions) -> Result<ModelFiles> {
+    opts.monitor.check()?;
     if opts.is_offline() {
         return cached_model(repo_id, opts);
     }
@@ -512,9 +567,10 @@ fn hub_model(repo_id: &str, opts: &HubOptions) -> Result<ModelFiles> {
             .map(|s| s.join(file))
             .filter(|p| p.is_file())
         {
+            report_cached(opts, repo_id, &p)?;
             return Ok(p);
         }
-        repo.download(file).map_err(|e| hub_error(repo_id, file, e))
+        download(&repo, repo_id, file, opts)?.map_err(|e| hub_error(repo_id, file, e))
     };
     let config = fetch(CONFIG_FILE)?;
     let weights = if weight_file.ends_with(".json") {

@@ -37,6 +37,7 @@ pub mod hub;
 pub mod model;
 mod pickle_guard;
 pub mod pipeline;
+pub mod progress;
 mod random;
 pub mod sampling;
 pub mod session;

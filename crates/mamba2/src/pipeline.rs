@@ -2,6 +2,7 @@
 //! generating into a [`Session`] with streamed, UTF-8-safe text and stop strings.
 
 use crate::chat_template::ChatTemplate;
+use crate::progress::LoadMonitor;
 use crate::config::{read_generation_eos, Mamba2Config};
 use crate::gguf::{tokenizer_from_gguf, GgufFile};
 use crate::hub::{load_tokenizer, resolve_model, resolve_tokenizer, HubOptions, ModelFiles};
@@ -42,6 +43,9 @@ pub struct LoadOptions {
     /// Large CPU weight tensors in memory advised for transparent huge pages (Linux; see
     /// [`crate::weights::Weights::with_huge_pages`]); on by default.
     pub huge_pages: bool,
+    /// Progress reports and cancellation for the download and the load (see
+    /// [`crate::progress`]); also used for the download when `hub.monitor` is not set.
+    pub monitor: LoadMonitor,
 }
 
 impl Default for LoadOptions {
@@ -55,6 +59,7 @@ impl Default for LoadOptions {
             check_weights: true,
             threads: None,
             huge_pages: true,
+            monitor: LoadMonitor::default(),
         }
     }
 }
@@ -103,17 +108,21 @@ impl ModelSource {
     }
 
     fn load_model_here(&self, opts: &LoadOptions) -> Result<Mamba2Model> {
+        opts.monitor.check()?;
         match self {
             ModelSource::Files(files) => {
                 let config = Mamba2Config::from_file(&files.config)?;
                 let weights = Weights::from_files(&files.weights, &opts.device)?
                     .with_finite_check(opts.check_weights)
-                    .with_huge_pages(opts.huge_pages);
+                    .with_huge_pages(opts.huge_pages)
+                    .with_monitor(opts.monitor.clone());
                 Mamba2Model::from_weights_quantized(&config, &weights, opts.dtype, opts.quantize)
             }
             ModelSource::Gguf(path) => {
                 let file = GgufFile::open(path)?;
-                Mamba2Model::from_gguf(&file, opts.dtype, &opts.device, opts.quantize)
+                let model = Mamba2Model::from_gguf(&file, opts.dtype, &opts.device, opts.quantize)?;
+                opts.monitor.check()?;
+                Ok(model)
             }
         }
     }
@@ -216,6 +225,14 @@ impl TextGenerator {
     /// (generation_config.json, the config / GGUF metadata, then the tokenizer's
     /// `<|endoftext|>`/`</s>`).
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
+        let mut hub = opts.hub.clone();
+        if !hub.monitor.is_active() {
+            hub.monitor = opts.monitor.clone();
+        }
+        let opts = &LoadOptions {
+            hub,
+            ..opts.clone()
+        };
         let source = ModelSource::resolve(model, &opts.hub)?;
         let m = source.load_model(opts)?;
         let tokenizer = source.load_tokenizer(opts.tokenizer.as_deref(), &opts.hub)?;

@@ -90,6 +90,10 @@ pub struct Weights {
     device: Device,
     check_finite: bool,
     huge_pages: bool,
+    /// Progress reports and cancellation while tensors are read.
+    monitor: crate::progress::LoadMonitor,
+    /// Tensors and stored bytes read so far, for the reports.
+    loaded: std::sync::Mutex<(usize, u64)>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -161,6 +165,24 @@ impl Weights {
         self
     }
 
+    /// Reports every tensor read to `monitor`'s callback ([`crate::progress::Progress::Load`])
+    /// and checks its token before each ([`Error::Cancelled`]).
+    pub fn with_monitor(mut self, monitor: crate::progress::LoadMonitor) -> Self {
+        self.monitor = monitor;
+        self
+    }
+
+    /// Stored bytes of every tensor of a Candle dtype (what a full load reads).
+    fn stored_bytes(&self) -> u64 {
+        self.entries
+            .values()
+            .filter_map(|e| {
+                let dt = e.dtype.as_ref().ok()?;
+                Some((e.shape.iter().product::<usize>() * dt.size_in_bytes()) as u64)
+            })
+            .sum()
+    }
+
     /// The device tensors are created on.
     pub fn device(&self) -> &Device {
         &self.device
@@ -206,6 +228,32 @@ impl Weights {
     /// Loads a tensor by canonical name, checking that it has exactly `shape` and a float dtype
     /// (f16, bf16, f32, f64), converted to `dtype` on this `Weights`' device.
     pub fn tensor(&self, canonical: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.monitor.check()?;
+        let t = self.read_tensor(canonical, shape, dtype)?;
+        if self.monitor.has_progress() {
+            let stored = self
+                .entries
+                .get(canonical)
+                .and_then(|e| e.dtype.as_ref().ok())
+                .map_or(0, |dt| (shape.iter().product::<usize>() * dt.size_in_bytes()) as u64);
+            let (tensors, bytes) = {
+                let mut l = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+                l.0 += 1;
+                l.1 += stored;
+                *l
+            };
+            self.monitor.report(crate::progress::Progress::Load {
+                tensor: canonical.to_string(),
+                tensors,
+                total_tensors: self.entries.len(),
+                bytes,
+                total_bytes: self.stored_bytes(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn read_tensor(&self, canonical: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let entry = self
             .entries
             .get(canonical)
@@ -382,6 +430,8 @@ impl Weights {
             device: device.clone(),
             check_finite: false,
             huge_pages: true,
+            monitor: Default::default(),
+            loaded: Default::default(),
         })
     }
 
