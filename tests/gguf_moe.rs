@@ -320,8 +320,10 @@ fn f32_values(t: &GgufTensorInfo, bytes: &[u8]) -> Tensor {
 }
 
 /// Expert tensors in Q8_0 (those whose rows are whole blocks: gate/up, H = 32 columns) run as
-/// their exact dequantization: the model from the quantized file equals the one from the f32
-/// file holding the dequantized values (a block misplaced across experts or rows would not).
+/// their dequantization up to the 8-bit rounding of the decode rows' activations: the model from
+/// the quantized file is within twice llama.cpp's distance on llama-quantize's Q8_0 file of the
+/// one from the f32 file holding the dequantized values (a block misplaced across experts or
+/// rows moves the logits by far more).
 #[test]
 fn q8_0_expert_tensors_load_as_their_dequantization() {
     for name in [GRANITE, FLAT] {
@@ -368,17 +370,18 @@ fn q8_0_expert_tensors_load_as_their_dequantization() {
             "{name}: {n} Q8_0 expert tensors vs their dequantization {e:.3e}; vs HF {:.3e}",
             max_abs_diff(&a, &r["logits_prefill"])
         );
-        assert!(e <= 1e-6, "{name}: {e}");
+        let bound = 2.0 * llama_distance(name, "q8_0");
+        assert!(e > 0.0 && e <= bound, "{name}: {e} (bound {bound})");
     }
 }
 
 /// Files of llama.cpp's quantizer with the experts whose rows are whole blocks in Q8_0 / Q4_0
-/// (the rest f32), against HF run with those tensors exactly dequantized (gguf-py). This engine
-/// computes with the dequantized experts in f32, so the f32 bounds apply (Nemotron-H's includes
-/// the dt clamp). llama.cpp, which also rounds the activations to 8 bits, is 3.2e-3 (Q8_0) and
-/// 2.8e-3 (Q4_0) from these references on Granite and 4.7e-2 / 3.9e-2 on Nemotron-H; the
-/// quantization itself moves the logits by 3.2e-3 / 5.8e-2 and 3.9e-2 / 0.51 (manifest,
-/// `quantized_experts`).
+/// (the rest f32), against HF run with those tensors exactly dequantized (gguf-py). The experts
+/// stay in their blocks and decode rows round their activations to 8 bits, as llama.cpp does,
+/// which is 3.2e-3 (Q8_0) and 2.8e-3 (Q4_0) from these references on Granite and 4.7e-2 /
+/// 3.9e-2 on Nemotron-H (manifest, `quantized_experts`); the bound is twice llama.cpp's
+/// distance, or the f32 bound where larger (Nemotron-H's includes the dt clamp). The
+/// quantization itself moves the logits by 3.2e-3 / 5.8e-2 and 3.9e-2 / 0.51.
 #[test]
 fn quantized_expert_files_match_hf_with_dequantized_experts() {
     for (name, tol) in [(GRANITE, GRANITE_TOL), (FLAT, FLAT_TOL)] {
@@ -397,14 +400,46 @@ fn quantized_expert_files_match_hf_with_dequantized_experts() {
             )
             .unwrap();
             let model = build(&f, DType::F32).unwrap();
+            // The experts stay in their blocks.
+            assert_eq!(
+                model.quantization().map(mamba2_ops::quantized::type_name),
+                Some(q.to_uppercase().as_str()),
+                "{name}.{q}"
+            );
+            let llama = llama_distance(name, q);
+            let tol = tol.max(2.0 * llama);
             let ids = &r["input_ids"];
             let p = r["prefill_len"].to_vec1::<i64>().unwrap()[0] as usize;
             let e1 = max_abs_diff(&model.forward(ids, None).unwrap(), &r["logits_prefill"]);
             let e2 = max_abs_diff(&decode(&model, ids, p).0, &r["logits_decode"]);
-            println!("{name}.{q}: {n} quantized expert tensors; prefill {e1:.3e}, decode {e2:.3e} from HF");
+            println!(
+                "{name}.{q}: {n} quantized expert tensors; prefill {e1:.3e}, decode {e2:.3e} \
+                 from HF (llama.cpp {llama:.3e})"
+            );
             assert!(e1 <= tol && e2 <= tol, "{name}.{q}: {e1} {e2} > {tol}");
         }
     }
+}
+
+/// llama.cpp's largest distance (prefill, decode) from the dequantized-weight reference of the
+/// `<name>.<q>.gguf` fixture, from the manifest.
+fn llama_distance(name: &str, q: &str) -> f32 {
+    let text = std::fs::read_to_string(root().join("tests/fixtures/gguf/manifest.json")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let file = format!("moe/{name}.{q}.gguf");
+    let entry = m["moe"][name]["quantized_experts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["gguf"] == file.as_str())
+        .unwrap_or_else(|| panic!("manifest: no {file}"));
+    [
+        "llama_oneshot_vs_reference_prefill",
+        "llama_step_vs_reference_decode",
+    ]
+    .iter()
+    .map(|k| entry[k].as_f64().unwrap() as f32)
+    .fold(0f32, f32::max)
 }
 
 /// `src` with metadata `key` set to `value` (added if absent), or dropped (None).

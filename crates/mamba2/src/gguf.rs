@@ -77,6 +77,12 @@ enum Bytes {
     Owned(Vec<u8>),
 }
 
+impl AsRef<[u8]> for Bytes {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
 impl std::ops::Deref for Bytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -90,7 +96,9 @@ impl std::ops::Deref for Bytes {
 /// An opened GGUF file: the parsed header and metadata, and the tensor data in place.
 pub struct GgufFile {
     path: PathBuf,
-    bytes: Bytes,
+    /// Shared so that quantized matrices can read their blocks in place after the header is gone
+    /// (see [`GgufFile::shared_tensor_bytes`]).
+    bytes: std::sync::Arc<Bytes>,
     version: u32,
     metadata: BTreeMap<String, GgufValue>,
     tensors: Vec<GgufTensorInfo>,
@@ -135,7 +143,7 @@ impl GgufFile {
             .collect();
         Ok(GgufFile {
             path,
-            bytes,
+            bytes: std::sync::Arc::new(bytes),
             version: h.version,
             metadata: h.metadata,
             tensors: h.tensors,
@@ -264,6 +272,21 @@ impl GgufFile {
             }
             _ => &[],
         }
+    }
+
+    /// [`Self::tensor_bytes`] as a byte range of a buffer shared by reference count (the memory
+    /// map stays alive while anything holds it), for matrices read in place.
+    pub fn shared_tensor_bytes(
+        &self,
+        info: &GgufTensorInfo,
+    ) -> (mamba2_ops::SharedBytes, std::ops::Range<usize>) {
+        let range = match self.tensor_info(&info.name) {
+            Some(own) if own.offset == info.offset && own.n_bytes == info.n_bytes => {
+                own.offset..own.offset + own.n_bytes
+            }
+            _ => 0..0,
+        };
+        (self.bytes.clone(), range)
     }
 
     /// The Candle type of a tensor this engine can compute with, else

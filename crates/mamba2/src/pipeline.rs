@@ -2,11 +2,11 @@
 //! generating into a [`Session`] with streamed, UTF-8-safe text and stop strings.
 
 use crate::chat_template::ChatTemplate;
-use crate::progress::LoadMonitor;
 use crate::config::{read_generation_eos, Mamba2Config};
 use crate::gguf::{tokenizer_from_gguf, GgufFile};
 use crate::hub::{load_tokenizer, resolve_model, resolve_tokenizer, HubOptions, ModelFiles};
 use crate::model::Mamba2Model;
+use crate::progress::LoadMonitor;
 use crate::sampling::SamplingParams;
 use crate::session::{CancelToken, GenerateOptions, GenerationSummary, Session, TokenStream};
 use crate::text_stream::TextStream;

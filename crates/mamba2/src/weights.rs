@@ -235,7 +235,9 @@ impl Weights {
                 .entries
                 .get(canonical)
                 .and_then(|e| e.dtype.as_ref().ok())
-                .map_or(0, |dt| (shape.iter().product::<usize>() * dt.size_in_bytes()) as u64);
+                .map_or(0, |dt| {
+                    (shape.iter().product::<usize>() * dt.size_in_bytes()) as u64
+                });
             let (tensors, bytes) = {
                 let mut l = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
                 l.0 += 1;

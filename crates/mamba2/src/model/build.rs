@@ -9,14 +9,14 @@
 
 use super::matrix::{Matrix, Proj};
 use super::mixers::{Attention, Block, MambaMixer, Mixer, Mlp};
-use super::moe::MoeBlock;
+use super::moe::{MoeBlock, RoutedExperts};
 use super::Mamba2Model;
 use crate::config::{BlockKind, Family, Mamba2Config, MlpActivation, MoeRouter};
 use crate::weights::Weights;
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use mamba2_ops::{ExpertActivation, MoeRouting, SsdParams};
+use mamba2_ops::{ExpertActivation, MoeRouting, QuantizedExpert, SsdParams};
 use std::collections::HashMap;
 
 /// The activation dtypes the ops implement; anything else would fail later, inside an op.
@@ -37,6 +37,17 @@ pub(super) trait TensorSource {
     /// block-quantized (GGUF), in which case it stays in its blocks.
     fn matrix(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Matrix> {
         Ok(Matrix::Dense(self.tensor(name, shape, dtype)?))
+    }
+    /// The routed experts stored as `name`, a stacked `(n_experts, rows, cols)` tensor of exactly
+    /// `shape`, when the source holds them in ggml types (a GGUF; float types included): per
+    /// expert, the row blocks of its matrix. `None` for sources that do not (the caller reads
+    /// them with [`Self::tensor`]).
+    fn quantized_experts(
+        &self,
+        _name: &str,
+        _shape: &[usize],
+    ) -> Result<Option<Vec<Vec<mamba2_ops::QuantizedMatrix>>>> {
+        Ok(None)
     }
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     fn device(&self) -> &Device;
@@ -352,32 +363,14 @@ impl Loader<'_> {
 }
 
 impl Loader<'_> {
-    /// A MoE block: router (a missing one is a `MissingTensor`), the routed experts checked
-    /// against the config's stacked shapes, and the shared MLP. Granite's experts are stored
-    /// stacked; Nemotron-H's per expert (as published and as transformers 5 re-saves them) or
-    /// stacked under `experts.{up,down}_proj` (transformers' in-memory names). Granite's
-    /// `residual_multiplier` is folded into the experts' down projections. The experts stay dense
-    /// in the model dtype whatever `quantize` says.
-    fn moe(&self, n: &crate::config::BlockNames, layer: usize) -> Result<MoeBlock> {
-        let c = self.c;
-        let m = c
-            .moe
-            .ok_or_else(|| Error::field("num_experts_per_tok", "missing MoE settings"))?;
-        let (e, h, i) = (m.num_experts, c.d_model, m.intermediate_size);
-        let up_rows = match m.activation {
-            MlpActivation::SwiGlu => 2 * i,
-            MlpActivation::ReluSquared => i,
-        };
-        let p = &n.moe;
-        let (router, correction_bias) = match c.family {
-            Family::GraniteHybrid => (self.get(&format!("{p}router.layer.weight"), &[e, h])?, None),
-            _ => (
-                self.f32(&format!("{p}gate.weight"), &[e, h])?,
-                Some(self.f32(&format!("{p}gate.e_score_correction_bias"), &[e])?),
-            ),
-        };
-        let residual = c.multipliers.residual;
-        let (up, down) = match c.family {
+    /// The routed experts as dense stacks in the model dtype, `residual` folded into `down`.
+    fn dense_experts(
+        &self,
+        p: &str,
+        (e, up_rows, h, i): (usize, usize, usize, usize),
+        residual: f64,
+    ) -> Result<RoutedExperts> {
+        let (up, down) = match self.c.family {
             Family::GraniteHybrid => (
                 self.get(&format!("{p}input_linear.weight"), &[e, up_rows, h])?,
                 self.scaled(&format!("{p}output_linear.weight"), &[e, h, i], residual)?,
@@ -399,6 +392,84 @@ impl Loader<'_> {
                 (Tensor::stack(&ups, 0)?, Tensor::stack(&downs, 0)?)
             }
         };
+        Ok(RoutedExperts::Dense { up, down })
+    }
+
+    /// A MoE block: router (a missing one is a `MissingTensor`), the routed experts checked
+    /// against the config's stacked shapes, and the shared MLP. Granite's experts are stored
+    /// stacked; Nemotron-H's per expert (as published and as transformers 5 re-saves them) or
+    /// stacked under `experts.{up,down}_proj` (transformers' in-memory names). Experts a GGUF
+    /// stores in blocks stay in them ([`RoutedExperts::Quantized`]); others are dense in the
+    /// model dtype whatever `quantize` says, with Granite's `residual_multiplier` folded into
+    /// their down projections.
+    fn moe(&self, n: &crate::config::BlockNames, layer: usize) -> Result<MoeBlock> {
+        let c = self.c;
+        let m = c
+            .moe
+            .ok_or_else(|| Error::field("num_experts_per_tok", "missing MoE settings"))?;
+        let (e, h, i) = (m.num_experts, c.d_model, m.intermediate_size);
+        let up_rows = match m.activation {
+            MlpActivation::SwiGlu => 2 * i,
+            MlpActivation::ReluSquared => i,
+        };
+        let p = &n.moe;
+        let (router, correction_bias) = match c.family {
+            Family::GraniteHybrid => (self.get(&format!("{p}router.layer.weight"), &[e, h])?, None),
+            _ => (
+                self.f32(&format!("{p}gate.weight"), &[e, h])?,
+                Some(self.f32(&format!("{p}gate.e_score_correction_bias"), &[e])?),
+            ),
+        };
+        let residual = c.multipliers.residual;
+        let stacked_names = match c.family {
+            Family::GraniteHybrid => ("input_linear.weight", "output_linear.weight"),
+            _ => ("experts.up_proj", "experts.down_proj"),
+        };
+        let (up_name, down_name) = (
+            format!("{p}{}", stacked_names.0),
+            format!("{p}{}", stacked_names.1),
+        );
+        // Missing stacks take the dense path, whose errors name the tensors it looks for.
+        let stacked = self.src.shape(&up_name).is_some() && self.src.shape(&down_name).is_some();
+        let quantized = match stacked {
+            true => (
+                self.src.quantized_experts(&up_name, &[e, up_rows, h])?,
+                self.src.quantized_experts(&down_name, &[e, h, i])?,
+            ),
+            false => (None, None),
+        };
+        let in_blocks = |m: &mamba2_ops::QuantizedMatrix| {
+            !matches!(
+                m.ggml_dtype(),
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+            )
+        };
+        let any_blocks = |v: &Option<Vec<Vec<mamba2_ops::QuantizedMatrix>>>| {
+            v.iter().flatten().flatten().any(in_blocks)
+        };
+        // Experts with no matrix in blocks are dense in the model dtype, like safetensors ones.
+        let quantized = match any_blocks(&quantized.0) || any_blocks(&quantized.1) {
+            true => quantized,
+            false => (None, None),
+        };
+        let experts = if let (Some(ups), Some(downs)) = quantized {
+            let experts = ups
+                .into_iter()
+                .zip(downs)
+                .map(|(up, mut down)| match (down.pop(), down.is_empty()) {
+                    (Some(down), true) => Ok(QuantizedExpert { up, down }),
+                    _ => Err(Error::Unsupported(format!(
+                        "{down_name}: an expert's down projection in several parts"
+                    ))),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            RoutedExperts::Quantized {
+                experts,
+                gate_scale: residual,
+            }
+        } else {
+            self.dense_experts(p, (e, up_rows, h, i), residual)?
+        };
         let routing = match m.router {
             MoeRouter::Softmax => MoeRouting::Softmax,
             MoeRouter::SigmoidGrouped {
@@ -416,8 +487,7 @@ impl Loader<'_> {
         Ok(MoeBlock {
             router,
             correction_bias,
-            up,
-            down,
+            experts,
             activation: match m.activation {
                 MlpActivation::SwiGlu => ExpertActivation::SwiGlu,
                 MlpActivation::ReluSquared => ExpertActivation::ReluSquared,

@@ -81,6 +81,18 @@ fn hash_mixer(h: &mut Xxh3, mixer: &Mixer) -> Result<()> {
             for t in m.tensors() {
                 hash_tensor(h, "moe", t);
             }
+            if let super::moe::RoutedExperts::Quantized {
+                experts,
+                gate_scale,
+            } = &m.experts
+            {
+                h.update(&gate_scale.to_le_bytes());
+                for e in experts {
+                    for q in e.up.iter().chain([&e.down]) {
+                        hash_matrix(h, "moe", &Matrix::Quantized(q.clone()))?;
+                    }
+                }
+            }
             hash_proj(h, "shared_up", &m.shared.up)?;
             hash_proj(h, "shared_down", &m.shared.down)
         }

@@ -13,9 +13,9 @@
 //! `input_linear` = `ffn_gate_exps` | `ffn_up_exps`) or rows to reorder (q and k).
 //!
 //! Expert tensors are 3-D `(experts, rows, cols)` and must have exactly the canonical stacked
-//! shape (a transposed stack has the right number of elements). The MoE block holds its experts
-//! dense (`model/moe.rs`), so block-quantized expert tensors are dequantized at load into the
-//! model dtype, like every tensor read through [`TensorSource::tensor`].
+//! shape (a transposed stack has the right number of elements). Block-quantized expert stacks
+//! stay in their blocks, one matrix per expert read in place from the memory map on the CPU
+//! ([`TensorSource::quantized_experts`]); float ones are read like any tensor.
 
 use super::build::TensorSource;
 use super::matrix::Matrix;
@@ -340,6 +340,56 @@ impl TensorSource for GgufSource<'_> {
         Matrix::cat_rows(matrices, dtype)
     }
 
+    fn quantized_experts(
+        &self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Option<Vec<Vec<QuantizedMatrix>>>> {
+        let (parts, axis) = self.locate(name)?;
+        let plain = |p: &Part<'_>| {
+            p.info.dims.len() == 3 && p.transform == Transform::Reshape && p.unpermute.is_none()
+        };
+        // Experts come as one stack, or as stacks joined within each expert (axis 1).
+        if shape.len() != 3 || !parts.iter().all(plain) || (parts.len() > 1 && axis != 1) {
+            return Ok(None);
+        }
+        if stacked_shape(&parts, axis).as_deref() != Some(shape) {
+            return Err(shape_err(name, shape, reported_shape(&parts, axis)));
+        }
+        // Float stacks too (as F32/F16/BF16 "blocks"): a file may quantize only some experts'
+        // matrices (llama-quantize keeps rows that are not whole blocks in float).
+        let types = parts
+            .iter()
+            .map(|p| self.file.check_supported(p.info))
+            .collect::<Result<Vec<_>>>()?;
+        let n_experts = shape[0];
+        let mut experts = vec![Vec::with_capacity(parts.len()); n_experts];
+        for (part, ty) in parts.iter().zip(types) {
+            let [_, rows, cols] =
+                <[usize; 3]>::try_from(part.info.shape()).map_err(|s| shape_err(name, shape, s))?;
+            // On the CPU the blocks are read in place from the memory map: a decode step
+            // touches only the chosen experts' pages. Other devices get a copy.
+            let (owner, range) = self.file.shared_tensor_bytes(part.info);
+            let per_expert = range.len() / n_experts;
+            for (x, expert) in experts.iter_mut().enumerate() {
+                let start = range.start + x * per_expert;
+                let m = QuantizedMatrix::from_shared_bytes(
+                    owner.clone(),
+                    start..start + per_expert,
+                    ty,
+                    rows,
+                    cols,
+                )?;
+                expert.push(if self.device.is_cpu() {
+                    m
+                } else {
+                    m.to_device(&self.device)?
+                });
+            }
+        }
+        Ok(Some(experts))
+    }
+
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         let (parts, axis) = self.locate(name).ok()?;
         stacked_shape(&parts, axis)
@@ -357,8 +407,8 @@ impl TensorSource for GgufSource<'_> {
 impl Mamba2Model {
     /// Builds the model a GGUF file describes (config from its metadata, see
     /// [`Mamba2Config::from_gguf`]): block-quantized matrices run quantized, the other tensors
-    /// are converted to `dtype` (norms, conv, A, D and dt in f32 as always), and so are the
-    /// routed experts of a MoE model, quantized or not (the MoE block holds them dense).
+    /// are converted to `dtype` (norms, conv, A, D and dt in f32 as always). The routed experts
+    /// of a MoE model stay in their blocks too, read in place from the memory map on the CPU.
     /// `quantize` additionally quantizes the matrices the file stores unquantized
     /// (F32/F16/BF16).
     ///

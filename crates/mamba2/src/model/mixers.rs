@@ -378,6 +378,7 @@ impl Mixer {
             Mixer::Mlp(m) => m.up.num_parameters() + m.down.num_parameters(),
             Mixer::Moe(m) => {
                 m.tensors().map(|t| t.elem_count()).sum::<usize>()
+                    + m.experts_ggml_dtype().map_or(0, |_| m.routed_parameters())
                     + m.shared.up.num_parameters()
                     + m.shared.down.num_parameters()
             }
@@ -391,8 +392,12 @@ impl Mixer {
             Mixer::Attention(a) => vec![&a.qkv, &a.o_proj],
             Mixer::MambaAttention(m, a) => vec![&m.in_proj, &m.out_proj, &a.qkv, &a.o_proj],
             Mixer::Mlp(m) => vec![&m.up, &m.down],
-            // The routed experts stay dense; only the shared MLP may be quantized.
-            Mixer::Moe(m) => vec![&m.shared.up, &m.shared.down],
+            Mixer::Moe(m) => {
+                if let Some(ty) = m.experts_ggml_dtype() {
+                    return Some(ty);
+                }
+                vec![&m.shared.up, &m.shared.down]
+            }
         };
         projs.iter().find_map(|p| p.weight.ggml_dtype())
     }
@@ -407,6 +412,7 @@ impl Mixer {
             Mixer::Mlp(m) => m.up.storage_bytes() + m.down.storage_bytes(),
             Mixer::Moe(m) => {
                 m.tensors().map(tensor_bytes).sum::<usize>()
+                    + m.experts_ggml_dtype().map_or(0, |_| m.routed_bytes())
                     + m.shared.up.storage_bytes()
                     + m.shared.down.storage_bytes()
             }
@@ -465,8 +471,10 @@ impl Mixer {
             Mixer::Moe(m) => {
                 out.push(("router", m.router.clone()));
                 out.extend(m.correction_bias.iter().map(|t| ("router", t.clone())));
-                out.push(("experts.up", m.up.clone()));
-                out.push(("experts.down", m.down.clone()));
+                if let super::moe::RoutedExperts::Dense { up, down } = &m.experts {
+                    out.push(("experts.up", up.clone()));
+                    out.push(("experts.down", down.clone()));
+                }
                 proj(&mut out, "shared_up", &m.shared.up);
                 proj(&mut out, "shared_down", &m.shared.down);
             }

@@ -6,9 +6,11 @@
 use super::mixers::Mlp;
 use super::Mamba2Model;
 use crate::Result;
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Tensor};
 use mamba2_ops::{
-    linear, moe_experts, moe_route, ExpertActivation, MoeExpertsArgs, MoeRouteArgs, MoeRouting,
+    linear, moe_experts, moe_experts_quantized, moe_route, ExpertActivation, MoeExpertsArgs,
+    MoeQuantizedExpertsArgs, MoeRouteArgs, MoeRouting, QuantizedExpert,
 };
 use std::sync::{Arc, Mutex};
 
@@ -23,8 +25,7 @@ pub(crate) struct MoeBlock {
     pub router: Tensor,
     /// Nemotron-H's `e_score_correction_bias` `(n_experts)` f32.
     pub correction_bias: Option<Tensor>,
-    pub up: Tensor,   // (n_experts, up_rows, d_model)
-    pub down: Tensor, // (n_experts, d_model, inter)
+    pub experts: RoutedExperts,
     pub activation: ExpertActivation,
     pub routing: MoeRouting,
     pub top_k: usize,
@@ -32,6 +33,31 @@ pub(crate) struct MoeBlock {
     /// Checkpoint layer, for [`Mamba2Model::take_routing_trace`].
     pub layer: usize,
     pub trace: Trace,
+}
+
+/// The routed experts' weights.
+#[derive(Debug, Clone)]
+pub(crate) enum RoutedExperts {
+    /// Stacked in the model dtype: `up` `(n_experts, up_rows, d_model)`, `down`
+    /// `(n_experts, d_model, inter)` (any output multiplier folded in).
+    Dense { up: Tensor, down: Tensor },
+    /// In their ggml blocks, as a quantized GGUF stores them (read in place from the memory map
+    /// on the CPU). Blocks cannot absorb a multiplier exactly, so `gate_scale` (Granite's
+    /// `residual_multiplier`, folded into `down` on the dense path) scales the gates instead:
+    /// the expert outputs are linear in it.
+    Quantized {
+        experts: Vec<QuantizedExpert>,
+        gate_scale: f64,
+    },
+}
+
+impl RoutedExperts {
+    fn count(&self) -> usize {
+        match self {
+            RoutedExperts::Dense { up, .. } => up.dim(0).unwrap_or(1),
+            RoutedExperts::Quantized { experts, .. } => experts.len(),
+        }
+    }
 }
 
 impl MoeBlock {
@@ -55,39 +81,80 @@ impl MoeBlock {
                 v.push(ids.clone());
             }
         }
-        let routed = moe_experts(&MoeExpertsArgs {
-            x: &flat,
-            ids: &ids,
-            gates: &gates,
-            up: &self.up,
-            down: &self.down,
-            activation: self.activation,
-        })?
+        let routed = match &self.experts {
+            RoutedExperts::Dense { up, down } => moe_experts(&MoeExpertsArgs {
+                x: &flat,
+                ids: &ids,
+                gates: &gates,
+                up,
+                down,
+                activation: self.activation,
+            })?,
+            RoutedExperts::Quantized {
+                experts,
+                gate_scale,
+            } => moe_experts_quantized(&MoeQuantizedExpertsArgs {
+                x: &flat,
+                ids: &ids,
+                gates: &gates.affine(*gate_scale, 0.0)?,
+                experts,
+                activation: self.activation,
+            })?,
+        }
         .reshape((batch, seqlen, h))?;
         Ok((routed + self.shared.forward(x)?)?)
     }
 
-    /// Elements of the routed experts' `up` and `down` stacks (every expert).
+    /// Weights of the routed experts (every expert).
     pub(crate) fn routed_parameters(&self) -> usize {
-        self.up.elem_count() + self.down.elem_count()
+        match &self.experts {
+            RoutedExperts::Dense { up, down } => up.elem_count() + down.elem_count(),
+            RoutedExperts::Quantized { experts, .. } => {
+                experts.iter().map(|e| e.parameters()).sum()
+            }
+        }
     }
 
-    /// Bytes of the routed experts' `up` and `down` stacks (every expert).
+    /// Bytes of the routed experts as stored (every expert).
     pub(crate) fn routed_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        bytes(&self.up) + bytes(&self.down)
+        match &self.experts {
+            RoutedExperts::Dense { up, down } => bytes(up) + bytes(down),
+            RoutedExperts::Quantized { experts, .. } => {
+                experts.iter().map(|e| e.storage_bytes()).sum()
+            }
+        }
     }
 
-    /// The part of `all` (a quantity summed over the stacked experts, which are all the same
-    /// size) that belongs to the `top_k` experts one token is sent to.
+    /// The part of `all` (a quantity summed over the experts, which are all the same size) that
+    /// belongs to the `top_k` experts one token is sent to.
     pub(crate) fn per_token(&self, all: usize) -> usize {
-        let experts = self.up.dim(0).unwrap_or(1).max(1);
+        let experts = self.experts.count().max(1);
         all / experts * self.top_k.min(experts)
     }
 
+    /// The block format of the routed experts, when they are in blocks.
+    pub(crate) fn experts_ggml_dtype(&self) -> Option<GgmlDType> {
+        match &self.experts {
+            RoutedExperts::Dense { .. } => None,
+            RoutedExperts::Quantized { experts, .. } => experts
+                .first()
+                .into_iter()
+                .flat_map(|e| e.up.iter().chain([&e.down]))
+                .map(|m| m.ggml_dtype())
+                .find(|t| !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)),
+        }
+    }
+
+    /// The dense tensors: router, correction bias and dense expert stacks.
     pub(crate) fn tensors(&self) -> impl Iterator<Item = &Tensor> {
-        [&self.router, &self.up, &self.down]
+        let stacks = match &self.experts {
+            RoutedExperts::Dense { up, down } => vec![up, down],
+            RoutedExperts::Quantized { .. } => Vec::new(),
+        };
+        [&self.router]
             .into_iter()
+            .chain(stacks)
             .chain(self.correction_bias.as_ref())
     }
 }
