@@ -267,8 +267,8 @@ fn session_file_versions() {
 }
 
 /// On the CPU every op of a hybrid model takes its fast path, with Nemotron's Mamba head dim 80
-/// included: prefill and decode step counted per op (the counters are per thread, so the step
-/// run on a worker of the model's pool, which is where the counts are read).
+/// included: prefill and decode step counted per op (the counters are per thread, and the model
+/// runs on a worker of its pool, so the counts are read there).
 #[test]
 fn cpu_fast_paths_serve_hybrids_with_head_dim_80() {
     use mamba2_ops::fast_path_count as hits;
