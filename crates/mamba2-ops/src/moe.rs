@@ -313,23 +313,40 @@ fn candle_nn_sigmoid(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Returns `(tokens, hidden, top_k, n_experts, inter)`.
-fn validate_experts(a: &MoeExpertsArgs<'_>) -> Result<(usize, usize, usize, usize, usize)> {
-    let [t, h] = check::dims(OP_EXPERTS, "x", a.x)?;
-    check::float(OP_EXPERTS, "x", a.x)?;
-    let [ti, k] = check::dims(OP_EXPERTS, "ids", a.ids)?;
-    if ti != t {
-        check::shape(OP_EXPERTS, "ids", a.ids, &[t, k])?;
-    }
-    if a.ids.dtype() != DType::U32 {
+/// The routing arguments every expert op takes: x `(tokens, hidden)` float, ids `(tokens, top_k)`
+/// u32 and gates `(tokens, top_k)` f32 on x's device. Returns `(tokens, hidden, top_k)`.
+pub(crate) fn validate_routing(
+    x: &Tensor,
+    ids: &Tensor,
+    gates: &Tensor,
+) -> Result<(usize, usize, usize)> {
+    let [t, h] = check::dims(OP_EXPERTS, "x", x)?;
+    check::float(OP_EXPERTS, "x", x)?;
+    let [_, k] = check::dims(OP_EXPERTS, "ids", ids)?;
+    check::shape(OP_EXPERTS, "ids", ids, &[t, k])?;
+    if ids.dtype() != DType::U32 {
         return Err(OpError::Dtype {
             op: OP_EXPERTS,
             arg: "ids",
-            got: a.ids.dtype(),
+            got: ids.dtype(),
             expected: "u32",
         });
     }
-    check::shape(OP_EXPERTS, "gates", a.gates, &[t, k])?;
-    check::f32(OP_EXPERTS, "gates", a.gates)?;
+    check::shape(OP_EXPERTS, "gates", gates, &[t, k])?;
+    check::f32(OP_EXPERTS, "gates", gates)?;
+    for (arg, w) in [("ids", ids), ("gates", gates)] {
+        if !w.device().same_device(x.device()) {
+            return Err(OpError::Device {
+                op: OP_EXPERTS,
+                arg,
+            });
+        }
+    }
+    Ok((t, h, k))
+}
+
+fn validate_experts(a: &MoeExpertsArgs<'_>) -> Result<(usize, usize, usize, usize, usize)> {
+    let (t, h, k) = validate_routing(a.x, a.ids, a.gates)?;
     let [e, rows, hu] = check::dims(OP_EXPERTS, "up", a.up)?;
     let inter = match a.activation {
         ExpertActivation::SwiGlu => rows / 2,
@@ -354,12 +371,7 @@ fn validate_experts(a: &MoeExpertsArgs<'_>) -> Result<(usize, usize, usize, usiz
             });
         }
     }
-    for (arg, w) in [
-        ("ids", a.ids),
-        ("gates", a.gates),
-        ("up", a.up),
-        ("down", a.down),
-    ] {
+    for (arg, w) in [("up", a.up), ("down", a.down)] {
         if !w.device().same_device(a.x.device()) {
             return Err(OpError::Device {
                 op: OP_EXPERTS,

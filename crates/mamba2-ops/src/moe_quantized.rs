@@ -13,9 +13,9 @@
 //! Memory: as `moe_experts`, plus one dequantized expert at a time where the quantized
 //! projection dequantizes for a GEMM (prefill rows on the CPU).
 
-use crate::moe::{param, run_experts, OP_EXPERTS};
+use crate::moe::{param, run_experts, validate_routing, OP_EXPERTS};
 use crate::{
-    check, moe_experts_slow, quantized_linear, relu_squared, swiglu, ExpertActivation, ExpertsPath,
+    moe_experts_slow, quantized_linear, relu_squared, swiglu, ExpertActivation, ExpertsPath,
     MoeExpertsArgs, OpError, QuantizedMatrix, Result,
 };
 use candle_core::{DType, Tensor, D};
@@ -76,20 +76,7 @@ pub struct MoeQuantizedExpertsArgs<'a> {
 
 /// Returns `(tokens, hidden, top_k, n_experts)`.
 fn validate(a: &MoeQuantizedExpertsArgs<'_>) -> Result<(usize, usize, usize, usize)> {
-    let [t, h] = check::dims(OP_EXPERTS, "x", a.x)?;
-    check::float(OP_EXPERTS, "x", a.x)?;
-    let [_, k] = check::dims(OP_EXPERTS, "ids", a.ids)?;
-    check::shape(OP_EXPERTS, "ids", a.ids, &[t, k])?;
-    if a.ids.dtype() != DType::U32 {
-        return Err(OpError::Dtype {
-            op: OP_EXPERTS,
-            arg: "ids",
-            got: a.ids.dtype(),
-            expected: "u32",
-        });
-    }
-    check::shape(OP_EXPERTS, "gates", a.gates, &[t, k])?;
-    check::f32(OP_EXPERTS, "gates", a.gates)?;
+    let (t, h, k) = validate_routing(a.x, a.ids, a.gates)?;
     let Some(first) = a.experts.first() else {
         return Err(param(OP_EXPERTS, "experts", "no experts".into()));
     };
@@ -128,14 +115,6 @@ fn validate(a: &MoeQuantizedExpertsArgs<'_>) -> Result<(usize, usize, usize, usi
             });
         }
     }
-    for (arg, w) in [("ids", a.ids), ("gates", a.gates)] {
-        if !w.device().same_device(a.x.device()) {
-            return Err(OpError::Device {
-                op: OP_EXPERTS,
-                arg,
-            });
-        }
-    }
     Ok((t, h, k, a.experts.len()))
 }
 
@@ -163,13 +142,13 @@ fn validate(a: &MoeQuantizedExpertsArgs<'_>) -> Result<(usize, usize, usize, usi
 /// # Ok::<(), mamba2_ops::OpError>(())
 /// ```
 pub fn moe_experts_quantized(args: &MoeQuantizedExpertsArgs<'_>) -> Result<Tensor> {
-    let (t, _, k, e) = validate(args)?;
+    let dims @ (t, _, k, e) = validate(args)?;
     let path = if t * k <= e {
         ExpertsPath::PerToken
     } else {
         ExpertsPath::Grouped
     };
-    moe_experts_quantized_path(args, path)
+    run(args, dims, path)
 }
 
 /// [`moe_experts_quantized`] through the given path (for tests).
@@ -177,7 +156,15 @@ pub fn moe_experts_quantized_path(
     args: &MoeQuantizedExpertsArgs<'_>,
     path: ExpertsPath,
 ) -> Result<Tensor> {
-    let dims = validate(args)?;
+    run(args, validate(args)?, path)
+}
+
+/// The experts of validated `args` through `path`.
+fn run(
+    args: &MoeQuantizedExpertsArgs<'_>,
+    dims: (usize, usize, usize, usize),
+    path: ExpertsPath,
+) -> Result<Tensor> {
     let mlp = |xs: &Tensor, ex: usize| args.experts[ex].forward(xs, args.activation);
     run_experts(args.x, args.ids, args.gates, dims, path, &mlp)
 }

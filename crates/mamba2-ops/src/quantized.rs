@@ -91,18 +91,7 @@ impl QuantizedMatrix {
             got: q.shape().dims().to_vec(),
             expected: "(out_features, in_features)".into(),
         })?;
-        if in_features % q.dtype().block_size() != 0 {
-            return Err(OpError::Shape {
-                op: OP,
-                arg: "weight",
-                got: vec![out_features, in_features],
-                expected: format!(
-                    "in_features a multiple of {}'s block size {}",
-                    type_name(q.dtype()),
-                    q.dtype().block_size()
-                ),
-            });
-        }
+        check_whole_blocks(q.dtype(), out_features, in_features)?;
         Ok(Self {
             blocks: Blocks::Candle(q),
             out_features,
@@ -136,29 +125,22 @@ impl QuantizedMatrix {
         out_features: usize,
         in_features: usize,
     ) -> Result<Self> {
-        let bad = |expected: String| OpError::Shape {
-            op: OP,
-            arg: "weight",
-            got: vec![out_features, in_features],
-            expected,
-        };
-        let bs = ty.block_size();
-        if !in_features.is_multiple_of(bs) {
-            return Err(bad(format!(
-                "in_features a multiple of {}'s block size {bs}",
-                type_name(ty)
-            )));
-        }
+        check_whole_blocks(ty, out_features, in_features)?;
         let need = out_features
-            .checked_mul(in_features / bs)
+            .checked_mul(in_features / ty.block_size())
             .and_then(|b| b.checked_mul(ty.type_size()));
         let have = (*owner).as_ref().len();
         if range.start > range.end || range.end > have || need != Some(range.len()) {
-            return Err(bad(format!(
-                "{} bytes of {} blocks inside the buffer (range {range:?} of {have} bytes)",
-                need.map_or("more".to_string(), |n| n.to_string()),
-                type_name(ty)
-            )));
+            return Err(OpError::Shape {
+                op: OP,
+                arg: "weight",
+                got: vec![out_features, in_features],
+                expected: format!(
+                    "{} bytes of {} blocks inside the buffer (range {range:?} of {have} bytes)",
+                    need.map_or("more".to_string(), |n| n.to_string()),
+                    type_name(ty)
+                ),
+            });
         }
         Ok(Self {
             blocks: Blocks::Shared {
@@ -192,18 +174,7 @@ impl QuantizedMatrix {
     /// the CPU (Candle's quantizers are CPU code) and then copied to the device.
     pub fn quantize(w: &Tensor, ty: GgmlDType) -> Result<Self> {
         let (out_f, in_f) = check::dims::<2>(OP, "weight", w).map(|[o, i]| (o, i))?;
-        if in_f % ty.block_size() != 0 {
-            return Err(OpError::Shape {
-                op: OP,
-                arg: "weight",
-                got: vec![out_f, in_f],
-                expected: format!(
-                    "in_features a multiple of {}'s block size {}",
-                    type_name(ty),
-                    ty.block_size()
-                ),
-            });
-        }
+        check_whole_blocks(ty, out_f, in_f)?;
         let w32 = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let q = QTensor::quantize_onto(&w32, ty, w.device())?;
         Self::new(q)
@@ -278,6 +249,23 @@ impl QuantizedMatrix {
             }
         }
     }
+}
+
+/// A row of `in_features` values must be whole blocks of `ty`.
+fn check_whole_blocks(ty: GgmlDType, out_features: usize, in_features: usize) -> Result<()> {
+    if in_features.is_multiple_of(ty.block_size()) {
+        return Ok(());
+    }
+    Err(OpError::Shape {
+        op: OP,
+        arg: "weight",
+        got: vec![out_features, in_features],
+        expected: format!(
+            "in_features a multiple of {}'s block size {}",
+            type_name(ty),
+            ty.block_size()
+        ),
+    })
 }
 
 /// llama.cpp's spelling of a block format ("Q4_K"), for messages.
@@ -408,9 +396,10 @@ fn odd_block_pairs(ty: GgmlDType, in_features: usize) -> bool {
         && (in_features / ty.block_size()) % 2 == 1
 }
 
-/// Whether Candle computes with `ty`'s blocks directly (F32/F16/BF16 "quantized" tensors are
-/// dequantized by `QMatMul` anyway, so the reference is the same work).
-fn is_block_format(ty: GgmlDType) -> bool {
+/// Whether `ty` is a block format (Q8_0, Q4_K, ...) rather than one of the float types GGUF and
+/// Candle's quantized tensors also carry (F32/F16/BF16: `QMatMul` dequantizes those anyway, so
+/// their reference is the same work).
+pub fn is_block_format(ty: GgmlDType) -> bool {
     !matches!(ty, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }
 

@@ -16,6 +16,7 @@ use crate::weights::Weights;
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
+use mamba2_ops::quantized::is_block_format;
 use mamba2_ops::{ExpertActivation, MoeRouting, QuantizedExpert, SsdParams};
 use std::collections::HashMap;
 
@@ -438,14 +439,11 @@ impl Loader<'_> {
             ),
             false => (None, None),
         };
-        let in_blocks = |m: &mamba2_ops::QuantizedMatrix| {
-            !matches!(
-                m.ggml_dtype(),
-                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-            )
-        };
         let any_blocks = |v: &Option<Vec<Vec<mamba2_ops::QuantizedMatrix>>>| {
-            v.iter().flatten().flatten().any(in_blocks)
+            v.iter()
+                .flatten()
+                .flatten()
+                .any(|m| is_block_format(m.ggml_dtype()))
         };
         // Experts with no matrix in blocks are dense in the model dtype, like safetensors ones.
         let quantized = match any_blocks(&quantized.0) || any_blocks(&quantized.1) {

@@ -142,7 +142,7 @@ impl MoeBlock {
                 .into_iter()
                 .flat_map(|e| e.up.iter().chain([&e.down]))
                 .map(|m| m.ggml_dtype())
-                .find(|t| !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)),
+                .find(|&t| mamba2_ops::quantized::is_block_format(t)),
         }
     }
 
