@@ -46,8 +46,10 @@ struct Sequence {
     state: Option<Mamba2Cache>,
     /// A sampled token the next decode step feeds.
     pending: Option<u32>,
-    /// The generation has ended by length and was reported; the last token is fed so that the
-    /// saved state covers the whole text, then the sequence leaves.
+    /// The generation has ended by length; the last token is fed so that the saved state covers
+    /// the whole text, then the sequence leaves and reports its end. Reporting only after the
+    /// state is in the prompt cache lets a client's next turn, sent as soon as it has the answer,
+    /// find the whole conversation there.
     finishing: bool,
     generated: usize,
     /// The client went away (a send failed).
@@ -227,8 +229,7 @@ impl Scheduler {
 
     fn drop_cancelled(&mut self) {
         let before = self.seqs.len();
-        // A finishing sequence has sent its answer; it only feeds its last token.
-        self.seqs.retain(|s| s.finishing || !s.events.is_closed());
+        self.seqs.retain(|s| !s.events.is_closed());
         for _ in self.seqs.len()..before {
             self.release_slot(true);
         }
@@ -272,7 +273,6 @@ impl Scheduler {
         }
         seq.pending = Some(tok);
         if seq.generated >= seq.max_tokens {
-            seq.finish(FinishReason::Length);
             seq.finishing = true;
         }
         Next::Continue
@@ -341,7 +341,7 @@ impl Scheduler {
         leaving.sort_unstable_by_key(|l| std::cmp::Reverse(l.0));
         leaving.dedup_by_key(|l| l.0);
         for (i, save) in leaving {
-            let seq = self.seqs.remove(i);
+            let mut seq = self.seqs.remove(i);
             if save && self.config.prompt_cache_bytes > 0 {
                 let state = match (&seq.state, &self.batch) {
                     (Some(s), _) => Some(s.deep_clone()),
@@ -354,6 +354,9 @@ impl Scheduler {
                 if let Some(Ok(state)) = state {
                     self.cache.insert(&seq.tokens[..seq.fed], state);
                 }
+            }
+            if seq.finishing {
+                seq.finish(FinishReason::Length);
             }
             self.release_slot(seq.gone);
         }
@@ -434,6 +437,8 @@ impl Scheduler {
             let seq = &mut self.seqs[i];
             seq.pending = None;
             match result {
+                // The answer is complete; only its state is not saved.
+                Err(_) if seq.finishing => leaving.push((i, false)),
                 Err(e) => {
                     let _ = seq.events.send(Event::Error(e.to_string()));
                     leaving.push((i, false));
