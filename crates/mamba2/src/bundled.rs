@@ -60,6 +60,7 @@ fn beside_executable() -> Option<PathBuf> {
 }
 
 /// The folder that cached copies go under.
+#[cfg(feature = "bundled-model")]
 fn cache_root(home: Option<PathBuf>) -> PathBuf {
     let var = |k: &str| {
         std::env::var_os(k)
